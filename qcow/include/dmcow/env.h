@@ -1,0 +1,80 @@
+// Env: every byte the engine reads or writes goes through these interfaces,
+// so tests can substitute an in-memory file, inject I/O errors, or simulate a
+// crash that drops unsynced writes (see tests/).
+//
+// Thread safety: File::Read and File::Write may be called concurrently from
+// several threads on one File (they are positional, like pread/pwrite).
+// Sync, Truncate and Size are safe to call concurrently with them.
+#ifndef DMCOW_ENV_H_
+#define DMCOW_ENV_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dmcow/status.h"
+
+namespace dmcow {
+
+class File {
+ public:
+  File() = default;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  virtual ~File() = default;
+
+  // The path the file was opened with; used in every error message.
+  virtual const std::string& name() const = 0;
+
+  // Reads up to `len` bytes at `offset` into `buf`. *bytes_read < len only
+  // when the file ends first (it is then the number of bytes that exist).
+  virtual Status Read(uint64_t offset, size_t len, void* buf, size_t* bytes_read) = 0;
+
+  // Writes exactly `len` bytes at `offset`, growing the file if needed.
+  virtual Status Write(uint64_t offset, const void* buf, size_t len) = 0;
+
+  // Returns once every write issued before the call is durable.
+  virtual Status Sync() = 0;
+
+  virtual Status Size(uint64_t* size) = 0;
+  virtual Status Truncate(uint64_t size) = 0;
+
+  // Bytes the file occupies on its storage (st_blocks * 512); 0 if unknown.
+  virtual uint64_t AllocatedBytes() { return 0; }
+
+  // Whether [offset, offset + *len) is stored data or a hole, with *len at
+  // most max_len, where the file system can tell (SEEK_DATA/SEEK_HOLE).
+  // The default reports everything as data.
+  virtual Status GetAllocation(uint64_t offset, uint64_t max_len, bool* is_data, uint64_t* len) {
+    (void)offset;
+    *is_data = true;
+    *len = max_len;
+    return Status::OK();
+  }
+
+  // Reads exactly `len` bytes; a short read is a Corrupt error naming `what`
+  // (e.g. "L2 table") and the offset.
+  Status ReadExact(uint64_t offset, size_t len, void* buf, const char* what);
+};
+
+enum class OpenMode {
+  kReadOnly,
+  kReadWrite,      // the file must exist
+  kCreateTruncate  // create or truncate to zero, read-write
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+
+  virtual Status OpenFile(const std::string& path, OpenMode mode, std::unique_ptr<File>* file) = 0;
+  virtual bool FileExists(const std::string& path) = 0;
+
+  // The process-wide environment backed by POSIX files. Never deleted.
+  static Env* Default();
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_ENV_H_

@@ -1,0 +1,168 @@
+// Image: the guest-visible view of a disk image in any supported format
+// (raw, legacy qcow v1, qcow2 v2/v3), including its backing chain.
+//
+// Opening validates everything the format lets an attacker control before it
+// is used: an image file is hostile input. See docs/format-rules.md.
+//
+// Thread safety: after Open returns, Read, GetLayerStatus and the const
+// accessors may be called concurrently from several threads.
+#ifndef DMCOW_IMAGE_H_
+#define DMCOW_IMAGE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dmcow/env.h"
+#include "dmcow/status.h"
+
+namespace dmcow {
+
+struct OpenOptions {
+  std::string format;            // "raw", "qcow", "qcow2"; empty = detect from content
+  std::string snapshot;          // internal snapshot id or name: a read-only point-in-time view
+  bool open_backing = true;      // false: unallocated ranges read as zeros (qemu-img -u style)
+  size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain
+  int max_chain_depth = 64;      // longer backing chains are refused (loops, hostile chains)
+  Env* env = nullptr;            // nullptr: Env::Default()
+};
+
+// State of a guest range within one layer of a chain.
+enum class ClusterState {
+  kUnallocated,  // not described by this layer: read from the backing image
+  kZero,         // reads as zeros in this layer
+  kData,         // stored uncompressed at host_offset in data_filename()
+  kCompressed,   // stored compressed; no single host offset
+};
+
+struct LayerExtent {
+  uint64_t length = 0;         // bytes from the queried offset that share this state
+  ClusterState state = ClusterState::kUnallocated;
+  bool has_host_offset = false;  // kData always; kZero when space is preallocated
+  uint64_t host_offset = 0;    // of the first byte, in data_filename()
+};
+
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  bool has_icount = false;
+  uint64_t icount = 0;
+  bool has_disk_size = false;
+  uint64_t disk_size = 0;      // virtual size when the snapshot was taken
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+};
+
+struct BitmapInfo {
+  std::string name;
+  uint32_t granularity = 0;    // bytes
+  bool in_use = false;
+  bool auto_flag = false;      // qemu-img prints "auto"
+};
+
+struct FeatureName {
+  uint8_t type = 0;            // 0 incompatible, 1 compatible, 2 autoclear
+  uint8_t bit = 0;
+  std::string name;
+};
+
+struct HeaderExtension {       // an extension we do not interpret, kept byte for byte
+  uint32_t type = 0;
+  std::vector<uint8_t> data;
+};
+
+struct ImageInfo {
+  std::string format;          // "raw", "qcow", "qcow2"
+  uint64_t virtual_size = 0;
+  uint64_t cluster_size = 0;   // 0 for raw
+  bool encrypted = false;
+  bool dirty = false;          // qcow2 incompatible bit 0 (lazy refcounts left unflushed)
+  std::string backing_filename;       // as stored in the image
+  std::string full_backing_filename;  // resolved against the image's directory
+  std::string backing_format;         // from the backing format extension, may be empty
+  std::vector<SnapshotInfo> snapshots;
+
+  // qcow2 only.
+  uint32_t version = 0;        // 1 (qcow), 2 or 3
+  bool corrupt = false;
+  bool lazy_refcounts = false;
+  bool extended_l2 = false;
+  uint32_t refcount_bits = 0;
+  std::string compression_type;  // "zlib" or "zstd"
+  std::string data_file;       // external data file name, empty if none
+  bool data_file_raw = false;
+  uint64_t incompatible_features = 0;
+  uint64_t compatible_features = 0;
+  uint64_t autoclear_features = 0;
+  std::vector<FeatureName> feature_names;
+  std::vector<BitmapInfo> bitmaps;
+  std::vector<HeaderExtension> unknown_extensions;
+};
+
+class Image {
+ public:
+  Image() = default;
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+  virtual ~Image() = default;
+
+  virtual const std::string& filename() const = 0;
+  virtual const ImageInfo& info() const = 0;
+  uint64_t virtual_size() const { return info().virtual_size; }
+
+  // Reads guest bytes [offset, offset+len), resolving the backing chain.
+  // Ranges past the end of a shorter backing image read as zeros.
+  // Reading past virtual_size() is an InvalidArgument error.
+  virtual Status Read(uint64_t offset, void* buf, size_t len) = 0;
+
+  // Describes this layer only, starting at `offset` (< virtual_size()), for at
+  // most `max_len` bytes: one run of uniform state. out->length >= 1.
+  virtual Status GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) = 0;
+
+  // The file holding kData clusters (the image itself, or its external data file).
+  virtual const std::string& data_filename() const = 0;
+
+  // The opened backing image, or nullptr.
+  virtual Image* backing() const = 0;
+
+  // Bytes the image file occupies on disk (qemu-img's actual-size).
+  virtual uint64_t AllocatedFileBytes() const = 0;
+};
+
+// Opens `path` and, unless options say otherwise, its whole backing chain.
+Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
+
+// Detects the format from content: "qcow2", "qcow" or "raw".
+Status ProbeFormat(Env* env, const std::string& path, std::string* format);
+
+// One run of qemu-img map's output: the state of a guest range across the chain.
+struct MapExtent {
+  uint64_t start = 0;
+  uint64_t length = 0;
+  int depth = 0;           // layer holding the data; chain length if no layer does
+  bool present = false;    // some layer allocates it (data or zero)
+  bool zero = false;       // reads as zeros
+  bool data = false;       // reads from stored data
+  bool compressed = false;
+  bool has_offset = false;
+  uint64_t offset = 0;     // host offset in `filename` (uncompressed data only)
+  std::string filename;    // file holding the data, when has_offset
+};
+
+// The longest run starting at `offset` (at most `max_len` bytes) with one
+// MapExtent state, as qemu-img map reports it.
+Status GetMapExtent(Image* top, uint64_t offset, uint64_t max_len, MapExtent* out);
+
+// SHA-256 (lowercase hex) of the guest-visible content: equal for equal
+// content in any format, cluster size or chain shape.
+Status ComputeContentSha256(Image* image, std::string* hex);
+
+}  // namespace dmcow
+
+#endif  // DMCOW_IMAGE_H_

@@ -1,0 +1,64 @@
+// Status: the result of an operation that can fail, in the style of LevelDB.
+//
+// No exception ever leaves the library; every fallible call returns a Status.
+// A non-OK Status carries a code and a one-line message that names what failed,
+// which file and, where it applies, which offset, e.g.
+//   "disk.qcow2: L2 table offset 0x1234 is not cluster aligned (L1 index 3)".
+//
+// Thread safety: a Status is a value; distinct objects may be used from
+// distinct threads freely.
+#ifndef DMCOW_STATUS_H_
+#define DMCOW_STATUS_H_
+
+#include <string>
+#include <utility>
+
+namespace dmcow {
+
+class Status {
+ public:
+  enum class Code {
+    kOk = 0,
+    kIoError,          // the operating system refused a read, write or sync
+    kCorrupt,          // the image violates its format (hostile or damaged input)
+    kNotSupported,     // valid image, but a feature we refuse (encryption, ...)
+    kInvalidArgument,  // the caller asked for something impossible
+    kNotFound,         // a file, snapshot or backing image does not exist
+  };
+
+  Status() = default;  // OK
+
+  static Status OK() { return Status(); }
+  static Status IOError(std::string msg) { return Status(Code::kIoError, std::move(msg)); }
+  static Status Corrupt(std::string msg) { return Status(Code::kCorrupt, std::move(msg)); }
+  static Status NotSupported(std::string msg) { return Status(Code::kNotSupported, std::move(msg)); }
+  static Status InvalidArgument(std::string msg) { return Status(Code::kInvalidArgument, std::move(msg)); }
+  static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
+
+  bool ok() const { return code_ == Code::kOk; }
+  Code code() const { return code_; }
+  bool IsCorrupt() const { return code_ == Code::kCorrupt; }
+  bool IsNotSupported() const { return code_ == Code::kNotSupported; }
+  bool IsNotFound() const { return code_ == Code::kNotFound; }
+  const std::string& message() const { return message_; }
+
+  // "OK" or the message; messages are written to be shown to a user as they are.
+  std::string ToString() const { return ok() ? std::string("OK") : message_; }
+
+ private:
+  Status(Code code, std::string msg) : code_(code), message_(std::move(msg)) {}
+
+  Code code_ = Code::kOk;
+  std::string message_;
+};
+
+// Propagates a non-OK status to the caller.
+#define DMCOW_RETURN_IF_ERROR(expr)        \
+  do {                                     \
+    ::dmcow::Status _dmcow_s = (expr);     \
+    if (!_dmcow_s.ok()) return _dmcow_s;   \
+  } while (0)
+
+}  // namespace dmcow
+
+#endif  // DMCOW_STATUS_H_

@@ -1,0 +1,145 @@
+// Env backed by POSIX file descriptors (pread/pwrite/fdatasync).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "dmcow/env.h"
+
+namespace dmcow {
+namespace {
+
+Status ErrnoStatus(const std::string& name, const char* op, int err) {
+  std::string msg = name + ": " + op + ": " + std::strerror(err);
+  if (err == ENOENT) return Status::NotFound(msg);
+  return Status::IOError(msg);
+}
+
+class PosixFile final : public File {
+ public:
+  PosixFile(std::string name, int fd) : name_(std::move(name)), fd_(fd) {}
+  ~PosixFile() override { ::close(fd_); }
+
+  const std::string& name() const override { return name_; }
+
+  Status Read(uint64_t offset, size_t len, void* buf, size_t* bytes_read) override {
+    size_t done = 0;
+    auto* out = static_cast<char*>(buf);
+    while (done < len) {
+      ssize_t n = ::pread(fd_, out + done, len - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        *bytes_read = done;
+        return ErrnoStatus(name_, "read", errno);
+      }
+      if (n == 0) break;
+      done += static_cast<size_t>(n);
+    }
+    *bytes_read = done;
+    return Status::OK();
+  }
+
+  Status Write(uint64_t offset, const void* buf, size_t len) override {
+    size_t done = 0;
+    const auto* in = static_cast<const char*>(buf);
+    while (done < len) {
+      ssize_t n = ::pwrite(fd_, in + done, len - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoStatus(name_, "write", errno);
+      }
+      done += static_cast<size_t>(n);
+    }
+    return Status::OK();
+  }
+
+  Status Sync() override {
+    if (::fdatasync(fd_) != 0) return ErrnoStatus(name_, "sync", errno);
+    return Status::OK();
+  }
+
+  Status Size(uint64_t* size) override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return ErrnoStatus(name_, "stat", errno);
+    if (S_ISBLK(st.st_mode)) {
+      off_t end = ::lseek(fd_, 0, SEEK_END);
+      if (end < 0) return ErrnoStatus(name_, "seek", errno);
+      *size = static_cast<uint64_t>(end);
+    } else {
+      *size = static_cast<uint64_t>(st.st_size);
+    }
+    return Status::OK();
+  }
+
+  Status Truncate(uint64_t size) override {
+    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return ErrnoStatus(name_, "truncate", errno);
+    return Status::OK();
+  }
+
+  Status GetAllocation(uint64_t offset, uint64_t max_len, bool* is_data, uint64_t* len) override {
+    off_t data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) {  // only a hole (or EOF) from here on
+        *is_data = false;
+        *len = max_len;
+        return Status::OK();
+      }
+      return File::GetAllocation(offset, max_len, is_data, len);  // not supported here
+    }
+    if (static_cast<uint64_t>(data) > offset) {
+      *is_data = false;
+      *len = std::min<uint64_t>(max_len, static_cast<uint64_t>(data) - offset);
+      return Status::OK();
+    }
+    off_t hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+    *is_data = true;
+    *len = hole < 0 ? max_len : std::min<uint64_t>(max_len, static_cast<uint64_t>(hole) - offset);
+    if (*len == 0) *len = max_len;
+    return Status::OK();
+  }
+
+  uint64_t AllocatedBytes() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return 0;
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+
+ private:
+  const std::string name_;
+  const int fd_;
+};
+
+class PosixEnv final : public Env {
+ public:
+  Status OpenFile(const std::string& path, OpenMode mode, std::unique_ptr<File>* file) override {
+    int flags = O_CLOEXEC;
+    switch (mode) {
+      case OpenMode::kReadOnly: flags |= O_RDONLY; break;
+      case OpenMode::kReadWrite: flags |= O_RDWR; break;
+      case OpenMode::kCreateTruncate: flags |= O_RDWR | O_CREAT | O_TRUNC; break;
+    }
+    int fd = ::open(path.c_str(), flags, 0644);
+    if (fd < 0) return ErrnoStatus(path, "open", errno);
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || S_ISDIR(st.st_mode)) {
+      ::close(fd);
+      return Status::InvalidArgument(path + ": is a directory");
+    }
+    file->reset(new PosixFile(path, fd));
+    return Status::OK();
+  }
+
+  bool FileExists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
+};
+
+}  // namespace
+
+Env* Env::Default() {
+  static PosixEnv* env = new PosixEnv();
+  return env;
+}
+
+}  // namespace dmcow

@@ -1,0 +1,40 @@
+// ImageBase: what every driver shares: its file, its info, its backing image
+// and the rule for reading through to a backing image that may be shorter.
+#ifndef DMCOW_QCOW_IMAGE_BASE_H_
+#define DMCOW_QCOW_IMAGE_BASE_H_
+
+#include <memory>
+#include <string>
+
+#include "dmcow/image.h"
+
+namespace dmcow {
+
+class ImageBase : public Image {
+ public:
+  const std::string& filename() const override { return file_->name(); }
+  const ImageInfo& info() const override { return info_; }
+  Image* backing() const override { return backing_.get(); }
+  const std::string& data_filename() const override { return file_->name(); }
+  uint64_t AllocatedFileBytes() const override { return file_->AllocatedBytes(); }
+
+  void SetBacking(std::unique_ptr<Image> backing) { backing_ = std::move(backing); }
+
+ protected:
+  explicit ImageBase(std::unique_ptr<File> file) : file_(std::move(file)) {}
+
+  // Guest bytes of the layers below this one; zeros past the backing's end or
+  // when there is no backing image.
+  Status ReadBacking(uint64_t offset, void* buf, size_t len);
+
+  // Rejects reads that leave the guest disk.
+  Status CheckGuestRange(uint64_t offset, uint64_t len) const;
+
+  std::unique_ptr<File> file_;
+  ImageInfo info_;
+  std::unique_ptr<Image> backing_;
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_IMAGE_BASE_H_

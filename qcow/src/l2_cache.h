@@ -1,0 +1,53 @@
+// TableCache: a bounded LRU cache of table slices (L2 tables, and qcow v1
+// L2 tables), decoded to host byte order.
+//
+// Tables are cached in slices of at most 4 KiB rather than whole tables so
+// that memory stays bounded by the configured size even with 2 MiB clusters,
+// and so a random lookup reads 4 KiB, not a whole table (as QEMU does).
+//
+// Thread safety: Get may be called from several threads at once. A returned
+// slice stays valid for as long as the caller holds it, even if evicted.
+#ifndef DMCOW_QCOW_L2_CACHE_H_
+#define DMCOW_QCOW_L2_CACHE_H_
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "dmcow/env.h"
+
+namespace dmcow {
+
+class TableCache {
+ public:
+  using Slice = std::shared_ptr<const std::vector<uint64_t>>;
+
+  // slice_bytes: a power of two, multiple of 8. capacity_bytes: the bound.
+  TableCache(File* file, size_t slice_bytes, size_t capacity_bytes);
+  TableCache(const TableCache&) = delete;
+  TableCache& operator=(const TableCache&) = delete;
+
+  size_t slice_bytes() const { return slice_bytes_; }
+  size_t capacity_slices() const { return capacity_slices_; }
+
+  // The slice starting at `slice_offset` (slice aligned). A slice that lies
+  // beyond the end of the file is a Corrupt error naming `what`.
+  Status Get(uint64_t slice_offset, const char* what, Slice* slice);
+
+ private:
+  using LruList = std::list<std::pair<uint64_t, Slice>>;
+
+  File* const file_;
+  const size_t slice_bytes_;
+  const size_t capacity_slices_;
+  std::mutex mu_;
+  LruList lru_;  // front = most recently used
+  std::unordered_map<uint64_t, LruList::iterator> index_;
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_L2_CACHE_H_

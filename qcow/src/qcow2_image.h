@@ -1,0 +1,49 @@
+// Qcow2Image: reads qcow2 version 2 and 3 images (L1/L2 lookups, zero,
+// compressed and subclustered clusters, external data files, snapshots as
+// read-only views).
+#ifndef DMCOW_QCOW_QCOW2_IMAGE_H_
+#define DMCOW_QCOW_QCOW2_IMAGE_H_
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "table_image.h"
+#include "l2_cache.h"
+#include "qcow2_header.h"
+
+namespace dmcow {
+
+class Qcow2Image final : public TableImage {
+ public:
+  // Opens `file` as qcow2; with a non-empty `snapshot` (id or name), the view
+  // is that internal snapshot's content.
+  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string& snapshot,
+                     std::unique_ptr<Image>* image);
+
+  const std::string& data_filename() const override { return data_file_ ? data_file_->name() : file_->name(); }
+
+  const Qcow2Header& header() const { return header_; }
+
+ private:
+  explicit Qcow2Image(std::unique_ptr<File> file);
+
+  Status LoadL1(const OpenOptions& options, const std::string& snapshot);
+
+  Status Lookup(uint64_t offset, uint64_t max_len, Mapping* m) override;
+
+  // Classifies the guest range [pos, pos + *len) inside one cluster given its
+  // L2 entry (and bitmap for extended L2), shortening *len to the part that
+  // shares a state (a subcluster run).
+  Status Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const;
+
+  Qcow2Header header_;
+  File* data_file() const override { return data_file_ ? data_file_.get() : file_.get(); }
+  std::unique_ptr<File> data_file_;   // external data file, if the image has one
+  std::vector<uint64_t> l1_;          // active (or snapshot) L1, host byte order
+  std::unique_ptr<TableCache> l2_cache_;
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_QCOW2_IMAGE_H_

@@ -1,0 +1,102 @@
+#include "qcow2_metadata_tables.h"
+
+#include "util.h"
+
+namespace dmcow {
+
+using namespace qcow2;
+
+Status ReadQcow2Snapshots(File* file, const Qcow2Header& h, std::vector<SnapshotInfo>* snapshots) {
+  const std::string& name = file->name();
+  uint64_t offset = h.snapshots_offset;
+  const uint64_t table_end_limit = h.snapshots_offset + kMaxSnapshotTableBytes;
+  snapshots->clear();
+  snapshots->reserve(h.nb_snapshots);  // bounded by kMaxSnapshots, checked at open
+  for (uint32_t i = 0; i < h.nb_snapshots; i++) {
+    uint8_t fixed[40];
+    DMCOW_RETURN_IF_ERROR(file->ReadExact(offset, sizeof(fixed), fixed, "snapshot table entry"));
+    SnapshotInfo s;
+    s.l1_table_offset = LoadBE64(fixed);
+    s.l1_size = LoadBE32(fixed + 8);
+    uint16_t id_size = LoadBE16(fixed + 12);
+    uint16_t name_size = LoadBE16(fixed + 14);
+    s.date_sec = LoadBE32(fixed + 16);
+    s.date_nsec = LoadBE32(fixed + 20);
+    s.vm_clock_nsec = LoadBE64(fixed + 24);
+    s.vm_state_size = LoadBE32(fixed + 32);
+    uint32_t extra_size = LoadBE32(fixed + 36);
+    if (extra_size > kMaxSnapshotExtraData) {
+      return Status::Corrupt(name + ": snapshot " + std::to_string(i) + " has too much extra data (" +
+                             std::to_string(extra_size) + " bytes)");
+    }
+    uint64_t variable = uint64_t{extra_size} + id_size + name_size;  // at most 1024 + 2 * 65535
+    std::vector<uint8_t> rest(variable);
+    DMCOW_RETURN_IF_ERROR(file->ReadExact(offset + 40, rest.size(), rest.data(), "snapshot table entry"));
+    const uint8_t* extra = rest.data();
+    if (extra_size >= 8) s.vm_state_size = LoadBE64(extra);
+    if (extra_size >= 16) {
+      s.has_disk_size = true;
+      s.disk_size = LoadBE64(extra + 8);
+    }
+    if (extra_size >= 24) {
+      uint64_t icount = LoadBE64(extra + 16);
+      s.has_icount = icount != UINT64_MAX;
+      s.icount = icount;
+    }
+    if (h.version >= 3 && extra_size < 16) {
+      return Status::Corrupt(name + ": snapshot " + std::to_string(i) + " lacks the extra data version 3 requires");
+    }
+    s.id.assign(reinterpret_cast<const char*>(extra + extra_size), id_size);
+    s.name.assign(reinterpret_cast<const char*>(extra + extra_size + id_size), name_size);
+    if (s.l1_size > kMaxL1Bytes / 8) {
+      return Status::Corrupt(name + ": snapshot '" + s.name + "' L1 table is too large (" +
+                             std::to_string(s.l1_size) + " entries)");
+    }
+    if (s.l1_table_offset & (h.cluster_size - 1)) {
+      return Status::Corrupt(name + ": snapshot '" + s.name + "' L1 table offset " + Hex(s.l1_table_offset) +
+                             " is not cluster aligned");
+    }
+    offset += 40 + variable;
+    offset = (offset + 7) & ~uint64_t{7};
+    if (offset > table_end_limit) {
+      return Status::Corrupt(name + ": snapshot table is larger than " + std::to_string(kMaxSnapshotTableBytes) +
+                             " bytes");
+    }
+    snapshots->push_back(std::move(s));
+  }
+  return Status::OK();
+}
+
+Status ReadQcow2Bitmaps(File* file, const Qcow2Header& h, std::vector<BitmapInfo>* bitmaps) {
+  bitmaps->clear();
+  if (!h.has_bitmaps_ext) return Status::OK();
+  const std::string& name = file->name();
+  // Size bounded at open (<= 64 MiB) and known to lie inside the file.
+  std::vector<uint8_t> dir(h.bitmap_directory_size);
+  DMCOW_RETURN_IF_ERROR(file->ReadExact(h.bitmap_directory_offset, dir.size(), dir.data(), "bitmap directory"));
+  uint64_t pos = 0;
+  for (uint32_t i = 0; i < h.nb_bitmaps; i++) {
+    if (dir.size() - pos < 24) return Status::Corrupt(name + ": bitmap directory is truncated");
+    const uint8_t* e = &dir[pos];
+    uint32_t flags = LoadBE32(e + 12);
+    uint8_t granularity_bits = e[17];
+    uint16_t name_size = LoadBE16(e + 18);
+    uint32_t extra_size = LoadBE32(e + 20);
+    uint64_t entry_size = 24 + uint64_t{extra_size} + name_size;
+    if (entry_size > dir.size() - pos) return Status::Corrupt(name + ": bitmap directory entry overflows the directory");
+    if (granularity_bits < 9 || granularity_bits > 31) {
+      return Status::Corrupt(name + ": bitmap granularity 2^" + std::to_string(granularity_bits) + " is out of range");
+    }
+    BitmapInfo b;
+    b.name.assign(reinterpret_cast<const char*>(e + 24 + extra_size), name_size);
+    b.granularity = uint32_t{1} << granularity_bits;
+    b.in_use = flags & 1;
+    b.auto_flag = flags & 2;
+    bitmaps->push_back(std::move(b));
+    pos += (entry_size + 7) & ~uint64_t{7};
+    if (pos > dir.size() && i + 1 < h.nb_bitmaps) return Status::Corrupt(name + ": bitmap directory is truncated");
+  }
+  return Status::OK();
+}
+
+}  // namespace dmcow

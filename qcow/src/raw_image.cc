@@ -1,0 +1,36 @@
+#include "raw_image.h"
+
+#include <cstring>
+
+namespace dmcow {
+
+Status RawImage::Open(std::unique_ptr<File> file, std::unique_ptr<Image>* image) {
+  std::unique_ptr<RawImage> raw(new RawImage(std::move(file)));
+  raw->info_.format = "raw";
+  DMCOW_RETURN_IF_ERROR(raw->file_->Size(&raw->info_.virtual_size));
+  *image = std::move(raw);
+  return Status::OK();
+}
+
+Status RawImage::Read(uint64_t offset, void* buf, size_t len) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  size_t got = 0;
+  DMCOW_RETURN_IF_ERROR(file_->Read(offset, len, buf, &got));
+  // The file may shrink under us; what is gone reads as zeros, as in QEMU.
+  std::memset(static_cast<uint8_t*>(buf) + got, 0, len - got);
+  return Status::OK();
+}
+
+Status RawImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, 1));
+  uint64_t len = std::min(max_len, info_.virtual_size - offset);
+  bool is_data = true;
+  DMCOW_RETURN_IF_ERROR(file_->GetAllocation(offset, len, &is_data, &len));
+  out->length = len;
+  out->state = is_data ? ClusterState::kData : ClusterState::kZero;
+  out->has_host_offset = true;
+  out->host_offset = offset;
+  return Status::OK();
+}
+
+}  // namespace dmcow

@@ -1,0 +1,40 @@
+// TableImage: the read path shared by the table-based formats (qcow v1 and
+// qcow2). A driver supplies Lookup, which maps a guest range to one run of
+// uniform state; reads and block status follow from it.
+#ifndef DMCOW_QCOW_TABLE_IMAGE_H_
+#define DMCOW_QCOW_TABLE_IMAGE_H_
+
+#include <memory>
+
+#include "decompress.h"
+#include "image_base.h"
+
+namespace dmcow {
+
+class TableImage : public ImageBase {
+ public:
+  Status Read(uint64_t offset, void* buf, size_t len) final;
+  Status GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) final;
+
+ protected:
+  struct Mapping {
+    LayerExtent extent;
+    uint64_t compressed_offset = 0;  // kCompressed: first byte of the compressed data
+    uint64_t compressed_bytes = 0;   // kCompressed: bytes to read (sector-rounded)
+  };
+
+  using ImageBase::ImageBase;
+
+  // One run of uniform state starting at `offset` (inside the disk), at most
+  // `max_len` bytes; a compressed run never extends past its cluster.
+  virtual Status Lookup(uint64_t offset, uint64_t max_len, Mapping* m) = 0;
+
+  // The file kData offsets refer to.
+  virtual File* data_file() const { return file_.get(); }
+
+  std::unique_ptr<CompressedClusterReader> compressed_;
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_TABLE_IMAGE_H_

@@ -1,0 +1,87 @@
+#include "test_util.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+
+namespace dmcow_test {
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string templ = std::string(base ? base : "/tmp") + "/dmcow-test-XXXXXX";
+  std::vector<char> buf(templ.begin(), templ.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) FAIL("mkdtemp failed");
+  path_ = buf.data();
+}
+
+TempDir::~TempDir() {
+  if (!path_.empty() && !std::getenv("DMCOW_KEEP_TEMP")) Run("rm -rf '" + path_ + "'");
+}
+
+int Run(const std::string& command, std::string* output) {
+  std::string full = command + " 2>&1";
+  FILE* pipe = popen(full.c_str(), "r");
+  if (!pipe) return -1;
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  int status = pclose(pipe);
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+void MustRun(const std::string& command) {
+  std::string out;
+  int rc = Run(command, &out);
+  INFO("command: " << command << "\noutput: " << out);
+  REQUIRE(rc == 0);
+}
+
+bool HaveQemuImg() { return Run("command -v qemu-img && command -v qemu-io") == 0; }
+
+std::vector<uint8_t> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+}
+
+std::string Sha256OfFile(const std::string& path) {
+  std::string out;
+  if (Run("sha256sum '" + path + "'", &out) != 0) return "";
+  return out.substr(0, 64);
+}
+
+std::vector<uint8_t> MixedData(std::mt19937_64& rng, size_t len) {
+  std::vector<uint8_t> data(len);
+  static const char kWords[] = "the quick brown fox jumps over the lazy dog qcow2 cluster refcount ";
+  size_t pos = 0;
+  while (pos < len) {
+    size_t run = std::min<size_t>(len - pos, 64 + rng() % 4096);
+    switch (rng() % 3) {
+      case 0: std::fill(data.begin() + pos, data.begin() + pos + run, static_cast<uint8_t>(rng())); break;
+      case 1:
+        for (size_t i = 0; i < run; i++) data[pos + i] = static_cast<uint8_t>(rng());
+        break;
+      default:
+        for (size_t i = 0; i < run; i++) data[pos + i] = kWords[(pos + i) % (sizeof(kWords) - 1)];
+        break;
+    }
+    pos += run;
+  }
+  return data;
+}
+
+std::string SourceDir() { return DMCOW_SOURCE_DIR; }
+
+}  // namespace dmcow_test

@@ -13,11 +13,17 @@ Status GetMapExtent(Image* top, uint64_t offset, uint64_t max_len, MapExtent* ou
   *out = MapExtent();
   out->start = offset;
   int depth = 0;
+  int last_depth = 0;  // qemu-img reports unallocated ranges at the deepest layer consulted
+  LayerExtent last;    // and, where that layer has space there, its host offset
+  Image* last_layer = top;
   for (Image* layer = top; layer != nullptr; layer = layer->backing(), depth++) {
     if (offset >= layer->virtual_size()) break;  // past the end of a shorter backing image: zeros
+    last_depth = depth;
     LayerExtent e;
     DMCOW_RETURN_IF_ERROR(layer->GetLayerStatus(offset, std::min(len, layer->virtual_size() - offset), &e));
     len = std::min(len, e.length);
+    last = e;
+    last_layer = layer;
     if (e.state == ClusterState::kUnallocated) continue;
     out->depth = depth;
     out->present = true;
@@ -32,9 +38,14 @@ Status GetMapExtent(Image* top, uint64_t offset, uint64_t max_len, MapExtent* ou
     out->length = len;
     return Status::OK();
   }
-  out->depth = depth;
+  out->depth = last_depth;
   out->zero = true;
   out->length = len;
+  if (last.has_host_offset && last_depth == depth - 1) {
+    out->has_offset = true;
+    out->offset = last.host_offset;
+    out->filename = last_layer->data_filename();
+  }
   return Status::OK();
 }
 

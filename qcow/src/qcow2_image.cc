@@ -169,7 +169,8 @@ Status Qcow2Image::Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint6
     case 2: e.state = ClusterState::kZero; break;
     default: e.state = ClusterState::kUnallocated; break;
   }
-  if (allocated && e.state != ClusterState::kUnallocated) {
+  // Unallocated subclusters of an allocated cluster still have host space.
+  if (allocated) {
     e.has_host_offset = true;
     e.host_offset = host + in_cluster;
   }

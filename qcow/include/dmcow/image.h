@@ -40,7 +40,7 @@ enum class ClusterState {
 struct LayerExtent {
   uint64_t length = 0;         // bytes from the queried offset that share this state
   ClusterState state = ClusterState::kUnallocated;
-  bool has_host_offset = false;  // kData always; kZero when space is preallocated
+  bool has_host_offset = false;  // kData always; kZero and kUnallocated where space is preallocated
   uint64_t host_offset = 0;    // of the first byte, in data_filename()
 };
 
@@ -145,7 +145,7 @@ Status ProbeFormat(Env* env, const std::string& path, std::string* format);
 struct MapExtent {
   uint64_t start = 0;
   uint64_t length = 0;
-  int depth = 0;           // layer holding the data; chain length if no layer does
+  int depth = 0;           // layer holding the data; if none, the deepest layer consulted
   bool present = false;    // some layer allocates it (data or zero)
   bool zero = false;       // reads as zeros
   bool data = false;       // reads from stored data

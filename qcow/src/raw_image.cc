@@ -7,7 +7,12 @@ namespace dmcow {
 Status RawImage::Open(std::unique_ptr<File> file, std::unique_ptr<Image>* image) {
   std::unique_ptr<RawImage> raw(new RawImage(std::move(file)));
   raw->info_.format = "raw";
-  DMCOW_RETURN_IF_ERROR(raw->file_->Size(&raw->info_.virtual_size));
+  uint64_t file_size = 0;
+  DMCOW_RETURN_IF_ERROR(raw->file_->Size(&file_size));
+  // QEMU sizes block devices in 512-byte sectors: a raw file's tail is
+  // rounded up and reads as zeros. Matching it keeps sizes, maps and
+  // conversions identical to qemu-img's.
+  raw->info_.virtual_size = (file_size + 511) & ~uint64_t{511};
   *image = std::move(raw);
   return Status::OK();
 }

@@ -1,0 +1,161 @@
+#include "cli_common.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include <CLI/CLI.hpp>
+
+namespace dmcow::cli {
+
+void PrintError(const std::string& msg) {
+  std::fflush(stdout);
+  std::fprintf(stderr, "%s: %s\n", kProgName, msg.c_str());
+}
+
+int UsageError(const std::string& msg) {
+  PrintError(msg);
+  std::fprintf(stderr, "Try '%s --help' for more information\n", kProgName);
+  return 1;
+}
+
+std::string SizeToStr(uint64_t val) {
+  static const char* const kSuffixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+  // Same arithmetic as qemu: switch to the next unit once the integer part
+  // reaches 1000.
+  int exp = 0;
+  std::frexp(static_cast<double>(val) / (1000.0 / 1024.0), &exp);
+  int i = (exp - 1) / 10;
+  if (i < 0) i = 0;
+  if (i > 6) i = 6;
+  uint64_t div = uint64_t{1} << (i * 10);
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%0.3g %sB", static_cast<double>(val) / div, kSuffixes[i]);
+  return buf;
+}
+
+static int64_t SuffixMul(char c) {
+  switch (c) {
+    case 'B': case 'b': return 1;
+    case 'K': case 'k': return int64_t{1} << 10;
+    case 'M': case 'm': return int64_t{1} << 20;
+    case 'G': case 'g': return int64_t{1} << 30;
+    case 'T': case 't': return int64_t{1} << 40;
+    case 'P': case 'p': return int64_t{1} << 50;
+    case 'E': case 'e': return int64_t{1} << 60;
+    default: return -1;
+  }
+}
+
+bool ParseSize(const std::string& text, uint64_t* out) {
+  const char* s = text.c_str();
+  if (*s == '\0' || std::strchr(s, '-') != nullptr) return false;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long val = std::strtoull(s, &end, 10);
+  if (errno != 0 || end == s) return false;
+  long double fraction = 0;
+  if (val == 0 && (*end == 'x' || *end == 'X')) {
+    errno = 0;
+    val = std::strtoull(s, &end, 16);
+    if (errno != 0 || *end == '.' || SuffixMul(*end) > 0) return false;
+  } else if (*end == '.') {
+    char* fend = nullptr;
+    long double f = std::strtold(s, &fend);
+    if (fend == end) return false;
+    for (const char* q = end; q < fend; q++) {
+      if (*q != '.' && (*q < '0' || *q > '9')) return false;  // no exponents
+    }
+    fraction = f - static_cast<long double>(val);
+    end = fend;
+  }
+  int64_t mul = SuffixMul(*end);
+  if (mul > 0) {
+    ++end;
+  } else {
+    mul = 1;
+  }
+  if (*end != '\0') return false;
+  if (mul == 1) {
+    if (fraction != 0) return false;
+  } else {
+    const uint64_t umul = static_cast<uint64_t>(mul);
+    const uint64_t frac = static_cast<uint64_t>(std::floor(fraction * umul + 0.5L));
+    if (val > (UINT64_MAX - frac) / umul) return false;
+    val = val * umul + frac;
+  }
+  if (val > static_cast<unsigned long long>(INT64_MAX)) return false;
+  *out = val;
+  return true;
+}
+
+std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
+  // As with getopt, a repeated option takes its last value.
+  for (CLI::Option* opt : app.get_options()) {
+    if (opt->nonpositional()) opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    return UsageError(e.what());
+  }
+  return std::nullopt;
+}
+
+bool ParseOutputFormat(const std::string& value, bool* json) {
+  if (value == "json") {
+    *json = true;
+  } else if (value == "human") {
+    *json = false;
+  } else {
+    PrintError("--output must be used with human or json as argument.");
+    return false;
+  }
+  return true;
+}
+
+Status OpenImageOrReport(const std::string& path, const OpenOptions& options,
+                         std::unique_ptr<Image>* image) {
+  Status s = OpenImage(path, options, image);
+  if (!s.ok()) PrintError("Could not open '" + path + "': " + s.ToString());
+  return s;
+}
+
+void Progress::Advance(float delta) { Update(current_ + delta); }
+
+void Progress::Set(float value) { Update(value); }
+
+void Progress::Update(float current) {
+  if (current > 100) current = 100;
+  current_ = current;
+  if (!enabled_) return;
+  if (current > last_print_ + min_skip_ || current < last_print_ - min_skip_ || current == 0 ||
+      current == 100) {
+    last_print_ = current;
+    std::printf("    (%3.2f/100%%)\r", current);
+    std::fflush(stdout);
+  }
+}
+
+void Progress::End() {
+  if (!enabled_) return;
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+bool IsZero(const void* p, size_t len) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  // Check the first 16 bytes cheaply, then compare the buffer with itself shifted.
+  size_t head = len < 16 ? len : 16;
+  for (size_t i = 0; i < head; i++) {
+    if (b[i] != 0) return false;
+  }
+  return len <= 16 || std::memcmp(b, b + 16, len - 16) == 0;
+}
+
+}  // namespace dmcow::cli

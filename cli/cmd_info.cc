@@ -1,0 +1,211 @@
+// dmcow-img info: qemu-img info (block/qapi.c bdrv_image_info_dump and the
+// ImageInfo QAPI type) for raw, qcow and qcow2 images.
+#include <cinttypes>
+#include <cstdio>
+#include <ctime>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "cli_common.h"
+#include "qemu_json.h"
+
+namespace dmcow::cli {
+namespace {
+
+// ImageInfoSpecificQCow2 in schema order; null when qemu prints none.
+Json FormatSpecificJson(const ImageInfo& info) {
+  if (info.format != "qcow2") return nullptr;
+  Json data = Json::object();
+  const std::string compression = info.compression_type.empty() ? "zlib" : info.compression_type;
+  if (info.version < 3) {
+    data["compat"] = "0.10";
+    data["refcount-bits"] = info.refcount_bits;
+    data["compression-type"] = compression;
+  } else {
+    data["compat"] = "1.1";
+    if (!info.data_file.empty()) {
+      data["data-file"] = info.data_file;
+      data["data-file-raw"] = info.data_file_raw;
+    }
+    data["extended-l2"] = info.extended_l2;
+    data["lazy-refcounts"] = info.lazy_refcounts;
+    data["corrupt"] = info.corrupt;
+    data["refcount-bits"] = info.refcount_bits;
+    if (!info.bitmaps.empty()) {
+      Json bitmaps = Json::array();
+      for (const BitmapInfo& b : info.bitmaps) {
+        Json flags = Json::array();
+        if (b.in_use) flags.push_back("in-use");
+        if (b.auto_flag) flags.push_back("auto");
+        Json bitmap = Json::object();
+        bitmap["name"] = b.name;
+        bitmap["granularity"] = b.granularity;
+        bitmap["flags"] = flags;
+        bitmaps.push_back(bitmap);
+      }
+      data["bitmaps"] = bitmaps;
+    }
+    data["compression-type"] = compression;
+  }
+  Json spec = Json::object();
+  spec["type"] = "qcow2";
+  spec["data"] = data;
+  return spec;
+}
+
+// The ImageInfo QAPI object, members in schema order.
+Json ImageInfoJson(const Image& image) {
+  const ImageInfo& info = image.info();
+  Json j = Json::object();
+  j["filename"] = image.filename();
+  j["format"] = info.format;
+  j["dirty-flag"] = info.dirty;
+  j["actual-size"] = image.AllocatedFileBytes();
+  j["virtual-size"] = info.virtual_size;
+  if (info.cluster_size != 0) j["cluster-size"] = info.cluster_size;
+  if (info.encrypted) j["encrypted"] = true;
+  if (!info.backing_filename.empty()) {
+    j["backing-filename"] = info.backing_filename;
+    if (!info.full_backing_filename.empty()) j["full-backing-filename"] = info.full_backing_filename;
+    if (!info.backing_format.empty()) j["backing-filename-format"] = info.backing_format;
+  }
+  if (!info.snapshots.empty()) {
+    Json snapshots = Json::array();
+    for (const SnapshotInfo& sn : info.snapshots) {
+      Json s = Json::object();
+      s["id"] = sn.id;
+      s["name"] = sn.name;
+      s["vm-state-size"] = sn.vm_state_size;
+      s["date-sec"] = sn.date_sec;
+      s["date-nsec"] = sn.date_nsec;
+      s["vm-clock-sec"] = sn.vm_clock_nsec / 1000000000;
+      s["vm-clock-nsec"] = sn.vm_clock_nsec % 1000000000;
+      if (sn.has_icount) s["icount"] = sn.icount;
+      snapshots.push_back(s);
+    }
+    j["snapshots"] = snapshots;
+  }
+  Json spec = FormatSpecificJson(info);
+  if (!spec.is_null()) j["format-specific"] = spec;
+  return j;
+}
+
+// block/qapi.c bdrv_snapshot_dump().
+std::string SnapshotLine(const SnapshotInfo& sn) {
+  time_t date = static_cast<time_t>(sn.date_sec);
+  struct tm tm;
+  localtime_r(&date, &tm);
+  char date_buf[64];
+  std::strftime(date_buf, sizeof(date_buf), "%Y-%m-%d %H:%M:%S", &tm);
+  uint64_t secs = sn.vm_clock_nsec / 1000000000;
+  char clock_buf[128];
+  std::snprintf(clock_buf, sizeof(clock_buf), "%02d:%02d:%02d.%03d", static_cast<int>(secs / 3600),
+                static_cast<int>((secs / 60) % 60), static_cast<int>(secs % 60),
+                static_cast<int>((sn.vm_clock_nsec / 1000000) % 1000));
+  char icount_buf[32] = "";
+  if (sn.has_icount) std::snprintf(icount_buf, sizeof(icount_buf), "%" PRId64, static_cast<int64_t>(sn.icount));
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-9s %-16s %8s%20s%13s%11s", sn.id.c_str(), sn.name.c_str(),
+                SizeToStr(sn.vm_state_size).c_str(), date_buf, clock_buf, icount_buf);
+  return line;
+}
+
+// block/qapi.c bdrv_image_info_dump().
+void PrintHuman(const Image& image) {
+  const ImageInfo& info = image.info();
+  std::printf("image: %s\nfile format: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s\n",
+              image.filename().c_str(), info.format.c_str(), SizeToStr(info.virtual_size).c_str(),
+              info.virtual_size, SizeToStr(image.AllocatedFileBytes()).c_str());
+  if (info.encrypted) std::printf("encrypted: yes\n");
+  if (info.cluster_size != 0) std::printf("cluster_size: %" PRIu64 "\n", info.cluster_size);
+  if (info.dirty) std::printf("cleanly shut down: no\n");
+  if (!info.backing_filename.empty()) {
+    std::printf("backing file: %s", info.backing_filename.c_str());
+    if (info.full_backing_filename.empty()) {
+      std::printf(" (cannot determine actual path)");
+    } else if (info.full_backing_filename != info.backing_filename) {
+      std::printf(" (actual path: %s)", info.full_backing_filename.c_str());
+    }
+    std::printf("\n");
+    if (!info.backing_format.empty()) std::printf("backing file format: %s\n", info.backing_format.c_str());
+  }
+  if (!info.snapshots.empty()) {
+    std::printf("Snapshot list:\n");
+    std::printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    for (const SnapshotInfo& sn : info.snapshots) std::printf("%s\n", SnapshotLine(sn).c_str());
+  }
+  Json spec = FormatSpecificJson(info);
+  if (!spec.is_null()) {
+    std::printf("Format specific information:\n%s", QemuHumanDump(spec["data"], 1).c_str());
+  }
+}
+
+}  // namespace
+
+int CmdInfo(int argc, char** argv) {
+  CLI::App app{"Give information about the disk image FILE.", "dmcow-img info"};
+  std::string format, output = "human";
+  std::vector<std::string> files;
+  bool chain = false, force_share = false;
+  app.add_option("-f,--format", format, "Image format (raw, qcow, qcow2); probed if omitted");
+  app.add_option("--output", output, "human or json");
+  app.add_flag("--backing-chain", chain, "Show every image of the backing chain");
+  app.add_flag("-U,--force-share", force_share, "Open the image in shared mode (always the case)");
+  app.add_option("FILE", files, "Image file");
+  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
+  bool json = false;
+  if (!ParseOutputFormat(output, &json)) return 1;
+  if (files.size() != 1) return UsageError("Expecting one image file name");
+
+  // Like qemu-img, every image is opened on its own, without its backing
+  // file, following the resolved backing file name from one to the next.
+  std::vector<std::unique_ptr<Image>> images;
+  std::set<std::string> seen;
+  std::string filename = files[0];
+  while (!filename.empty()) {
+    if (!seen.insert(filename).second) {
+      PrintError("Backing file '" + filename + "' creates an infinite loop.");
+      return 1;
+    }
+    OpenOptions options;
+    options.format = format;
+    options.open_backing = false;
+    std::unique_ptr<Image> image;
+    if (!OpenImageOrReport(filename, options, &image).ok()) return 1;
+    const ImageInfo& info = image->info();
+    filename.clear();
+    format.clear();
+    if (chain && !info.backing_filename.empty()) {
+      if (info.full_backing_filename.empty()) {
+        PrintError("Could not determine absolute backing filename, but backing filename '" +
+                   info.backing_filename + "' present");
+        return 1;
+      }
+      filename = info.full_backing_filename;
+      format = info.backing_format;
+    }
+    images.push_back(std::move(image));
+  }
+
+  if (json) {
+    Json out;
+    if (chain) {
+      out = Json::array();
+      for (const auto& image : images) out.push_back(ImageInfoJson(*image));
+    } else {
+      out = ImageInfoJson(*images[0]);
+    }
+    std::printf("%s\n", QemuJsonPretty(out).c_str());
+  } else {
+    for (size_t i = 0; i < images.size(); i++) {
+      if (i > 0) std::printf("\n");
+      PrintHuman(*images[i]);
+    }
+  }
+  return 0;
+}
+
+}  // namespace dmcow::cli

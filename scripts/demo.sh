@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The built-in default job: take a golden fixture made by qemu-img, make a
+# copy of it, and show what dmcow-img says about it: info, map and the
+# checksum of its guest content (equal to the raw conversion's sha256).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+img=build/dmcow-img
+[ -x "$img" ] || img=build/cli/dmcow-img
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cp fixtures/images/qcow2-zlib-compressed.qcow2 "$work/demo.qcow2"
+
+set -x
+"$img" info "$work/demo.qcow2"
+"$img" map --output=json "$work/demo.qcow2"
+"$img" checksum "$work/demo.qcow2"
+"$img" convert -O raw "$work/demo.qcow2" "$work/demo.raw"
+sha256sum "$work/demo.raw"

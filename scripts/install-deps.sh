@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package dmcow needs to build, test and benchmark.
+# Runs apt-get as root, through sudo when not root.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
+  zlib1g-dev libzstd-dev libssl-dev libisal-dev
+  catch2 libcli11-dev nlohmann-json3-dev
+  qemu-utils e2fsprogs
+)
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+echo "install-deps: ${#PACKAGES[@]} packages present"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# README's second command, and what CI runs (.ci/run): the whole suite.
+#  1. release build, every CTest test (qemu-img comparisons included);
+#  2. ASan + UBSan build, the same tests;
+#  3. the libFuzzer target over "open an image and read all of it", bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+
+scripts/install-deps.sh
+
+echo "=== release build and tests"
+scripts/build.sh release
+ctest --test-dir build --output-on-failure -j2
+
+echo "=== sanitizer build (ASan + UBSan) and tests"
+scripts/build.sh sanitize
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-sanitize --output-on-failure -j2
+
+if [ -f tests/fuzz/run.sh ]; then
+  echo "=== fuzzing for ${FUZZ_SECONDS}s"
+  scripts/build.sh fuzz
+  tests/fuzz/run.sh build-fuzz "$FUZZ_SECONDS"
+fi
+echo "=== all suites passed"

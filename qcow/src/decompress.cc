@@ -95,7 +95,8 @@ Status CompressedClusterReader::Read(uint64_t compressed_offset, uint64_t compre
   cluster.resize(cluster_size_);
   size_t got = 0;
   DMCOW_RETURN_IF_ERROR(file_->Read(compressed_offset, compressed.size(), compressed.data(), &got));
-  std::memset(compressed.data() + got, 0, compressed.size() - got);
+  // (a qcow v1 entry may claim 0 bytes: the buffer may then be null, which memset must not get)
+  if (got < compressed.size()) std::memset(compressed.data() + got, 0, compressed.size() - got);
   Status s = DecompressCluster(type_, compressed.data(), compressed.size(), cluster.data(), cluster.size());
   if (!s.ok()) {
     return Status::Corrupt(file_->name() + ": compressed cluster at host offset " + Hex(compressed_offset) + ": " +

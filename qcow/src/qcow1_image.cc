@@ -63,6 +63,12 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   }
   if (backing_offset != 0) {
     if (backing_size > kMaxBackingNameSize) return bad("backing file name is too long (" + std::to_string(backing_size) + " bytes)");
+    uint64_t backing_end;
+    if (!CheckedAdd(backing_offset, backing_size, &backing_end) || backing_end > file_size) {
+      // Checked here so that an offset past INT64_MAX is Corrupt, not an I/O error from pread.
+      return bad("backing file name at offset " + Hex(backing_offset) + " (" + std::to_string(backing_size) +
+                 " bytes) lies beyond the end of the file");
+    }
     std::string backing(backing_size, '\0');
     DMCOW_RETURN_IF_ERROR(img->file_->ReadExact(backing_offset, backing_size, backing.data(), "backing file name"));
     backing.resize(std::strlen(backing.c_str()));
@@ -107,8 +113,9 @@ Status Qcow1Image::Lookup(uint64_t offset, uint64_t max_len, Mapping* m) {
     } else {
       const uint64_t byte_in_table = l2_index * 8;
       const uint64_t slice_start = byte_in_table & ~(slice_bytes - 1);
-      uint64_t slice_offset;
-      if (!CheckedAdd(l2_offset, slice_start, &slice_offset)) {
+      uint64_t slice_offset, slice_end;
+      if (!CheckedAdd(l2_offset, slice_start, &slice_offset) || !CheckedAdd(slice_offset, slice_bytes, &slice_end) ||
+          slice_end > static_cast<uint64_t>(INT64_MAX)) {
         return Status::Corrupt(filename() + ": L2 table offset " + Hex(l2_offset) + " is out of range");
       }
       TableCache::Slice slice;
@@ -121,6 +128,10 @@ Status Qcow1Image::Lookup(uint64_t offset, uint64_t max_len, Mapping* m) {
         piece.compressed_offset = entry & ((1ULL << shift_bits) - 1);
         piece.compressed_bytes = (entry >> shift_bits) & (cluster_size - 1);
       } else if (entry != 0) {
+        if (entry & 511) {  // QEMU refuses these reads (-EIO)
+          return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " +
+                                 Hex(pos - in_cluster) + " is not sector aligned");
+        }
         uint64_t host;
         if (!CheckedAdd(entry, cluster_size, &host) || host > static_cast<uint64_t>(INT64_MAX)) {
           return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " +

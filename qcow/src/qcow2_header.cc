@@ -43,11 +43,12 @@ Status ParseExtensions(const std::string& file, const std::vector<uint8_t>& clus
     uint32_t type = LoadBE32(&cluster0[offset]);
     uint32_t len = LoadBE32(&cluster0[offset + 4]);
     offset += 8;
-    if (type == kExtEnd) return Status::OK();
+    // The length is checked before the type, even for the end marker, as QEMU does.
     if (len > end - offset) {
       return Bad(file, "header extension " + Hex(type) + " at offset " + Hex(offset - 8) + " is too large (" +
                            std::to_string(len) + " bytes)");
     }
+    if (type == kExtEnd) return Status::OK();
     const uint8_t* data = &cluster0[offset];
     switch (type) {
       case kExtBackingFormat:
@@ -127,7 +128,7 @@ Status ValidateL1Table(const Qcow2Header& h, const std::string& file, const char
     return Bad(file, std::string(what) + " is too small: " + std::to_string(l1_entries) + " entries for " +
                          std::to_string(virtual_size) + " bytes need " + std::to_string(needed));
   }
-  if (l1_entries == 0) return Status::OK();
+  // Alignment and range are checked even for an empty table, as QEMU does.
   return ValidateTableOffset(h, file, what, l1_offset, l1_entries * 8);
 }
 
@@ -202,7 +203,7 @@ Status ParseQcow2Header(File* file, Qcow2Header* h) {
       return Bad(name, "backing file name is too long (" + std::to_string(h->backing_file_size) + " bytes)");
     }
     ext_end = h->backing_file_offset;
-    h->backing_file = CString(&cluster0[h->backing_file_offset], h->backing_file_size);
+    h->backing_file = CString(cluster0.data() + h->backing_file_offset, h->backing_file_size);  // offset may equal the size
   }
   DMCOW_RETURN_IF_ERROR(ParseExtensions(name, cluster0, h->header_length, ext_end, h));
 
@@ -215,13 +216,14 @@ Status ParseQcow2Header(File* file, Qcow2Header* h) {
   if (h->has_crypto_ext && h->crypt_method != 2) {
     return Bad(name, "encryption header extension present but the image is not LUKS encrypted");
   }
+  // An unknown type is refused as such first, whatever the feature bit says (as QEMU does).
+  if (h->compression_type > 1) {
+    return Status::NotSupported(name + ": unknown compression type " + std::to_string(h->compression_type));
+  }
   bool compression_bit = h->incompatible_features & kIncompatCompression;
   if (compression_bit != (h->compression_type != 0)) {
     return Bad(name, "compression type " + std::to_string(h->compression_type) +
                          " disagrees with the compression type feature bit");
-  }
-  if (h->compression_type > 1) {
-    return Status::NotSupported(name + ": unknown compression type " + std::to_string(h->compression_type));
   }
   h->extended_l2 = h->incompatible_features & kIncompatExtendedL2;
   if (h->extended_l2 && h->cluster_bits < 14) {
@@ -253,11 +255,10 @@ Status ParseQcow2Header(File* file, Qcow2Header* h) {
   if (h->nb_snapshots > kMaxSnapshots) {
     return Bad(name, "too many snapshots (" + std::to_string(h->nb_snapshots) + ")");
   }
-  if (h->nb_snapshots > 0) {
-    // Each entry is at least 40 bytes; the full bound is checked while reading.
-    DMCOW_RETURN_IF_ERROR(
-        ValidateTableOffset(*h, name, "snapshot table", h->snapshots_offset, uint64_t{h->nb_snapshots} * 40));
-  }
+  // Each entry is at least 40 bytes; the full bound is checked while reading.
+  // The offset is checked even with no snapshots, as QEMU does.
+  DMCOW_RETURN_IF_ERROR(
+      ValidateTableOffset(*h, name, "snapshot table", h->snapshots_offset, uint64_t{h->nb_snapshots} * 40));
   return ValidateBitmapsExtension(name, h);
 }
 

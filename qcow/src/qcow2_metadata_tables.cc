@@ -71,30 +71,69 @@ Status ReadQcow2Bitmaps(File* file, const Qcow2Header& h, std::vector<BitmapInfo
   bitmaps->clear();
   if (!h.has_bitmaps_ext) return Status::OK();
   const std::string& name = file->name();
+  // The checks of QEMU's bitmap_list_load and check_dir_entry (block/qcow2-bitmap.c),
+  // which QEMU applies on every open. Bitmap tables themselves are not read.
+  constexpr uint64_t kMaxTableEntries = 0x8000000;  // BME_MAX_TABLE_SIZE
+  constexpr uint64_t kMaxPhysBytes = 0x20000000;    // BME_MAX_PHYS_SIZE
+  constexpr uint32_t kReservedFlags = 0xfffffffc;
+  constexpr uint32_t kFlagInUse = 1;
+  if (h.bitmap_directory_size == 0) return Status::Corrupt(name + ": bitmap directory is empty");
   // Size bounded at open (<= 64 MiB) and known to lie inside the file.
   std::vector<uint8_t> dir(h.bitmap_directory_size);
   DMCOW_RETURN_IF_ERROR(file->ReadExact(h.bitmap_directory_offset, dir.size(), dir.data(), "bitmap directory"));
   uint64_t pos = 0;
-  for (uint32_t i = 0; i < h.nb_bitmaps; i++) {
+  uint32_t count = 0;
+  while (pos < dir.size()) {
     if (dir.size() - pos < 24) return Status::Corrupt(name + ": bitmap directory is truncated");
+    if (++count > h.nb_bitmaps) {
+      return Status::Corrupt(name + ": bitmap directory holds more bitmaps than the " + std::to_string(h.nb_bitmaps) +
+                             " its header extension gives");
+    }
     const uint8_t* e = &dir[pos];
-    uint32_t flags = LoadBE32(e + 12);
-    uint8_t granularity_bits = e[17];
-    uint16_t name_size = LoadBE16(e + 18);
-    uint32_t extra_size = LoadBE32(e + 20);
-    uint64_t entry_size = 24 + uint64_t{extra_size} + name_size;
+    const uint64_t table_offset = LoadBE64(e);
+    const uint32_t table_entries = LoadBE32(e + 8);
+    const uint32_t flags = LoadBE32(e + 12);
+    const uint8_t type = e[16];
+    const uint8_t granularity_bits = e[17];
+    const uint16_t name_size = LoadBE16(e + 18);
+    const uint32_t extra_size = LoadBE32(e + 20);
+    const uint64_t entry_size = (24 + uint64_t{extra_size} + name_size + 7) & ~uint64_t{7};
     if (entry_size > dir.size() - pos) return Status::Corrupt(name + ": bitmap directory entry overflows the directory");
+    BitmapInfo b;
+    b.name.assign(reinterpret_cast<const char*>(e + 24 + extra_size), name_size);
+    const std::string what = name + ": bitmap '" + b.name + "'";
+    if (extra_size != 0) return Status::NotSupported(what + " has extra data, which is not supported");
     if (granularity_bits < 9 || granularity_bits > 31) {
       return Status::Corrupt(name + ": bitmap granularity 2^" + std::to_string(granularity_bits) + " is out of range");
     }
-    BitmapInfo b;
-    b.name.assign(reinterpret_cast<const char*>(e + 24 + extra_size), name_size);
+    if (table_entries == 0 || table_offset == 0 || (table_offset & (h.cluster_size - 1)) ||
+        table_entries > kMaxTableEntries || uint64_t{table_entries} * h.cluster_size > kMaxPhysBytes) {
+      return Status::Corrupt(what + " has an invalid bitmap table (" + std::to_string(table_entries) +
+                             " entries at offset " + Hex(table_offset) + ")");
+    }
+    if (flags & kReservedFlags) return Status::Corrupt(what + " has reserved flags set (" + Hex(flags) + ")");
+    if (name_size > 1023) return Status::Corrupt(what + " has a name longer than 1023 bytes");
+    if (type != 1) return Status::Corrupt(what + " has unknown type " + std::to_string(type));
+    if (!(flags & kFlagInUse)) {
+      // A bitmap in use is stale and skipped; a clean one must cover the disk
+      // with exactly the table QEMU would serialise it to (64-bit words).
+      const uint64_t covered = (uint64_t{table_entries} * h.cluster_size * 8) << granularity_bits;  // < 2^63
+      const uint64_t words = h.size == 0 ? 0 : ((h.size - 1) >> granularity_bits >> 6) + 1;
+      const uint64_t expected = DivRoundUp(words * 8, h.cluster_size);
+      if (h.size > covered || table_entries != expected) {
+        return Status::Corrupt(what + " has " + std::to_string(table_entries) + " bitmap table entries where " +
+                               std::to_string(expected) + " are needed");
+      }
+    }
     b.granularity = uint32_t{1} << granularity_bits;
-    b.in_use = flags & 1;
+    b.in_use = flags & kFlagInUse;
     b.auto_flag = flags & 2;
     bitmaps->push_back(std::move(b));
-    pos += (entry_size + 7) & ~uint64_t{7};
-    if (pos > dir.size() && i + 1 < h.nb_bitmaps) return Status::Corrupt(name + ": bitmap directory is truncated");
+    pos += entry_size;
+  }
+  if (count != h.nb_bitmaps) {
+    return Status::Corrupt(name + ": bitmap directory holds " + std::to_string(count) + " bitmaps where its header extension gives " +
+                           std::to_string(h.nb_bitmaps));
   }
   return Status::OK();
 }

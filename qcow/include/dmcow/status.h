@@ -46,7 +46,29 @@ class Status {
   std::string ToString() const { return ok() ? std::string("OK") : message_; }
 
  private:
-  Status(Code code, std::string msg) : code_(code), message_(std::move(msg)) {}
+  Status(Code code, std::string msg) : code_(code), message_(OneLine(std::move(msg))) {}
+
+  // Messages quote strings taken from images (backing file names, snapshot
+  // and feature names): control characters are shown as \xNN so that a
+  // message is always exactly one line.
+  static std::string OneLine(std::string msg) {
+    auto is_control = [](unsigned char c) { return c < 0x20 || c == 0x7f; };
+    bool clean = true;
+    for (unsigned char c : msg) clean = clean && !is_control(c);
+    if (clean) return msg;
+    static const char kHex[] = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : msg) {
+      if (is_control(c)) {
+        out += "\\x";
+        out += kHex[c >> 4];
+        out += kHex[c & 15];
+      } else {
+        out += static_cast<char>(c);
+      }
+    }
+    return out;
+  }
 
   Code code_ = Code::kOk;
   std::string message_;

@@ -18,6 +18,17 @@ Status ImageBase::ReadBacking(uint64_t offset, void* buf, size_t len) {
   return Status::OK();
 }
 
+Status Image::Write(uint64_t, const void*, size_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::WriteZeroes(uint64_t, uint64_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::Discard(uint64_t, uint64_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::Flush() { return Status::OK(); }
+
 Status ImageBase::CheckGuestRange(uint64_t offset, uint64_t len) const {
   uint64_t end;
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {

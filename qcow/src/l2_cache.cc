@@ -15,7 +15,7 @@ Status TableCache::Get(uint64_t slice_offset, const char* what, Slice* slice) {
     auto it = index_.find(slice_offset);
     if (it != index_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second);
-      *slice = it->second->second;
+      *slice = it->second->slice;
       return Status::OK();
     }
   }
@@ -29,17 +29,78 @@ Status TableCache::Get(uint64_t slice_offset, const char* what, Slice* slice) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = index_.find(slice_offset);
   if (it != index_.end()) {
-    *slice = it->second->second;
+    *slice = it->second->slice;
     return Status::OK();
   }
-  lru_.emplace_front(slice_offset, decoded);
+  lru_.push_front(Entry{slice_offset, decoded, false});
   index_[slice_offset] = lru_.begin();
-  if (lru_.size() > capacity_slices_) {
-    index_.erase(lru_.back().first);
-    lru_.pop_back();
-  }
+  EvictLocked();
   *slice = std::move(decoded);
   return Status::OK();
+}
+
+void TableCache::EvictLocked() {
+  // Only clean slices leave; dirty ones wait for WriteDirty, so the cache may
+  // briefly exceed its bound (the owner flushes when dirty_count grows).
+  auto it = lru_.end();
+  while (lru_.size() > capacity_slices_ && it != lru_.begin()) {
+    --it;
+    if (it->dirty) continue;
+    index_.erase(it->offset);
+    it = lru_.erase(it);
+  }
+}
+
+void TableCache::Store(uint64_t slice_offset, std::shared_ptr<std::vector<uint64_t>> slice) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = index_.find(slice_offset);
+  if (it != index_.end()) {
+    if (!it->second->dirty) dirty_++;
+    it->second->slice = std::move(slice);
+    it->second->dirty = true;
+    lru_.splice(lru_.begin(), lru_, it->second);
+  } else {
+    lru_.push_front(Entry{slice_offset, std::move(slice), true});
+    index_[slice_offset] = lru_.begin();
+    dirty_++;
+  }
+  EvictLocked();
+}
+
+void TableCache::InsertZeroed(uint64_t slice_offset) {
+  Store(slice_offset, std::make_shared<std::vector<uint64_t>>(slice_bytes_ / 8, 0));
+}
+
+Status TableCache::WriteDirty() {
+  std::vector<std::pair<uint64_t, Slice>> dirty;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Entry& e : lru_) {
+      if (e.dirty) dirty.emplace_back(e.offset, e.slice);
+    }
+  }
+  std::sort(dirty.begin(), dirty.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<uint8_t> raw(slice_bytes_);
+  for (const auto& [offset, slice] : dirty) {
+    for (size_t i = 0; i < slice->size(); i++) StoreBE64(&raw[i * 8], (*slice)[i]);
+    DMCOW_RETURN_IF_ERROR(file_->Write(offset, raw.data(), raw.size()));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [offset, slice] : dirty) {
+    auto it = index_.find(offset);
+    // A slice modified again while we wrote stays dirty.
+    if (it != index_.end() && it->second->dirty && it->second->slice == slice) {
+      it->second->dirty = false;
+      dirty_--;
+    }
+  }
+  EvictLocked();
+  return Status::OK();
+}
+
+size_t TableCache::dirty_count() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return dirty_;
 }
 
 }  // namespace dmcow

@@ -5,8 +5,14 @@
 // that memory stays bounded by the configured size even with 2 MiB clusters,
 // and so a random lookup reads 4 KiB, not a whole table (as QEMU does).
 //
-// Thread safety: Get may be called from several threads at once. A returned
-// slice stays valid for as long as the caller holds it, even if evicted.
+// Write-back: Modify and InsertZeroed mark a slice dirty. Dirty slices are
+// never evicted; they reach the file only through WriteDirty, so the owner
+// decides when (and after what) metadata is written. See qcow2_write.cc for
+// the ordering rules this serves.
+//
+// Thread safety: every method may be called from several threads at once. A
+// returned slice stays valid for as long as the caller holds it, even if
+// evicted or modified (modification replaces the slice, copy-on-write).
 #ifndef DMCOW_QCOW_L2_CACHE_H_
 #define DMCOW_QCOW_L2_CACHE_H_
 
@@ -18,6 +24,7 @@
 #include <vector>
 
 #include "dmcow/env.h"
+#include "dmcow/status.h"
 
 namespace dmcow {
 
@@ -37,8 +44,35 @@ class TableCache {
   // beyond the end of the file is a Corrupt error naming `what`.
   Status Get(uint64_t slice_offset, const char* what, Slice* slice);
 
+  // Applies `change` to a copy of the slice and stores it, dirty.
+  template <typename Change>
+  Status Modify(uint64_t slice_offset, const char* what, Change&& change) {
+    Slice current;
+    DMCOW_RETURN_IF_ERROR(Get(slice_offset, what, &current));
+    auto updated = std::make_shared<std::vector<uint64_t>>(*current);
+    change(*updated);
+    Store(slice_offset, std::move(updated));
+    return Status::OK();
+  }
+
+  // A new all-zero slice (a table just allocated), dirty, without reading.
+  void InsertZeroed(uint64_t slice_offset);
+
+  // Writes every dirty slice (without syncing) and marks them clean.
+  Status WriteDirty();
+
+  size_t dirty_count();
+
  private:
-  using LruList = std::list<std::pair<uint64_t, Slice>>;
+  struct Entry {
+    uint64_t offset;
+    Slice slice;
+    bool dirty;
+  };
+  using LruList = std::list<Entry>;
+
+  void Store(uint64_t slice_offset, std::shared_ptr<std::vector<uint64_t>> slice);
+  void EvictLocked();  // REQUIRES: mu_ held
 
   File* const file_;
   const size_t slice_bytes_;
@@ -46,6 +80,7 @@ class TableCache {
   std::mutex mu_;
   LruList lru_;  // front = most recently used
   std::unordered_map<uint64_t, LruList::iterator> index_;
+  size_t dirty_ = 0;
 };
 
 }  // namespace dmcow

@@ -31,7 +31,7 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
                            " images (a loop?)");
   }
   std::unique_ptr<File> file;
-  DMCOW_RETURN_IF_ERROR(env->OpenFile(path, OpenMode::kReadOnly, &file));
+  DMCOW_RETURN_IF_ERROR(env->OpenFile(path, options.writable ? OpenMode::kReadWrite : OpenMode::kReadOnly, &file));
 
   std::string format = format_hint;
   if (format.empty()) DMCOW_RETURN_IF_ERROR(ProbeFile(file.get(), &format));
@@ -39,11 +39,12 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
   std::unique_ptr<Image> layer;
   if (format == "raw") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": raw images have no snapshots");
-    DMCOW_RETURN_IF_ERROR(RawImage::Open(std::move(file), &layer));
+    DMCOW_RETURN_IF_ERROR(RawImage::Open(std::move(file), options.writable, &layer));
   } else if (format == "qcow2") {
     DMCOW_RETURN_IF_ERROR(Qcow2Image::Open(std::move(file), options, snapshot, &layer));
   } else if (format == "qcow") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": qcow images have no snapshots");
+    if (options.writable) return Status::NotSupported(path + ": writing qcow (version 1) images is not supported yet");
     DMCOW_RETURN_IF_ERROR(Qcow1Image::Open(std::move(file), options, &layer));
   } else {
     return Status::NotSupported(path + ": unknown image format '" + format + "'");
@@ -62,7 +63,9 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
       return Status::NotSupported(path + ": backing format '" + backing_format + "' is not supported");
     }
     std::unique_ptr<Image> backing;
-    Status s = OpenLayer(info.full_backing_filename, backing_format, options, "", depth + 1, &backing);
+    OpenOptions backing_options = options;
+    backing_options.writable = false;  // backing files are never written
+    Status s = OpenLayer(info.full_backing_filename, backing_format, backing_options, "", depth + 1, &backing);
     if (!s.ok()) {
       if (s.IsNotFound()) {
         return Status::NotFound(path + ": could not open backing file '" + info.full_backing_filename +

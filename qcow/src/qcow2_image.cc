@@ -60,7 +60,7 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
     Env* env = options.env ? options.env : Env::Default();
     std::string path = ResolveRelativeTo(name, h.data_file);
     if (!env->FileExists(path) && env->FileExists(h.data_file)) path = h.data_file;
-    Status s = env->OpenFile(path, OpenMode::kReadOnly, &img->data_file_);
+    Status s = env->OpenFile(path, options.writable ? OpenMode::kReadWrite : OpenMode::kReadOnly, &img->data_file_);
     if (!s.ok()) {
       return s.IsNotFound() ? Status::NotFound(name + ": could not open external data file '" + h.data_file + "'")
                             : s;
@@ -72,6 +72,10 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   img->compressed_ = std::make_unique<CompressedClusterReader>(
       img->file_.get(), h.cluster_size, h.compression_type == 1 ? CompressionType::kZstd : CompressionType::kDeflate);
   DMCOW_RETURN_IF_ERROR(img->LoadL1(options, snapshot));
+  if (options.writable) {
+    if (!snapshot.empty()) return Status::InvalidArgument(name + ": a snapshot view cannot be opened for writing");
+    DMCOW_RETURN_IF_ERROR(img->PrepareForWriting(options));
+  }
   *image = std::move(img);
   return Status::OK();
 }
@@ -136,10 +140,18 @@ Status Qcow2Image::Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint6
     return Status::Corrupt(filename() + ": data cluster offset " + Hex(host) + " for guest offset " +
                            Hex(pos - in_cluster) + " is not cluster aligned");
   }
-  const bool allocated = host != 0 || (h.HasDataFile() && (entry & kCopied));
+  // Offset 0 means unallocated except in an external data file, where
+  // COPIED marks guest cluster 0 stored at host offset 0; a zero flag is
+  // tested first, as in QEMU's qcow2_get_cluster_type.
+  const bool zero_flag = !h.extended_l2 && (entry & kZeroFlag);
+  const bool allocated = host != 0 || (!zero_flag && h.HasDataFile() && (entry & kCopied));
+  if (allocated && h.HasDataFile() && host != pos - in_cluster) {
+    return Status::Corrupt(filename() + ": external data file offset " + Hex(host) + " for guest offset " +
+                           Hex(pos - in_cluster) + " differs from the guest offset");
+  }
 
   if (!h.extended_l2) {
-    if (entry & kZeroFlag) {
+    if (zero_flag) {
       e.state = ClusterState::kZero;
     } else {
       e.state = allocated ? ClusterState::kData : ClusterState::kUnallocated;

@@ -9,7 +9,10 @@
 #include <vector>
 
 #include "table_image.h"
+#include <set>
+
 #include "l2_cache.h"
+#include "qcow2_refcounts.h"
 #include "qcow2_header.h"
 
 namespace dmcow {
@@ -23,6 +26,13 @@ class Qcow2Image final : public TableImage {
 
   const std::string& data_filename() const override { return data_file_ ? data_file_->name() : file_->name(); }
 
+  // Write side (see qcow2_write.cc for the ordering rules).
+  ~Qcow2Image() override;
+  Status Write(uint64_t offset, const void* buf, size_t len) override;
+  Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status Discard(uint64_t offset, uint64_t len) override;
+  Status Flush() override;
+
   const Qcow2Header& header() const { return header_; }
 
  private:
@@ -35,6 +45,20 @@ class Qcow2Image final : public TableImage {
   // Classifies the guest range [pos, pos + *len) inside one cluster given its
   // L2 entry (and bitmap for extended L2), shortening *len to the part that
   // shares a state (a subcluster run).
+  Status PrepareForWriting(const OpenOptions& options);
+  // REQUIRES for the *Locked helpers and those below: rw_mu_ held exclusively.
+  Status WriteLocked(uint64_t offset, const uint8_t* buf, size_t len);
+  Status ZeroLocked(uint64_t offset, uint64_t len, bool discard);
+  Status FlushLocked();
+  Status MaybeFlush();  // flushes when too much metadata is dirty
+  Status GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap);
+  Status SetL2Entry(uint64_t cluster, uint64_t entry, uint64_t bitmap);
+  // The L2 table for `l1_index`, created or copied (if shared) as needed.
+  Status EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset);
+  bool WritableInPlace(uint64_t entry, uint64_t bitmap) const;
+  // Frees (after the next flush) the host space an L2 entry held.
+  void ReleaseClusterOf(uint64_t entry);
+
   Status Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const;
 
   Qcow2Header header_;
@@ -42,6 +66,11 @@ class Qcow2Image final : public TableImage {
   std::unique_ptr<File> data_file_;   // external data file, if the image has one
   std::vector<uint64_t> l1_;          // active (or snapshot) L1, host byte order
   std::unique_ptr<TableCache> l2_cache_;
+
+  bool writable_ = false;
+  std::unique_ptr<Qcow2Refcounts> refcounts_;
+  std::set<uint64_t> dirty_l1_;       // L1 indices changed since the last flush
+  size_t max_dirty_slices_ = 0;
 };
 
 }  // namespace dmcow

@@ -1,11 +1,13 @@
 #include "raw_image.h"
 
 #include <cstring>
+#include <vector>
 
 namespace dmcow {
 
-Status RawImage::Open(std::unique_ptr<File> file, std::unique_ptr<Image>* image) {
+Status RawImage::Open(std::unique_ptr<File> file, bool writable, std::unique_ptr<Image>* image) {
   std::unique_ptr<RawImage> raw(new RawImage(std::move(file)));
+  raw->writable_ = writable;
   raw->info_.format = "raw";
   uint64_t file_size = 0;
   DMCOW_RETURN_IF_ERROR(raw->file_->Size(&file_size));
@@ -37,5 +39,31 @@ Status RawImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* 
   out->host_offset = offset;
   return Status::OK();
 }
+
+Status RawImage::Write(uint64_t offset, const void* buf, size_t len) {
+  if (!writable_) return Image::Write(offset, buf, len);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  return file_->Write(offset, buf, len);
+}
+
+Status RawImage::WriteZeroes(uint64_t offset, uint64_t len) {
+  if (!writable_) return Image::WriteZeroes(offset, len);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  while (len > 0) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
+    DMCOW_RETURN_IF_ERROR(file_->Write(offset, zeros.data(), n));
+    offset += n;
+    len -= n;
+  }
+  return Status::OK();
+}
+
+Status RawImage::Discard(uint64_t offset, uint64_t len) {
+  if (!writable_) return Image::Discard(offset, len);
+  return CheckGuestRange(offset, len);  // advisory; raw content stays as it is
+}
+
+Status RawImage::Flush() { return writable_ ? file_->Sync() : Status::OK(); }
 
 }  // namespace dmcow

@@ -8,13 +8,20 @@ namespace dmcow {
 
 class RawImage final : public ImageBase {
  public:
-  static Status Open(std::unique_ptr<File> file, std::unique_ptr<Image>* image);
+  static Status Open(std::unique_ptr<File> file, bool writable, std::unique_ptr<Image>* image);
 
   Status Read(uint64_t offset, void* buf, size_t len) override;
   Status GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) override;
 
+  Status Write(uint64_t offset, const void* buf, size_t len) override;
+  Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status Discard(uint64_t offset, uint64_t len) override;
+  Status Flush() override;
+
  private:
   using ImageBase::ImageBase;
+
+  bool writable_ = false;
 };
 
 }  // namespace dmcow

@@ -6,6 +6,7 @@ namespace dmcow {
 
 Status TableImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) {
   DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, 1));
+  std::shared_lock<std::shared_mutex> lock(rw_mu_);
   Mapping m;
   DMCOW_RETURN_IF_ERROR(Lookup(offset, max_len, &m));
   *out = m.extent;
@@ -14,6 +15,11 @@ Status TableImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent
 
 Status TableImage::Read(uint64_t offset, void* buf, size_t len) {
   DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  std::shared_lock<std::shared_mutex> lock(rw_mu_);
+  return ReadLocked(offset, buf, len);
+}
+
+Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
   auto* out = static_cast<uint8_t*>(buf);
   const uint64_t cluster_mask = info_.cluster_size - 1;
   while (len > 0) {

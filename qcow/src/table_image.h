@@ -5,6 +5,7 @@
 #define DMCOW_QCOW_TABLE_IMAGE_H_
 
 #include <memory>
+#include <shared_mutex>
 
 #include "decompress.h"
 #include "image_base.h"
@@ -32,7 +33,12 @@ class TableImage : public ImageBase {
   // The file kData offsets refer to.
   virtual File* data_file() const { return file_.get(); }
 
+  // Read without taking rw_mu_. REQUIRES: rw_mu_ held (shared or exclusive).
+  Status ReadLocked(uint64_t offset, void* buf, size_t len);
+
   std::unique_ptr<CompressedClusterReader> compressed_;
+  // Readers share it; a writable driver takes it exclusively to change tables.
+  std::shared_mutex rw_mu_;
 };
 
 }  // namespace dmcow

@@ -23,6 +23,8 @@ namespace dmcow {
 struct OpenOptions {
   std::string format;            // "raw", "qcow", "qcow2"; empty = detect from content
   std::string snapshot;          // internal snapshot id or name: a read-only point-in-time view
+  bool writable = false;         // open for Write/WriteZeroes/Discard/Flush (qcow2 and raw)
+  size_t refcount_cache_bytes = 256 << 10;  // bound on cached refcount blocks (writable qcow2)
   bool open_backing = true;      // false: unallocated ranges read as zeros (qemu-img -u style)
   size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain
   int max_chain_depth = 64;      // longer backing chains are refused (loops, hostile chains)
@@ -133,6 +135,19 @@ class Image {
 
   // Bytes the image file occupies on disk (qemu-img's actual-size).
   virtual uint64_t AllocatedFileBytes() const = 0;
+
+  // Write side, for images opened with OpenOptions::writable; otherwise these
+  // return NotSupported. A write is durable once a later Flush returns;
+  // until then a crash may lose it (never anything flushed before it), and
+  // never leaves the image corrupt (at worst leaked clusters).
+  virtual Status Write(uint64_t offset, const void* buf, size_t len);
+  // Makes [offset, offset+len) read as zeros, freeing whole clusters where
+  // the format can say "zero" (qcow2 v3, or no backing file).
+  virtual Status WriteZeroes(uint64_t offset, uint64_t len);
+  // Hints that [offset, offset+len) is unused: whole clusters inside it are
+  // freed and read as zeros where the format can say so; otherwise unchanged.
+  virtual Status Discard(uint64_t offset, uint64_t len);
+  virtual Status Flush();
 };
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.

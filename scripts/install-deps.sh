@@ -11,6 +11,8 @@ PACKAGES=(
   zlib1g-dev libzstd-dev libssl-dev libisal-dev
   catch2 libcli11-dev nlohmann-json3-dev
   qemu-utils e2fsprogs
+  # the kernel target's VM suite: Debian's kernel booted under qemu
+  linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static dmsetup kmod cpio
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -3,6 +3,7 @@
 #  1. release build, every CTest test (qemu-img comparisons included);
 #  2. ASan + UBSan build, the same tests;
 #  3. the libFuzzer target over "open an image and read all of it", bounded.
+# The kernel VM suite (tests/vm, label "vm") runs once, in the release pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
@@ -16,7 +17,7 @@ ctest --test-dir build --output-on-failure -j2
 echo "=== sanitizer build (ASan + UBSan) and tests"
 scripts/build.sh sanitize
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build-sanitize --output-on-failure -j2
+  ctest --test-dir build-sanitize --output-on-failure -j2 -LE vm
 
 if [ -f tests/fuzz/run.sh ]; then
   echo "=== fuzzing for ${FUZZ_SECONDS}s"

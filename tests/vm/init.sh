@@ -1,0 +1,51 @@
+#!/bin/busybox sh
+# /init of the dm-cow test VM: mount, load modules, run the tests, power off.
+# Markers on the console (parsed by run.sh):
+#   DMCOW-BOOT ok|FAIL <why>     modules loaded
+#   DMCOW-TEST <name> PASS|FAIL  one per test (printed by vmtest; the
+#                                last one, module_unload, by this script)
+#   DMCOW-END <status>           all tests ran
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /run
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+
+fail_boot() {
+	echo "DMCOW-BOOT FAIL $*"
+	poweroff -f
+}
+
+for m in dm-mod loop dm-delay dm-cow; do
+	insmod /lib/modules/$m.ko || fail_boot "insmod $m"
+done
+[ -e /dev/mapper/control ] || fail_boot "no /dev/mapper/control"
+# From here on warnings and worse reach the console (quiet hides them), so
+# a WARNING or BUG during a test shows up in the log that run.sh scans.
+echo 5 > /proc/sys/kernel/printk
+echo
+echo "DMCOW-BOOT ok"
+
+args=$(cat /proc/cmdline)
+tests=""
+for a in $args; do
+	case "$a" in
+	dmcow.tests=*) tests=$(echo "${a#dmcow.tests=}" | tr , ' ') ;;
+	esac
+done
+/bin/vmtest run $tests
+rc=$?
+# Unloading must work once every test has removed its device; leaked
+# objects show up as a kernel WARNING/BUG (slab cache not empty).
+if [ -z "$tests" ]; then
+	if rmmod dm-cow; then
+		echo "DMCOW-TEST module_unload PASS"
+	else
+		echo "DMCOW-TEST module_unload FAIL rmmod dm-cow failed"
+	fi
+fi
+echo "DMCOW-END $rc"
+poweroff -f

@@ -30,6 +30,21 @@ constexpr uint64_t kMaxSnapshotTableBytes = 64 << 20;
 constexpr uint32_t kMaxSnapshotExtraData = 1024;
 constexpr uint32_t kMaxBitmaps = 65535;
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;  // bits 9-55 of L1/L2 entries
+// L1/L2 entry flags.
+constexpr uint64_t kCopied = 1ULL << 63;      // refcount exactly 1: writable in place
+constexpr uint64_t kCompressed = 1ULL << 62;  // L2: compressed cluster descriptor
+constexpr uint64_t kZeroFlag = 1ULL << 0;     // L2 (standard entries): reads as zeros
+
+// Where a compressed cluster's data lies, from its L2 descriptor.
+struct CompressedExtent {
+  uint64_t offset;   // first byte (not aligned)
+  uint64_t sectors;  // 512-byte sectors it touches, counting the first
+  uint64_t bytes() const { return sectors * 512 - (offset & 511); }
+};
+inline CompressedExtent DecodeCompressed(uint64_t entry, uint32_t cluster_bits) {
+  const uint64_t shift = 62 - (cluster_bits - 8);
+  return CompressedExtent{entry & ((1ULL << shift) - 1), ((entry >> shift) & ((1ULL << (cluster_bits - 8)) - 1)) + 1};
+}
 
 // Incompatible feature bits.
 constexpr uint64_t kIncompatDirty = 1ULL << 0;

@@ -11,9 +11,6 @@ namespace dmcow {
 using namespace qcow2;
 
 namespace {
-constexpr uint64_t kCopied = 1ULL << 63;
-constexpr uint64_t kCompressed = 1ULL << 62;
-constexpr uint64_t kZeroFlag = 1ULL << 0;
 constexpr size_t kMaxSliceBytes = 4096;
 }  // namespace
 
@@ -122,16 +119,15 @@ Status Qcow2Image::Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint6
       return Status::Corrupt(filename() + ": compressed cluster at guest offset " + Hex(pos - in_cluster) +
                              " in an image with an external data file");
     }
-    const uint64_t shift = 62 - (h.cluster_bits - 8);
-    const uint64_t coffset = entry & ((1ULL << shift) - 1);
-    const uint64_t sectors = ((entry >> shift) & ((1ULL << (h.cluster_bits - 8)) - 1)) + 1;
+    const CompressedExtent c = DecodeCompressed(entry, h.cluster_bits);
+    const uint64_t coffset = c.offset;
     if (coffset >> 56) {
       return Status::Corrupt(filename() + ": compressed cluster offset " + Hex(coffset) + " for guest offset " +
                              Hex(pos - in_cluster) + " is out of range");
     }
     e.state = ClusterState::kCompressed;
     m->compressed_offset = coffset;
-    m->compressed_bytes = sectors * 512 - (coffset & 511);
+    m->compressed_bytes = c.bytes();
     return Status::OK();
   }
 

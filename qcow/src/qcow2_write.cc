@@ -37,9 +37,6 @@ namespace dmcow {
 using namespace qcow2;
 
 namespace {
-constexpr uint64_t kCopied = 1ULL << 63;
-constexpr uint64_t kCompressed = 1ULL << 62;
-constexpr uint64_t kZeroFlag = 1ULL << 0;
 constexpr uint64_t kAllAllocated = 0xffffffffULL;
 constexpr uint64_t kAllZero = 0xffffffffULL << 32;
 constexpr uint64_t kMaxRunClusters = 256;  // clusters allocated and written per step
@@ -152,10 +149,8 @@ bool Qcow2Image::WritableInPlace(uint64_t entry, uint64_t bitmap) const {
 
 void Qcow2Image::ReleaseClusterOf(uint64_t entry) {
   if (entry & kCompressed) {
-    const uint64_t shift = 62 - (header_.cluster_bits - 8);
-    const uint64_t coffset = entry & ((1ULL << shift) - 1);
-    const uint64_t sectors = ((entry >> shift) & ((1ULL << (header_.cluster_bits - 8)) - 1)) + 1;
-    refcounts_->FreeLater(coffset & ~uint64_t{511}, sectors * 512);
+    const CompressedExtent c = DecodeCompressed(entry, header_.cluster_bits);
+    refcounts_->FreeLater(c.offset & ~uint64_t{511}, c.sectors * 512);
     return;
   }
   const uint64_t host = entry & kOffsetMask;

@@ -8,6 +8,9 @@
 #include "cli_common.h"
 
 namespace dmcow::cli {
+
+int CmdCreate(int argc, char** argv);  // cmd_create.cc
+
 namespace {
 
 struct Command {
@@ -19,6 +22,7 @@ struct Command {
 const Command kCommands[] = {
     {"info", CmdInfo, "info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE"},
     {"map", CmdMap, "map [-f FMT] [--output human|json] [--start-offset OFF] [--max-length LEN] [-U] FILE"},
+    {"create", CmdCreate, "create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] [-u] [-q] FILE [SIZE]"},
     {"convert", CmdConvert, "convert [-f FMT] [-O raw] [-l SNAPSHOT] [-p] [-q] [-S SIZE] [-U] SRC DST"},
     {"compare", CmdCompare, "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2"},
     {"checksum", CmdChecksum, "checksum [-f FMT] [-l SNAPSHOT] [-U] FILE"},

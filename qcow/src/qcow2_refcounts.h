@@ -47,6 +47,8 @@ class Qcow2Refcounts {
   // Writes dirty refcount blocks and table entries, without syncing.
   Status WriteDirty();
   size_t dirty_slices() { return blocks_.dirty_count(); }
+  // Whether WriteDirty has anything to write (blocks or table entries).
+  bool dirty() { return blocks_.dirty_count() > 0 || !dirty_table_entries_.empty(); }
 
  private:
   // Where a cluster's refcount lives: the refcount block slice and the bit

@@ -312,9 +312,8 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
 
 Status Qcow2Image::FlushLocked() {
   // (2) data first, then (1) refcounts, (3) L2 tables, L1 entries, (4) frees.
-  if (data_file_) DMCOW_RETURN_IF_ERROR(data_file_->Sync());
-  DMCOW_RETURN_IF_ERROR(file_->Sync());
-  {  // also writes refcount table entries of new blocks
+  DMCOW_RETURN_IF_ERROR(data_file()->Sync());
+  if (refcounts_->dirty()) {
     DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }

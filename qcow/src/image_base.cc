@@ -27,6 +27,9 @@ Status Image::WriteZeroes(uint64_t, uint64_t) {
 Status Image::Discard(uint64_t, uint64_t) {
   return Status::NotSupported(filename() + ": image is not open for writing");
 }
+Status Image::WriteCompressedCluster(uint64_t, const void*, size_t) {
+  return Status::NotSupported(filename() + ": image cannot hold compressed clusters (or is not open for writing)");
+}
 Status Image::Flush() { return Status::OK(); }
 
 Status ImageBase::CheckGuestRange(uint64_t offset, uint64_t len) const {

@@ -147,6 +147,11 @@ class Image {
   // Hints that [offset, offset+len) is unused: whole clusters inside it are
   // freed and read as zeros where the format can say so; otherwise unchanged.
   virtual Status Discard(uint64_t offset, uint64_t len);
+  // Stores the cluster at `offset` (cluster aligned) compressed: `payload` is
+  // what CompressCluster made of the cluster's full content, using the
+  // image's compression type. Formats or images that cannot hold compressed
+  // clusters (raw, external data files) return NotSupported.
+  virtual Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len);
   virtual Status Flush();
 };
 

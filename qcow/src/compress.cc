@@ -1,0 +1,119 @@
+#include "dmcow/compress.h"
+
+#include <isa-l/igzip_lib.h>
+#include <zlib.h>
+#include <zstd.h>
+
+#include <memory>
+
+namespace dmcow {
+namespace {
+
+// QEMU's deflate settings for compressed clusters: raw deflate, 4 KiB
+// window (windowBits -12), memLevel 9. A larger window would make clusters
+// that QEMU (which inflates with the same 4 KiB window) cannot read.
+constexpr int kWindowBits = -12;
+constexpr int kMemLevel = 9;
+constexpr int kIsalHistBits = 12;
+constexpr int kDefaultZlibLevel = 6;
+constexpr int kDefaultZstdLevel = 3;
+constexpr int kMaxIsalLevel = 3;
+
+struct ZlibStream {
+  z_stream strm{};
+  int level = -1;
+  ~ZlibStream() {
+    if (level >= 0) deflateEnd(&strm);
+  }
+};
+
+bool CompressZlib(int level, const uint8_t* data, size_t n, std::vector<uint8_t>* out) {
+  thread_local ZlibStream z;
+  if (z.level != level) {
+    if (z.level >= 0) deflateEnd(&z.strm);
+    z.strm = z_stream{};
+    z.level = -1;
+    if (deflateInit2(&z.strm, level, Z_DEFLATED, kWindowBits, kMemLevel, Z_DEFAULT_STRATEGY) != Z_OK) return false;
+    z.level = level;
+  } else if (deflateReset(&z.strm) != Z_OK) {
+    return false;
+  }
+  out->resize(n - 1);  // must come out strictly smaller than the cluster
+  z.strm.next_in = const_cast<Bytef*>(data);
+  z.strm.avail_in = static_cast<uInt>(n);
+  z.strm.next_out = out->data();
+  z.strm.avail_out = static_cast<uInt>(out->size());
+  if (deflate(&z.strm, Z_FINISH) != Z_STREAM_END) return false;
+  out->resize(out->size() - z.strm.avail_out);
+  return true;
+}
+
+bool CompressIsal(int level, const uint8_t* data, size_t n, std::vector<uint8_t>* out) {
+  thread_local std::vector<uint8_t> level_buf(ISAL_DEF_LVL3_DEFAULT);
+  thread_local std::unique_ptr<isal_zstream> stream = std::make_unique<isal_zstream>();
+  isal_zstream* s = stream.get();
+  isal_deflate_init(s);
+  s->level = static_cast<uint32_t>(level);
+  s->level_buf = level_buf.data();
+  s->level_buf_size = static_cast<uint32_t>(level_buf.size());
+  s->hist_bits = kIsalHistBits;
+  s->gzip_flag = IGZIP_DEFLATE;
+  s->flush = NO_FLUSH;
+  s->end_of_stream = 1;
+  out->resize(n - 1);
+  s->next_in = const_cast<uint8_t*>(data);
+  s->avail_in = static_cast<uint32_t>(n);
+  s->next_out = out->data();
+  s->avail_out = static_cast<uint32_t>(out->size());
+  if (isal_deflate(s) != COMP_OK || s->internal_state.state != ZSTATE_END) return false;
+  out->resize(out->size() - s->avail_out);
+  return true;
+}
+
+bool CompressZstd(int level, const uint8_t* data, size_t n, std::vector<uint8_t>* out) {
+  struct CtxFree {
+    void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
+  };
+  thread_local std::unique_ptr<ZSTD_CCtx, CtxFree> cctx(ZSTD_createCCtx());
+  if (!cctx) return false;
+  ZSTD_CCtx_reset(cctx.get(), ZSTD_reset_session_and_parameters);
+  if (ZSTD_isError(ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, level))) return false;
+  out->resize(n - 1);
+  const size_t r = ZSTD_compress2(cctx.get(), out->data(), out->size(), data, n);
+  if (ZSTD_isError(r)) return false;
+  out->resize(r);
+  return true;
+}
+
+}  // namespace
+
+Status CheckCompressionSettings(const CompressionSettings& settings) {
+  if (settings.type == "zlib") {
+    if (settings.level < 0 || settings.level > 9) {
+      return Status::InvalidArgument("compression_level must be between 1 and 9 for zlib, not " +
+                                     std::to_string(settings.level));
+    }
+    return Status::OK();
+  }
+  if (settings.type == "zstd") {
+    if (settings.level < 0 || settings.level > ZSTD_maxCLevel()) {
+      return Status::InvalidArgument("compression_level must be between 1 and " + std::to_string(ZSTD_maxCLevel()) +
+                                     " for zstd, not " + std::to_string(settings.level));
+    }
+    return Status::OK();
+  }
+  return Status::InvalidArgument("unknown compression type '" + settings.type + "' (zlib or zstd)");
+}
+
+bool CompressCluster(const CompressionSettings& settings, const uint8_t* data, size_t cluster_size,
+                     std::vector<uint8_t>* payload) {
+  if (cluster_size < 2) return false;
+  if (settings.type == "zstd") {
+    return CompressZstd(settings.level == 0 ? kDefaultZstdLevel : settings.level, data, cluster_size, payload);
+  }
+  const int level = settings.level == 0 ? kDefaultZlibLevel : settings.level;
+  if (level <= kMaxIsalLevel) return CompressIsal(level, data, cluster_size, payload);
+  return CompressZlib(level, data, cluster_size, payload);
+}
+
+}  // namespace dmcow

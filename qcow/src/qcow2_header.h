@@ -45,6 +45,12 @@ inline CompressedExtent DecodeCompressed(uint64_t entry, uint32_t cluster_bits) 
   const uint64_t shift = 62 - (cluster_bits - 8);
   return CompressedExtent{entry & ((1ULL << shift) - 1), ((entry >> shift) & ((1ULL << (cluster_bits - 8)) - 1)) + 1};
 }
+// The L2 entry for `bytes` (<= cluster size) of compressed data at byte `offset`.
+inline uint64_t EncodeCompressed(uint64_t offset, uint64_t bytes, uint32_t cluster_bits) {
+  const uint64_t shift = 62 - (cluster_bits - 8);
+  const uint64_t extra_sectors = (offset + bytes - 1) / 512 - offset / 512;
+  return kCompressed | (extra_sectors << shift) | offset;
+}
 
 // Incompatible feature bits.
 constexpr uint64_t kIncompatDirty = 1ULL << 0;

@@ -31,6 +31,7 @@ class Qcow2Image final : public TableImage {
   Status Write(uint64_t offset, const void* buf, size_t len) override;
   Status WriteZeroes(uint64_t offset, uint64_t len) override;
   Status Discard(uint64_t offset, uint64_t len) override;
+  Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
   Status Flush() override;
 
   const Qcow2Header& header() const { return header_; }
@@ -58,6 +59,10 @@ class Qcow2Image final : public TableImage {
   bool WritableInPlace(uint64_t entry, uint64_t bitmap) const;
   // Frees (after the next flush) the host space an L2 entry held.
   void ReleaseClusterOf(uint64_t entry);
+  // Host bytes for compressed data, packed after the previous compressed
+  // cluster as QEMU packs them; refcounts count each compressed cluster
+  // touching a host cluster once.
+  Status AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset);
 
   Status Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const;
 
@@ -70,6 +75,9 @@ class Qcow2Image final : public TableImage {
   bool writable_ = false;
   std::unique_ptr<Qcow2Refcounts> refcounts_;
   std::set<uint64_t> dirty_l1_;       // L1 indices changed since the last flush
+  // Where the next compressed cluster may start (0: in a new cluster). Only
+  // valid until frees are applied: the cluster could then be reused.
+  uint64_t free_byte_offset_ = 0;
   size_t max_dirty_slices_ = 0;
 };
 

@@ -29,6 +29,7 @@ class Qcow2Refcounts {
   Status Load();
 
   Status Get(uint64_t cluster, uint64_t* refcount);
+  uint64_t max_refcount() const { return max_refcount_; }
 
   // Adds `delta` to a cluster's refcount, in the cache. Overflow of the
   // refcount width and underflow below zero are errors.

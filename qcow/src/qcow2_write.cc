@@ -310,6 +310,55 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   return ZeroLocked(offset, len, /*discard=*/true);
 }
 
+Status Qcow2Image::AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) {
+  const uint64_t cs = header_.cluster_size;
+  uint64_t offset = free_byte_offset_;
+  if (offset != 0) {
+    uint64_t refcount;
+    DMCOW_RETURN_IF_ERROR(refcounts_->Get(offset / cs, &refcount));
+    // A full refcount cannot count one more user; a zero one was freed.
+    if (refcount == 0 || refcount >= refcounts_->max_refcount()) offset = 0;
+  }
+  const uint64_t free_in_cluster = offset == 0 ? 0 : cs - (offset & (cs - 1));
+  if (offset != 0 && bytes <= free_in_cluster) {
+    DMCOW_RETURN_IF_ERROR(refcounts_->Adjust(offset / cs, 1));
+  } else {
+    uint64_t fresh;
+    DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(1, &fresh));  // refcount 1 already
+    if (offset != 0 && offset + free_in_cluster == fresh) {
+      DMCOW_RETURN_IF_ERROR(refcounts_->Adjust(offset / cs, 1));  // spans into `fresh`
+    } else {
+      offset = fresh;
+    }
+  }
+  *host_offset = offset;
+  free_byte_offset_ = (offset + bytes) & (cs - 1) ? offset + bytes : 0;
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) {
+  if (!writable_) return Image::WriteCompressedCluster(offset, payload, len);
+  const uint64_t cs = header_.cluster_size;
+  if (header_.HasDataFile()) {
+    return Status::NotSupported(filename() + ": compressed clusters cannot be stored with an external data file");
+  }
+  if ((offset & (cs - 1)) != 0 || offset >= info_.virtual_size || len == 0 || len >= cs) {
+    return Status::InvalidArgument(filename() + ": compressed write of " + std::to_string(len) +
+                                   " bytes at guest offset " + Hex(offset) +
+                                   " (needs a cluster-aligned offset and less than one cluster of payload)");
+  }
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  const uint64_t cluster = offset >> header_.cluster_bits;
+  uint64_t entry, bitmap;
+  DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
+  uint64_t host;
+  DMCOW_RETURN_IF_ERROR(AllocateCompressedBytes(len, &host));
+  DMCOW_RETURN_IF_ERROR(file_->Write(host, payload, len));
+  ReleaseClusterOf(entry);
+  DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster, EncodeCompressed(host, len, header_.cluster_bits), 0));
+  return MaybeFlush();
+}
+
 Status Qcow2Image::FlushLocked() {
   // (2) data first, then (1) refcounts, (3) L2 tables, L1 entries, (4) frees.
   DMCOW_RETURN_IF_ERROR(data_file()->Sync());
@@ -331,6 +380,7 @@ Status Qcow2Image::FlushLocked() {
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }
   if (refcounts_->HasPendingFrees()) {
+    free_byte_offset_ = 0;
     DMCOW_RETURN_IF_ERROR(refcounts_->ApplyPendingFrees());
     DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());

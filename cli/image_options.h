@@ -1,0 +1,71 @@
+// The -o option lists of qemu-img create and convert: each format's
+// options (names, types, defaults, help, in qemu-img's order), parsing as
+// qemu_opts_do_parse does, and their translation to CreateOptions.
+#ifndef DMCOW_CLI_IMAGE_OPTIONS_H_
+#define DMCOW_CLI_IMAGE_OPTIONS_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dmcow/create.h"
+
+namespace dmcow::cli {
+
+enum class OptType { kString, kSize, kNumber, kBool };
+
+struct OptDesc {
+  const char* name;
+  OptType type;
+  const char* def;  // printed when not set; nullptr: not printed
+  const char* help;
+  bool protocol;    // file-posix's option, listed in help only with a FILE
+};
+
+struct OptList {
+  const OptDesc* begin;
+  const OptDesc* end;
+};
+
+struct SetOption {
+  std::string raw;     // as given
+  uint64_t number = 0; // parsed, for size and number options
+};
+using OptionSet = std::map<std::string, SetOption>;
+
+// The options of "qcow2", "qcow" or "raw"; false for another format.
+bool FindFormat(const std::string& fmt, OptList* list);
+
+// qemu-img's print_block_option_help; returns the exit code.
+int PrintOptionHelp(const char* filename, const std::string& fmt);
+
+// qemu-img's is_valid_option_list.
+bool IsValidOptionList(const char* s);
+
+// Splits "a=1,b=x,,y" into {a,1},{b,"x,y"}; a name without '=' gets "on".
+std::vector<std::pair<std::string, std::string>> SplitOptions(const std::string& list);
+bool HasHelpOption(const std::string& list);
+
+bool ParseBool(const std::string& v, bool* out);
+bool ParseNumber(const std::string& v, uint64_t* out);
+
+// True if `text` is written as a size even if out of range.
+bool LooksLikeSize(const std::string& text);
+
+// "a,b" as a -o value: commas doubled.
+std::string Escaped(const std::string& v);
+
+// Parses `options` against `list` plus `extra` (names a command accepts
+// beyond the format's own), checking each value's type; the last value of a
+// name wins. Returns "" or qemu-img's message for the first bad option.
+std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& extra, const std::string& options,
+                            OptionSet* set);
+
+// Copies the format options in `set` into *co (size excluded).
+void FillCreateOptions(const OptionSet& set, CreateOptions* co);
+
+}  // namespace dmcow::cli
+
+#endif  // DMCOW_CLI_IMAGE_OPTIONS_H_

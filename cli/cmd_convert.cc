@@ -1,162 +1,39 @@
-// dmcow-img convert: qemu-img convert, raw output only for now.
+// dmcow-img convert: qemu-img convert, into raw, qcow or qcow2.
 //
-// Two worker threads take 2 MiB chunks of the guest range in turn. Ranges
-// that read as zeros (GetMapExtent) are never read nor written: the output is
-// truncated to the virtual size first, so they stay holes. Data is read and
-// scanned for zero runs (-S) that become holes too, as qemu-img does.
-#include <fcntl.h>
+//   convert [-c] [-p] [-q] [-n] [-W] [-C] [-U] [-f FMT] [-O FMT] [-o OPTIONS]
+//           [-B|-b BACKING -F FMT] [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE]
+//           [-T CACHE] [--target-is-zero] SRC... DST
+//
+// Options, messages and exit codes as qemu-img 7.2's; beyond it, -b as an
+// alias of -B and `-o compression_level=N` for -c. Several sources are
+// concatenated. The copy itself is ConvertJob's (convert_job.h), which also
+// states the reproducibility guarantee: same sources and options, same bytes.
+// The output is written with cache=unsafe unless -t says otherwise, as
+// qemu-img does: nothing is synced until the end, and then only with a safe
+// cache mode.
+#include <getopt.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <cstring>
-#include <mutex>
+#include <memory>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
-#include <CLI/CLI.hpp>
-
 #include "cli_common.h"
+#include "convert_job.h"
+#include "dmcow/compress.h"
+#include "dmcow/create.h"
+#include "image_options.h"
+#include "no_sync_env.h"
 
 namespace dmcow::cli {
 namespace {
 
-constexpr uint64_t kChunk = 2 << 20;
 constexpr uint64_t kSector = 512;
 constexpr uint64_t kMaxSparse = 16 << 20;
-constexpr int kThreads = 2;
-
-class Converter {
- public:
-  Converter(Image* src, int fd, uint64_t min_sparse, Progress* progress)
-      : src_(src), fd_(fd), size_(src->virtual_size()), min_sparse_(min_sparse), progress_(progress) {}
-
-  // Runs the workers; on failure prints the first error and returns false.
-  bool Run() {
-    std::vector<std::thread> threads;
-    try {
-      for (int i = 0; i < kThreads; i++) threads.emplace_back([this] { Worker(); });
-    } catch (const std::system_error& e) {  // no second thread: the first does it all
-      if (threads.empty()) Fail(std::string("cannot start a thread: ") + e.what());
-    }
-    for (auto& t : threads) t.join();
-    if (!error_.empty()) PrintError(error_);
-    return error_.empty();
-  }
-
- private:
-  void Worker() {
-    try {
-      WorkerLoop();
-    } catch (const std::exception& e) {  // e.g. bad_alloc: nothing may leave a thread
-      Fail(e.what());
-      failed_.store(true);
-    }
-  }
-
-  void WorkerLoop() {
-    std::vector<char> buf(kChunk);
-    while (!failed_.load()) {
-      uint64_t start = next_chunk_.fetch_add(1) * kChunk;
-      if (start >= size_) break;
-      uint64_t end = std::min(start + kChunk, size_);
-      if (!CopyChunk(start, end, buf.data())) {
-        failed_.store(true);
-        break;
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      progress_->Advance(static_cast<float>(end - start) * 100.0f / static_cast<float>(size_));
-    }
-  }
-
-  bool CopyChunk(uint64_t start, uint64_t end, char* buf) {
-    uint64_t offset = start;
-    while (offset < end) {
-      MapExtent e;
-      Status s = GetMapExtent(src_, offset, end - offset, &e);
-      if (s.ok() && e.length == 0) s = Status::Corrupt("empty map extent at offset " + std::to_string(offset));
-      if (!s.ok()) return Fail("error while reading block status at offset " + std::to_string(offset) + ": " +
-                               s.ToString());
-      uint64_t len = std::min(e.length, end - offset);
-      if (e.zero) {
-        if (min_sparse_ == 0) {  // -S 0: fully allocate the output
-          std::memset(buf, 0, len);
-          if (!WriteAll(buf, len, offset)) return false;
-        }
-      } else {
-        s = src_->Read(offset, buf, len);
-        if (!s.ok()) return Fail("error while reading at byte " + std::to_string(offset) + ": " + s.ToString());
-        if (!WriteSparse(buf, len, offset)) return false;
-      }
-      offset += len;
-    }
-    return true;
-  }
-
-  // Writes `buf` except its zero runs that qemu-img would leave as holes:
-  // leading and trailing zero sectors, and inner runs of >= min_sparse bytes.
-  bool WriteSparse(const char* buf, uint64_t len, uint64_t offset) {
-    if (min_sparse_ == 0) return WriteAll(buf, len, offset);
-    uint64_t pos = 0;
-    while (pos < len) {
-      // Skip a zero run, then find the end of the data that follows: it
-      // extends over zero runs shorter than min_sparse.
-      uint64_t n;
-      while (pos < len && IsZero(buf + pos, n = std::min(kSector, len - pos))) pos += n;
-      if (pos == len) break;
-      uint64_t data_end = pos, scan = pos;
-      while (scan < len) {
-        n = std::min(kSector, len - scan);
-        if (!IsZero(buf + scan, n)) {
-          scan += n;
-          data_end = scan;
-          continue;
-        }
-        uint64_t zero_start = scan;
-        while (scan < len && IsZero(buf + scan, n = std::min(kSector, len - scan))) scan += n;
-        if (scan - zero_start >= min_sparse_) break;
-      }
-      if (!WriteAll(buf + pos, data_end - pos, offset + pos)) return false;
-      pos = data_end;
-    }
-    return true;
-  }
-
-  bool WriteAll(const char* buf, uint64_t len, uint64_t offset) {
-    while (len > 0) {
-      ssize_t n = pwrite(fd_, buf, len, static_cast<off_t>(offset));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        return Fail("error while writing at byte " + std::to_string(offset) + ": " +
-                    (n < 0 ? std::strerror(errno) : "short write"));
-      }
-      buf += n;
-      len -= static_cast<uint64_t>(n);
-      offset += static_cast<uint64_t>(n);
-    }
-    return true;
-  }
-
-  bool Fail(const std::string& msg) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (error_.empty()) error_ = msg;
-    return false;
-  }
-
-  Image* src_;
-  int fd_;
-  uint64_t size_;
-  uint64_t min_sparse_;
-  Progress* progress_;
-  std::atomic<uint64_t> next_chunk_{0};
-  std::atomic<bool> failed_{false};
-  std::mutex mu_;  // guards error_ and progress_
-  std::string error_;
-};
+constexpr int kMaxCoroutines = 16;
 
 // -l: "snapshot.id=ID[,snapshot.name=NAME]" or a bare id or name. Finds the
 // snapshot in `info` and returns its id, or prints qemu's error.
@@ -200,83 +77,217 @@ bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string*
   return false;
 }
 
+
+void PrintUsage() {
+  std::printf("usage: %s convert [-c] [-p] [-q] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT]\n"
+              "         [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] SRC... DST\n\n"
+              "Convert (and concatenate) the images SRC into DST of format FMT (raw by default, qcow or\n"
+              "qcow2). -c compresses clusters (-o compression_level=1..9, zlib's scale; zstd with\n"
+              "-o compression_type=zstd). The same sources and options always give a byte-identical DST.\n",
+              kProgName);
+}
+
+bool IsBlockDevice(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
+}
+
 }  // namespace
 
 int CmdConvert(int argc, char** argv) {
-  CLI::App app{"Convert the disk image SRC to DST (raw output only).", "dmcow-img convert"};
-  std::string format, out_format = "raw", snapshot, sparse_text;
-  std::vector<std::string> files;
-  bool progress_flag = false, quiet = false, force_share = false;
-  app.add_option("-f,--format", format, "Source image format; probed if omitted");
-  app.add_option("-O", out_format, "Output format (only raw is supported)");
-  app.add_option("-l", snapshot, "Snapshot to convert: snapshot.id=ID, snapshot.name=NAME, or an id or name");
-  app.add_flag("-p", progress_flag, "Show progress");
-  app.add_flag("-q", quiet, "Quiet mode (no progress)");
-  app.add_option("-S", sparse_text, "Zero run length that becomes a hole (default 4k, 0 = fully allocate)");
-  app.add_flag("-U,--force-share", force_share, "Open the source in shared mode (always the case)");
-  app.add_option("FILES", files, "SRC DST");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
-
+  std::string fmt, out_fmt = "raw", options, backing, backing_fmt, snapshot, cache = "unsafe";
+  bool compress = false, progress_flag = false, quiet = false, skip_create = false, target_is_zero = false;
   uint64_t min_sparse = 4096;
-  if (!sparse_text.empty()) {
-    if (!ParseSize(sparse_text, &min_sparse)) {
-      PrintError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for");
-      PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+  int coroutines = 0;
+  enum { kOptTargetIsZero = 256, kOptSalvage };
+  static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                        {"force-share", no_argument, nullptr, 'U'},
+                                        {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
+                                        {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  for (;;) {
+    int c = getopt_long(argc, argv, ":hf:O:B:b:F:Cco:l:S:pt:T:qnm:WUr:", kLong, nullptr);
+    if (c == -1) break;
+    switch (c) {
+      case ':':
+        return UsageError(std::string("missing argument for option '") + argv[optind - 1] + "'");
+      case '?':
+        return UsageError(std::string("unrecognized option '") + argv[optind - 1] + "'");
+      case 'h':
+        PrintUsage();
+        return 0;
+      case 'f': fmt = optarg; break;
+      case 'O': out_fmt = optarg; break;
+      case 'B':
+      case 'b': backing = optarg; break;
+      case 'F': backing_fmt = optarg; break;
+      case 'c': compress = true; break;
+      case 'o':
+        if (!IsValidOptionList(optarg)) {
+          PrintError(std::string("Invalid option list: ") + optarg);
+          return 1;
+        }
+        options = options.empty() ? std::string(optarg) : options + "," + optarg;
+        break;
+      case 'l': snapshot = optarg; break;
+      case 'S':
+        if (!ParseSize(optarg, &min_sparse)) {
+          PrintError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for");
+          PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+          return 1;
+        }
+        if (min_sparse % kSector != 0 || min_sparse > kMaxSparse) {
+          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                     "16777216. Select 0 to disable sparse detection (fully allocates output).");
+          return 1;
+        }
+        break;
+      case 'p': progress_flag = true; break;
+      case 't': cache = optarg; break;
+      case 'q': quiet = true; break;
+      case 'n': skip_create = true; break;
+      case 'm': {
+        uint64_t m = 0;
+        if (!ParseNumber(optarg, &m) || m < 1 || m > kMaxCoroutines) {
+          PrintError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+          return 1;
+        }
+        coroutines = static_cast<int>(m);
+        break;
+      }
+      case kOptTargetIsZero: target_is_zero = true; break;
+      default: break;  // -C, -W, -U, -T, -r: accepted; our writes are ordered and never throttled
+    }
+  }
+  if (cache != "unsafe" && cache != "writeback" && cache != "none" && cache != "directsync" &&
+      cache != "writethrough") {
+    PrintError("Invalid cache option: " + cache);
+    return 1;
+  }
+  std::vector<std::string> files(argv + optind, argv + argc);
+  OptList list;
+  if (!FindFormat(out_fmt, &list)) {
+    PrintError("Unknown file format '" + out_fmt + "'");
+    return 1;
+  }
+  if (!options.empty() && HasHelpOption(options)) {
+    return PrintOptionHelp(files.empty() ? nullptr : files.back().c_str(), out_fmt);
+  }
+  if (files.size() < 2) return UsageError("Must specify image file name");
+  const std::string dst = files.back();
+  files.pop_back();
+  if (target_is_zero && !skip_create) {
+    PrintError("--target-is-zero requires use of -n flag");
+    return 1;
+  }
+  if (skip_create && !options.empty()) {
+    PrintError("-o has no effect when skipping image creation");
+    return 1;
+  }
+  if (compress && out_fmt == "raw") {
+    PrintError("Compression not supported for this file format");
+    return 1;
+  }
+  if (!snapshot.empty() && files.size() > 1) {
+    PrintError("No support for concatenating multiple snapshot");
+    return 1;
+  }
+  if (!backing.empty() && files.size() > 1) {
+    PrintError("Having a backing file for the target makes no sense when concatenating multiple input images");
+    return 1;
+  }
+  const std::vector<OptDesc> extra = {
+      {"compression_level", OptType::kNumber, nullptr, "Level for -c: 1-9 (zlib scale), 1-19 for zstd", false}};
+  OptionSet set;
+  if (std::string error = ParseOptionList(list, extra, options, &set); !error.empty()) {
+    PrintError(error);
+    return 1;
+  }
+
+  // Sources.
+  std::vector<std::unique_ptr<Image>> sources;
+  uint64_t total_size = 0;
+  for (const std::string& name : files) {
+    OpenOptions oo;
+    oo.format = fmt;
+    std::unique_ptr<Image> src;
+    if (!OpenImageOrReport(name, oo, &src).ok()) return 1;
+    if (!snapshot.empty()) {
+      if (!ResolveSnapshot(snapshot, src->info(), &oo.snapshot)) return 1;
+      src.reset();
+      if (!OpenImageOrReport(name, oo, &src).ok()) return 1;
+    }
+    total_size += src->virtual_size();
+    sources.push_back(std::move(src));
+  }
+
+  // Target.
+  NoSyncEnv unsafe_env(Env::Default());
+  Env* env = cache == "unsafe" ? static_cast<Env*>(&unsafe_env) : Env::Default();
+  const bool device = out_fmt == "raw" && IsBlockDevice(dst);
+  if (!skip_create && !device) {
+    CreateOptions co;
+    co.format = out_fmt;
+    co.size = total_size;
+    co.env = env;
+    FillCreateOptions(set, &co);
+    if (!backing.empty()) co.backing_file = backing;
+    if (!backing_fmt.empty()) co.backing_fmt = backing_fmt;
+    if (!co.backing_file.empty() && co.backing_fmt.empty()) {
+      PrintError("Use of backing file requires explicit backing format");
+      PrintError("Could not open '" + dst + "': Could not open '" + dst + "': No such file or directory");
       return 1;
     }
-    if (min_sparse % kSector != 0 || min_sparse > kMaxSparse) {
-      PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
-                 "16777216. Select 0 to disable sparse detection (fully allocates output).");
+    Status st = CreateImage(dst, co);
+    if (!st.ok()) {
+      std::string msg = st.message();
+      if (msg.rfind(dst + ": ", 0) == 0) msg = msg.substr(dst.size() + 2);
+      PrintError(dst + ": error while converting " + out_fmt + ": " + msg);
       return 1;
     }
   }
-  if (files.size() < 2) {
-    PrintError("Must specify image file name");
-    return 1;
-  }
-  if (files.size() > 2) {
-    PrintError("Converting several source images into one is not supported");
-    return 1;
-  }
-  if (out_format != "raw") {
-    PrintError("Output format '" + out_format + "' is not supported yet; only -O raw is");
-    return 1;
-  }
-  const std::string& src_name = files[0];
-  const std::string& dst_name = files[1];
-
-  OpenOptions options;
-  options.format = format;
-  std::unique_ptr<Image> src;
-  if (!OpenImageOrReport(src_name, options, &src).ok()) return 1;
-  if (!snapshot.empty()) {
-    if (!ResolveSnapshot(snapshot, src->info(), &options.snapshot)) return 1;
-    src.reset();
-    if (!OpenImageOrReport(src_name, options, &src).ok()) return 1;
-  }
-
-  // A regular file is truncated to the virtual size, so what is not written
-  // reads as zeros. A device is not: every byte is written (as with -S 0).
-  int fd = open(dst_name.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  struct stat st;
-  bool regular = fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-  if (fd >= 0 && !regular) min_sparse = 0;
-  if (fd < 0 || (regular && ftruncate(fd, static_cast<off_t>(src->virtual_size())) != 0)) {
-    PrintError(dst_name + ": error while converting raw: Could not create '" + dst_name + "': " +
-               std::strerror(errno));
-    if (fd >= 0) close(fd);
+  OpenOptions to;
+  to.format = out_fmt;
+  to.writable = true;
+  to.env = env;
+  std::unique_ptr<Image> target;
+  if (!OpenImageOrReport(dst, to, &target).ok()) return 1;
+  if (target->virtual_size() < total_size) {
+    PrintError("Output image is too small (" + std::to_string(target->virtual_size()) + " bytes, " +
+               std::to_string(total_size) + " needed)");
     return 1;
   }
 
+  ConvertSettings cs;
+  for (auto& src : sources) cs.sources.push_back(src.get());
+  cs.target = target.get();
+  cs.ordered_writes = out_fmt != "raw";
+  cs.cluster_size = out_fmt == "raw" ? kSector : target->info().cluster_size;
+  cs.compress = compress;
+  cs.compression.type = target->info().compression_type.empty() ? "zlib" : target->info().compression_type;
+  if (auto it = set.find("compression_level"); it != set.end()) {
+    cs.compression.level = static_cast<int>(std::min<uint64_t>(it->second.number, 1000));
+    if (cs.compression.level == 0) cs.compression.level = -1;  // 0 is not a level the user may ask for
+  }
+  if (Status st = CheckCompressionSettings(cs.compression); !st.ok()) {
+    PrintError(st.ToString());
+    return 1;
+  }
+  cs.min_sparse = device && !skip_create ? 0 : min_sparse;
+  cs.zero_init = skip_create ? target_is_zero : !device && target->backing() == nullptr;
+  cs.top_layer_only = !backing.empty();
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  cs.threads = std::min(coroutines > 0 ? coroutines : kMaxCoroutines, cores);
   Progress progress(progress_flag && !quiet, 1.0f);
+  cs.progress = &progress;
+
   progress.Set(0);
-  bool ok = Converter(src.get(), fd, min_sparse, &progress).Run();
+  std::string error;
+  bool ok = ConvertJob(cs).Run(&error);
   if (ok) progress.Set(100);
   progress.End();
-  if (close(fd) != 0 && ok) {
-    PrintError(dst_name + ": error while closing: " + std::strerror(errno));
-    ok = false;
-  }
+  if (!ok) PrintError(error);
   return ok ? 0 : 1;
 }
 

@@ -191,7 +191,7 @@ TEST_CASE("convert -O raw is byte-identical to qemu-img's and sparse", "[cli]") 
     CHECK(Exec(img.dir(), "cmp theirs.out ours.out").rc == 0);
   }
   SECTION("refused options") {
-    CHECK(Exec(img.dir(), Ours() + " convert -O qcow2 top.qcow2 ours.out").rc == 1);
+    CHECK(Exec(img.dir(), Ours() + " convert -O nosuchfmt top.qcow2 ours.out").rc == 1);
     CHECK(Exec(img.dir(), Ours() + " convert -S 1000 top.qcow2 ours.out").rc == 1);
     CHECK(Exec(img.dir(), Ours() + " convert missing.qcow2 ours.out").rc == 1);
     CHECK(Exec(img.dir(), Ours() + " convert top.qcow2 nodir/ours.out").rc == 1);

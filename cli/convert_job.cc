@@ -1,0 +1,327 @@
+#include "convert_job.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <system_error>
+#include <thread>
+
+namespace dmcow::cli {
+namespace {
+constexpr uint64_t kMinChunk = 2 << 20;
+constexpr uint64_t kSector = 512;
+}  // namespace
+
+ConvertJob::ConvertJob(const ConvertSettings& settings) : s_(settings) {
+  for (Image* src : s_.sources) total_size_ += src->virtual_size();
+  chunk_size_ = std::max(kMinChunk, s_.cluster_size);
+  chunk_count_ = (total_size_ + chunk_size_ - 1) / chunk_size_;
+}
+
+bool ConvertJob::Run(std::string* error) {
+  std::vector<std::thread> threads;
+  try {
+    for (int i = 0; i < std::max(1, s_.threads); i++) threads.emplace_back([this] { Worker(); });
+  } catch (const std::system_error& e) {  // fewer threads: those started do it all
+    if (threads.empty()) Fail(std::string("cannot start a thread: ") + e.what());
+  }
+  for (auto& t : threads) t.join();
+  if (error_.empty()) {
+    Status st = s_.target->Flush();
+    if (!st.ok()) Fail("error while flushing the output: " + st.ToString());
+  }
+  *error = error_;
+  return error_.empty();
+}
+
+void ConvertJob::Worker() {
+  try {
+    std::vector<uint8_t> buf(chunk_size_);
+    std::vector<Op> ops;
+    while (!failed_.load()) {
+      const uint64_t index = next_chunk_.fetch_add(1);
+      if (index >= chunk_count_) break;
+      ops.clear();
+      const bool planned = ProcessChunk(index, &buf, &ops);
+      if (s_.ordered_writes) {
+        std::unique_lock<std::mutex> lock(mu_);
+        applied_.wait(lock, [&] { return next_to_apply_ == index || failed_.load(); });
+      }
+      if (failed_.load() || !planned || !Apply(ops, buf.data())) {
+        Fail("");
+        break;
+      }
+      const uint64_t start = index * chunk_size_;
+      const uint64_t len = std::min(chunk_size_, total_size_ - start);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        next_to_apply_++;
+        s_.progress->Advance(static_cast<float>(len) * 100.0f / static_cast<float>(total_size_));
+      }
+      applied_.notify_all();
+    }
+  } catch (const std::exception& e) {  // e.g. bad_alloc: nothing may leave a thread
+    Fail(e.what());
+  }
+}
+
+bool ConvertJob::Fail(const std::string& msg) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_.empty() && !msg.empty()) error_ = msg;
+    failed_.store(true);
+  }
+  applied_.notify_all();
+  return false;
+}
+
+// The state of each run of [offset, end), in target coordinates.
+bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out) {
+  out->clear();
+  uint64_t base = 0;
+  for (Image* src : s_.sources) {
+    const uint64_t size = src->virtual_size();
+    while (offset < end && offset < base + size) {
+      const uint64_t in_src = offset - base;
+      const uint64_t max_len = std::min(end, base + size) - offset;
+      uint64_t len;
+      State state;
+      Status st;
+      if (s_.top_layer_only) {
+        LayerExtent e;
+        st = src->GetLayerStatus(in_src, max_len, &e);
+        len = e.length;
+        state = e.state == ClusterState::kZero ? State::kZero
+                : e.state != ClusterState::kUnallocated ? State::kData
+                : src->backing() ? State::kSkip
+                                 : State::kZero;
+      } else {
+        MapExtent e;
+        st = GetMapExtent(src, in_src, max_len, &e);
+        len = e.length;
+        state = e.zero ? State::kZero : State::kData;
+      }
+      if (st.ok() && len == 0) st = Status::Corrupt("empty block status");
+      if (!st.ok()) {
+        return Fail("error while reading block status at offset " + std::to_string(offset) + ": " + st.ToString());
+      }
+      len = std::min(len, max_len);
+      if (!out->empty() && out->back().state == state && out->back().offset + out->back().length == offset) {
+        out->back().length += len;
+      } else {
+        out->push_back(Extent{offset, len, state});
+      }
+      offset += len;
+    }
+    base += size;
+  }
+  return true;
+}
+
+bool ConvertJob::ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len) {
+  uint64_t base = 0;
+  for (Image* src : s_.sources) {
+    const uint64_t size = src->virtual_size();
+    if (len > 0 && offset < base + size) {
+      const uint64_t n = std::min(len, base + size - offset);
+      Status st = src->Read(offset - base, buf, static_cast<size_t>(n));
+      if (!st.ok()) return Fail("error while reading at byte " + std::to_string(offset) + ": " + st.ToString());
+      offset += n;
+      buf += n;
+      len -= n;
+    }
+    base += size;
+  }
+  return true;
+}
+
+void ConvertJob::AddZero(uint64_t offset, uint64_t length, std::vector<Op>* ops) const {
+  if (s_.zero_init || length == 0) return;
+  if (!ops->empty() && ops->back().kind == Kind::kZero && ops->back().offset + ops->back().length == offset) {
+    ops->back().length += length;
+    return;
+  }
+  ops->push_back(Op{Kind::kZero, offset, length});
+}
+
+bool ConvertJob::ProcessChunk(uint64_t index, std::vector<uint8_t>* buf, std::vector<Op>* ops) {
+  const uint64_t start = index * chunk_size_;
+  const uint64_t end = std::min(start + chunk_size_, total_size_);
+  std::vector<Extent> extents;
+  if (!Describe(start, end, &extents)) return false;
+  if (s_.compress) {
+    PlanCompressed(start, extents, buf, ops);
+    return !failed_.load();
+  }
+  return PlanPlain(start, extents, buf, ops);
+}
+
+// Data is written except its zero runs, which need no write on a target that
+// starts zeroed (qemu-img's is_allocated_sectors_min): runs that are zero in
+// the source's block status, runs at the edges of a chunk, and inner runs of
+// at least min_sparse bytes. Runs are made of granules aligned in the
+// target: sectors for raw targets, clusters for qcow ones, whose zero runs
+// only save space when they cover whole clusters.
+bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
+                           std::vector<Op>* ops) {
+  const uint64_t end = std::min(start + chunk_size_, total_size_);
+  auto add_data = [&](uint64_t offset, uint64_t length) {
+    if (length == 0) return;
+    if (!ops->empty() && ops->back().kind == Kind::kData && ops->back().offset + ops->back().length == offset) {
+      ops->back().length += length;
+    } else {
+      ops->push_back(Op{Kind::kData, offset, length, static_cast<size_t>(offset - start)});
+    }
+  };
+  bool any_data = false, any_skip = false;
+  for (const Extent& e : extents) {
+    any_data |= e.state == State::kData;
+    any_skip |= e.state == State::kSkip;
+  }
+  if (s_.min_sparse == 0 || any_skip || !any_data) {
+    // Extent by extent: -S 0 writes everything as data; with -B, ranges
+    // left to the backing file must not be touched; zero-only chunks need
+    // no scan.
+    for (const Extent& e : extents) {
+      uint8_t* at = buf->data() + (e.offset - start);
+      if (e.state == State::kSkip) continue;
+      if (e.state == State::kZero && s_.min_sparse != 0) {
+        AddZero(e.offset, e.length, ops);
+        continue;
+      }
+      if (e.state == State::kZero) {
+        std::memset(at, 0, e.length);
+      } else if (!ReadGuest(e.offset, at, e.length)) {
+        return false;
+      }
+      if (s_.min_sparse == 0) {
+        add_data(e.offset, e.length);
+      } else {
+        PlanZeroRuns(start, e.offset, e.offset + e.length, nullptr, buf->data(), ops);
+      }
+    }
+    return true;
+  }
+  // Granules entirely inside zero extents are known to be zero; the others
+  // are scanned.
+  const uint64_t g = std::max(kSector, s_.cluster_size);
+  std::vector<char> known_zero((end - start + g - 1) / g, 0);
+  for (const Extent& e : extents) {
+    uint8_t* at = buf->data() + (e.offset - start);
+    if (e.state == State::kData) {
+      if (!ReadGuest(e.offset, at, e.length)) return false;
+      continue;
+    }
+    std::memset(at, 0, e.length);
+    const uint64_t e_end = e.offset + e.length;
+    for (uint64_t p = (e.offset + g - 1) / g * g; p < e_end && p < end; p += g) {
+      if (std::min(p + g, end) <= e_end) known_zero[(p - start) / g] = 1;
+    }
+  }
+  PlanZeroRuns(start, start, end, &known_zero, buf->data(), ops);
+  return true;
+}
+
+void ConvertJob::PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const std::vector<char>* known_zero,
+                              const uint8_t* buf, std::vector<Op>* ops) {
+  const uint64_t g = std::max(kSector, s_.cluster_size);
+  auto piece_end = [&](uint64_t p) { return std::min(to, (p / g + 1) * g); };
+  auto known = [&](uint64_t p) { return known_zero && (*known_zero)[(p - start) / g]; };
+  // A partial granule is zero only at the image's end: for a qcow target,
+  // writing it whole is cheaper than a copy-on-write.
+  auto piece_zero = [&](uint64_t p) {
+    if (known(p)) return true;
+    const uint64_t n = piece_end(p) - p;
+    const bool whole = n == g || (p % g == 0 && p + n == total_size_);
+    if (s_.cluster_size > kSector && !whole) return false;
+    return IsZero(buf + (p - start), n);
+  };
+  auto add_data = [&](uint64_t offset, uint64_t length) {
+    if (length == 0) return;
+    if (!ops->empty() && ops->back().kind == Kind::kData && ops->back().offset + ops->back().length == offset) {
+      ops->back().length += length;
+    } else {
+      ops->push_back(Op{Kind::kData, offset, length, static_cast<size_t>(offset - start)});
+    }
+  };
+  uint64_t pos = from;
+  while (pos < to) {
+    const uint64_t zero_start = pos;
+    while (pos < to && piece_zero(pos)) pos = piece_end(pos);
+    AddZero(zero_start, pos - zero_start, ops);
+    if (pos == to) break;
+    // Data, extended over inner zero runs that are short and not known zero.
+    uint64_t data_end = pos, scan = pos;
+    while (scan < to) {
+      if (!piece_zero(scan)) {
+        scan = data_end = piece_end(scan);
+        continue;
+      }
+      const uint64_t run = scan;
+      bool has_known = false;
+      while (scan < to && piece_zero(scan)) {
+        has_known |= known(scan);
+        scan = piece_end(scan);
+      }
+      if (scan - run >= s_.min_sparse || scan == to || has_known) break;
+    }
+    add_data(pos, data_end - pos);
+    pos = data_end;
+  }
+}
+
+// Whole clusters: a cluster with any data is read entirely (through the
+// chain), and stored compressed unless it is all zeros or does not shrink.
+void ConvertJob::PlanCompressed(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
+                                std::vector<Op>* ops) {
+  const uint64_t cs = s_.cluster_size;
+  const uint64_t end = std::min(start + chunk_size_, total_size_);
+  size_t next = 0;
+  for (uint64_t c = start; c < end; c += cs) {
+    const uint64_t c_end = std::min(c + cs, end);
+    while (next < extents.size() && extents[next].offset + extents[next].length <= c) next++;
+    bool any_data = false;
+    for (size_t i = next; i < extents.size() && extents[i].offset < c_end; i++) {
+      any_data |= extents[i].state == State::kData || (s_.min_sparse == 0 && extents[i].state == State::kZero);
+    }
+    uint8_t* at = buf->data() + (c - start);
+    if (!any_data) {
+      for (size_t i = next; i < extents.size() && extents[i].offset < c_end; i++) {
+        if (extents[i].state != State::kZero) continue;
+        const uint64_t from = std::max(c, extents[i].offset);
+        AddZero(from, std::min(c_end, extents[i].offset + extents[i].length) - from, ops);
+      }
+      continue;
+    }
+    if (!ReadGuest(c, at, c_end - c)) return;
+    std::memset(at + (c_end - c), 0, cs - (c_end - c));
+    if (s_.min_sparse != 0 && IsZero(at, cs)) {
+      AddZero(c, c_end - c, ops);
+      continue;
+    }
+    Op op{Kind::kCompressed, c, c_end - c, static_cast<size_t>(c - start)};
+    if (!CompressCluster(s_.compression, at, cs, &op.payload)) op.kind = Kind::kData;
+    ops->push_back(std::move(op));
+  }
+}
+
+bool ConvertJob::Apply(const std::vector<Op>& ops, const uint8_t* buf) {
+  for (const Op& op : ops) {
+    Status st;
+    switch (op.kind) {
+      case Kind::kData:
+        st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length));
+        break;
+      case Kind::kZero:
+        st = s_.target->WriteZeroes(op.offset, op.length);
+        break;
+      case Kind::kCompressed:
+        st = s_.target->WriteCompressedCluster(op.offset, op.payload.data(), op.payload.size());
+        break;
+    }
+    if (!st.ok()) return Fail("error while writing at byte " + std::to_string(op.offset) + ": " + st.ToString());
+  }
+  return true;
+}
+
+}  // namespace dmcow::cli

@@ -10,6 +10,7 @@
 #include <random>
 
 #include "crash_env.h"
+#include "dmcow/compress.h"
 #include "dmcow/image.h"
 #include "test_util.h"
 
@@ -19,7 +20,7 @@ using namespace dmcow_test;
 namespace {
 
 struct Op {
-  int kind;  // 0 write, 1 zero, 2 discard, 3 flush
+  int kind;  // 0 write, 1 zero, 2 discard, 3 flush, 4 compressed cluster
   uint64_t offset, length;
   uint64_t seed;
 };
@@ -29,16 +30,17 @@ std::vector<Op> MakeOps(uint64_t seed, uint64_t size, uint64_t cluster, int coun
   std::vector<Op> ops;
   for (int i = 0; i < count; i++) {
     Op op;
-    uint64_t r = rng() % 10;
-    op.kind = r < 5 ? 0 : r < 7 ? 1 : r < 8 ? 2 : 3;
+    uint64_t r = rng() % 12;
+    op.kind = r < 5 ? 0 : r < 7 ? 1 : r < 8 ? 2 : r < 10 ? 3 : 4;
     // A small hot region, so later operations overwrite, zero and free
     // clusters that earlier ones allocated and flushed.
     const uint64_t hot = std::min(size, 12 * cluster);
     op.length = 1 + rng() % (3 * cluster);
     op.offset = rng() % (hot - op.length);
-    if (op.kind != 0 && rng() % 2) {  // whole clusters: zero flags and freed clusters
+    if (op.kind == 4 || (op.kind != 0 && rng() % 2)) {  // whole clusters: zero flags and freed clusters
       op.offset -= op.offset % cluster;
       op.length = std::min(hot - op.offset, (1 + rng() % 3) * cluster);
+      if (op.kind == 4) op.length = std::min(op.length, cluster);
     }
     op.seed = rng();
     ops.push_back(op);
@@ -80,6 +82,22 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, const std::vector<
       touch(op.offset, op.offset + op.length);
       s = image->Write(op.offset, data.data(), data.size());
       std::memcpy(current.data() + op.offset, data.data(), data.size());
+    } else if (op.kind == 4) {
+      // Low-entropy bytes, so the cluster compresses and is packed beside
+      // other compressed clusters.
+      std::mt19937_64 rng(op.seed);
+      std::vector<uint8_t> data(cluster, 0);
+      for (uint64_t i = 0; i < op.length; i++) data[i] = static_cast<uint8_t>(rng() % 4);
+      touch(op.offset, op.offset + op.length);
+      CompressionSettings settings;
+      settings.type = image->info().compression_type;
+      std::vector<uint8_t> payload;
+      if (CompressCluster(settings, data.data(), cluster, &payload)) {
+        s = image->WriteCompressedCluster(op.offset, payload.data(), payload.size());
+      } else {
+        s = image->Write(op.offset, data.data(), op.length);
+      }
+      std::memcpy(current.data() + op.offset, data.data(), op.length);
     } else if (op.kind == 1) {
       touch(op.offset, op.offset + op.length);
       s = image->WriteZeroes(op.offset, op.length);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <random>
 
+#include "dmcow/compress.h"
 #include "dmcow/image.h"
 #include "test_util.h"
 
@@ -20,6 +21,7 @@ struct Shape {
   uint64_t cluster;
   bool zero_representable;  // qcow2 v3, or nothing underneath: full clusters can read as zero
   int ops;
+  bool compressible = true;  // WriteCompressedCluster works (not with an external data file)
 };
 
 std::vector<uint8_t> RandomBytes(std::mt19937_64& rng, size_t n) {
@@ -78,6 +80,23 @@ void RunShape(const Shape& shape, uint64_t seed) {
         uint64_t first = (off + cs - 1) / cs * cs;
         uint64_t last = off + len == shape.size ? shape.size : (off + len) / cs * cs;
         if (shape.zero_representable && first < last) std::memset(ref.data() + first, 0, last - first);
+      } else if (kind == 19 && shape.compressible) {
+        // A whole cluster stored compressed (zero-padded past the end).
+        const uint64_t cs = shape.cluster;
+        const uint64_t at = off / cs * cs;
+        const uint64_t n = std::min(cs, shape.size - at);
+        std::vector<uint8_t> data = RandomBytes(rng, cs);
+        std::fill(data.begin() + static_cast<long>(n), data.end(), 0);
+        CompressionSettings settings;
+        settings.type = image->info().compression_type;
+        settings.level = static_cast<int>(rng() % 10);
+        std::vector<uint8_t> payload;
+        if (CompressCluster(settings, data.data(), cs, &payload)) {
+          REQUIRE(image->WriteCompressedCluster(at, payload.data(), payload.size()).ok());
+        } else {
+          REQUIRE(image->Write(at, data.data(), n).ok());
+        }
+        std::memcpy(ref.data() + at, data.data(), n);
       } else {
         REQUIRE(image->Flush().ok());
       }
@@ -135,7 +154,12 @@ TEST_CASE("random writes keep qcow2 images clean and equal to a raw reference", 
        "qemu-img create -q -f qcow2 img.qcow2 32M && qemu-io -c 'write -P 3 0 30M' img.qcow2 >/dev/null && "
        "qemu-img snapshot -c snap img.qcow2",
        32 << 20, 65536, true, 300},
-      {"data-file", "qemu-img create -q -f qcow2 -o data_file=img.data img.qcow2 32M", 32 << 20, 65536, true, 200},
+      {"data-file", "qemu-img create -q -f qcow2 -o data_file=img.data img.qcow2 32M", 32 << 20, 65536, true, 200,
+       false},
+      {"zstd-4k",
+       "head -c 6M /dev/urandom > r.raw && head -c 2M /dev/zero >> r.raw && "
+       "qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=4k r.raw img.qcow2",
+       8 << 20, 4096, true, 400},
   };
   for (const Shape& shape : shapes) {
     DYNAMIC_SECTION(shape.name) { RunShape(shape, 1234 + shape.size + shape.cluster); }

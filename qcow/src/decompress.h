@@ -42,6 +42,13 @@ class CompressedClusterReader {
   Status Read(uint64_t compressed_offset, uint64_t compressed_bytes, uint64_t in_cluster, uint8_t* out,
               size_t len);
 
+  // Forgets the cached cluster. A writer calls it before host bytes that
+  // held compressed data can be reused, since the cache is keyed by offset.
+  void Invalidate() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cached_offset_ = UINT64_MAX;
+  }
+
  private:
   File* const file_;
   const uint64_t cluster_size_;

@@ -198,18 +198,22 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
       count++;
     }
     const uint64_t run_start = cluster * cs;
-    run.resize(count * cs);
+    const uint64_t run_end = run_start + count * cs;
+    // Whole clusters are written straight from the caller's buffer.
+    const bool whole = in_cluster == 0 && end >= run_end;
+    run.resize(whole ? 0 : count * cs);
     auto fill_current = [&](uint64_t index) -> Status {
       const uint64_t guest = run_start + index * cs;
       const uint64_t n = std::min(cs, vsize - guest);
       std::memset(run.data() + index * cs + n, 0, cs - n);
       return ReadLocked(guest, run.data() + index * cs, n);
     };
-    if (in_cluster != 0 || end < run_start + cs) DMCOW_RETURN_IF_ERROR(fill_current(0));
-    const uint64_t run_end = run_start + count * cs;
-    if (count > 1 && end < run_end) DMCOW_RETURN_IF_ERROR(fill_current(count - 1));
     const size_t n = static_cast<size_t>(std::min<uint64_t>(len, run_end - offset));
-    std::memcpy(run.data() + in_cluster, buf, n);
+    if (!whole) {
+      if (in_cluster != 0 || end < run_start + cs) DMCOW_RETURN_IF_ERROR(fill_current(0));
+      if (count > 1 && end < run_end) DMCOW_RETURN_IF_ERROR(fill_current(count - 1));
+      std::memcpy(run.data() + in_cluster, buf, n);
+    }
 
     uint64_t host;
     if (header_.HasDataFile()) {
@@ -217,7 +221,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     } else {
       DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(count, &host));
     }
-    DMCOW_RETURN_IF_ERROR(data_file()->Write(host, run.data(), run.size()));
+    DMCOW_RETURN_IF_ERROR(data_file()->Write(host, whole ? buf : run.data(), count * cs));
     for (uint64_t i = 0; i < count; i++) {
       ReleaseClusterOf(old_entries[i]);
       DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster + i, (host + i * cs) | kCopied, header_.extended_l2 ? kAllAllocated : 0));
@@ -381,6 +385,7 @@ Status Qcow2Image::FlushLocked() {
   }
   if (refcounts_->HasPendingFrees()) {
     free_byte_offset_ = 0;
+    compressed_->Invalidate();  // freed compressed bytes may be reused from now on
     DMCOW_RETURN_IF_ERROR(refcounts_->ApplyPendingFrees());
     DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());

@@ -115,6 +115,8 @@ void RunShape(const Shape& shape, uint64_t seed) {
   CHECK(rc == 0);
   CHECK(out.find("No errors were found") != std::string::npos);
   CHECK(out.find("leaked") == std::string::npos);
+  // Closed cleanly: lazy refcounts written back and the dirty bit cleared.
+  CHECK(Run("qemu-img info --output=json '" + img + "' | grep -q '\"dirty-flag\": true'") != 0);
   rc = Run("cd '" + dir.path() + "' && qemu-img compare -f raw -F qcow2 ref.raw img.qcow2", &out);
   INFO("qemu-img compare: " << out);
   CHECK(rc == 0);
@@ -138,6 +140,8 @@ TEST_CASE("random writes keep qcow2 images clean and equal to a raw reference", 
       // refcount table must grow many times.
       {"refcount64-512", "qemu-img create -q -f qcow2 -o refcount_bits=64,cluster_size=512 img.qcow2 16M",
        16 << 20, 512, true, 300},
+      {"lazy-refcounts", "qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=16k img.qcow2 32M", 32 << 20,
+       16384, true, 300},
       {"extended-l2", "qemu-img create -q -f qcow2 -o extended_l2=on img.qcow2 64M", 64 << 20, 65536, true, 300},
       {"compressed-base",
        "head -c 24M /dev/urandom > r.raw && head -c 8M /dev/zero >> r.raw && qemu-img convert -c -O qcow2 r.raw img.qcow2",

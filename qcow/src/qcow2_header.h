@@ -54,6 +54,7 @@ inline uint64_t EncodeCompressed(uint64_t offset, uint64_t bytes, uint32_t clust
 
 // Incompatible feature bits.
 constexpr uint64_t kIncompatDirty = 1ULL << 0;
+constexpr uint64_t kIncompatibleFeaturesOffset = 72;  // header field, big-endian
 constexpr uint64_t kIncompatCorrupt = 1ULL << 1;
 constexpr uint64_t kIncompatDataFile = 1ULL << 2;
 constexpr uint64_t kIncompatCompression = 1ULL << 3;

@@ -50,7 +50,9 @@ class Qcow2Image final : public TableImage {
   // REQUIRES for the *Locked helpers and those below: rw_mu_ held exclusively.
   Status WriteLocked(uint64_t offset, const uint8_t* buf, size_t len);
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard);
-  Status FlushLocked();
+  Status FlushLocked(bool closing = false);
+  // Writes the header's dirty bit (incompatible feature 0) and syncs.
+  Status SetDirtyBit(bool dirty);
   Status MaybeFlush();  // flushes when too much metadata is dirty
   Status GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap);
   Status SetL2Entry(uint64_t cluster, uint64_t entry, uint64_t bitmap);
@@ -79,6 +81,7 @@ class Qcow2Image final : public TableImage {
   // valid until frees are applied: the cluster could then be reused.
   uint64_t free_byte_offset_ = 0;
   size_t max_dirty_slices_ = 0;
+  bool lazy_refcounts_ = false;       // qcow2 v3 compatible feature bit 0
 };
 
 }  // namespace dmcow

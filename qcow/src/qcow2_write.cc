@@ -20,6 +20,14 @@
 //  (5) Flush returns only when every write issued before it is durable.
 //      Dirty metadata is never evicted from the caches between flushes; when
 //      too much accumulates, a Flush is forced.
+//  (6) Lazy refcounts (images created with lazy_refcounts=on) relax (1) and
+//      (4) as QEMU does: before the first table write whose refcounts are
+//      not yet durable, the header's dirty bit is made durable; from then on
+//      Flush skips refcount writes (one sync fewer) unless the refcount
+//      cache is half full. Closing the image writes every refcount, syncs,
+//      and only then clears the dirty bit (durably). A crash while the bit is
+//      set leaves refcounts that only a repair (check -r all, which a
+//      writable open runs itself) makes right; tables and data obey (2)-(3).
 // Consequences: a crash at any point leaves an image that references only
 // allocated, fully written clusters; it may leak clusters (refcount without
 // reference), which `check -r leaks` reclaims. Writes not yet flushed may be
@@ -65,6 +73,7 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   refcounts_ = std::make_unique<Qcow2Refcounts>(file_.get(), &header_, options.refcount_cache_bytes);
   DMCOW_RETURN_IF_ERROR(refcounts_->Load());
   max_dirty_slices_ = std::max<size_t>(8, l2_cache_->capacity_slices() / 2);
+  lazy_refcounts_ = h.version >= 3 && (h.compatible_features & kCompatLazyRefcounts);
   writable_ = true;
   return Status::OK();
 }
@@ -72,7 +81,7 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
 Qcow2Image::~Qcow2Image() {
   if (writable_) {
     std::unique_lock<std::shared_mutex> lock(rw_mu_);
-    (void)FlushLocked();  // best effort: callers that care call Flush and check it
+    (void)FlushLocked(/*closing=*/true);  // best effort: callers that care call Flush and check it
   }
 }
 
@@ -363,10 +372,30 @@ Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
   return MaybeFlush();
 }
 
-Status Qcow2Image::FlushLocked() {
+Status Qcow2Image::SetDirtyBit(bool dirty) {
+  const uint64_t features = dirty ? header_.incompatible_features | kIncompatDirty
+                                  : header_.incompatible_features & ~kIncompatDirty;
+  uint8_t raw[8];
+  StoreBE64(raw, features);
+  DMCOW_RETURN_IF_ERROR(file_->Write(kIncompatibleFeaturesOffset, raw, sizeof(raw)));
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
+  header_.incompatible_features = features;
+  info_.dirty = dirty;
+  info_.incompatible_features = features;
+  return Status::OK();
+}
+
+Status Qcow2Image::FlushLocked(bool closing) {
   // (2) data first, then (1) refcounts, (3) L2 tables, L1 entries, (4) frees.
+  // Lazy refcounts (6): while the dirty bit is durable, refcounts may lag.
+  const bool lazy = lazy_refcounts_ && !closing &&
+                    refcounts_->dirty_slices() < max_dirty_slices_ / 2;
+  const bool tables_dirty = l2_cache_->dirty_count() > 0 || !dirty_l1_.empty();
   DMCOW_RETURN_IF_ERROR(data_file()->Sync());
-  if (refcounts_->dirty()) {
+  if (lazy && tables_dirty && refcounts_->dirty() && !(header_.incompatible_features & kIncompatDirty)) {
+    DMCOW_RETURN_IF_ERROR(SetDirtyBit(true));
+  }
+  if (refcounts_->dirty() && !lazy) {
     DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }
@@ -387,8 +416,13 @@ Status Qcow2Image::FlushLocked() {
     free_byte_offset_ = 0;
     compressed_->Invalidate();  // freed compressed bytes may be reused from now on
     DMCOW_RETURN_IF_ERROR(refcounts_->ApplyPendingFrees());
-    DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
+    if (!lazy) {
+      DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
+      DMCOW_RETURN_IF_ERROR(file_->Sync());
+    }
+  }
+  if (closing && (header_.incompatible_features & kIncompatDirty) && !refcounts_->dirty()) {
+    DMCOW_RETURN_IF_ERROR(SetDirtyBit(false));  // every refcount is durable again
   }
   return Status::OK();
 }

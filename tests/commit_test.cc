@@ -323,6 +323,19 @@ TEST_CASE("commit: a shorter base is grown") {
     s.ExpectEmptied("top.qcow2");
     MustRun("qemu-img info '" + s.d() + "/base.qcow2' | grep -q '(5242880 bytes)'");
   }
+  SECTION("a shorter qcow2 base over a longer backing file: the grown range reads as zeros") {
+    Sides s;
+    s.Build({"qemu-img create -q -f qcow2 bottom.qcow2 4M",
+             "qemu-io -c 'write -P 0x11 0 4M' bottom.qcow2",
+             "qemu-img create -q -f qcow2 -b bottom.qcow2 -F qcow2 base.qcow2 1M",
+             "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 4M",
+             "qemu-io -c 'write -P 0x22 2M 512' top.qcow2"});
+    s.Commit("top.qcow2");
+    s.ExpectSame("base.qcow2");
+    s.ExpectSame("top.qcow2");
+    s.ExpectClean("base.qcow2");
+    s.ExpectClean("top.qcow2");
+  }
   SECTION("raw base of an odd size") {
     Sides s;
     s.Build({"qemu-img create -q -f raw base.raw 1000",

@@ -10,6 +10,7 @@
 namespace dmcow::cli {
 
 int CmdCreate(int argc, char** argv);  // cmd_create.cc
+int CmdCommit(int argc, char** argv);  // cmd_commit.cc
 
 namespace {
 
@@ -23,6 +24,7 @@ const Command kCommands[] = {
     {"info", CmdInfo, "info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE"},
     {"map", CmdMap, "map [-f FMT] [--output human|json] [--start-offset OFF] [--max-length LEN] [-U] FILE"},
     {"create", CmdCreate, "create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] [-u] [-q] FILE [SIZE]"},
+    {"commit", CmdCommit, "commit [-f FMT] [-t CACHE] [-b BASE] [-r RATE] [-d] [-p] [-q] FILE"},
     {"convert", CmdConvert, "convert [-f FMT] [-O raw] [-l SNAPSHOT] [-p] [-q] [-S SIZE] [-U] SRC DST"},
     {"compare", CmdCompare, "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2"},
     {"checksum", CmdChecksum, "checksum [-f FMT] [-l SNAPSHOT] [-U] FILE"},

@@ -31,6 +31,14 @@ Status Image::WriteCompressedCluster(uint64_t, const void*, size_t) {
   return Status::NotSupported(filename() + ": image cannot hold compressed clusters (or is not open for writing)");
 }
 Status Image::Flush() { return Status::OK(); }
+Status Image::Grow(uint64_t) {
+  return Status::NotSupported(filename() + ": growing an image is not supported for this format (" +
+                              info().format + ") or the image is not open for writing");
+}
+Status Image::MakeEmpty() {
+  return Status::NotSupported(filename() + ": emptying an image is not supported for this format (" +
+                              info().format + ") or the image is not open for writing");
+}
 
 Status ImageBase::CheckGuestRange(uint64_t offset, uint64_t len) const {
   uint64_t end;

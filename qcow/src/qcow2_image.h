@@ -33,6 +33,8 @@ class Qcow2Image final : public TableImage {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
   Status Flush() override;
+  Status MakeEmpty() override;  // qcow2_write.cc
+  Status Grow(uint64_t new_size) override;  // qcow2_grow.cc
 
   const Qcow2Header& header() const { return header_; }
 

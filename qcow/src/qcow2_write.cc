@@ -433,4 +433,46 @@ Status Qcow2Image::Flush() {
   return FlushLocked();
 }
 
+// Empties the active layer (qemu's bdrv_make_empty) by dropping whole L2
+// tables: every L1 entry is cleared, then the clusters its table referenced
+// and the table itself lose the active layer's reference. That is all of
+// their reference where nothing else holds one; a table or cluster shared
+// with an internal snapshot keeps the snapshot's. Ordering: pending writes
+// are flushed first, so no dirty slice of a dropped table is left; the
+// cleared L1 entries are durable before any decrement (rule 4), so a crash
+// in between leaks clusters at worst.
+Status Qcow2Image::MakeEmpty() {
+  if (!writable_) return Image::MakeEmpty();
+  if (info_.data_file_raw) {
+    return Status::NotSupported(filename() + ": cannot empty an image whose external data file must stay a "
+                                "faithful raw image (data_file_raw)");
+  }
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  DMCOW_RETURN_IF_ERROR(FlushLocked());
+  const uint64_t cs = header_.cluster_size;
+  const uint64_t clusters = (info_.virtual_size + cs - 1) >> header_.cluster_bits;
+  const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
+  for (uint64_t i = 0; i < l1_.size(); i++) {
+    if (l1_[i] == 0) continue;
+    const uint64_t l2_offset = l1_[i] & kOffsetMask;
+    if (l2_offset != 0) {
+      // Only entries inside the disk describe clusters (as qemu discards).
+      const uint64_t first = i * header_.l2_entries;
+      const uint64_t count = first >= clusters ? 0 : std::min<uint64_t>(header_.l2_entries, clusters - first);
+      for (uint64_t done = 0; done < count;) {
+        const uint64_t byte = done * header_.l2_entry_bytes;
+        TableCache::Slice slice;
+        DMCOW_RETURN_IF_ERROR(l2_cache_->Get(l2_offset + byte, "L2 table", &slice));
+        for (uint64_t w = 0; w < slice->size() && done < count; w += words_per_entry, done++) {
+          ReleaseClusterOf((*slice)[w]);
+        }
+      }
+      refcounts_->FreeLater(l2_offset, cs);
+    }
+    l1_[i] = 0;
+    dirty_l1_.insert(i);
+  }
+  return FlushLocked();
+}
+
 }  // namespace dmcow

@@ -64,6 +64,19 @@ Status RawImage::Discard(uint64_t offset, uint64_t len) {
   return CheckGuestRange(offset, len);  // advisory; raw content stays as it is
 }
 
+Status RawImage::Grow(uint64_t new_size) {
+  if (!writable_) return Image::Grow(new_size);
+  if (new_size < info_.virtual_size) return Status::NotSupported(filename() + ": shrinking an image is not supported");
+  uint64_t file_size = 0;
+  DMCOW_RETURN_IF_ERROR(file_->Size(&file_size));
+  if (new_size > file_size) {
+    DMCOW_RETURN_IF_ERROR(file_->Truncate(new_size));
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+  }
+  info_.virtual_size = (new_size + 511) & ~uint64_t{511};
+  return Status::OK();
+}
+
 Status RawImage::Flush() { return writable_ ? file_->Sync() : Status::OK(); }
 
 }  // namespace dmcow

@@ -17,6 +17,7 @@ class RawImage final : public ImageBase {
   Status WriteZeroes(uint64_t offset, uint64_t len) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
+  Status Grow(uint64_t new_size) override;
 
  private:
   using ImageBase::ImageBase;

@@ -153,6 +153,17 @@ class Image {
   // clusters (raw, external data files) return NotSupported.
   virtual Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len);
   virtual Status Flush();
+  // Drops everything this layer stores, so that every byte reads from the
+  // backing image again (qemu-img commit's last step): each cluster becomes
+  // unallocated and its space is freed. Internal snapshots keep their
+  // content. Durable when it returns. Formats that cannot do it, and images
+  // not open for writing, return NotSupported.
+  virtual Status MakeEmpty();
+  // Grows the virtual size to `new_size` (qemu's truncate to a larger
+  // size, preallocation off): the new range reads as zeros. Durable when it
+  // returns. Shrinking, and formats or images that cannot grow (qcow2 with
+  // internal snapshots), return NotSupported.
+  virtual Status Grow(uint64_t new_size);
 };
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.

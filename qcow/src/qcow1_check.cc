@@ -57,14 +57,15 @@ class Qcow1Check {
     result_->total_clusters = DivRoundUp(size, cs_);
     result_->opened = true;
 
-    used_.assign(DivRoundUp(file_size_, cs_), false);
-    compressed_.assign(used_.size(), false);
-    Claim(0, 48, "the header");
-    if (backing_offset) Claim(backing_offset, backing_size, "the backing file name");
+    use_.assign(DivRoundUp(file_size_, cs_), kFree);
+    // The header, the backing file name and the L1 table are written
+    // together by the creator and may share clusters.
+    Claim(0, 48, kHeaderArea, "the header");
+    if (backing_offset) Claim(backing_offset, backing_size, kHeaderArea, "the backing file name");
     if (!Inside(l1_offset, l1_entries * 8)) {
       return Status::Corrupt(name + ": L1 table at " + Hex(l1_offset) + " lies beyond the end of the file");
     }
-    Claim(l1_offset, l1_entries * 8, "the L1 table");
+    Claim(l1_offset, l1_entries * 8, kHeaderArea, "the L1 table");
 
     std::vector<uint8_t> raw(l1_entries * 8);
     DMCOW_RETURN_IF_ERROR(ReadPadded(file_, l1_offset, raw.size(), raw.data()));
@@ -84,12 +85,12 @@ class Qcow1Check {
         tables.push_back(0);
         continue;
       }
-      Claim(l2, l2_bytes, Format("the L2 table of L1 entry %llu", static_cast<ull>(i)).c_str());
+      Claim(l2, l2_bytes, kOwned, Format("the L2 table of L1 entry %llu", static_cast<ull>(i)).c_str());
       tables.push_back(l2);
     }
     uint64_t end = 0;
-    for (size_t k = 0; k < used_.size(); k++) {
-      if (used_[k]) end = k + 1;
+    for (size_t k = 0; k < use_.size(); k++) {
+      if (use_[k] != kFree) end = k + 1;
     }
     std::vector<uint8_t> table(l2_bytes);
     for (uint64_t i = 0; i < l1_entries; i++) {
@@ -114,7 +115,8 @@ class Qcow1Check {
                                   bytes == 0 ? "is empty" : "lies beyond the end of the file"));
             continue;
           }
-          MarkCompressed(offset, bytes, guest);
+          Claim(offset, bytes, kCompressed,
+                Format("compressed data of guest offset %#llx", static_cast<ull>(guest)).c_str());
           end = std::max(end, DivRoundUp(offset + bytes, cs_));
           continue;
         }
@@ -126,7 +128,7 @@ class Qcow1Check {
                                 (entry & 511) ? "is not sector aligned" : "lies beyond the end of the file"));
           continue;
         }
-        Claim(entry, cs_, Format("the data of guest offset %#llx", static_cast<ull>(guest)).c_str());
+        Claim(entry, cs_, kOwned, Format("the data of guest offset %#llx", static_cast<ull>(guest)).c_str());
         end = std::max(end, DivRoundUp(entry + cs_, cs_));
       }
     }
@@ -145,29 +147,23 @@ class Qcow1Check {
     reporter_->Report(Kind::kCorruption, offset, std::move(message));
   }
 
+  // What a host cluster holds. Header-area structures may share clusters
+  // with each other, compressed data with other compressed data; nothing
+  // else may share.
+  enum Use : uint8_t { kFree, kHeaderArea, kOwned, kCompressed };
+
   // Marks the clusters of [offset, offset + bytes) as used by `what`; a
-  // cluster already used is an overlap. Parts past the end are ignored.
-  void Claim(uint64_t offset, uint64_t bytes, const char* what) {
+  // cluster already used otherwise is an overlap. Parts past the end of the
+  // file are ignored (they were reported already).
+  void Claim(uint64_t offset, uint64_t bytes, Use use, const char* what) {
     if (bytes == 0) return;
-    for (uint64_t c = offset >> cluster_bits_; c <= (offset + bytes - 1) >> cluster_bits_ && c < used_.size(); c++) {
-      if (used_[c] || compressed_[c]) {
+    for (uint64_t c = offset >> cluster_bits_; c <= (offset + bytes - 1) >> cluster_bits_ && c < use_.size(); c++) {
+      if (use_[c] == kFree) {
+        use_[c] = use;
+      } else if (use_[c] != use || use == kOwned) {
         Corrupt(c << cluster_bits_, Format("ERROR cluster %#llx holds %s and is also used by other data or metadata",
                                            static_cast<ull>(c << cluster_bits_), what));
-        continue;
       }
-      used_[c] = true;
-    }
-  }
-
-  void MarkCompressed(uint64_t offset, uint64_t bytes, uint64_t guest) {
-    for (uint64_t c = offset >> cluster_bits_; c <= (offset + bytes - 1) >> cluster_bits_; c++) {
-      if (used_[c]) {
-        Corrupt(c << cluster_bits_, Format("ERROR cluster %#llx holds compressed data of guest offset %#llx and is "
-                                           "also used by other data or metadata",
-                                           static_cast<ull>(c << cluster_bits_), static_cast<ull>(guest)));
-        continue;
-      }
-      compressed_[c] = true;
     }
   }
 
@@ -177,7 +173,7 @@ class Qcow1Check {
   uint64_t file_size_ = 0;
   uint32_t cluster_bits_ = 0, l2_bits_ = 0;
   uint64_t cs_ = 0;
-  std::vector<bool> used_, compressed_;  // per host cluster of the file
+  std::vector<Use> use_;  // per host cluster of the file
 };
 
 }  // namespace

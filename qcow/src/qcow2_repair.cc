@@ -28,10 +28,11 @@
 //  (4) COPIED flags are set only after the refcount of 1 they promise is
 //      durable (they are checked against the stored refcounts after (2)).
 //      Clearing a flag is always safe.
-//  (5) A new snapshot table goes into clusters allocated (refcounts durable)
-//      before it is written, it is durable before the header (count and
-//      offset, one 12-byte write in the first sector) points at it, and the
-//      old table is freed only after that.
+//  (5) A new snapshot table is written into free clusters and made durable,
+//      then their refcounts, then the header (count and offset, one 12-byte
+//      write in the first sector) points at it; the old table is freed only
+//      after that. (Data before refcount: a crash never leaves a refcount
+//      past the end of the file, which no check examines.)
 //  (6) The dirty and corrupt bits are cleared last, after everything else
 //      is durable, and only when the repaired image has no errors left.
 // Nothing here writes into a structure that overlaps other metadata (the
@@ -241,9 +242,11 @@ Status Qcow2Check::RebuildRefcountStructure(Qcow2CheckCounts* res) {
                         " bytes");
   }
   if (s.ok()) s = file_->Sync();  // blocks durable before the table and the header point at them
-  std::vector<uint8_t> raw(table_clusters * cs(), 0);
-  for (size_t i = 0; i < reftable.size(); i++) StoreBE64(&raw[i * 8], reftable[i]);
-  if (s.ok()) s = file_->Write(table_offset, raw.data(), raw.size());
+  if (s.ok()) {
+    std::vector<uint8_t> raw(table_clusters * cs(), 0);
+    for (size_t i = 0; i < reftable.size(); i++) StoreBE64(&raw[i * 8], reftable[i]);
+    s = file_->Write(table_offset, raw.data(), raw.size());
+  }
   if (s.ok()) s = file_->Sync();
   if (s.ok()) {
     uint8_t fields[12];
@@ -273,10 +276,14 @@ Status Qcow2Check::WriteSnapshotTable() {
   DMCOW_RETURN_IF_ERROR(refcounts.Load());
   uint64_t offset = 0;
   if (!table.empty()) {
+    // The table is written (and the file grown to hold it) before its
+    // refcounts: a crash in between leaves an unreferenced cluster with a
+    // refcount of 0 inside the file, never a refcount past its end (which
+    // no check looks at, so no repair would free).
     DMCOW_RETURN_IF_ERROR(refcounts.Allocate(DivRoundUp(table.size(), cs()), &offset));
-    DMCOW_RETURN_IF_ERROR(refcounts.WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
     DMCOW_RETURN_IF_ERROR(file_->Write(offset, table.data(), table.size()));
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+    DMCOW_RETURN_IF_ERROR(refcounts.WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }
   uint8_t fields[12];

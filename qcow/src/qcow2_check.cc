@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdarg>
 #include <cstdio>
+#include <type_traits>
 
 namespace dmcow {
 
@@ -187,43 +188,59 @@ Status Qcow2Check::Compare(Qcow2CheckCounts* res, uint32_t fix, bool* rebuild, u
       block_status = ReadPadded(file_, offset, block.size(), block.data());
     }
     bool dirty = false;
-    for (uint64_t j = 0; j < count; j++) {
-      const uint64_t i = first + j;
-      if (!block_status.ok()) {
+    if (!block_status.ok()) {
+      for (uint64_t i = first; i < first + count; i++) {
         res->check_errors++;
         stored_read_errors_++;
         Report(Kind::kCheckError, i * cs(),
                Format("Can't get refcount for cluster %llu: %s", static_cast<unsigned long long>(i),
                       block_status.message().c_str()));
-        continue;
       }
-      const uint64_t stored = offset ? GetRefcountEntry(block.data(), j, order) : 0;
-      const uint64_t counted = refs_.Get(i);
-      if (stored > 0 || counted > 0) *highest = i;
-      if (stored == counted) continue;
-      int64_t* num_fixed = nullptr;
-      if (stored == 0) {
-        *rebuild = true;
-      } else if (stored > counted && (fix & kFixLeaks)) {
-        num_fixed = &res->leaks_fixed;
-      } else if (stored < counted && (fix & kFixErrors)) {
-        num_fixed = &res->corruptions_fixed;
+      continue;
+    }
+    // One comparison per cluster, with the refcount width a constant.
+    auto compare_block = [&](auto order_constant) {
+      constexpr uint32_t kOrder = decltype(order_constant)::value;
+      for (uint64_t j = 0; j < count; j++) {
+        const uint64_t i = first + j;
+        const uint64_t stored = offset ? GetRefcountEntry(block.data(), j, kOrder) : 0;
+        const uint64_t counted = refs_.Get(i);
+        if (stored == counted) {
+          if (stored) *highest = i;
+          continue;
+        }
+        *highest = i;
+        int64_t* num_fixed = nullptr;
+        if (stored == 0) {
+          *rebuild = true;
+        } else if (stored > counted && (fix & kFixLeaks)) {
+          num_fixed = &res->leaks_fixed;
+        } else if (stored < counted && (fix & kFixErrors)) {
+          num_fixed = &res->corruptions_fixed;
+        }
+        const char* what = num_fixed ? "Repairing" : stored < counted ? "ERROR" : "Leaked";
+        Report(num_fixed ? Kind::kRepaired : stored < counted ? Kind::kCorruption : Kind::kLeak, i * cs(),
+               Format("%s cluster %llu refcount=%llu reference=%llu", what, static_cast<unsigned long long>(i),
+                      static_cast<unsigned long long>(stored), static_cast<unsigned long long>(counted)));
+        if (num_fixed) {
+          SetRefcountEntry(block.data(), j, kOrder, counted);
+          dirty = true;
+          (*num_fixed)++;
+        } else if (stored < counted) {
+          res->corruptions++;
+        } else {
+          res->leaks++;
+        }
       }
-      const char* what = num_fixed ? "Repairing" : stored < counted ? "ERROR" : "Leaked";
-      Report(num_fixed ? Kind::kRepaired : stored < counted ? Kind::kCorruption : Kind::kLeak, i * cs(),
-             Format("%s cluster %llu refcount=%llu reference=%llu", what, static_cast<unsigned long long>(i),
-                    static_cast<unsigned long long>(stored), static_cast<unsigned long long>(counted)));
-      if (num_fixed) {
-        SetRefcountEntry(block.data(), j, order, counted);
-        dirty = true;
-        (*num_fixed)++;
-        continue;
-      }
-      if (stored < counted) {
-        res->corruptions++;
-      } else {
-        res->leaks++;
-      }
+    };
+    switch (order) {
+      case 0: compare_block(std::integral_constant<uint32_t, 0>()); break;
+      case 1: compare_block(std::integral_constant<uint32_t, 1>()); break;
+      case 2: compare_block(std::integral_constant<uint32_t, 2>()); break;
+      case 3: compare_block(std::integral_constant<uint32_t, 3>()); break;
+      case 4: compare_block(std::integral_constant<uint32_t, 4>()); break;
+      case 5: compare_block(std::integral_constant<uint32_t, 5>()); break;
+      default: compare_block(std::integral_constant<uint32_t, 6>()); break;
     }
     if (dirty) {
       DMCOW_RETURN_IF_ERROR(file_->Write(offset, block.data(), block.size()));
@@ -249,7 +266,7 @@ void Qcow2Check::CopiedInL2(Qcow2CheckCounts* res, uint8_t* table, bool repair, 
     const bool normal_or_zero_alloc = offset != 0 || (!zero_flag && data_file() && (entry & kCopied));
     if (!normal_or_zero_alloc) continue;
     uint64_t refcount = 1;
-    if (!data_file() && !stored_.Get(offset >> h_.cluster_bits, &refcount).ok()) continue;
+    if (!data_file() && !stored_.Get(offset >> h_.cluster_bits, &refcount)) continue;
     if ((refcount == 1) == ((entry & kCopied) != 0)) continue;
     res->corruptions++;
     Report(repair ? Kind::kRepaired : Kind::kCorruption, offset,
@@ -278,7 +295,7 @@ Status Qcow2Check::CheckCopied(Qcow2CheckCounts* res, uint32_t fix) {
     const uint64_t l2_offset = l1_entry & kOffsetMask;
     if (l2_offset == 0) continue;
     uint64_t refcount;
-    if (!stored_.Get(l2_offset >> h_.cluster_bits, &refcount).ok()) continue;
+    if (!stored_.Get(l2_offset >> h_.cluster_bits, &refcount)) continue;
     if ((refcount == 1) != ((l1_entry & kCopied) != 0)) {
       res->corruptions++;
       Report(repair ? Kind::kRepaired : Kind::kCorruption, h_.l1_table_offset + i * 8,

@@ -33,18 +33,15 @@ Status StoredRefcounts::Load(uint64_t table_offset, uint64_t table_entries) {
   return Status::OK();
 }
 
-Status StoredRefcounts::Get(uint64_t cluster, uint64_t* refcount) {
+bool StoredRefcounts::GetSlow(uint64_t cluster, uint64_t* refcount) {
   const uint64_t index = cluster >> block_bits_;
   const uint64_t block = index < table_.size() ? table_[index] & kRefTableOffsetMask : 0;
   if (block == 0) {
     *refcount = 0;
-    return Status::OK();
+    return true;
   }
   const uint64_t cluster_size = uint64_t{1} << cluster_bits_;
-  if (block & (cluster_size - 1)) {
-    return Status::IOError(file_->name() + ": refcount block offset " + Hex(block) + " (table index " +
-                           std::to_string(index) + ") is not cluster aligned");
-  }
+  if (block & (cluster_size - 1)) return false;
   Cached* slot = nullptr;
   for (Cached& c : cache_) {
     if (c.offset == block) slot = &c;
@@ -54,14 +51,17 @@ Status StoredRefcounts::Get(uint64_t cluster, uint64_t* refcount) {
     for (Cached& c : cache_) {
       if (c.last_use < slot->last_use) slot = &c;
     }
+    if (slot->data.data() == last_data_) last_index_ = kNone;
     slot->offset = kNone;
     slot->data.resize(cluster_size);
-    DMCOW_RETURN_IF_ERROR(ReadPadded(file_, block, cluster_size, slot->data.data()));
+    if (!ReadPadded(file_, block, cluster_size, slot->data.data()).ok()) return false;
     slot->offset = block;
   }
   slot->last_use = ++clock_;
+  last_index_ = index;
+  last_data_ = slot->data.data();
   *refcount = GetRefcountEntry(slot->data.data(), cluster & ((uint64_t{1} << block_bits_) - 1), order_);
-  return Status::OK();
+  return true;
 }
 
 }  // namespace dmcow

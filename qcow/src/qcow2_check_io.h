@@ -74,13 +74,22 @@ class StoredRefcounts {
     Invalidate();
   }
 
-  // qcow2_get_refcount: 0 past the table or for a missing block; a block
-  // offset that is not cluster aligned is an error (QEMU: -EIO).
-  Status Get(uint64_t cluster, uint64_t* refcount);
+  // qcow2_get_refcount: 0 past the table or for a missing block. False (as
+  // QEMU's -EIO) for a block offset that is not cluster aligned or cannot
+  // be read; the check then skips the cluster, as QEMU does.
+  bool Get(uint64_t cluster, uint64_t* refcount) {
+    const uint64_t index = cluster >> block_bits_;
+    if (index == last_index_) {
+      *refcount = GetRefcountEntry(last_data_, cluster & ((uint64_t{1} << block_bits_) - 1), order_);
+      return true;
+    }
+    return GetSlow(cluster, refcount);
+  }
 
   // Forgets cached blocks (after the file's refcount blocks changed).
   void Invalidate() {
     for (Cached& c : cache_) c.offset = kNone;
+    last_index_ = kNone;
   }
 
   uint64_t entries_per_block() const { return uint64_t{1} << block_bits_; }
@@ -88,6 +97,7 @@ class StoredRefcounts {
 
  private:
   static constexpr uint64_t kNone = ~uint64_t{0};
+  bool GetSlow(uint64_t cluster, uint64_t* refcount);
   struct Cached {
     uint64_t offset = kNone;
     uint64_t last_use = 0;
@@ -101,6 +111,8 @@ class StoredRefcounts {
   std::vector<uint64_t> table_;
   Cached cache_[4];
   uint64_t clock_ = 0;
+  uint64_t last_index_ = kNone;        // table index of the last block used
+  const uint8_t* last_data_ = nullptr;  // its data, in cache_
 };
 
 }  // namespace dmcow

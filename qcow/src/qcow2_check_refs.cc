@@ -116,7 +116,7 @@ Status Qcow2Check::CountL1(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_t l
     bool copied_check = false;
     if (active && copied_inline_ && l2_offset != 0) {
       uint64_t refcount;
-      if (stored_.Get(l2_offset >> h_.cluster_bits, &refcount).ok()) {
+      if (stored_.Get(l2_offset >> h_.cluster_bits, &refcount)) {
         copied_check = true;
         if ((refcount == 1) != ((entry & kCopied) != 0)) {
           res->corruptions++;

@@ -13,6 +13,7 @@
 #ifndef DMCOW_QCOW_REFERENCE_COUNTS_H_
 #define DMCOW_QCOW_REFERENCE_COUNTS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <unordered_map>
 #include <vector>
@@ -25,10 +26,12 @@ class ReferenceCounts {
   // the largest refcount it can hold.
   explicit ReferenceCounts(uint32_t refcount_bits)
       : bits_(refcount_bits < 4 ? refcount_bits : 4),
+        bits_log2_(bits_ == 1 ? 0 : bits_ == 2 ? 1 : 2),
         per_word_(64 / bits_),
         field_max_((uint64_t{1} << bits_) - 1),
         max_(refcount_bits >= 64 ? UINT64_MAX : (uint64_t{1} << refcount_bits) - 1),
-        exact_(refcount_bits > 4) {}
+        exact_(refcount_bits > 4),
+        direct_limit_(exact_ ? field_max_ - 1 : field_max_) {}
 
   uint64_t size() const { return size_; }
   uint64_t max() const { return max_; }
@@ -55,21 +58,13 @@ class ReferenceCounts {
   // Adds one reference; false (and no change) if the count is already at
   // the refcount maximum. REQUIRES: cluster < size().
   bool Increment(uint64_t cluster) {
-    const uint64_t field = Field(cluster);
-    if (field < field_max_ - (exact_ ? 1 : 0)) {
-      SetField(cluster, field + 1);
+    uint64_t& w = words_[cluster >> (6 - bits_log2_)];
+    const unsigned shift = static_cast<unsigned>((cluster & (per_word_ - 1)) << bits_log2_);
+    if (((w >> shift) & field_max_) < direct_limit_) {
+      w += uint64_t{1} << shift;
       return true;
     }
-    if (!exact_) return false;  // field_max_ is the refcount maximum
-    if (field == field_max_ - 1) {
-      SetField(cluster, field_max_);
-      big_[cluster] = field_max_;
-      return true;
-    }
-    uint64_t& value = big_.at(cluster);
-    if (value == max_) return false;
-    value++;
-    return true;
+    return IncrementSlow(cluster);
   }
 
   // REQUIRES: cluster < size(), value <= max().
@@ -105,20 +100,35 @@ class ReferenceCounts {
 
  private:
   uint64_t Field(uint64_t cluster) const {
-    const unsigned shift = static_cast<unsigned>((cluster % per_word_) * bits_);
-    return (words_[cluster / per_word_] >> shift) & field_max_;
+    const unsigned shift = static_cast<unsigned>((cluster & (per_word_ - 1)) << bits_log2_);
+    return (words_[cluster >> (6 - bits_log2_)] >> shift) & field_max_;
   }
   void SetField(uint64_t cluster, uint64_t value) {
-    const unsigned shift = static_cast<unsigned>((cluster % per_word_) * bits_);
-    uint64_t& w = words_[cluster / per_word_];
+    const unsigned shift = static_cast<unsigned>((cluster & (per_word_ - 1)) << bits_log2_);
+    uint64_t& w = words_[cluster >> (6 - bits_log2_)];
     w = (w & ~(field_max_ << shift)) | (value << shift);
+  }
+  bool IncrementSlow(uint64_t cluster) {
+    const uint64_t field = Field(cluster);
+    if (!exact_) return false;  // at field_max_, which is the refcount maximum
+    if (field == field_max_ - 1) {
+      SetField(cluster, field_max_);
+      big_[cluster] = field_max_;
+      return true;
+    }
+    uint64_t& value = big_.at(cluster);
+    if (value == max_) return false;
+    value++;
+    return true;
   }
 
   const uint32_t bits_;       // per cluster: 1, 2 or 4
+  const uint32_t bits_log2_;
   const uint64_t per_word_;   // clusters per 64-bit word
   const uint64_t field_max_;  // all ones in a field
   const uint64_t max_;        // the refcount maximum
   const bool exact_;          // whether field_max_ means "see big_"
+  const uint64_t direct_limit_;  // fields below this are incremented in place
   uint64_t size_ = 0;
   std::vector<uint64_t> words_;
   std::unordered_map<uint64_t, uint64_t> big_;  // exact counts >= field_max_

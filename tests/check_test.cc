@@ -212,7 +212,9 @@ std::vector<Damage> Damages() {
       {"snapshot table offset not aligned", "snap.qcow2",
        [](auto* b) { Put64(b, 64, Get64(*b, 64) + 8); }, {}, false},
       {"snapshot L1 table not aligned", "snap.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).snapshots(), Get64(*b, Layout(*b).snapshots()) + 0x200); }, {}, false},
+       [](auto* b) { Put64(b, Layout(*b).snapshots(), Get64(*b, Layout(*b).snapshots()) + 0x200); }},
+      {"L2 table over the refcount table", "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), kCopied | Layout(*b).reftable()); }},
       {"dirty image with stale refcounts", "dirty.qcow2", [](auto*) {}},
       {"leaked cluster in a version 2 image", "v2.qcow2", [](auto* b) { Put64(b, Layout(*b).l2_entry(1), 0); }},
       {"subclusters allocated and zero at once", "el2.qcow2",
@@ -330,6 +332,33 @@ TEST_CASE("check and repair agree with qemu-img on damaged images", "[check][qem
         for (const auto& [start, len] : d.lost) std::fill_n(expected.begin() + start, len, 0);
         CHECK(GuestContent(o, "img.qcow2") == expected);
       }
+    }
+  }
+}
+
+TEST_CASE("overlapping structures are named", "[check][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  struct Case {
+    const char* damage;
+    const char* note;
+  } cases[] = {
+      {"data cluster over the L1 table", "holds the active L1 table and is also referenced as data"},
+      {"data cluster over a refcount block", "holds the refcount block and is also referenced as data"},
+      {"L2 table over the refcount table", "L2 table at 0x10000 overlaps refcount table at 0x10000"},
+  };
+  TempDir tmp;
+  for (const Case& c : cases) {
+    for (const Damage& d : Damages()) {
+      if (d.name != std::string(c.damage)) continue;
+      MakeDamaged(d, tmp.path(), "img.qcow2");
+      CheckResult r;
+      REQUIRE(CheckImage(tmp / "img.qcow2", CheckOptions(), &r).ok());
+      bool found = false;
+      for (const CheckFinding& f : r.findings) {
+        found = found || (f.kind == CheckFinding::Kind::kNote && f.message.find(c.note) != std::string::npos);
+      }
+      INFO(c.damage);
+      CHECK(found);
     }
   }
 }

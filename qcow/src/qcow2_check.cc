@@ -110,7 +110,12 @@ Status Qcow2Check::CheckRefcounts(Qcow2CheckCounts* res) {
   refs_.Resize(nb_clusters);
 
   bool rebuild = false;
-  DMCOW_RETURN_IF_ERROR(CountReferences(res, fix_, &rebuild));
+  std::vector<uint64_t> l2_clusters;
+  l2_seen_ = &l2_clusters;
+  Status counted = CountReferences(res, fix_, &rebuild);
+  l2_seen_ = nullptr;
+  DMCOW_RETURN_IF_ERROR(counted);
+  NoteOverlaps(l2_clusters);
 
   // With a repair that needs no rebuild, Compare runs again with fixing on
   // and the counts of this first comparison are dropped (as QEMU does).

@@ -68,12 +68,13 @@ class Qcow2Check {
   Status Run(Qcow2CheckCounts* counts);
 
   // Beyond QEMU, before Run with RepairMode::kAll: table entries that cannot
-  // be valid (misaligned, past the end of the file, L2 tables placed over
-  // other metadata, reserved bits set, impossible flags) are corrected or
-  // dropped so that their range reads as unallocated (or as zeros, as QEMU's
-  // own fix of preallocated clusters does). Data clusters that overlap
-  // metadata are left to the refcount repair, as QEMU leaves them (their
-  // refcount is raised, so a write copies them). Counts what it fixes.
+  // be valid (misaligned, past the end of the file, reserved bits set,
+  // impossible flags) are corrected or dropped so that their range reads as
+  // unallocated (or as zeros, as QEMU's own fix of preallocated clusters
+  // does). Tables and data clusters that overlap other metadata are left to
+  // the refcount repair, as QEMU leaves them (their refcount is raised, so
+  // a write copies them), and such tables are never written to. Counts what
+  // it fixes.
   Status FixTables(Qcow2CheckCounts* counts);
 
  private:
@@ -101,6 +102,9 @@ class Qcow2Check {
   Status CountL1(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_t l1_size, bool active);
   Status CountL2(Qcow2CheckCounts* res, uint64_t l2_offset, bool active, bool copied_check);
   Status CountBitmaps(Qcow2CheckCounts* res);
+  // Names overlapping structures, and metadata clusters also referenced as
+  // data (QEMU shows both only as refcount mismatches). Notes only.
+  void NoteOverlaps(const std::vector<uint64_t>& l2_clusters);
   Status CheckRefblocks(Qcow2CheckCounts* res, uint32_t fix, bool* rebuild);
   Status IncRefs(Qcow2CheckCounts* res, uint64_t offset, uint64_t size);  // qcow2_inc_refcounts_imrt
   void ReportOverflow(Qcow2CheckCounts* res, uint64_t cluster);
@@ -157,6 +161,7 @@ class Qcow2Check {
   bool copied_inline_ = false;  // check COPIED flags while counting (no repair)
   int64_t stored_read_errors_ = 0;  // "Can't get refcount" errors of the last Compare
   bool mute_ = false;               // findings not reported (FixTables reading snapshots)
+  std::vector<uint64_t>* l2_seen_ = nullptr;  // when set, CountL1 adds the aligned L2 clusters
 };
 
 }  // namespace dmcow

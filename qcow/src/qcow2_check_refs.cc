@@ -5,6 +5,8 @@
 // L2 tables are read one at a time and dropped, so memory is the reference
 // counts (at most 4 bits per cluster) plus one table.
 #include <algorithm>
+#include <string>
+#include <unordered_map>
 
 #include "qcow2_check.h"
 
@@ -105,6 +107,7 @@ Status Qcow2Check::CountL1(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_t l
     }
     const uint64_t l2_offset = entry & kOffsetMask;
     DMCOW_RETURN_IF_ERROR(IncRefs(res, l2_offset, cs()));
+    if (l2_seen_ && l2_offset && !(l2_offset & (cs() - 1))) l2_seen_->push_back(l2_offset >> h_.cluster_bits);
     if (l2_offset & (cs() - 1)) {
       res->corruptions++;
       Report(Kind::kCorruption, l1_offset + i * 8,
@@ -234,6 +237,36 @@ Status Qcow2Check::CountL2(Qcow2CheckCounts* res, uint64_t l2_offset, bool activ
   }
   if (copied_check) CopiedInL2(res, table.data(), false, nullptr);
   return Status::OK();
+}
+
+void Qcow2Check::NoteOverlaps(const std::vector<uint64_t>& l2_clusters) {
+  std::vector<MetaRange> list = MetadataList();
+  for (uint64_t c : l2_clusters) list.push_back({c, c + 1, "L2 table"});
+  std::sort(list.begin(), list.end(), [](const MetaRange& a, const MetaRange& b) { return a.first < b.first; });
+  std::unordered_map<uint64_t, uint64_t> uses;  // cluster -> references from these structures
+  for (size_t i = 0; i < list.size(); i++) {
+    const MetaRange& a = list[i];
+    for (uint64_t c = a.first; c < a.end; c++) uses[c]++;
+    for (size_t j = i + 1; j < list.size() && list[j].first < a.end; j++) {
+      const MetaRange& b = list[j];
+      const bool shared_l2 = a.first == b.first && a.end == b.end && std::string(a.kind) == "L2 table" &&
+                             std::string(b.kind) == "L2 table";  // a table shared with a snapshot
+      if (shared_l2) continue;
+      Report(Kind::kNote, b.first << h_.cluster_bits,
+             Format("%s at %#llx overlaps %s at %#llx", b.kind, static_cast<ull>(b.first << h_.cluster_bits),
+                    a.kind, static_cast<ull>(a.first << h_.cluster_bits)));
+    }
+  }
+  for (const MetaRange& r : list) {
+    for (uint64_t c = r.first; c < r.end && c < refs_.size(); c++) {
+      const uint64_t counted = refs_.Get(c);
+      if (counted <= uses[c] || counted == refs_.max()) continue;
+      Report(Kind::kNote, c << h_.cluster_bits,
+             Format("cluster %#llx holds the %s and is also referenced as data by an L2 entry",
+                    static_cast<ull>(c << h_.cluster_bits), r.kind));
+      uses[c] = counted;  // once per cluster
+    }
+  }
 }
 
 Status Qcow2Check::CountBitmaps(Qcow2CheckCounts* res) {

@@ -139,6 +139,29 @@ Status Qcow2Check::ReadSnapshotTable(Qcow2CheckCounts* res) {
     res->corruptions_fixed += reduced;
     res->corruptions -= reduced;
   }
+  if (repair) {
+    // Beyond QEMU: a snapshot whose L1 table cannot be read (misaligned,
+    // too large, past the end of the file) is dropped from the table, which
+    // is then rewritten (FixSnapshotTable); its clusters become leaks.
+    for (size_t i = 0; i < snapshots_.size();) {
+      const Snapshot& sn = snapshots_[i];
+      const uint64_t end = sn.l1_offset + uint64_t{sn.l1_size} * 8;
+      const char* why = (sn.l1_offset & (cs() - 1))          ? "is not cluster aligned"
+                        : sn.l1_size > kMaxL1Bytes / 8         ? "is too large"
+                        : sn.l1_offset > kMaxIoEnd - kMaxL1Bytes ? "lies past the end of the file"
+                        : end > file_size_ && end - file_size_ >= cs() ? "lies past the end of the file"
+                                                                 : nullptr;
+      if (why == nullptr) {
+        i++;
+        continue;
+      }
+      res->corruptions++;
+      Report(Kind::kRepaired, h_.snapshots_offset,
+             Format("Discarding snapshot %s (%s): its L1 table at %#llx %s", sn.id.c_str(), sn.name.c_str(),
+                    static_cast<unsigned long long>(sn.l1_offset), why));
+      snapshots_.erase(snapshots_.begin() + i);
+    }
+  }
   if (h_.version >= 3) {
     for (size_t i = 0; i < snapshots_.size(); i++) {
       if (snapshots_[i].extra_size >= 16) continue;

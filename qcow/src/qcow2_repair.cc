@@ -35,6 +35,10 @@
 //      past the end of the file, which no check examines.)
 //  (6) The dirty and corrupt bits are cleared last, after everything else
 //      is durable, and only when the repaired image has no errors left.
+// One exception to "never lower a refcount a table still uses": a snapshot
+// whose L1 table is unusable (misaligned, too large, past the end) is not
+// counted (QEMU does not count it either), so its clusters are freed in (2)
+// before (5) removes it from the snapshot table. Nothing could read it.
 // Nothing here writes into a structure that overlaps other metadata (the
 // write would damage the other structure); such damage is left reported.
 // tests/check_test.cc crashes a repair at every write and sync, repairs
@@ -358,11 +362,14 @@ Status Qcow2Check::FixL1Table(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_
       why = "L2 table not cluster aligned";
     } else if (l2 >= file_size_) {
       why = "L2 table past the end of the file";
-    } else if (OverlapsRanges(others, h_.cluster_bits, l2, cs())) {
-      why = "L2 table over other metadata";
     } else {
+      // A table over other metadata is kept, as QEMU keeps it (the refcount
+      // repair then makes it consistent), but not written to: its "entries"
+      // are that other structure.
       drop = false;
-      if (done_l2->insert(l2).second) DMCOW_RETURN_IF_ERROR(FixL2Table(res, l2, wrote));
+      if (!OverlapsRanges(others, h_.cluster_bits, l2, cs()) && done_l2->insert(l2).second) {
+        DMCOW_RETURN_IF_ERROR(FixL2Table(res, l2, wrote));
+      }
     }
     if (why == nullptr) continue;
     if (drop) fixed = 0;

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <string>
@@ -360,6 +361,45 @@ TEST_CASE("overlapping structures are named", "[check][qemu]") {
       INFO(c.damage);
       CHECK(found);
     }
+  }
+}
+
+TEST_CASE("the encryption header of a LUKS image is counted, no key needed", "[check][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir tmp;
+  const std::string secret = "--object secret,id=sec0,data=123456 ";
+  MustRun("cd '" + tmp.path() + "' && qemu-img create -q -f qcow2 " + secret +
+          "-o encrypt.format=luks,encrypt.key-secret=sec0 luks.qcow2 16M >/dev/null && qemu-io " + secret +
+          "--image-opts driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=sec0 -c 'write -P 1 0 128k' "
+          ">/dev/null");
+  // Where the encryption header is: header extension 0x0537be77.
+  std::vector<uint8_t> bytes = ReadWholeFile(tmp / "luks.qcow2");
+  uint64_t crypto = 0;
+  for (uint64_t pos = Get64(bytes, 96) & 0xffffffff; pos + 8 < 65536;) {
+    const uint32_t type = static_cast<uint32_t>(Get64(bytes, pos) >> 32);
+    const uint32_t len = static_cast<uint32_t>(Get64(bytes, pos));
+    if (type == 0) break;
+    if (type == 0x0537be77) crypto = Get64(bytes, pos + 8);
+    pos += 8 + ((len + 7) & ~7u);
+  }
+  REQUIRE(crypto != 0);
+  // Undamaged, then with the encryption header's refcount zeroed.
+  for (int damaged = 0; damaged < 2; damaged++) {
+    if (damaged) {
+      const uint64_t e = Layout(bytes).refcount_entry(crypto);
+      bytes[e] = bytes[e + 1] = 0;
+      WriteWholeFile(tmp / "luks.qcow2", bytes);
+    }
+    Result theirs = Exec(tmp.path(), "qemu-img check --output=json " + secret +
+                                         "--image-opts driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=sec0");
+    Result ours = Exec(tmp.path(), Ours() + " check --output=json luks.qcow2");
+    INFO(theirs.out << ours.out);
+    CHECK(ours.rc == theirs.rc);
+    CHECK(ours.rc == (damaged ? 2 : 0));
+    nlohmann::json t = nlohmann::json::parse(theirs.out), o = nlohmann::json::parse(ours.out);
+    t.erase("filename");
+    o.erase("filename");
+    CHECK(o == t);
   }
 }
 

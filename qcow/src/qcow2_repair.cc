@@ -295,7 +295,9 @@ Status Qcow2Check::WriteSnapshotTable() {
   StoreBE64(fields + 4, offset);
   DMCOW_RETURN_IF_ERROR(file_->Write(60, fields, sizeof(fields)));
   DMCOW_RETURN_IF_ERROR(file_->Sync());
-  // Free the old table's clusters (those that are counted at all).
+  // Free the old table's clusters (those that are counted at all), and an
+  // old refcount table the allocator may have replaced.
+  DMCOW_RETURN_IF_ERROR(refcounts.ApplyPendingFrees());
   if (snapshots_size_ > 0) {
     uint64_t old_end = h_.snapshots_offset + snapshots_size_;
     const uint64_t file_clusters = DivRoundUp(hdr.file_size, cs());
@@ -304,6 +306,8 @@ Status Qcow2Check::WriteSnapshotTable() {
       if (c < file_clusters) DMCOW_RETURN_IF_ERROR(refcounts.Get(c, &refcount));
       if (refcount > 0) DMCOW_RETURN_IF_ERROR(refcounts.Adjust(c, -1));
     }
+  }
+  if (refcounts.dirty()) {
     DMCOW_RETURN_IF_ERROR(refcounts.WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }
@@ -321,7 +325,9 @@ Status Qcow2Check::FixTables(Qcow2CheckCounts* res) {
   uint32_t reduced = 0, dropped = 0;
   std::string error;
   mute_ = true;
-  if (h_.nb_snapshots > kMaxSnapshots || !ReadSnapshots(false, &reduced, &dropped, &error).ok()) snapshots_.clear();
+  // As Run will read them (repairing: overhanging entries and extra data
+  // dropped), without writing anything yet.
+  if (h_.nb_snapshots > kMaxSnapshots || !ReadSnapshots(true, &reduced, &dropped, &error).ok()) snapshots_.clear();
   mute_ = false;
 
   const std::vector<MetaRange> list = MetadataList();

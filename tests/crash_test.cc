@@ -188,7 +188,14 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
           if (Run("qemu-img info --output=json '" + dir / "crashed.qcow2" + "' | grep -q '\"dirty-flag\": true'") == 0) {
             REQUIRE(std::string(shape.options).find("lazy_refcounts=on") != std::string::npos);
             lazy_repairs++;
-            Run("cd '" + dir.path() + "' && qemu-img check -q -r all crashed.qcow2", &out);
+            // A writable open repairs it, as QEMU's does.
+            OpenOptions rw;
+            rw.writable = true;
+            std::unique_ptr<Image> repaired;
+            Status st = OpenImage(dir / "crashed.qcow2", rw, &repaired);
+            INFO(st.ToString());
+            REQUIRE(st.ok());
+            REQUIRE(!repaired->info().dirty);
           }
           int rc = Run("cd '" + dir.path() + "' && qemu-img check crashed.qcow2", &out);
           INFO("qemu-img check:\n" << out);

@@ -1,6 +1,7 @@
 // Format detection and backing-chain assembly.
 #include <cstring>
 
+#include "dmcow/check.h"
 #include "dmcow/image.h"
 #include "image_base.h"
 #include "qcow1_image.h"
@@ -41,6 +42,12 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
     if (!snapshot.empty()) return Status::NotSupported(path + ": raw images have no snapshots");
     DMCOW_RETURN_IF_ERROR(RawImage::Open(std::move(file), options.writable, &layer));
   } else if (format == "qcow2") {
+    if (options.writable && snapshot.empty()) {
+      // As QEMU does on a read-write open: lazy refcounts left unflushed by a
+      // crash (the dirty bit) are rebuilt by a full repair first.
+      CheckResult repaired;
+      DMCOW_RETURN_IF_ERROR(RepairDirtyQcow2(file.get(), &repaired));
+    }
     DMCOW_RETURN_IF_ERROR(Qcow2Image::Open(std::move(file), options, snapshot, &layer));
   } else if (format == "qcow") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": qcow images have no snapshots");

@@ -23,7 +23,7 @@ Status ValidateTableOffset(const Qcow2Header& h, const std::string& file, const 
     return Bad(file, std::string(what) + " at offset " + Hex(offset) + " with " + std::to_string(bytes) +
                          " bytes overflows the file offset range");
   }
-  if (bytes > 0 && end > h.file_size) {
+  if (bytes > 0 && end > h.file_size && !h.check_mode) {
     return Bad(file, std::string(what) + " at offset " + Hex(offset) + " (" + std::to_string(bytes) +
                          " bytes) lies beyond the end of the file (" + std::to_string(h.file_size) + " bytes)");
   }
@@ -132,8 +132,9 @@ Status ValidateL1Table(const Qcow2Header& h, const std::string& file, const char
   return ValidateTableOffset(h, file, what, l1_offset, l1_entries * 8);
 }
 
-Status ParseQcow2Header(File* file, Qcow2Header* h) {
+Status ParseQcow2Header(File* file, Qcow2Header* h, bool check_mode) {
   const std::string& name = file->name();
+  h->check_mode = check_mode;
   DMCOW_RETURN_IF_ERROR(file->Size(&h->file_size));
   uint8_t fixed[kV3HeaderLength] = {};
   size_t got = 0;
@@ -244,7 +245,7 @@ Status ParseQcow2Header(File* file, Qcow2Header* h) {
   }
   DMCOW_RETURN_IF_ERROR(ValidateL1Table(*h, name, "active L1 table", h->l1_table_offset, h->l1_size, h->size));
 
-  if (h->refcount_table_clusters == 0) return Bad(name, "image has no reference count table");
+  if (h->refcount_table_clusters == 0 && !check_mode) return Bad(name, "image has no reference count table");
   if (h->refcount_table_clusters > kMaxRefTableBytes / h->cluster_size) {
     return Bad(name, "reference count table is too large (" + std::to_string(h->refcount_table_clusters) +
                          " clusters)");
@@ -252,6 +253,7 @@ Status ParseQcow2Header(File* file, Qcow2Header* h) {
   DMCOW_RETURN_IF_ERROR(ValidateTableOffset(*h, name, "reference count table", h->refcount_table_offset,
                                             uint64_t{h->refcount_table_clusters} * h->cluster_size));
 
+  if (check_mode) return ValidateBitmapsExtension(name, h);
   if (h->nb_snapshots > kMaxSnapshots) {
     return Bad(name, "too many snapshots (" + std::to_string(h->nb_snapshots) + ")");
   }

@@ -113,13 +113,19 @@ struct Qcow2Header {
   uint32_t l2_entry_bytes = 8;   // 16 with extended L2
   uint64_t l2_entries = 0;       // per L2 table
   uint64_t file_size = 0;        // of the image file when opened
+  bool check_mode = false;       // parsed for a check: see ParseQcow2Header
 
   bool HasDataFile() const { return incompatible_features & qcow2::kIncompatDataFile; }
 };
 
 // Reads and validates the header of `file`. On error the message names the
 // file and the rule broken.
-Status ParseQcow2Header(File* file, Qcow2Header* header);
+//
+// With `check_mode`, the rules are those QEMU applies when it opens an image
+// for `qemu-img check` (BDRV_O_CHECK): tables may lie past the end of the
+// file (they read as zeros there and the check reports them), the refcount
+// table may be empty, and the snapshot table is left to the check.
+Status ParseQcow2Header(File* file, Qcow2Header* header, bool check_mode = false);
 
 // Checks an L1 table (active or a snapshot's) given by offset and entry count
 // against the image: alignment, overflow, size limit, end of file, and that

@@ -117,6 +117,10 @@ Status Qcow1Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
   const uint64_t table_bytes = l2_table_bytes();
   if (l1_[l1_index] != 0) {
     *l2_offset = l1_[l1_index];
+    uint64_t table_end;
+    if (!CheckedAdd(*l2_offset, table_bytes, &table_end) || table_end > static_cast<uint64_t>(INT64_MAX)) {
+      return Status::Corrupt(filename() + ": L2 table offset " + Hex(*l2_offset) + " is out of range");
+    }
     // A table over the header or the L1 table (a hostile image) is not
     // written through: that would rewrite the header or the L1 table.
     auto overlaps = [&](uint64_t start, uint64_t n) { return *l2_offset < start + n && start < *l2_offset + table_bytes; };
@@ -174,7 +178,7 @@ Status Qcow1Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
       while (n < len && n < kMaxRunBytes) {
         uint64_t next;
         DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster + (in_cluster + n) / cs, &next));
-        if (next != entry + in_cluster + n) break;  // (then it passes CheckDataEntry as the first did)
+        if (next != entry + in_cluster + n || !CheckDataEntry(next, cluster + (in_cluster + n) / cs).ok()) break;
         n += std::min<uint64_t>(len - n, cs);
       }
       const uint64_t host = entry + in_cluster;

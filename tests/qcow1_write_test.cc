@@ -8,6 +8,8 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <atomic>
+#include <thread>
 
 #include "dmcow/compress.h"
 #include "dmcow/image.h"
@@ -243,6 +245,25 @@ TEST_CASE("qcow v1: writes do not follow hostile tables onto metadata", "[qcow1]
     }
   }
 
+  SECTION("an L2 table offset out of range, met by a compressed write") {
+    // WriteCompressedCluster replaces the entry without reading it first.
+    std::vector<uint8_t> bytes = good;
+    Store64(&bytes, l1, 0xfffffffffffff000ULL);
+    MemEnv env;
+    env.PutFile(path, bytes);
+    std::unique_ptr<Image> image = MustOpenWritable(path, &env);
+    std::vector<uint8_t> cluster(4096, 'z'), payload;
+    REQUIRE(CompressCluster(CompressionSettings{}, cluster.data(), cluster.size(), &payload));
+    Status s = image->WriteCompressedCluster(0, payload.data(), payload.size());
+    INFO(s.ToString());
+    CHECK(s.IsCorrupt());
+    CHECK(s.message().find("out of range") != std::string::npos);
+    image.reset();
+    std::vector<uint8_t> after;
+    REQUIRE(env.GetFile(path, &after));
+    CHECK(after == bytes);
+  }
+
   SECTION("a cluster beyond the end of the file is reserved before anything is appended") {
     // Guest cluster 0 points 16 clusters past the end of the file, sector
     // but not cluster aligned (it reads as zeros there, as in QEMU). Writing
@@ -275,4 +296,61 @@ TEST_CASE("qcow v1: writes do not follow hostile tables onto metadata", "[qcow1]
     INFO("first difference at guest offset " << diff);
     CHECK(diff == got.size());
   }
+}
+
+TEST_CASE("qcow v1: reads run alongside writes and see whole clusters", "[qcow1]") {
+  // Every write covers whole clusters with one byte value, so a reader that
+  // ever sees a cluster of mixed values has raced a writer (or a table
+  // change). Run it under the sanitize build to catch memory errors too.
+  TempDir dir;
+  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 4M");
+  const uint64_t cs = 4096, clusters = 1024;
+  OpenOptions options;
+  options.writable = true;
+  options.l2_cache_bytes = 8 << 10;  // evictions and forced flushes while readers read
+  std::unique_ptr<Image> image;
+  REQUIRE(OpenImage(dir / "img.qcow", options, &image).ok());
+  std::atomic<bool> done{false};
+  std::atomic<int> mixed{0}, errors{0};
+  auto reader = [&](uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<uint8_t> buf(16 * cs);
+    while (!done.load()) {
+      const uint64_t first = rng() % (clusters - 16);
+      if (!image->Read(first * cs, buf.data(), buf.size()).ok()) errors++;
+      for (uint64_t c = 0; c < 16; c++) {
+        const uint8_t* p = buf.data() + c * cs;
+        if (!std::all_of(p, p + cs, [&](uint8_t b) { return b == p[0]; })) mixed++;
+      }
+    }
+  };
+  std::thread r1(reader, 1), r2(reader, 2);
+  std::mt19937_64 rng(9);
+  std::vector<uint8_t> cluster(cs), payload;
+  for (int op = 0; op < 3000; op++) {
+    const uint64_t c = rng() % clusters;
+    const uint64_t n = 1 + rng() % 4;
+    const uint8_t value = static_cast<uint8_t>(1 + rng() % 255);
+    const uint64_t kind = rng() % 10;
+    Status s;
+    if (kind < 5) {
+      std::vector<uint8_t> data(std::min(n, clusters - c) * cs, value);
+      s = image->Write(c * cs, data.data(), data.size());
+    } else if (kind < 8) {
+      std::fill(cluster.begin(), cluster.end(), value);
+      REQUIRE(CompressCluster(CompressionSettings{}, cluster.data(), cs, &payload));
+      s = image->WriteCompressedCluster(c * cs, payload.data(), payload.size());
+    } else if (kind < 9) {
+      s = image->WriteZeroes(c * cs, std::min(n, clusters - c) * cs);
+    } else {
+      s = image->Flush();
+    }
+    if (!s.ok()) FAIL(s.ToString());
+  }
+  done = true;
+  r1.join();
+  r2.join();
+  CHECK(errors.load() == 0);
+  CHECK(mixed.load() == 0);
+  REQUIRE(image->Flush().ok());
 }

@@ -127,6 +127,7 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
       "-O qcow2 -o preallocation=metadata",
       "-O qcow2 -o data_file=ours-data.raw",
       "-O raw",
+      "-O qcow",
   };
   for (const std::string& shape : shapes) {
     ConvertBoth(shape, "src.raw", shape.find("preallocation") == std::string::npos &&
@@ -149,7 +150,7 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
 TEST_CASE("convert -c stores compressed clusters QEMU reads", "[convert]") {
   if (!HaveQemuImg()) return;
   const Sources& s = Sources::Get();
-  for (const std::string& shape : {"-c -O qcow2", "-c -O qcow2 -o compression_type=zstd",
+  for (std::string shape : {"-c -O qcow2", "-c -O qcow2 -o compression_type=zstd",
                                    "-c -O qcow2 -o cluster_size=4k", "-c -O qcow2 -o cluster_size=512",
                                    "-c -O qcow2 -o extended_l2=on", "-c -O qcow2 -o refcount_bits=1"}) {
     ConvertBoth(shape, "src.raw", false);
@@ -157,11 +158,22 @@ TEST_CASE("convert -c stores compressed clusters QEMU reads", "[convert]") {
     REQUIRE(Exec("qemu-img check --output=json ours.img", &check) == 0);
     CHECK(nlohmann::json::parse(check).value("compressed-clusters", 0) > 100);
   }
+  // qcow v1: qemu-img 7.2 exits 1 after `convert -c -O qcow` (its last,
+  // empty compressed write is refused) though the image is whole, so ours
+  // is compared with the source directly.
+  for (std::string shape : {"-c -O qcow", "-c -O qcow -o compression_level=1"}) {
+    INFO(shape);
+    REQUIRE(Exec("rm -f ours.img ours2.img && " + Ours() + " convert " + shape + " src.raw ours.img") == 0);
+    CHECK(Exec("qemu-img compare -q src.raw ours.img") == 0);
+    REQUIRE(Exec(Ours() + " convert -m 1 " + shape + " src.raw ours2.img") == 0);
+    CHECK(Exec("cmp ours.img ours2.img") == 0);
+    CHECK(FileSize(s / "ours.img") < FileSize(s / "src.raw") * 3 / 4);
+  }
   // At QEMU's settings the output is as small as qemu-img's (within 1%).
   ConvertBoth("-c -O qcow2", "src.raw", false);
   CHECK(FileSize(s / "ours.img") <= FileSize(s / "theirs.img") * 101 / 100);
   // Other levels: igzip at 1-3, zlib above; QEMU reads them all.
-  for (const std::string& level : {"1", "3", "9"}) {
+  for (std::string level : {"1", "3", "9"}) {
     REQUIRE(Exec(Ours() + " convert -c -O qcow2 -o compression_level=" + level + " src.raw ours.img") == 0);
     ExpectClean(s / "ours.img");
     CHECK(Exec("qemu-img compare -q src.raw ours.img") == 0);

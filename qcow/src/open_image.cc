@@ -51,7 +51,6 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
     DMCOW_RETURN_IF_ERROR(Qcow2Image::Open(std::move(file), options, snapshot, &layer));
   } else if (format == "qcow") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": qcow images have no snapshots");
-    if (options.writable) return Status::NotSupported(path + ": writing qcow (version 1) images is not supported yet");
     DMCOW_RETURN_IF_ERROR(Qcow1Image::Open(std::move(file), options, &layer));
   } else {
     return Status::NotSupported(path + ": unknown image format '" + format + "'");

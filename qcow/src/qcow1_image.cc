@@ -8,13 +8,12 @@
 
 namespace dmcow {
 
+using namespace qcow1;
+
 namespace {
-constexpr uint32_t kHeaderSize = 48;
-constexpr uint32_t kMaxBackingNameSize = 1023;
 // QEMU allows L1 tables up to 2 GiB; we stop at 32 MiB (as qcow2 does), which
 // still covers 8 TiB with the smallest tables. Larger is refused, not allocated.
 constexpr uint64_t kMaxL1Bytes = 32 << 20;
-constexpr uint64_t kCompressedFlag = 1ULL << 63;
 }  // namespace
 
 Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, std::unique_ptr<Image>* image) {
@@ -28,7 +27,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   size_t got = 0;
   DMCOW_RETURN_IF_ERROR(img->file_->Read(0, sizeof(h), h, &got));
   if (got < kHeaderSize) return bad("file is too short to hold a qcow header");
-  if (LoadBE32(h) != 0x514649fb) return bad("not a qcow image (bad magic)");
+  if (LoadBE32(h) != kMagic) return bad("not a qcow image (bad magic)");
   uint32_t version = LoadBE32(h + 4);
   if (version != 1) return Status::NotSupported(name + ": unsupported qcow version " + std::to_string(version));
   uint64_t backing_offset = LoadBE64(h + 8);
@@ -40,10 +39,10 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   uint64_t l1_offset = LoadBE64(h + 40);
 
   if (size <= 1) return bad("virtual size " + std::to_string(size) + " is too small (must be at least 2 bytes)");
-  if (img->cluster_bits_ < 9 || img->cluster_bits_ > 16) {
+  if (img->cluster_bits_ < kMinClusterBits || img->cluster_bits_ > kMaxClusterBits) {
     return bad("cluster size 2^" + std::to_string(img->cluster_bits_) + " is out of range (512 to 64k)");
   }
-  if (img->l2_bits_ < 6 || img->l2_bits_ > 13) {
+  if (img->l2_bits_ < kMinL2Bits || img->l2_bits_ > kMaxL2Bits) {
     return bad("L2 table size 2^" + std::to_string(img->l2_bits_ + 3) + " bytes is out of range (512 to 64k)");
   }
   if (crypt_method > 1) return bad("unknown encryption method " + std::to_string(crypt_method));
@@ -61,6 +60,8 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
     return bad("L1 table at offset " + Hex(l1_offset) + " (" + std::to_string(l1_entries * 8) +
                " bytes) lies beyond the end of the file");
   }
+  img->l1_offset_ = l1_offset;
+  img->header_end_ = kHeaderSize;
   if (backing_offset != 0) {
     if (backing_size > kMaxBackingNameSize) return bad("backing file name is too long (" + std::to_string(backing_size) + " bytes)");
     uint64_t backing_end;
@@ -72,6 +73,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
     std::string backing(backing_size, '\0');
     DMCOW_RETURN_IF_ERROR(img->file_->ReadExact(backing_offset, backing_size, backing.data(), "backing file name"));
     backing.resize(std::strlen(backing.c_str()));
+    img->header_end_ = std::max<uint64_t>(img->header_end_, backing_end);
     img->info_.backing_filename = backing;
     img->info_.full_backing_filename = ResolveRelativeTo(name, backing);
   }
@@ -89,54 +91,67 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   size_t slice = static_cast<size_t>(std::min<uint64_t>(4096, 8ULL << img->l2_bits_));
   img->l2_cache_ = std::make_unique<TableCache>(img->file_.get(), slice, options.l2_cache_bytes);
   img->compressed_ = std::make_unique<CompressedClusterReader>(img->file_.get(), cluster_size, CompressionType::kDeflate);
+  if (options.writable) DMCOW_RETURN_IF_ERROR(img->PrepareForWriting(options));
   *image = std::move(img);
+  return Status::OK();
+}
+
+Status Qcow1Image::GetL2Entry(uint64_t cluster, uint64_t* entry) {
+  const uint64_t l2_offset = l1_[cluster >> l2_bits_];
+  *entry = 0;
+  if (l2_offset == 0) return Status::OK();
+  const uint64_t slice_bytes = l2_cache_->slice_bytes();
+  const uint64_t byte_in_table = (cluster & (l2_entries() - 1)) * 8;
+  const uint64_t slice_start = byte_in_table & ~(slice_bytes - 1);
+  uint64_t slice_offset, slice_end;
+  if (!CheckedAdd(l2_offset, slice_start, &slice_offset) || !CheckedAdd(slice_offset, slice_bytes, &slice_end) ||
+      slice_end > static_cast<uint64_t>(INT64_MAX)) {
+    return Status::Corrupt(filename() + ": L2 table offset " + Hex(l2_offset) + " is out of range");
+  }
+  TableCache::Slice slice;
+  DMCOW_RETURN_IF_ERROR(l2_cache_->Get(slice_offset, "L2 table", &slice));
+  *entry = (*slice)[(byte_in_table - slice_start) / 8];
+  return Status::OK();
+}
+
+Status Qcow1Image::CheckDataEntry(uint64_t entry, uint64_t cluster) const {
+  const uint64_t guest = cluster << cluster_bits_;
+  if (entry & 511) {  // QEMU refuses these reads (-EIO)
+    return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " + Hex(guest) +
+                           " is not sector aligned");
+  }
+  uint64_t host_end;
+  if (!CheckedAdd(entry, cluster_size(), &host_end) || host_end > static_cast<uint64_t>(INT64_MAX)) {
+    return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " + Hex(guest) +
+                           " is out of range");
+  }
   return Status::OK();
 }
 
 Status Qcow1Image::Lookup(uint64_t offset, uint64_t max_len, Mapping* m) {
   const uint64_t cluster_size = 1ULL << cluster_bits_;
-  const uint64_t l2_entries = 1ULL << l2_bits_;
   const uint64_t end = offset + std::min(max_len, info_.virtual_size - offset);
-  const uint64_t slice_bytes = l2_cache_->slice_bytes();
   uint64_t pos = offset;
   bool first = true;
   while (pos < end) {
     const uint64_t cluster = pos >> cluster_bits_;
     const uint64_t l1_index = cluster >> l2_bits_;
-    const uint64_t l2_index = cluster & (l2_entries - 1);
     const uint64_t in_cluster = pos & (cluster_size - 1);
-    const uint64_t l2_offset = l1_[l1_index];
     Mapping piece;
     uint64_t piece_len;
-    if (l2_offset == 0) {
+    if (l1_[l1_index] == 0) {
       piece_len = std::min(end, (l1_index + 1) << shift()) - pos;
     } else {
-      const uint64_t byte_in_table = l2_index * 8;
-      const uint64_t slice_start = byte_in_table & ~(slice_bytes - 1);
-      uint64_t slice_offset, slice_end;
-      if (!CheckedAdd(l2_offset, slice_start, &slice_offset) || !CheckedAdd(slice_offset, slice_bytes, &slice_end) ||
-          slice_end > static_cast<uint64_t>(INT64_MAX)) {
-        return Status::Corrupt(filename() + ": L2 table offset " + Hex(l2_offset) + " is out of range");
-      }
-      TableCache::Slice slice;
-      DMCOW_RETURN_IF_ERROR(l2_cache_->Get(slice_offset, "L2 table", &slice));
-      const uint64_t entry = (*slice)[(byte_in_table - slice_start) / 8];
+      uint64_t entry;
+      DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry));
       piece_len = std::min(end, pos - in_cluster + cluster_size) - pos;
-      if (entry & kCompressedFlag) {
-        const uint32_t shift_bits = 63 - cluster_bits_;
+      if (entry & kCompressed) {
+        const CompressedRef c = DecodeCompressed(entry, cluster_bits_);
         piece.extent.state = ClusterState::kCompressed;
-        piece.compressed_offset = entry & ((1ULL << shift_bits) - 1);
-        piece.compressed_bytes = (entry >> shift_bits) & (cluster_size - 1);
+        piece.compressed_offset = c.offset;
+        piece.compressed_bytes = c.bytes;
       } else if (entry != 0) {
-        if (entry & 511) {  // QEMU refuses these reads (-EIO)
-          return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " +
-                                 Hex(pos - in_cluster) + " is not sector aligned");
-        }
-        uint64_t host;
-        if (!CheckedAdd(entry, cluster_size, &host) || host > static_cast<uint64_t>(INT64_MAX)) {
-          return Status::Corrupt(filename() + ": data cluster offset " + Hex(entry) + " for guest offset " +
-                                 Hex(pos - in_cluster) + " is out of range");
-        }
+        DMCOW_RETURN_IF_ERROR(CheckDataEntry(entry, cluster));
         piece.extent.state = ClusterState::kData;
         piece.extent.has_host_offset = true;
         piece.extent.host_offset = entry + in_cluster;

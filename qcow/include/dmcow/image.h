@@ -23,7 +23,7 @@ namespace dmcow {
 struct OpenOptions {
   std::string format;            // "raw", "qcow", "qcow2"; empty = detect from content
   std::string snapshot;          // internal snapshot id or name: a read-only point-in-time view
-  bool writable = false;         // open for Write/WriteZeroes/Discard/Flush (qcow2 and raw)
+  bool writable = false;         // open for Write/WriteZeroes/Discard/Flush (qcow2, qcow v1 and raw)
   size_t refcount_cache_bytes = 256 << 10;  // bound on cached refcount blocks (writable qcow2)
   bool open_backing = true;      // false: unallocated ranges read as zeros (qemu-img -u style)
   size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain

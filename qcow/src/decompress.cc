@@ -1,9 +1,11 @@
 #include "decompress.h"
 
-#include <zlib.h>
+#include <isa-l/igzip_lib.h>
 #include <zstd.h>
 
 #include <climits>
+#include <memory>
+#include <string>
 
 namespace dmcow {
 namespace {
@@ -12,32 +14,23 @@ namespace {
 // 2 MiB. A frame asking for more is refused rather than allocated.
 constexpr int kZstdMaxWindowLog = 22;
 
-struct InflateContext {
-  z_stream strm{};
-  bool ready = false;
-  ~InflateContext() {
-    if (ready) inflateEnd(&strm);
-  }
-};
-
+// ISA-L's inflate: about twice zlib's speed on qcow2 clusters, and what makes
+// reading compressed images fast. Any window up to 32 KiB is accepted, so
+// QEMU's 4 KiB-window streams too (as zlib's inflate with windowBits -15).
 Status Inflate(const uint8_t* in, size_t in_len, uint8_t* out, size_t out_len) {
-  thread_local InflateContext ctx;
-  if (!ctx.ready) {
-    // Raw deflate; a 32 KiB window also accepts QEMU's 4 KiB-window streams.
-    if (inflateInit2(&ctx.strm, -15) != Z_OK) return Status::IOError("zlib initialisation failed");
-    ctx.ready = true;
-  } else {
-    inflateReset(&ctx.strm);
-  }
-  ctx.strm.next_in = const_cast<uint8_t*>(in);
-  ctx.strm.avail_in = static_cast<uInt>(in_len);
-  ctx.strm.next_out = out;
-  ctx.strm.avail_out = static_cast<uInt>(out_len);
-  int ret = inflate(&ctx.strm, Z_FINISH);
-  // Input is sector-rounded, so the stream may be cut (Z_BUF_ERROR) or carry
-  // slack after its end; what matters is a full cluster of output.
-  if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR || ret == Z_OK) && ctx.strm.avail_out == 0) return Status::OK();
-  return Status::Corrupt(std::string("invalid deflate data (") + (ctx.strm.msg ? ctx.strm.msg : "ends early") + ")");
+  thread_local std::unique_ptr<inflate_state> state = std::make_unique<inflate_state>();
+  isal_inflate_init(state.get());
+  state->crc_flag = ISAL_DEFLATE;
+  state->next_in = const_cast<uint8_t*>(in);
+  state->avail_in = static_cast<uint32_t>(in_len);
+  state->next_out = out;
+  state->avail_out = static_cast<uint32_t>(out_len);
+  const int ret = isal_inflate(state.get());
+  // Input is sector-rounded, so the stream may be cut or carry slack after
+  // its end; what matters is a full cluster of output.
+  if (ret >= 0 && state->avail_out == 0) return Status::OK();
+  if (ret >= 0) return Status::Corrupt("invalid deflate data (ends early)");
+  return Status::Corrupt("invalid deflate data (igzip error " + std::to_string(ret) + ")");
 }
 
 struct ZstdContext {

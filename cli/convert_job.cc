@@ -34,35 +34,67 @@ bool ConvertJob::Run(std::string* error) {
   return error_.empty();
 }
 
+// Workers plan chunks in parallel. For ordered targets a planned chunk is
+// parked until every earlier chunk is applied; whichever worker parks the
+// next chunk in order applies it and any that follow, outside the lock, while
+// the others keep planning. At most kMaxParked chunks wait, so memory stays
+// bounded; a worker whose chunk cannot be parked waits for the applier.
 void ConvertJob::Worker() {
   try {
-    std::vector<uint8_t> buf(chunk_size_);
-    std::vector<Op> ops;
     while (!failed_.load()) {
       const uint64_t index = next_chunk_.fetch_add(1);
       if (index >= chunk_count_) break;
-      ops.clear();
-      const bool planned = ProcessChunk(index, &buf, &ops);
-      if (s_.ordered_writes) {
-        std::unique_lock<std::mutex> lock(mu_);
-        applied_.wait(lock, [&] { return next_to_apply_ == index || failed_.load(); });
+      Planned p;
+      p.index = index;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!spare_buffers_.empty()) {
+          p.buf = std::move(spare_buffers_.back());
+          spare_buffers_.pop_back();
+        }
       }
-      if (failed_.load() || !planned || !Apply(ops, buf.data())) {
+      p.buf.resize(chunk_size_);
+      if (!ProcessChunk(index, &p.buf, &p.ops)) {
         Fail("");
         break;
       }
-      const uint64_t start = index * chunk_size_;
-      const uint64_t len = std::min(chunk_size_, total_size_ - start);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        next_to_apply_++;
-        s_.progress->Advance(static_cast<float>(len) * 100.0f / static_cast<float>(total_size_));
+      if (!s_.ordered_writes) {
+        if (!Apply(p.ops, p.buf.data())) break;
+        Applied(p);
+        continue;
       }
-      applied_.notify_all();
+      std::unique_lock<std::mutex> lock(mu_);
+      applied_.wait(lock, [&] {
+        return failed_.load() || parked_.size() < kMaxParked || index == next_to_apply_;
+      });
+      if (failed_.load()) break;
+      parked_.emplace(index, std::move(p));
+      if (applying_) continue;  // the current applier will reach it
+      applying_ = true;
+      for (auto it = parked_.find(next_to_apply_); it != parked_.end(); it = parked_.find(next_to_apply_)) {
+        Planned q = std::move(it->second);
+        parked_.erase(it);
+        lock.unlock();
+        const bool ok = Apply(q.ops, q.buf.data());
+        if (ok) Applied(q);
+        lock.lock();
+        if (!ok) break;
+        next_to_apply_++;
+        spare_buffers_.push_back(std::move(q.buf));
+        applied_.notify_all();
+      }
+      applying_ = false;
     }
   } catch (const std::exception& e) {  // e.g. bad_alloc: nothing may leave a thread
     Fail(e.what());
   }
+}
+
+void ConvertJob::Applied(const Planned& p) {
+  const uint64_t start = p.index * chunk_size_;
+  const uint64_t len = std::min(chunk_size_, total_size_ - start);
+  std::lock_guard<std::mutex> lock(progress_mu_);
+  s_.progress->Advance(static_cast<float>(len) * 100.0f / static_cast<float>(total_size_));
 }
 
 bool ConvertJob::Fail(const std::string& msg) {

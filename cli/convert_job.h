@@ -14,6 +14,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -62,7 +63,15 @@ class ConvertJob {
     State state;
   };
 
+  struct Planned {
+    uint64_t index = 0;
+    std::vector<uint8_t> buf;
+    std::vector<Op> ops;
+  };
+  static constexpr size_t kMaxParked = 8;
+
   void Worker();
+  void Applied(const Planned& p);  // progress
   bool ProcessChunk(uint64_t index, std::vector<uint8_t>* buf, std::vector<Op>* ops);
   bool Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out);
   bool ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len);
@@ -86,7 +95,11 @@ class ConvertJob {
   std::mutex mu_;                  // guards the members below
   std::condition_variable applied_;
   uint64_t next_to_apply_ = 0;
+  bool applying_ = false;          // a worker is applying parked chunks
+  std::map<uint64_t, Planned> parked_;
+  std::vector<std::vector<uint8_t>> spare_buffers_;
   std::string error_;
+  std::mutex progress_mu_;
 };
 
 }  // namespace dmcow::cli

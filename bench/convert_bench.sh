@@ -76,6 +76,8 @@ bench_case "-c (zlib level 6) vs qemu -c -W -m 16" qcow2 "-c -W -m 16 -O qcow2 $
   "-c -O qcow2 $WORK/disk.raw" "$CRUNS"
 bench_case "-c -o compression_level=1 vs qemu -c -W -m 16" qcow2 "-c -W -m 16 -O qcow2 $WORK/disk.raw" \
   "-c -O qcow2 -o compression_level=1 $WORK/disk.raw" "$CRUNS"
+bench_case "-c zstd vs qemu -c zstd (its default)" qcow2 "-c -O qcow2 -o compression_type=zstd $WORK/disk.raw" \
+  "-c -O qcow2 -o compression_type=zstd $WORK/disk.raw" "$CRUNS"
 bench_case "-c zstd vs qemu -c -W -m 16 zstd" qcow2 "-c -W -m 16 -O qcow2 -o compression_type=zstd $WORK/disk.raw" \
   "-c -O qcow2 -o compression_type=zstd $WORK/disk.raw" "$CRUNS"
 rm -f "$WORK/out.raw"

@@ -68,7 +68,7 @@ class ConvertJob {
     std::vector<uint8_t> buf;
     std::vector<Op> ops;
   };
-  static constexpr size_t kMaxParked = 8;
+  static constexpr size_t kMaxParked = 2;
 
   void Worker();
   void Applied(const Planned& p);  // progress

@@ -7,6 +7,7 @@
 // hold its flushed value.
 #include <catch2/catch.hpp>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -19,6 +20,17 @@ using namespace dmcow;
 using namespace dmcow_test;
 
 namespace {
+
+// How many crash points are tried: every one for short sequences, else an
+// even sample of about 60 plus the first and last 20. DMCOW_CRASH_SAMPLE=N
+// samples N points and N/3 at each edge instead (the sanitizer pass of
+// scripts/test.sh uses a smaller sample: the same paths, fewer states).
+uint64_t CrashSampleDivisor() {
+  const char* v = std::getenv("DMCOW_CRASH_SAMPLE");
+  const uint64_t n = v ? std::strtoull(v, nullptr, 10) : 0;
+  return n > 0 ? n : 60;
+}
+uint64_t CrashEdge() { return CrashSampleDivisor() / 3; }
 
 struct Op {
   int kind;  // 0 write, 1 zero, 2 discard, 3 flush, 4 compressed cluster
@@ -175,9 +187,9 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
         RunUntilCrash(&dry, path, initial, ops, shape.cluster, zero_representable);
         const uint64_t total = dry.ops();
         // Every crash point when there are few, else an even sample plus the first and last 20.
-        const uint64_t step = std::max<uint64_t>(1, total / 60);
+        const uint64_t step = std::max<uint64_t>(1, total / CrashSampleDivisor());
         for (uint64_t k = 0; k <= total; k++) {
-          if (k % step != 0 && k > 20 && total - k > 20) continue;
+          if (k % step != 0 && k > CrashEdge() && total - k > CrashEdge()) continue;
           CrashEnv env(k);
           env.PutFile(path, image_bytes);
           if (shape.backing) env.PutFile(dir / "base.qcow2", base_bytes);
@@ -273,9 +285,9 @@ TEST_CASE("qcow v1: a crash at any point loses no flushed write and QEMU still r
         if (shape.backing) dry.PutFile(dir / "base.qcow", base_bytes);
         RunUntilCrash(&dry, path, initial, ops, shape.cluster, /*zero_representable=*/false);
         const uint64_t total = dry.ops();
-        const uint64_t step = std::max<uint64_t>(1, total / 60);
+        const uint64_t step = std::max<uint64_t>(1, total / CrashSampleDivisor());
         for (uint64_t k = 0; k <= total; k++) {
-          if (k % step != 0 && k > 20 && total - k > 20) continue;
+          if (k % step != 0 && k > CrashEdge() && total - k > CrashEdge()) continue;
           CrashEnv env(k);
           env.PutFile(path, image_bytes);
           if (shape.backing) env.PutFile(dir / "base.qcow", base_bytes);

@@ -52,7 +52,9 @@ Status Channel::Handshake(const DeviceSpec& spec, int timeout_ms, dmcow_request*
     return Status::NotSupported(path_ + ": kernel speaks ABI version " + std::to_string(req.version) +
                                 ", dmcowd speaks " + std::to_string(DMCOW_ABI_VERSION));
   }
-  if (req.chunk_sectors != spec.chunk_sectors || req.nr_chunks != chunks) {
+  // The kernel counts chunks up to the end of its last cow target; linear
+  // segments after it are not its business.
+  if (req.chunk_sectors != spec.chunk_sectors || req.nr_chunks == 0 || req.nr_chunks > chunks) {
     return Status::InvalidArgument(path_ + ": kernel reports " + std::to_string(req.nr_chunks) + " chunks of " +
                                    std::to_string(req.chunk_sectors) + " sectors, the plugin " +
                                    std::to_string(chunks) + " of " + std::to_string(spec.chunk_sectors));

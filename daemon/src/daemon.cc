@@ -187,14 +187,16 @@ Status Daemon::Reload() {
   const uint32_t cs = spec_.chunk_sectors;
   std::vector<Extent> linear = ChooseLinear(Coalesce(stable, cs), options_.max_targets);
 
-  // Chunks that leave linear segments go back to the kernel's store first
-  // (while the live table still routes them linearly).
+  // Chunks that leave linear segments go back to the kernel's store first,
+  // while the live table still routes them linearly. After the load: the
+  // kernel accepts chunks up to the end of its last cow target, and only
+  // the new table's cow targets may reach that far.
+  DMCOW_RETURN_IF_ERROR(LoadTable(linear));
   std::vector<dmcow_reply> msgs;
   for (const Extent& e : Subtract(linear_, linear, cs)) {
     msgs.push_back(MakePush(Mapping{MapKind::kFilledRW, e.chunk, e.nr_chunks, e.cow_sector}));
   }
   DMCOW_RETURN_IF_ERROR(SendAll(&chan_, msgs, "push"));
-  DMCOW_RETURN_IF_ERROR(LoadTable(linear));
 
   msgs.clear();
   for (const Extent& e : Subtract(linear, linear_, cs)) msgs.push_back(MakeInvalidate(e.chunk, e.nr_chunks));

@@ -1,0 +1,452 @@
+// dmcowd in the test VM (tests/vm/run.sh): the real daemon (/bin/dmcowd)
+// serving real dm-cow devices over files on tmpfs.
+//
+//   daemontest list            names of all tests
+//   daemontest run [name...]   run tests, printing "DMCOW-TEST <name> PASS|FAIL"
+//
+// Data checks compare the whole device with a model: base pattern or the
+// tag last written. The base file is checked against its pattern too: it is
+// never written.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr uint64_t kSector = 512;
+constexpr unsigned kWords = kSector / 8;
+const char* const kDmsetup = "/sbin/dmsetup";
+const char* const kDmcowd = "/bin/dmcowd";
+
+struct TestFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string Fmt(const char* fmt, ...) {
+  char buf[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+#define CHECK(cond, ...)                                                                               \
+  do {                                                                                                 \
+    if (!(cond)) throw TestFailure(Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + "]"); \
+  } while (0)
+
+long MsSince(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
+}
+void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+uint64_t BaseWord(uint64_t sector, unsigned w) { return 0xBA5E000000000000ULL | (sector << 8) | w; }
+uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
+  return 0x5700000000000000ULL | (static_cast<uint64_t>(tag & 0xffff) << 40) | (sector << 8) | w;
+}
+
+// ---- processes ----------------------------------------------------------------
+
+int Run(const std::vector<std::string>& args, std::string* out = nullptr) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC)) return -1;
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(fds[1]);
+  std::string text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof(buf))) > 0) text.append(buf, n);
+  close(fds[0]);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (out) *out = text;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+std::string ReadText(const std::string& path) {
+  std::string text;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) text.append(buf, n);
+  close(fd);
+  return text;
+}
+
+std::string Tail(const std::string& s, size_t n = 600) { return s.size() > n ? s.substr(s.size() - n) : s; }
+
+// ---- a dmcowd process ---------------------------------------------------------
+
+class Daemon {
+ public:
+  Daemon(std::string name, std::vector<std::string> args) : name_(std::move(name)), args_(std::move(args)) {
+    log_ = "/tmp/dmcowd-" + name_ + ".log";
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  void Start() {
+    std::vector<std::string> argv = {kDmcowd, "--name", name_};
+    argv.insert(argv.end(), args_.begin(), args_.end());
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      int fd = open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      dup2(fd, 2);
+      dup2(fd, 1);
+      execv(cargv[0], cargv.data());
+      _exit(127);
+    }
+    CHECK(pid_ > 0, "fork");
+    // Ready once the kernel reports a daemon that completed the handshake
+    // and the node exists.
+    auto t0 = Clock::now();
+    for (;;) {
+      int st;
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        CHECK(false, "dmcowd exited at start (%d): %s", st, Tail(ReadText(log_)).c_str());
+      }
+      std::string out;
+      if (access(("/dev/mapper/" + name_).c_str(), F_OK) == 0 && Run({kDmsetup, "status", name_}, &out) == 0 &&
+          out.find(" ready") != std::string::npos)
+        break;
+      CHECK(MsSince(t0) < 20000, "dmcowd not ready after 20 s: %s", Tail(ReadText(log_)).c_str());
+      SleepMs(20);
+    }
+  }
+
+  // SIGTERM and wait; returns the exit status.
+  int Stop(int timeout_ms = 20000) {
+    CHECK(pid_ > 0, "dmcowd not running");
+    kill(pid_, SIGTERM);
+    return Wait(timeout_ms);
+  }
+  void Kill() {
+    kill(pid_, SIGKILL);
+    Wait(5000);
+  }
+  int Wait(int timeout_ms) {
+    auto t0 = Clock::now();
+    int st = 0;
+    while (waitpid(pid_, &st, WNOHANG) != pid_) {
+      CHECK(MsSince(t0) < timeout_ms, "dmcowd did not exit: %s", Tail(ReadText(log_)).c_str());
+      SleepMs(20);
+    }
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  pid_t pid() const { return pid_; }
+  std::string Log() const { return ReadText(log_); }
+
+ private:
+  std::string name_;
+  std::vector<std::string> args_;
+  std::string log_;
+  pid_t pid_ = -1;
+};
+
+// ---- device and model -----------------------------------------------------------
+
+class Buf {
+ public:
+  explicit Buf(size_t bytes) {
+    if (posix_memalign(&p_, 4096, bytes)) throw TestFailure("posix_memalign");
+  }
+  ~Buf() { free(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  uint64_t* words() { return static_cast<uint64_t*>(p_); }
+  void* data() { return p_; }
+
+ private:
+  void* p_ = nullptr;
+};
+
+void WriteBaseFile(const std::string& path, uint64_t sectors) {
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  CHECK(fd >= 0, "create %s: %s", path.c_str(), strerror(errno));
+  std::vector<uint64_t> buf(256 * kWords);
+  for (uint64_t s = 0; s < sectors; s += 256) {
+    const uint64_t n = std::min<uint64_t>(256, sectors - s);
+    for (uint64_t i = 0; i < n * kWords; i++) buf[i] = BaseWord(s + i / kWords, i % kWords);
+    CHECK(write(fd, buf.data(), n * kSector) == static_cast<ssize_t>(n * kSector), "write %s", path.c_str());
+  }
+  close(fd);
+}
+
+void CheckBaseFile(const std::string& path, uint64_t sectors) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s", path.c_str());
+  std::vector<uint64_t> buf(256 * kWords);
+  for (uint64_t s = 0; s < sectors; s += 256) {
+    const uint64_t n = std::min<uint64_t>(256, sectors - s);
+    CHECK(pread(fd, buf.data(), n * kSector, s * kSector) == static_cast<ssize_t>(n * kSector), "read base");
+    for (uint64_t i = 0; i < n * kWords; i++) {
+      if (buf[i] != BaseWord(s + i / kWords, i % kWords)) {
+        close(fd);
+        CHECK(false, "base file modified at sector %llu", (unsigned long long)(s + i / kWords));
+      }
+    }
+  }
+  close(fd);
+}
+
+// What a device must hold: base pattern, or the tag last written.
+struct Model {
+  explicit Model(uint64_t sectors) : sectors(sectors), data(sectors * kWords) {
+    for (uint64_t s = 0; s < sectors; s++)
+      for (unsigned w = 0; w < kWords; w++) data[s * kWords + w] = BaseWord(s, w);
+  }
+  void Set(uint64_t sector, uint64_t n, uint32_t tag) {
+    for (uint64_t s = sector; s < sector + n; s++)
+      for (unsigned w = 0; w < kWords; w++) data[s * kWords + w] = TagWord(tag, s, w);
+  }
+  uint64_t sectors;
+  std::vector<uint64_t> data;
+};
+
+int OpenDev(const std::string& name) {
+  const std::string path = "/dev/mapper/" + name;
+  int fd = open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s: %s", path.c_str(), strerror(errno));
+  return fd;
+}
+
+// Writes tag data; 0 or -errno. The model follows on success.
+int WriteTag(int fd, Model* m, uint64_t sector, uint64_t n, uint32_t tag) {
+  Buf buf(n * kSector);
+  for (uint64_t s = 0; s < n; s++)
+    for (unsigned w = 0; w < kWords; w++) buf.words()[s * kWords + w] = TagWord(tag, sector + s, w);
+  ssize_t r = pwrite(fd, buf.data(), n * kSector, sector * kSector);
+  if (r < 0) return -errno;
+  if (r != static_cast<ssize_t>(n * kSector)) return -EIO;
+  m->Set(sector, n, tag);
+  return 0;
+}
+
+void Verify(const std::string& name, const Model& m) {
+  int fd = OpenDev(name);
+  const uint64_t step = 256;
+  Buf buf(step * kSector);
+  for (uint64_t s = 0; s < m.sectors; s += step) {
+    const uint64_t n = std::min(step, m.sectors - s);
+    ssize_t r = pread(fd, buf.data(), n * kSector, s * kSector);
+    if (r != static_cast<ssize_t>(n * kSector)) {
+      close(fd);
+      CHECK(false, "%s: read sector %llu: %s", name.c_str(), (unsigned long long)s, strerror(errno));
+    }
+    for (uint64_t i = 0; i < n * kWords; i++) {
+      if (buf.words()[i] != m.data[s * kWords + i]) {
+        close(fd);
+        CHECK(false, "%s: sector %llu word %llu: got %016llx want %016llx", name.c_str(),
+              (unsigned long long)(s + i / kWords), (unsigned long long)(i % kWords),
+              (unsigned long long)buf.words()[i], (unsigned long long)m.data[s * kWords + i]);
+      }
+    }
+  }
+  close(fd);
+}
+
+bool DeviceExists(const std::string& name) {
+  std::string out;
+  return Run({kDmsetup, "info", name}, &out) == 0;
+}
+
+// Loop devices still bound to `file`.
+int LoopsOn(const std::string& file) {
+  int n = 0;
+  for (int i = 0; i < 64; i++) {
+    std::string bf = ReadText(Fmt("/sys/block/loop%d/loop/backing_file", i));
+    if (!bf.empty() && bf.compare(0, file.size(), file) == 0) n++;
+  }
+  return n;
+}
+
+// Random writes: partial and whole chunks, some crossing chunk boundaries.
+void RandomWrites(int fd, Model* m, uint32_t cs, std::mt19937_64& rng, int count, uint32_t first_tag) {
+  for (int i = 0; i < count; i++) {
+    const uint64_t chunks = m->sectors / cs;
+    uint64_t sector, n;
+    switch (rng() % 3) {
+      case 0:  // whole chunk
+        sector = (rng() % chunks) * cs;
+        n = cs;
+        break;
+      case 1:  // a few sectors inside a chunk
+        sector = rng() % (m->sectors - 8);
+        n = 1 + rng() % 8;
+        break;
+      default:  // across a chunk boundary
+        sector = (1 + rng() % (chunks - 1)) * cs - 4;
+        n = 8;
+        break;
+    }
+    n = std::min(n, m->sectors - sector);
+    int r = WriteTag(fd, m, sector, n, first_tag + i);
+    CHECK(r == 0, "write at %llu: %s", (unsigned long long)sector, strerror(-r));
+  }
+}
+
+// ---- tests --------------------------------------------------------------------
+
+// Writes through the device, detach, reattach: every byte as written, the
+// rest equal to base; the base file never modified; loops released.
+void TestAttachReattach() {
+  const std::string name = "dc-reattach", base = "/tmp/ra-base.img", cow = "/tmp/ra-cow.img";
+  const uint64_t sectors = 16384 + 24;  // 8 MiB and a short last chunk
+  const uint32_t cs = 128;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(7);
+
+  Daemon d1(name, {"--chunk-size", "64K", "--reload-interval", "0", base, cow});
+  d1.Start();
+  int fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 60, 1);
+  CHECK(WriteTag(fd, &m, sectors - 3, 3, 900) == 0, "write at the end");
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  close(fd);
+  Verify(name, m);
+  int rc = d1.Stop();
+  CHECK(rc == 0, "dmcowd exit %d: %s", rc, Tail(d1.Log()).c_str());
+  CHECK(!DeviceExists(name), "device still exists after SIGTERM");
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+  CheckBaseFile(base, sectors);
+
+  // Reattach (chunk size from the COW), check, write more without an
+  // explicit flush: the shutdown flushes.
+  Daemon d2(name, {"--reload-interval", "0", base, cow});
+  d2.Start();
+  Verify(name, m);
+  fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 40, 100);
+  close(fd);
+  rc = d2.Stop();
+  CHECK(rc == 0, "dmcowd exit %d: %s", rc, Tail(d2.Log()).c_str());
+
+  Daemon d3(name, {"--reload-interval", "0", base, cow});
+  d3.Start();
+  Verify(name, m);
+  CHECK(d3.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+struct TestCase {
+  const char* name;
+  void (*fn)();
+};
+
+const TestCase kTests[] = {
+    {"daemon_attach_reattach", TestAttachReattach},
+};
+
+int RunOne(const TestCase& t, int timeout_s) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC)) return 1;
+  auto t0 = Clock::now();
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    std::string result;
+    try {
+      t.fn();
+      result = "PASS";
+    } catch (const std::exception& e) {
+      result = std::string("FAIL ") + e.what();
+    }
+    (void)!write(fds[1], result.data(), result.size());
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string result;
+  bool timed_out = false;
+  for (;;) {
+    int st;
+    if (waitpid(pid, &st, WNOHANG) == pid) break;
+    if (MsSince(t0) > timeout_s * 1000L) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      timed_out = true;
+      break;
+    }
+    SleepMs(20);
+  }
+  if (!timed_out) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, n);
+  }
+  close(fds[0]);
+  if (timed_out) result = Fmt("FAIL timed out after %d s", timeout_s);
+  else if (result.empty()) result = "FAIL test process died";
+  for (char& c : result)
+    if (c == '\n') c = ' ';
+  std::printf("DMCOW-TEST %s %s (%ld ms)\n", t.name, result.c_str(), MsSince(t0));
+  std::fflush(stdout);
+  return result.rfind("PASS", 0) == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string cmd = argc > 1 ? argv[1] : "run";
+  if (cmd == "list") {
+    for (const auto& t : kTests) std::printf("%s\n", t.name);
+    return 0;
+  }
+  if (cmd != "run") {
+    std::fprintf(stderr, "usage: daemontest list | run [name...]\n");
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  int timeout_s = 120;
+  if (const char* e = getenv("DMCOW_DAEMON_TEST_TIMEOUT")) timeout_s = atoi(e);
+  int failed = 0;
+  for (const auto& t : kTests) {
+    bool selected = argc <= 2;
+    for (int i = 2; i < argc; i++) selected |= !strcmp(argv[i], t.name);
+    if (selected) failed += RunOne(t, timeout_s);
+  }
+  return failed ? 1 : 0;
+}

@@ -14,12 +14,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -372,6 +376,224 @@ void TestAttachReattach() {
   unlink(base.c_str());
 }
 
+// Lines of `dmsetup table NAME`: the number of targets.
+int TableTargets(const std::string& name) {
+  std::string out;
+  CHECK(Run({kDmsetup, "table", name}, &out) == 0, "dmsetup table: %s", out.c_str());
+  int n = 0;
+  for (char c : out) n += c == '\n';
+  return n;
+}
+
+// The last "reload: ..." line dmcowd logged.
+std::string LastReload(const Daemon& d) {
+  std::string log = d.Log();
+  size_t at = log.rfind("reload: ");
+  if (at == std::string::npos) return "";
+  return log.substr(at, log.find('\n', at) - at);
+}
+
+// Waits until dmcowd logged more than `count` reloads.
+int WaitReloads(const Daemon& d, int count, int timeout_ms) {
+  auto t0 = Clock::now();
+  for (;;) {
+    std::string log = d.Log();
+    int n = 0;
+    for (size_t at = 0; (at = log.find("reload: ", at)) != std::string::npos; at++) n++;
+    if (n > count) return n;
+    CHECK(MsSince(t0) < timeout_ms, "no reload within %d ms: %s", timeout_ms, Tail(log).c_str());
+    SleepMs(50);
+  }
+}
+
+// Table reloads with thousands of scattered chunks, under I/O, and bounded
+// by --max-targets: the rest stays in the kernel's store. Then a reattach
+// builds the same kind of table at once.
+void TestReloadScattered() {
+  const std::string name = "dc-reload", base = "/tmp/rl-base.img", cow = "/tmp/rl-cow.img";
+  const uint32_t cs = 8;  // 4 KiB chunks
+  const uint64_t sectors = 16384 * cs;  // 64 MiB
+  const int max_targets = 4001;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(11);
+  Daemon d(name, {"--chunk-size", "4K", "--reload-interval", "1", "--max-targets", std::to_string(max_targets),
+                  base, cow});
+  d.Start();
+  int fd = OpenDev(name);
+  // Whole chunks in random order: each its own run in cow space.
+  std::vector<uint64_t> chunks(sectors / cs);
+  for (uint64_t i = 0; i < chunks.size(); i++) chunks[i] = i;
+  std::shuffle(chunks.begin(), chunks.end(), rng);
+  for (int i = 0; i < 3000; i++) {
+    int r = WriteTag(fd, &m, chunks[i] * cs, cs, 1 + i);
+    CHECK(r == 0, "write chunk %llu: %s", (unsigned long long)chunks[i], strerror(-r));
+  }
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  int reloads = WaitReloads(d, 0, 30000);
+  int targets = TableTargets(name);
+  CHECK(targets > 1000 && targets <= max_targets, "%d targets after reload (%s)", targets, LastReload(d).c_str());
+  Verify(name, m);
+  std::fprintf(stderr, "reload_scattered: %d targets; %s\n", targets, LastReload(d).c_str());
+
+  // I/O during reloads: new chunks, rewrites, partial writes.
+  std::atomic<bool> stop{false};
+  std::string error;
+  std::thread writer([&] {
+    std::mt19937_64 wr(12);
+    int i = 0;
+    while (!stop) {
+      const uint64_t sector = wr() % 2 ? chunks[3000 + i % 4000] * cs : wr() % (sectors - 4);
+      const uint64_t n = wr() % 2 ? cs - sector % cs : 1 + wr() % 4;
+      int r = WriteTag(fd, &m, sector, std::min<uint64_t>(n, sectors - sector), 10000 + i);
+      if (r) {
+        error = Fmt("write at %llu during reloads: %s", (unsigned long long)sector, strerror(-r));
+        return;
+      }
+      if (++i % 200 == 0 && fdatasync(fd)) {
+        error = Fmt("flush during reloads: %s", strerror(errno));
+        return;
+      }
+    }
+  });
+  WaitReloads(d, reloads + 2, 60000);
+  stop = true;
+  writer.join();
+  CHECK(error.empty(), "%s", error.c_str());
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  close(fd);
+  kill(d.pid(), SIGHUP);
+  WaitReloads(d, reloads + 2, 30000);
+  Verify(name, m);
+  CHECK(d.Stop() == 0, "dmcowd exit: %s", Tail(d.Log()).c_str());
+
+  Daemon again(name, {"--reload-interval", "0", "--max-targets", std::to_string(max_targets), base, cow});
+  again.Start();
+  targets = TableTargets(name);
+  CHECK(targets > 1000 && targets <= max_targets, "%d targets at attach", targets);
+  Verify(name, m);
+  CHECK(again.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// SIGKILL while writes are in flight: nothing hangs, the device is removed
+// and re-created by a new dmcowd, which shows every flushed write, and for
+// the rest either the old or a newer content of each sector.
+void TestKilledMidWrite() {
+  const std::string name = "dc-killed", base = "/tmp/kl-base.img", cow = "/tmp/kl-cow.img";
+  const uint32_t cs = 16;
+  const uint64_t sectors = 4096 * cs / 4;  // 8 MiB
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(5);
+  Daemon d(name, {"--chunk-size", "8K", "--reload-interval", "0", base, cow});
+  d.Start();
+  int fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 80, 1);
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  const Model flushed = m;
+
+  // Later writes, tracked per sector: any of them may survive.
+  std::map<uint64_t, std::set<uint32_t>> later;
+  std::atomic<int> done{0};
+  std::atomic<int> last_error{0};
+  std::thread writer([&] {
+    std::mt19937_64 wr(6);
+    for (int i = 0; i < 100000; i++) {
+      const uint64_t sector = wr() % (sectors - 8);
+      const uint64_t n = 1 + wr() % 8;
+      for (uint64_t s = sector; s < sector + n; s++) later[s].insert(1000 + i);
+      int r = WriteTag(fd, &m, sector, n, 1000 + i);
+      if (r) {
+        last_error = r;
+        return;
+      }
+      done++;
+    }
+  });
+  while (done < 50) SleepMs(5);
+  d.Kill();
+  auto t0 = Clock::now();
+  writer.join();  // a write needing the dead daemon fails at once
+  CHECK(last_error == -EIO, "writer ended with %d after %d writes", last_error.load(), done.load());
+  CHECK(MsSince(t0) < 10000, "writer took %ld ms to fail", MsSince(t0));
+  close(fd);
+
+  // The kernel keeps the device; remove it and start over from the COW.
+  for (int i = 0; i < 50 && DeviceExists(name); i++) {
+    Run({kDmsetup, "remove", name, "--noudevsync", "--verifyudev"});
+    if (DeviceExists(name)) SleepMs(100);
+  }
+  CHECK(!DeviceExists(name), "cannot remove %s", name.c_str());
+  for (int i = 0; i < 50 && (LoopsOn(base) || LoopsOn(cow)); i++) SleepMs(100);
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+
+  Daemon d2(name, {"--reload-interval", "0", base, cow});
+  d2.Start();
+  fd = OpenDev(name);
+  Buf buf(kSector);
+  int changed = 0;
+  for (uint64_t s = 0; s < sectors; s++) {
+    CHECK(pread(fd, buf.data(), kSector, s * kSector) == kSector, "read %llu", (unsigned long long)s);
+    const uint64_t* want = &flushed.data[s * kWords];
+    if (std::equal(want, want + kWords, buf.words())) continue;
+    // Not the flushed content: then one later write, whole.
+    auto it = later.find(s);
+    CHECK(it != later.end(), "sector %llu lost its flushed content (got %016llx)", (unsigned long long)s,
+          (unsigned long long)buf.words()[0]);
+    const uint32_t tag = static_cast<uint32_t>((buf.words()[0] >> 40) & 0xffff);
+    bool ok = false;
+    for (uint32_t t : it->second) ok |= (t & 0xffff) == tag;
+    for (unsigned w = 0; ok && w < kWords; w++) ok = buf.words()[w] == TagWord(tag, s, w);
+    CHECK(ok, "sector %llu holds neither flushed nor a later write (%016llx)", (unsigned long long)s,
+          (unsigned long long)buf.words()[0]);
+    changed++;
+  }
+  close(fd);
+  std::fprintf(stderr, "killed_mid_write: %d writes after the flush, %d sectors show them\n", done.load(), changed);
+  CHECK(d2.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// Two devices over one base at the same time, each with its own COW.
+void TestSharedBase() {
+  const std::string base = "/tmp/sh-base.img";
+  const uint64_t sectors = 8192;
+  const uint32_t cs = 64;
+  WriteBaseFile(base, sectors);
+  Model m1(sectors), m2(sectors);
+  unlink("/tmp/sh-cow1.img");
+  unlink("/tmp/sh-cow2.img");
+  Daemon d1("dc-share1", {"--chunk-size", "32K", base, "/tmp/sh-cow1.img"});
+  Daemon d2("dc-share2", {"--chunk-size", "32K", base, "/tmp/sh-cow2.img"});
+  d1.Start();
+  d2.Start();
+  std::mt19937_64 r1(1), r2(2);
+  int f1 = OpenDev("dc-share1"), f2 = OpenDev("dc-share2");
+  std::thread t([&] { RandomWrites(f1, &m1, cs, r1, 50, 1); });
+  RandomWrites(f2, &m2, cs, r2, 50, 500);
+  t.join();
+  close(f1);
+  close(f2);
+  Verify("dc-share1", m1);
+  Verify("dc-share2", m2);
+  CHECK(d1.Stop() == 0 && d2.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  Daemon again("dc-share1", {base, "/tmp/sh-cow1.img"});
+  again.Start();
+  Verify("dc-share1", m1);
+  CHECK(again.Stop() == 0, "dmcowd exit");
+  unlink("/tmp/sh-cow1.img");
+  unlink("/tmp/sh-cow2.img");
+  unlink(base.c_str());
+}
+
 struct TestCase {
   const char* name;
   void (*fn)();
@@ -379,6 +601,9 @@ struct TestCase {
 
 const TestCase kTests[] = {
     {"daemon_attach_reattach", TestAttachReattach},
+    {"daemon_shared_base", TestSharedBase},
+    {"daemon_killed_mid_write", TestKilledMidWrite},
+    {"daemon_reload_scattered", TestReloadScattered},
 };
 
 int RunOne(const TestCase& t, int timeout_s) {

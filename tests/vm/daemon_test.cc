@@ -594,6 +594,118 @@ void TestSharedBase() {
   unlink(base.c_str());
 }
 
+uint64_t Fnv(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
+
+// Deterministic file content of `len` bytes.
+std::string FileContent(int i, size_t len) {
+  std::string s(len, '\0');
+  std::mt19937_64 rng(1000 + i);
+  for (size_t k = 0; k < len; k++) s[k] = static_cast<char>('a' + rng() % 26);
+  return s;
+}
+
+void WriteText(const std::string& path, const std::string& text) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  CHECK(fd >= 0, "create %s", path.c_str());
+  CHECK(write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()), "write %s", path.c_str());
+  close(fd);
+}
+
+void Must(const std::vector<std::string>& args) {
+  std::string out;
+  int st = Run(args, &out);
+  std::string cmd;
+  for (auto& a : args) cmd += a + " ";
+  CHECK(st == 0, "%s: exit %d: %s", cmd.c_str(), st, Tail(out).c_str());
+}
+
+// `debugfs -R "dump PATH OUT"` and compare.
+void CheckFsFile(const std::string& dev, const std::string& path, const std::string& want) {
+  unlink("/tmp/fs-dump");
+  Must({"/sbin/debugfs", "-R", "dump " + path + " /tmp/fs-dump", dev});
+  CHECK(ReadText("/tmp/fs-dump") == want, "%s on %s differs", path.c_str(), dev.c_str());
+}
+
+// ext4 (userspace e2fsprogs, no mount): a base image holding a file system,
+// changed through a cow device, fsck-clean on the device and after a
+// reattach; the base keeps its own file system. And mkfs.ext4 onto a cow
+// device, fsck-clean after reattach.
+void TestFilesystem() {
+  const std::string base = "/tmp/fs-base.img", cow = "/tmp/fs-cow.img", cow2 = "/tmp/fs-cow2.img";
+  const std::string name = "dc-fs", dev = "/dev/mapper/dc-fs";
+  mkdir("/tmp/fs-src", 0755);
+  std::vector<std::string> files;
+  for (int i = 0; i < 12; i++) {
+    files.push_back(FileContent(i, 1 + (size_t(i) * 97531) % (600 * 1024)));
+    WriteText(Fmt("/tmp/fs-src/f%d", i), files.back());
+  }
+  WriteText(base, "");
+  CHECK(truncate(base.c_str(), 32 << 20) == 0, "truncate");
+  Must({"/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-d", "/tmp/fs-src", base});
+  Must({"/sbin/e2fsck", "-fn", base});
+  const uint64_t base_sum = Fnv(ReadText(base));
+  unlink(cow.c_str());
+  unlink(cow2.c_str());
+
+  // Change the file system through the device.
+  const std::string extra = FileContent(99, 300000);
+  WriteText("/tmp/fs-extra", extra);
+  {
+    Daemon d(name, {"--chunk-size", "16K", base, cow});
+    d.Start();
+    Must({"/sbin/debugfs", "-w", "-R", "write /tmp/fs-extra extra", dev});
+    Must({"/sbin/debugfs", "-w", "-R", "rm f3", dev});
+    Must({"/sbin/debugfs", "-w", "-R", "mkdir newdir", dev});
+    Must({"/sbin/e2fsck", "-fn", dev});
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  {
+    Daemon d(name, {base, cow});
+    d.Start();
+    Must({"/sbin/e2fsck", "-fn", dev});
+    CheckFsFile(dev, "/extra", extra);
+    CheckFsFile(dev, "/f7", files[7]);
+    std::string out;
+    Run({"/sbin/debugfs", "-R", "stat /f3", dev}, &out);
+    CHECK(out.find("not found") != std::string::npos, "f3 still there: %s", Tail(out).c_str());
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  CHECK(Fnv(ReadText(base)) == base_sum, "base image changed");
+  Must({"/sbin/e2fsck", "-fn", base});
+  CheckFsFile(base, "/f3", files[3]);
+
+  // mkfs.ext4 onto a cow device over the same base, while the other COW is
+  // attached too.
+  {
+    Daemon other("dc-fs-other", {base, cow});
+    other.Start();
+    Daemon d(name, {"--chunk-size", "64K", base, cow2});
+    d.Start();
+    Must({"/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-E", "nodiscard", "-d", "/tmp/fs-src", dev});
+    Must({"/sbin/e2fsck", "-fn", dev});
+    Must({"/sbin/e2fsck", "-fn", "/dev/mapper/dc-fs-other"});
+    CHECK(d.Stop() == 0 && other.Stop() == 0, "dmcowd exit");
+  }
+  {
+    Daemon d(name, {base, cow2});
+    d.Start();
+    Must({"/sbin/e2fsck", "-fn", dev});
+    for (int i = 0; i < 12; i++) CheckFsFile(dev, Fmt("/f%d", i), files[i]);
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  CHECK(Fnv(ReadText(base)) == base_sum, "base image changed");
+  for (const char* f : {"/tmp/fs-extra", "/tmp/fs-dump"}) unlink(f);
+  for (int i = 0; i < 12; i++) unlink(Fmt("/tmp/fs-src/f%d", i).c_str());
+  rmdir("/tmp/fs-src");
+  unlink(cow.c_str());
+  unlink(cow2.c_str());
+  unlink(base.c_str());
+}
+
 struct TestCase {
   const char* name;
   void (*fn)();
@@ -602,6 +714,7 @@ struct TestCase {
 const TestCase kTests[] = {
     {"daemon_attach_reattach", TestAttachReattach},
     {"daemon_shared_base", TestSharedBase},
+    {"daemon_filesystem", TestFilesystem},
     {"daemon_killed_mid_write", TestKilledMidWrite},
     {"daemon_reload_scattered", TestReloadScattered},
 };

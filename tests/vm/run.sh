@@ -18,7 +18,7 @@
 #                          build/daemon/dmcowd, built by scripts/build.sh)
 #
 # Needs: linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static
-# dmsetup kmod cpio g++ make; when run as root on Debian/Ubuntu, missing
+# dmsetup kmod cpio g++ make e2fsprogs; when run as root on Debian/Ubuntu, missing
 # packages are installed with apt-get.
 set -euo pipefail
 
@@ -88,8 +88,17 @@ chmod 755 "$R/init"
 
 DMSETUP=$(command -v dmsetup)
 cp "$DMSETUP" "$R/sbin/dmsetup"
-# Shared libraries (and the loader) of dmsetup and dmcowd, at their own paths.
-for lib in $( (ldd "$DMSETUP"; ldd "$DMCOWD") | grep -o '/[^ ]*' | sort -u); do
+# e2fsprogs for the file system test (userspace only: no ext4 module needed).
+E2FS=()
+for f in mke2fs e2fsck debugfs; do
+	p=$(command -v $f || true)
+	[ -n "$p" ] || die "$f not found (Debian package e2fsprogs)"
+	cp "$p" "$R/sbin/$f"
+	E2FS+=("$p")
+done
+# Shared libraries (and the loader) of these and dmcowd, at their own paths.
+for lib in $( (for b in "$DMSETUP" "$DMCOWD" "${E2FS[@]}"; do ldd "$b"; done) |
+		grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
 	mkdir -p "$R$(dirname "$lib")"
 	cp -L "$lib" "$R$lib"
 done

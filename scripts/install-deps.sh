@@ -10,6 +10,8 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
   zlib1g-dev libzstd-dev libssl-dev libisal-dev
   catch2 libcli11-dev nlohmann-json3-dev
+  # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)
+  libdevmapper-dev
   qemu-utils e2fsprogs
   # the kernel target's VM suite: Debian's kernel booted under qemu
   linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static dmsetup kmod cpio

@@ -2,8 +2,9 @@
 # /init of the dm-cow test VM: mount, load modules, run the tests, power off.
 # Markers on the console (parsed by run.sh):
 #   DMCOW-BOOT ok|FAIL <why>     modules loaded
-#   DMCOW-TEST <name> PASS|FAIL  one per test (printed by vmtest; the
-#                                last one, module_unload, by this script)
+#   DMCOW-TEST <name> PASS|FAIL  one per test (printed by vmtest and
+#                                daemontest; the last one, module_unload,
+#                                by this script)
 #   DMCOW-END <status>           all tests ran
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -38,6 +39,8 @@ for a in $args; do
 done
 /bin/vmtest run $tests
 rc=$?
+# The daemon (dmcowd) on real devices.
+/bin/daemontest run $tests || rc=1
 # Unloading must work once every test has removed its device; leaked
 # objects show up as a kernel WARNING/BUG (slab cache not empty).
 if [ -z "$tests" ]; then

@@ -14,9 +14,11 @@
 #   DMCOW_VM_TIMEOUT=270   seconds before the VM is killed
 #   DMCOW_TEST_TIMEOUT=60  seconds per test inside the VM
 #   KVER=<version>         kernel to use (default: newest *-amd64 installed)
+#   DMCOWD=<path>          the dmcowd binary for the daemon tests (default:
+#                          build/daemon/dmcowd, built by scripts/build.sh)
 #
 # Needs: linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static
-# dmsetup kmod cpio g++ make; when run as root on Debian/Ubuntu, missing
+# dmsetup kmod cpio g++ make e2fsprogs; when run as root on Debian/Ubuntu, missing
 # packages are installed with apt-get.
 set -euo pipefail
 
@@ -71,20 +73,32 @@ CXXFLAGS=(-std=c++20 -O2 -Wall -Wextra -Werror -static -pthread -I"$SRC/kmod")
 g++ "${CXXFLAGS[@]}" -o "$OUT/responder" "$SRC/tests/vm/responder.cc"
 g++ "${CXXFLAGS[@]}" -DDMCOW_RESPONDER_NO_MAIN -o "$OUT/vmtest" \
 	"$SRC/tests/vm/vmtest.cc" "$SRC/tests/vm/responder.cc"
+g++ "${CXXFLAGS[@]}" -o "$OUT/daemontest" "$SRC/tests/vm/daemon_test.cc"
+DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
+[ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
 
 # ---- initramfs ----------------------------------------------------------------
 R="$OUT/initramfs"
 rm -rf "$R"
 mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules}
 cp /bin/busybox "$R/bin/busybox"
-cp "$OUT/vmtest" "$OUT/responder" "$R/bin/"
+cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$DMCOWD" "$R/bin/"
 cp "$SRC/tests/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
 
 DMSETUP=$(command -v dmsetup)
 cp "$DMSETUP" "$R/sbin/dmsetup"
-# Shared libraries (and the loader) of dmsetup, at their own paths.
-for lib in $(ldd "$DMSETUP" | grep -o '/[^ ]*'); do
+# e2fsprogs for the file system test (userspace only: no ext4 module needed).
+E2FS=()
+for f in mke2fs e2fsck debugfs; do
+	p=$(command -v $f || true)
+	[ -n "$p" ] || die "$f not found (Debian package e2fsprogs)"
+	cp "$p" "$R/sbin/$f"
+	E2FS+=("$p")
+done
+# Shared libraries (and the loader) of these and dmcowd, at their own paths.
+for lib in $( (for b in "$DMSETUP" "$DMCOWD" "${E2FS[@]}"; do ldd "$b"; done) |
+		grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
 	mkdir -p "$R$(dirname "$lib")"
 	cp -L "$lib" "$R$lib"
 done
@@ -109,7 +123,7 @@ cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$OUT/initramfs.gz"
 
 # ---- boot ---------------------------------------------------------------------
-EXPECTED="$("$OUT/vmtest" list) module_unload"
+EXPECTED="$("$OUT/vmtest" list) $("$OUT/daemontest" list) module_unload"
 APPEND="console=ttyS0 quiet panic=-1"
 if [ -n "${DMCOW_VM_TESTS:-}" ]; then
 	APPEND="$APPEND dmcow.tests=$DMCOW_VM_TESTS"

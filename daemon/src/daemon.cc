@@ -1,0 +1,340 @@
+#include "daemon.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "dm.h"
+#include "log.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+namespace dmcowd {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+bool ValidIdent(const std::string& s) {
+  if (s.empty() || s.size() > DMCOW_IDENT_MAX || s == "." || s == "..") return false;
+  for (char c : s) {
+    if (!isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '.' && c != '-') return false;
+  }
+  return true;
+}
+
+bool HasCow(MapKind k) { return k == MapKind::kRW || k == MapKind::kRO || k == MapKind::kFilledRW; }
+
+// Writes `msgs` in groups of 64; a refused message is an error.
+Status SendAll(Channel* chan, const std::vector<dmcow_reply>& msgs, const char* what) {
+  for (size_t i = 0; i < msgs.size();) {
+    const size_t n = std::min(msgs.size() - i, kMaxBatch);
+    ssize_t w = chan->Write(&msgs[i], n);
+    if (w < 0) {
+      return Status::IOError(chan->path() + ": " + what + " of chunk " + std::to_string(msgs[i].chunk) +
+                             " refused: " + std::strerror(static_cast<int>(-w)));
+    }
+    i += static_cast<size_t>(w) / sizeof(dmcow_reply);
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Daemon::Daemon(DaemonOptions options, std::unique_ptr<Plugin> plugin)
+    : options_(std::move(options)), plugin_(std::move(plugin)) {
+  if (options_.ident.empty()) options_.ident = options_.name;
+  options_.max_targets = std::clamp<uint64_t>(options_.max_targets, 3, kDmMaxTargets);
+}
+
+Daemon::~Daemon() { TearDown(); }
+
+Status Daemon::Start() {
+  const std::string& name = options_.name;
+  if (!ValidIdent(options_.ident)) {
+    return Status::InvalidArgument("ident '" + options_.ident +
+                                   "': 1-32 characters of A-Z a-z 0-9 _ . - (set it with --ident)");
+  }
+  if (name.empty() || name.size() > 127 || name.find('/') != std::string::npos) {
+    return Status::InvalidArgument("device name '" + name + "' is not valid");
+  }
+  dm::Init();
+  if (options_.lock_memory && prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
+    LOG_WARN("PR_SET_IO_FLUSHER: %s (memory pressure may deadlock the device)", std::strerror(errno));
+  }
+  Status s;
+  {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    s = plugin_->Open(&spec_);
+    plugin_open_ = s.ok();
+  }
+  if (!s.ok()) return s;
+  auto fail = [&](Status st) {
+    TearDown();
+    return st;
+  };
+  s = base_.Open(spec_.base_path, true);
+  if (s.ok()) s = cow_.Open(spec_.cow_path, false);
+  if (!s.ok()) return fail(s);
+  devices_ = TableDevices{options_.ident, base_.devt(), cow_.devt(), spec_.chunk_sectors, spec_.read_to_daemon};
+
+  if (dm::Exists(name)) return fail(Status::InvalidArgument("device " + name + " exists already"));
+  s = dm::Create(name);
+  if (!s.ok()) return fail(s);
+  created_ = true;
+
+  // The first table: persisted runs go linear, the kernel gets the rest.
+  std::vector<Extent> stable;
+  std::vector<Mapping> initial;
+  {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    s = plugin_->StableExtents(&stable);
+    if (s.ok()) s = plugin_->InitialMappings(&initial);
+    folded_generation_ = plugin_->StableGeneration();
+  }
+  if (!s.ok()) return fail(s);
+  std::vector<Extent> linear = ChooseLinear(Coalesce(stable, spec_.chunk_sectors), options_.max_targets);
+  s = LoadTable(linear);
+  if (!s.ok()) return fail(s);
+
+  dmcow_request hello;
+  s = chan_.Open(options_.ident, 2000);
+  if (s.ok()) s = chan_.Handshake(spec_, 5000, &hello);
+  if (!s.ok()) return fail(s);
+
+  std::vector<dmcow_reply> push;
+  for (const Mapping& m : initial) {
+    for (const Extent& e : Subtract({Extent{m.chunk, m.nr_chunks, m.cow_sector}}, linear, spec_.chunk_sectors)) {
+      push.push_back(MakePush(Mapping{m.kind, e.chunk, e.nr_chunks, HasCow(m.kind) ? e.cow_sector : 0}));
+    }
+  }
+  s = SendAll(&chan_, push, "initial mapping");
+  if (s.ok()) s = dm::Resume(name);
+  if (!s.ok()) return fail(s);
+  linear_ = linear;
+  // The table holds the devices now; the loops go away with it.
+  base_.Release();
+  cow_.Release();
+
+  if (options_.lock_memory && mlockall(MCL_CURRENT | MCL_FUTURE) != 0) {
+    LOG_WARN("mlockall: %s (the daemon may be paged out under memory pressure)", std::strerror(errno));
+  }
+  server_ = std::make_unique<Server>(&chan_, plugin_.get(), &plugin_mu_);
+  server_done_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  server_thread_ = std::thread([this] {
+    Status r = server_->Run(&chan_);
+    if (!r.ok()) LOG_ERROR("serving stopped: %s", r.ToString().c_str());
+    const uint64_t one = 1;
+    ssize_t ignored = ::write(server_done_fd_, &one, sizeof(one));
+    (void)ignored;
+  });
+  LOG_INFO("/dev/mapper/%s ready: %llu sectors, chunks of %u sectors, %zu mapping runs pushed, %zu linear runs",
+           name.c_str(), static_cast<unsigned long long>(spec_.sectors), spec_.chunk_sectors, push.size(),
+           linear.size());
+  return Status::OK();
+}
+
+Status Daemon::LoadTable(const std::vector<Extent>& linear) {
+  std::vector<Segment> segments = BuildSegments(linear, spec_.sectors, spec_.chunk_sectors);
+  reload_stats_.targets = segments.size();
+  uint64_t chunks = 0;
+  for (const Extent& e : linear) chunks += e.nr_chunks;
+  reload_stats_.linear_chunks = chunks;
+  return dm::Load(options_.name, segments, devices_);
+}
+
+Status Daemon::FlushDevice() {
+  const std::string node = "/dev/mapper/" + options_.name;
+  int fd = ::open(node.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::IOError(node + ": open: " + std::strerror(errno));
+  int r = ::fdatasync(fd);
+  int e = errno;
+  ::close(fd);
+  if (r != 0) return Status::IOError(node + ": flush: " + std::strerror(e));
+  return Status::OK();
+}
+
+Status Daemon::Reload() {
+  const auto t0 = Clock::now();
+  // One FLUSH round trip makes every mapping handed out so far durable.
+  Status s = FlushDevice();
+  if (!s.ok()) return s;
+  std::vector<Extent> stable;
+  uint64_t generation;
+  {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    generation = plugin_->StableGeneration();
+    if (generation == folded_generation_) return Status::OK();
+    s = plugin_->StableExtents(&stable);
+  }
+  if (!s.ok()) return s;
+  const uint32_t cs = spec_.chunk_sectors;
+  std::vector<Extent> linear = ChooseLinear(Coalesce(stable, cs), options_.max_targets);
+
+  // Chunks that leave linear segments go back to the kernel's store first,
+  // while the live table still routes them linearly. After the load: the
+  // kernel accepts chunks up to the end of its last cow target, and only
+  // the new table's cow targets may reach that far.
+  DMCOW_RETURN_IF_ERROR(LoadTable(linear));
+  std::vector<dmcow_reply> msgs;
+  for (const Extent& e : Subtract(linear_, linear, cs)) {
+    msgs.push_back(MakePush(Mapping{MapKind::kFilledRW, e.chunk, e.nr_chunks, e.cow_sector}));
+  }
+  DMCOW_RETURN_IF_ERROR(SendAll(&chan_, msgs, "push"));
+
+  msgs.clear();
+  for (const Extent& e : Subtract(linear, linear_, cs)) msgs.push_back(MakeInvalidate(e.chunk, e.nr_chunks));
+  const auto ts = Clock::now();
+  DMCOW_RETURN_IF_ERROR(dm::Suspend(options_.name));
+  // I/O is quiesced: the kernel may forget what linear segments now serve.
+  s = SendAll(&chan_, msgs, "invalidate");
+  if (!s.ok()) LOG_WARN("%s (the kernel keeps those mappings; harmless)", s.ToString().c_str());
+  Status r = dm::Resume(options_.name);
+  for (int i = 0; !r.ok() && i < 50; i++) {
+    LOG_ERROR("%s; retrying", r.ToString().c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    r = dm::Resume(options_.name);
+  }
+  if (!r.ok()) return r;
+  reload_stats_.last_suspended_ms = MsSince(ts);
+  linear_ = std::move(linear);
+  folded_generation_ = generation;
+  reload_stats_.reloads++;
+  reload_stats_.last_ms = MsSince(t0);
+  LOG_INFO("reload: %llu targets, %llu chunks linear, %zu invalidated; %.1f ms (suspended %.1f ms)",
+           static_cast<unsigned long long>(reload_stats_.targets),
+           static_cast<unsigned long long>(reload_stats_.linear_chunks), msgs.size(), reload_stats_.last_ms,
+           reload_stats_.last_suspended_ms);
+  return Status::OK();
+}
+
+Status Daemon::Shutdown(bool* busy) {
+  *busy = false;
+  Status s = FlushDevice();
+  if (!s.ok()) LOG_WARN("final flush: %s", s.ToString().c_str());
+  if (created_) {
+    for (int i = 0; i < 20; i++) {
+      s = dm::Remove(options_.name, busy);
+      if (!*busy) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (*busy) return s;
+    if (!s.ok()) return s;
+    created_ = false;
+  }
+  StopServing();
+  chan_.Close();
+  if (plugin_open_) {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    s = plugin_->Close();
+    plugin_open_ = false;
+  }
+  return s;
+}
+
+void Daemon::StopServing() {
+  if (server_) server_->Stop();
+  if (server_thread_.joinable()) server_thread_.join();
+  if (server_) {
+    const ServerStats& st = server_->stats();
+    LOG_INFO("served %llu batches: %llu map requests, %llu flushes, %llu errors, %llu refused replies",
+             static_cast<unsigned long long>(st.batches.load()), static_cast<unsigned long long>(st.maps.load()),
+             static_cast<unsigned long long>(st.flushes.load()), static_cast<unsigned long long>(st.errors.load()),
+             static_cast<unsigned long long>(st.refused.load()));
+  }
+  server_.reset();
+  if (server_done_fd_ >= 0) ::close(server_done_fd_);
+  server_done_fd_ = -1;
+}
+
+void Daemon::TearDown() {
+  StopServing();
+  chan_.Close();
+  if (created_) {
+    bool busy = false;
+    Status s = dm::Remove(options_.name, &busy);
+    if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+    created_ = false;
+  }
+  base_.Release();
+  cow_.Release();
+  if (plugin_open_) {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    Status s = plugin_->Close();
+    if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+    plugin_open_ = false;
+  }
+}
+
+int Daemon::Run() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+  if (sfd < 0) {
+    LOG_ERROR("signalfd: %s", std::strerror(errno));
+    return 1;
+  }
+  const int timeout = options_.reload_interval_s > 0 ? options_.reload_interval_s * 1000 : -1;
+  int code = 0;
+  for (;;) {
+    pollfd p[2] = {{sfd, POLLIN, 0}, {server_done_fd_, POLLIN, 0}};
+    int r = ::poll(p, 2, timeout);
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0) {
+      Status s = Reload();
+      if (!s.ok()) LOG_ERROR("reload: %s", s.ToString().c_str());
+      continue;
+    }
+    if (p[1].revents) {
+      LOG_ERROR("the channel failed; removing the device");
+      code = 1;
+      bool busy;
+      Status s = Shutdown(&busy);
+      if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+      break;
+    }
+    signalfd_siginfo si;
+    if (::read(sfd, &si, sizeof(si)) != sizeof(si)) continue;
+    if (si.ssi_signo == SIGHUP) {
+      Status s = Reload();
+      if (!s.ok()) LOG_ERROR("reload: %s", s.ToString().c_str());
+      continue;
+    }
+    LOG_INFO("%s: flushing and removing /dev/mapper/%s", strsignal(static_cast<int>(si.ssi_signo)),
+             options_.name.c_str());
+    bool busy = false;
+    Status s = Shutdown(&busy);
+    if (busy) {
+      LOG_WARN("/dev/mapper/%s is in use; still serving (signal again to retry)", options_.name.c_str());
+      continue;
+    }
+    if (!s.ok()) {
+      LOG_ERROR("%s", s.ToString().c_str());
+      code = 1;
+    }
+    break;
+  }
+  ::close(sfd);
+  return code;
+}
+
+}  // namespace dmcowd

@@ -1,0 +1,87 @@
+// Daemon: one device served by one plugin (daemon/DESIGN.md). Start builds
+// the stack and starts serving on a thread; the caller's thread runs the
+// signal/timer loop (Run) with its reloads and the shutdown.
+#ifndef DMCOWD_DAEMON_H_
+#define DMCOWD_DAEMON_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "channel.h"
+#include "dmcowd/plugin.h"
+#include "loopdev.h"
+#include "server.h"
+#include "table.h"
+
+namespace dmcowd {
+
+struct DaemonOptions {
+  std::string name;                 // /dev/mapper/NAME
+  std::string ident;                // channel ident; empty = name
+  int reload_interval_s = 10;       // 0: no periodic reloads
+  uint64_t max_targets = 65536;     // table size bound (<= kDmMaxTargets)
+  bool lock_memory = true;          // PR_SET_IO_FLUSHER + mlockall
+};
+
+struct ReloadStats {
+  uint64_t reloads = 0;
+  uint64_t targets = 0;             // in the current table
+  uint64_t linear_chunks = 0;       // chunks routed through linear segments
+  double last_ms = 0;               // whole reload
+  double last_suspended_ms = 0;     // suspend .. resume
+};
+
+class Daemon {
+ public:
+  Daemon(DaemonOptions options, std::unique_ptr<Plugin> plugin);
+  ~Daemon();
+  Daemon(const Daemon&) = delete;
+  Daemon& operator=(const Daemon&) = delete;
+
+  // Builds the device and starts serving. On failure everything built so
+  // far is taken down again.
+  Status Start();
+
+  // Waits for SIGTERM/SIGINT, reloading periodically; then shuts down.
+  // Returns the process exit code.
+  int Run();
+
+  // Folds stable extents into linear segments now.
+  Status Reload();
+
+  // Flush, remove the device, stop. *busy: the device is open, nothing
+  // was stopped.
+  Status Shutdown(bool* busy);
+
+  const ReloadStats& reload_stats() const { return reload_stats_; }
+
+ private:
+  Status LoadTable(const std::vector<Extent>& linear);
+  Status FlushDevice();
+  void StopServing();
+  void TearDown();
+
+  DaemonOptions options_;
+  std::unique_ptr<Plugin> plugin_;
+  std::mutex plugin_mu_;
+  DeviceSpec spec_;
+  BlockDev base_, cow_;
+  TableDevices devices_;
+  Channel chan_;
+  std::unique_ptr<Server> server_;
+  std::thread server_thread_;
+  int server_done_fd_ = -1;         // eventfd: the serving thread ended
+  bool created_ = false;
+  bool plugin_open_ = false;
+  std::vector<Extent> linear_;      // chunks in linear segments now
+  uint64_t folded_generation_ = ~uint64_t{0};
+  ReloadStats reload_stats_;
+};
+
+}  // namespace dmcowd
+
+#endif  // DMCOWD_DAEMON_H_

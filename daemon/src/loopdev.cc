@@ -1,0 +1,97 @@
+#include "loopdev.h"
+
+#include <fcntl.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "log.h"
+
+namespace dmcowd {
+
+namespace {
+
+Status Errno(const std::string& what, int err) { return Status::IOError(what + ": " + std::strerror(err)); }
+
+std::string DevT(dev_t d) { return std::to_string(major(d)) + ":" + std::to_string(minor(d)); }
+
+}  // namespace
+
+Status BlockDev::Open(const std::string& path, bool read_only) {
+  Release();
+  const int mode = read_only ? O_RDONLY : O_RDWR;
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return Errno(path, errno);
+  if (S_ISBLK(st.st_mode)) {
+    fd_ = ::open(path.c_str(), mode | O_CLOEXEC);
+    if (fd_ < 0) return Errno(path + ": open", errno);
+    devnode_ = path;
+    devt_ = DevT(st.st_rdev);
+    return Status::OK();
+  }
+  if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(path + ": neither a regular file nor a block device");
+
+  int file_fd = ::open(path.c_str(), mode | O_CLOEXEC);
+  if (file_fd < 0) return Errno(path + ": open", errno);
+  int ctl = ::open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+  if (ctl < 0) {
+    int e = errno;
+    ::close(file_fd);
+    return Errno("/dev/loop-control", e);
+  }
+  Status s;
+  for (int attempt = 0; attempt < 20; attempt++) {
+    int n = ::ioctl(ctl, LOOP_CTL_GET_FREE);
+    if (n < 0) {
+      s = Errno("LOOP_CTL_GET_FREE", errno);
+      break;
+    }
+    std::string node = "/dev/loop" + std::to_string(n);
+    int lfd = -1;
+    for (int i = 0; i < 100 && lfd < 0; i++) {
+      lfd = ::open(node.c_str(), mode | O_CLOEXEC);
+      if (lfd < 0 && errno == ENOENT) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      else if (lfd < 0) break;
+    }
+    if (lfd < 0) {
+      s = Errno(node + ": open", errno);
+      break;
+    }
+    loop_config cfg{};
+    cfg.fd = static_cast<uint32_t>(file_fd);
+    cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
+    std::strncpy(reinterpret_cast<char*>(cfg.info.lo_file_name), path.c_str(), LO_NAME_SIZE - 1);
+    if (::ioctl(lfd, LOOP_CONFIGURE, &cfg) == 0) {
+      struct stat lst;
+      ::fstat(lfd, &lst);
+      fd_ = lfd;
+      devnode_ = node;
+      devt_ = DevT(lst.st_rdev);
+      is_loop_ = true;
+      s = Status::OK();
+      LOG_DEBUG("%s on %s", path.c_str(), node.c_str());
+      break;
+    }
+    const int e = errno;
+    ::close(lfd);
+    s = Errno(node + ": LOOP_CONFIGURE " + path, e);
+    if (e != EBUSY) break;  // somebody took it first: try the next free one
+  }
+  ::close(ctl);
+  ::close(file_fd);
+  return s;
+}
+
+void BlockDev::Release() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+}  // namespace dmcowd

@@ -1,0 +1,42 @@
+// Block devices for the table: a block device is used as it is; a regular
+// file gets a loop device with LO_FLAGS_AUTOCLEAR, which the kernel
+// detaches once the last user (our fd, then the dm table) closes it.
+#ifndef DMCOWD_LOOPDEV_H_
+#define DMCOWD_LOOPDEV_H_
+
+#include <string>
+
+#include "dmcow/status.h"
+
+namespace dmcowd {
+
+using dmcow::Status;
+
+class BlockDev {
+ public:
+  BlockDev() = default;
+  ~BlockDev() { Release(); }
+  BlockDev(const BlockDev&) = delete;
+  BlockDev& operator=(const BlockDev&) = delete;
+
+  // `path` is a block device or a regular file (then a loop device is set
+  // up, read-only if asked). Keeps the device open until Release().
+  Status Open(const std::string& path, bool read_only);
+  // Closes our fd: a loop device goes away when the dm table no longer
+  // holds it either.
+  void Release();
+
+  const std::string& devnode() const { return devnode_; }  // /dev/loopN or the path
+  const std::string& devt() const { return devt_; }        // "major:minor" for tables
+  bool is_loop() const { return is_loop_; }
+
+ private:
+  int fd_ = -1;
+  std::string devnode_;
+  std::string devt_;
+  bool is_loop_ = false;
+};
+
+}  // namespace dmcowd
+
+#endif  // DMCOWD_LOOPDEV_H_

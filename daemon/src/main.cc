@@ -1,0 +1,182 @@
+// dmcowd: serves one dm-cow device (see daemon/DESIGN.md and `dmcowd --help`).
+#include <getopt.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "daemon.h"
+#include "log.h"
+
+namespace {
+
+using dmcowd::DaemonOptions;
+using dmcowd::PluginOptions;
+
+void PrintHelp() {
+  std::string plugins;
+  for (const auto& p : dmcowd::PluginNames()) plugins += (plugins.empty() ? "" : ", ") + p;
+  std::printf(
+      "usage: dmcowd --name NAME [--plugin PLUGIN] [options] ARGS...\n"
+      "\n"
+      "Creates /dev/mapper/NAME, a dm-cow device, and serves it: the kernel target asks\n"
+      "where chunks live, the plugin decides and persists, dmcowd answers. It runs in the\n"
+      "foreground until SIGTERM or SIGINT, then flushes, removes the device and exits.\n"
+      "\n"
+      "Plugins (%s):\n"
+      "  cow   dmcowd --plugin cow --name NAME [--chunk-size SIZE] [--format] BASE COW\n"
+      "        BASE (file or block device) is read-only and never written; a chunk's first\n"
+      "        write copies it into COW (file or block device), where its mapping persists.\n"
+      "        A missing or empty COW file is created sparse and formatted; an existing COW\n"
+      "        must carry a dmcow header (attach again later: every write is still there)\n"
+      "        unless --format is given. Files are set up on loop devices, released on exit.\n"
+      "        Settings: --opt alloc_step=N (chunks reserved per header update, default 4096).\n"
+      "\n"
+      "Options:\n"
+      "  --name NAME            device name (/dev/mapper/NAME); required\n"
+      "  --plugin PLUGIN        allocation plugin (default cow)\n"
+      "  --ident IDENT          channel ident (/dev/dm-cow/IDENT); default NAME\n"
+      "  --chunk-size SIZE      chunk size, 4K..32M, power of two (suffix K, M; default:\n"
+      "                         the COW's, 64K for a new one)\n"
+      "  --format               initialise the COW, destroying what it holds\n"
+      "  --opt KEY=VALUE        plugin setting (repeatable)\n"
+      "  --reload-interval SEC  fold mapped chunks into dm-linear segments every SEC\n"
+      "                         seconds when there are new ones (default 10; 0: never;\n"
+      "                         SIGHUP folds at once)\n"
+      "  --max-targets N        most targets in the device's table (default 65536, at most\n"
+      "                         1048576, device-mapper's limit); mappings beyond stay in\n"
+      "                         the kernel's remap store\n"
+      "  --no-mlock             skip PR_SET_IO_FLUSHER and mlockall (tests only: without\n"
+      "                         them memory pressure can deadlock the device)\n"
+      "  -v, --verbose          debug messages too: every request, libdevmapper's words\n"
+      "  --syslog               log to syslog (daemon facility) instead of stderr\n"
+      "  -h, --help             this text\n"
+      "\n"
+      "Logging goes to stderr or syslog only, never to a file (a file may live on the\n"
+      "device being served). Needs CAP_SYS_ADMIN (device-mapper, the channel) and\n"
+      "CAP_SYS_RESOURCE (PR_SET_IO_FLUSHER).\n"
+      "\n"
+      "Signals: SIGTERM, SIGINT: flush (every mapping made durable), remove the device,\n"
+      "exit 0; if the device is in use it keeps serving and says so (signal again to\n"
+      "retry). SIGHUP: reload the table now. SIGKILL: the kernel fails I/O that waits for\n"
+      "the daemon; everything flushed before is on disk.\n"
+      "\n"
+      "Exit status: 0 after a clean shutdown, 1 on errors, 2 on bad usage.\n",
+      plugins.c_str());
+}
+
+int Usage(const std::string& msg) {
+  std::fprintf(stderr, "dmcowd: %s\nTry 'dmcowd --help'.\n", msg.c_str());
+  return 2;
+}
+
+bool ParseSize(const char* text, uint64_t* out) {
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(text, &end, 10);
+  if (errno || end == text) return false;
+  uint64_t mult = 1;
+  if (*end == 'k' || *end == 'K') mult = 1024, end++;
+  else if (*end == 'm' || *end == 'M') mult = 1024 * 1024, end++;
+  if (*end == 'b' || *end == 'B') end++;
+  if (*end || v > (uint64_t{1} << 40)) return false;
+  *out = v * mult;
+  return true;
+}
+
+bool ParseUint(const char* text, uint64_t* out) {
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(text, &end, 10);
+  if (errno || end == text || *end || text[0] == '-') return false;
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  enum { kName = 1000, kPlugin, kIdent, kChunk, kFormat, kOpt, kReload, kMaxTargets, kNoMlock, kSyslog };
+  static const option kLong[] = {
+      {"name", required_argument, nullptr, kName},
+      {"plugin", required_argument, nullptr, kPlugin},
+      {"ident", required_argument, nullptr, kIdent},
+      {"chunk-size", required_argument, nullptr, kChunk},
+      {"format", no_argument, nullptr, kFormat},
+      {"opt", required_argument, nullptr, kOpt},
+      {"reload-interval", required_argument, nullptr, kReload},
+      {"max-targets", required_argument, nullptr, kMaxTargets},
+      {"no-mlock", no_argument, nullptr, kNoMlock},
+      {"verbose", no_argument, nullptr, 'v'},
+      {"syslog", no_argument, nullptr, kSyslog},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  DaemonOptions d;
+  PluginOptions p;
+  std::string plugin = "cow";
+  int verbose = 0;
+  bool use_syslog = false;
+  int c;
+  uint64_t v;
+  opterr = 0;
+  while ((c = getopt_long(argc, argv, "+vh", kLong, nullptr)) != -1) {
+    switch (c) {
+      case kName: d.name = optarg; break;
+      case kPlugin: plugin = optarg; break;
+      case kIdent: d.ident = optarg; break;
+      case kChunk:
+        if (!ParseSize(optarg, &v) || v % 512 || v / 512 > UINT32_MAX) return Usage(std::string("bad --chunk-size ") + optarg);
+        p.chunk_sectors = static_cast<uint32_t>(v / 512);
+        break;
+      case kFormat: p.format = true; break;
+      case kOpt: {
+        const char* eq = std::strchr(optarg, '=');
+        if (!eq || eq == optarg) return Usage(std::string("--opt wants KEY=VALUE, not ") + optarg);
+        p.params[std::string(optarg, static_cast<size_t>(eq - optarg))] = eq + 1;
+        break;
+      }
+      case kReload:
+        if (!ParseUint(optarg, &v) || v > 86400) return Usage(std::string("bad --reload-interval ") + optarg);
+        d.reload_interval_s = static_cast<int>(v);
+        break;
+      case kMaxTargets:
+        if (!ParseUint(optarg, &v) || v < 3 || v > dmcowd::kDmMaxTargets)
+          return Usage(std::string("--max-targets must be 3..1048576, not ") + optarg);
+        d.max_targets = v;
+        break;
+      case kNoMlock: d.lock_memory = false; break;
+      case 'v': verbose++; break;
+      case kSyslog: use_syslog = true; break;
+      case 'h': PrintHelp(); return 0;
+      default:
+        return Usage(std::string("unknown or incomplete option ") + (optind > 0 ? argv[optind - 1] : ""));
+    }
+  }
+  for (int i = optind; i < argc; i++) p.args.push_back(argv[i]);
+  if (d.name.empty()) return Usage("--name is required");
+  dmcowd::LogInit(verbose >= 1 ? dmcowd::LogLevel::kDebug : dmcowd::LogLevel::kInfo, use_syslog);
+
+  std::unique_ptr<dmcowd::Plugin> plug;
+  dmcowd::Status s = dmcowd::MakePlugin(plugin, p, &plug);
+  if (!s.ok()) return Usage(s.ToString());
+
+  // Signals are taken by the signalfd in Daemon::Run; every thread blocks them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  dmcowd::Daemon daemon(d, std::move(plug));
+  s = daemon.Start();
+  if (!s.ok()) {
+    LOG_ERROR("%s", s.ToString().c_str());
+    return 1;
+  }
+  return daemon.Run();
+}

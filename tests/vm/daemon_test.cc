@@ -1,0 +1,790 @@
+// dmcowd in the test VM (tests/vm/run.sh): the real daemon (/bin/dmcowd)
+// serving real dm-cow devices over files on tmpfs.
+//
+//   daemontest list            names of all tests
+//   daemontest run [name...]   run tests, printing "DMCOW-TEST <name> PASS|FAIL"
+//
+// Data checks compare the whole device with a model: base pattern or the
+// tag last written. The base file is checked against its pattern too: it is
+// never written.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr uint64_t kSector = 512;
+constexpr unsigned kWords = kSector / 8;
+const char* const kDmsetup = "/sbin/dmsetup";
+const char* const kDmcowd = "/bin/dmcowd";
+
+struct TestFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string Fmt(const char* fmt, ...) {
+  char buf[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+#define CHECK(cond, ...)                                                                               \
+  do {                                                                                                 \
+    if (!(cond)) throw TestFailure(Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + "]"); \
+  } while (0)
+
+long MsSince(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
+}
+void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+uint64_t BaseWord(uint64_t sector, unsigned w) { return 0xBA5E000000000000ULL | (sector << 8) | w; }
+uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
+  return 0x5700000000000000ULL | (static_cast<uint64_t>(tag & 0xffff) << 40) | (sector << 8) | w;
+}
+
+// ---- processes ----------------------------------------------------------------
+
+int Run(const std::vector<std::string>& args, std::string* out = nullptr) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC)) return -1;
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(fds[1]);
+  std::string text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof(buf))) > 0) text.append(buf, n);
+  close(fds[0]);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (out) *out = text;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+std::string ReadText(const std::string& path) {
+  std::string text;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return text;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) text.append(buf, n);
+  close(fd);
+  return text;
+}
+
+std::string Tail(const std::string& s, size_t n = 600) { return s.size() > n ? s.substr(s.size() - n) : s; }
+
+// ---- a dmcowd process ---------------------------------------------------------
+
+class Daemon {
+ public:
+  Daemon(std::string name, std::vector<std::string> args) : name_(std::move(name)), args_(std::move(args)) {
+    log_ = "/tmp/dmcowd-" + name_ + ".log";
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  void Start() {
+    std::vector<std::string> argv = {kDmcowd, "--name", name_};
+    argv.insert(argv.end(), args_.begin(), args_.end());
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      int fd = open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      dup2(fd, 2);
+      dup2(fd, 1);
+      execv(cargv[0], cargv.data());
+      _exit(127);
+    }
+    CHECK(pid_ > 0, "fork");
+    // Ready once the kernel reports a daemon that completed the handshake
+    // and the node exists.
+    auto t0 = Clock::now();
+    for (;;) {
+      int st;
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        CHECK(false, "dmcowd exited at start (%d): %s", st, Tail(ReadText(log_)).c_str());
+      }
+      std::string out;
+      if (access(("/dev/mapper/" + name_).c_str(), F_OK) == 0 && Run({kDmsetup, "status", name_}, &out) == 0 &&
+          out.find(" ready") != std::string::npos)
+        break;
+      CHECK(MsSince(t0) < 20000, "dmcowd not ready after 20 s: %s", Tail(ReadText(log_)).c_str());
+      SleepMs(20);
+    }
+  }
+
+  // SIGTERM and wait; returns the exit status.
+  int Stop(int timeout_ms = 20000) {
+    CHECK(pid_ > 0, "dmcowd not running");
+    kill(pid_, SIGTERM);
+    return Wait(timeout_ms);
+  }
+  void Kill() {
+    kill(pid_, SIGKILL);
+    Wait(5000);
+  }
+  int Wait(int timeout_ms) {
+    auto t0 = Clock::now();
+    int st = 0;
+    while (waitpid(pid_, &st, WNOHANG) != pid_) {
+      CHECK(MsSince(t0) < timeout_ms, "dmcowd did not exit: %s", Tail(ReadText(log_)).c_str());
+      SleepMs(20);
+    }
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  pid_t pid() const { return pid_; }
+  std::string Log() const { return ReadText(log_); }
+
+ private:
+  std::string name_;
+  std::vector<std::string> args_;
+  std::string log_;
+  pid_t pid_ = -1;
+};
+
+// ---- device and model -----------------------------------------------------------
+
+class Buf {
+ public:
+  explicit Buf(size_t bytes) {
+    if (posix_memalign(&p_, 4096, bytes)) throw TestFailure("posix_memalign");
+  }
+  ~Buf() { free(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  uint64_t* words() { return static_cast<uint64_t*>(p_); }
+  void* data() { return p_; }
+
+ private:
+  void* p_ = nullptr;
+};
+
+void WriteBaseFile(const std::string& path, uint64_t sectors) {
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  CHECK(fd >= 0, "create %s: %s", path.c_str(), strerror(errno));
+  std::vector<uint64_t> buf(256 * kWords);
+  for (uint64_t s = 0; s < sectors; s += 256) {
+    const uint64_t n = std::min<uint64_t>(256, sectors - s);
+    for (uint64_t i = 0; i < n * kWords; i++) buf[i] = BaseWord(s + i / kWords, i % kWords);
+    CHECK(write(fd, buf.data(), n * kSector) == static_cast<ssize_t>(n * kSector), "write %s", path.c_str());
+  }
+  close(fd);
+}
+
+void CheckBaseFile(const std::string& path, uint64_t sectors) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s", path.c_str());
+  std::vector<uint64_t> buf(256 * kWords);
+  for (uint64_t s = 0; s < sectors; s += 256) {
+    const uint64_t n = std::min<uint64_t>(256, sectors - s);
+    CHECK(pread(fd, buf.data(), n * kSector, s * kSector) == static_cast<ssize_t>(n * kSector), "read base");
+    for (uint64_t i = 0; i < n * kWords; i++) {
+      if (buf[i] != BaseWord(s + i / kWords, i % kWords)) {
+        close(fd);
+        CHECK(false, "base file modified at sector %llu", (unsigned long long)(s + i / kWords));
+      }
+    }
+  }
+  close(fd);
+}
+
+// What a device must hold: base pattern, or the tag last written.
+struct Model {
+  explicit Model(uint64_t sectors) : sectors(sectors), data(sectors * kWords) {
+    for (uint64_t s = 0; s < sectors; s++)
+      for (unsigned w = 0; w < kWords; w++) data[s * kWords + w] = BaseWord(s, w);
+  }
+  void Set(uint64_t sector, uint64_t n, uint32_t tag) {
+    for (uint64_t s = sector; s < sector + n; s++)
+      for (unsigned w = 0; w < kWords; w++) data[s * kWords + w] = TagWord(tag, s, w);
+  }
+  uint64_t sectors;
+  std::vector<uint64_t> data;
+};
+
+int OpenDev(const std::string& name) {
+  const std::string path = "/dev/mapper/" + name;
+  int fd = open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s: %s", path.c_str(), strerror(errno));
+  return fd;
+}
+
+// Writes tag data; 0 or -errno. The model follows on success.
+int WriteTag(int fd, Model* m, uint64_t sector, uint64_t n, uint32_t tag) {
+  Buf buf(n * kSector);
+  for (uint64_t s = 0; s < n; s++)
+    for (unsigned w = 0; w < kWords; w++) buf.words()[s * kWords + w] = TagWord(tag, sector + s, w);
+  ssize_t r = pwrite(fd, buf.data(), n * kSector, sector * kSector);
+  if (r < 0) return -errno;
+  if (r != static_cast<ssize_t>(n * kSector)) return -EIO;
+  m->Set(sector, n, tag);
+  return 0;
+}
+
+void Verify(const std::string& name, const Model& m) {
+  int fd = OpenDev(name);
+  const uint64_t step = 256;
+  Buf buf(step * kSector);
+  for (uint64_t s = 0; s < m.sectors; s += step) {
+    const uint64_t n = std::min(step, m.sectors - s);
+    ssize_t r = pread(fd, buf.data(), n * kSector, s * kSector);
+    if (r != static_cast<ssize_t>(n * kSector)) {
+      close(fd);
+      CHECK(false, "%s: read sector %llu: %s", name.c_str(), (unsigned long long)s, strerror(errno));
+    }
+    for (uint64_t i = 0; i < n * kWords; i++) {
+      if (buf.words()[i] != m.data[s * kWords + i]) {
+        close(fd);
+        CHECK(false, "%s: sector %llu word %llu: got %016llx want %016llx", name.c_str(),
+              (unsigned long long)(s + i / kWords), (unsigned long long)(i % kWords),
+              (unsigned long long)buf.words()[i], (unsigned long long)m.data[s * kWords + i]);
+      }
+    }
+  }
+  close(fd);
+}
+
+bool DeviceExists(const std::string& name) {
+  std::string out;
+  return Run({kDmsetup, "info", name}, &out) == 0;
+}
+
+// Loop devices still bound to `file`.
+int LoopsOn(const std::string& file) {
+  int n = 0;
+  for (int i = 0; i < 64; i++) {
+    std::string bf = ReadText(Fmt("/sys/block/loop%d/loop/backing_file", i));
+    if (!bf.empty() && bf.compare(0, file.size(), file) == 0) n++;
+  }
+  return n;
+}
+
+// Random writes: partial and whole chunks, some crossing chunk boundaries.
+void RandomWrites(int fd, Model* m, uint32_t cs, std::mt19937_64& rng, int count, uint32_t first_tag) {
+  for (int i = 0; i < count; i++) {
+    const uint64_t chunks = m->sectors / cs;
+    uint64_t sector, n;
+    switch (rng() % 3) {
+      case 0:  // whole chunk
+        sector = (rng() % chunks) * cs;
+        n = cs;
+        break;
+      case 1:  // a few sectors inside a chunk
+        sector = rng() % (m->sectors - 8);
+        n = 1 + rng() % 8;
+        break;
+      default:  // across a chunk boundary
+        sector = (1 + rng() % (chunks - 1)) * cs - 4;
+        n = 8;
+        break;
+    }
+    n = std::min(n, m->sectors - sector);
+    int r = WriteTag(fd, m, sector, n, first_tag + i);
+    CHECK(r == 0, "write at %llu: %s", (unsigned long long)sector, strerror(-r));
+  }
+}
+
+// ---- tests --------------------------------------------------------------------
+
+// Writes through the device, detach, reattach: every byte as written, the
+// rest equal to base; the base file never modified; loops released.
+void TestAttachReattach() {
+  const std::string name = "dc-reattach", base = "/tmp/ra-base.img", cow = "/tmp/ra-cow.img";
+  const uint64_t sectors = 16384 + 24;  // 8 MiB and a short last chunk
+  const uint32_t cs = 128;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(7);
+
+  Daemon d1(name, {"--chunk-size", "64K", "--reload-interval", "0", base, cow});
+  d1.Start();
+  int fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 60, 1);
+  CHECK(WriteTag(fd, &m, sectors - 3, 3, 900) == 0, "write at the end");
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  close(fd);
+  Verify(name, m);
+  int rc = d1.Stop();
+  CHECK(rc == 0, "dmcowd exit %d: %s", rc, Tail(d1.Log()).c_str());
+  CHECK(!DeviceExists(name), "device still exists after SIGTERM");
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+  CheckBaseFile(base, sectors);
+
+  // Reattach (chunk size from the COW), check, write more without an
+  // explicit flush: the shutdown flushes.
+  Daemon d2(name, {"--reload-interval", "0", base, cow});
+  d2.Start();
+  Verify(name, m);
+  fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 40, 100);
+  close(fd);
+  rc = d2.Stop();
+  CHECK(rc == 0, "dmcowd exit %d: %s", rc, Tail(d2.Log()).c_str());
+
+  Daemon d3(name, {"--reload-interval", "0", base, cow});
+  d3.Start();
+  Verify(name, m);
+  CHECK(d3.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// Lines of `dmsetup table NAME`: the number of targets.
+int TableTargets(const std::string& name) {
+  std::string out;
+  CHECK(Run({kDmsetup, "table", name}, &out) == 0, "dmsetup table: %s", out.c_str());
+  int n = 0;
+  for (char c : out) n += c == '\n';
+  return n;
+}
+
+// The last "reload: ..." line dmcowd logged.
+std::string LastReload(const Daemon& d) {
+  std::string log = d.Log();
+  size_t at = log.rfind("reload: ");
+  if (at == std::string::npos) return "";
+  return log.substr(at, log.find('\n', at) - at);
+}
+
+// Waits until dmcowd logged more than `count` reloads.
+int WaitReloads(const Daemon& d, int count, int timeout_ms) {
+  auto t0 = Clock::now();
+  for (;;) {
+    std::string log = d.Log();
+    int n = 0;
+    for (size_t at = 0; (at = log.find("reload: ", at)) != std::string::npos; at++) n++;
+    if (n > count) return n;
+    CHECK(MsSince(t0) < timeout_ms, "no reload within %d ms: %s", timeout_ms, Tail(log).c_str());
+    SleepMs(50);
+  }
+}
+
+// Table reloads with thousands of scattered chunks, under I/O, and bounded
+// by --max-targets: the rest stays in the kernel's store. Then a reattach
+// builds the same kind of table at once.
+void TestReloadScattered() {
+  const std::string name = "dc-reload", base = "/tmp/rl-base.img", cow = "/tmp/rl-cow.img";
+  const uint32_t cs = 8;  // 4 KiB chunks
+  const uint64_t sectors = 16384 * cs;  // 64 MiB
+  const int max_targets = 4001;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(11);
+  Daemon d(name, {"--chunk-size", "4K", "--reload-interval", "1", "--max-targets", std::to_string(max_targets),
+                  base, cow});
+  d.Start();
+  int fd = OpenDev(name);
+  // Whole chunks in random order: each its own run in cow space.
+  std::vector<uint64_t> chunks(sectors / cs);
+  for (uint64_t i = 0; i < chunks.size(); i++) chunks[i] = i;
+  std::shuffle(chunks.begin(), chunks.end(), rng);
+  for (int i = 0; i < 3000; i++) {
+    int r = WriteTag(fd, &m, chunks[i] * cs, cs, 1 + i);
+    CHECK(r == 0, "write chunk %llu: %s", (unsigned long long)chunks[i], strerror(-r));
+  }
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  int reloads = WaitReloads(d, 0, 30000);
+  int targets = TableTargets(name);
+  CHECK(targets > 1000 && targets <= max_targets, "%d targets after reload (%s)", targets, LastReload(d).c_str());
+  Verify(name, m);
+  std::fprintf(stderr, "reload_scattered: %d targets; %s\n", targets, LastReload(d).c_str());
+
+  // I/O during reloads: new chunks, rewrites, partial writes.
+  std::atomic<bool> stop{false};
+  std::string error;
+  std::thread writer([&] {
+    std::mt19937_64 wr(12);
+    int i = 0;
+    while (!stop) {
+      const uint64_t sector = wr() % 2 ? chunks[3000 + i % 4000] * cs : wr() % (sectors - 4);
+      const uint64_t n = wr() % 2 ? cs - sector % cs : 1 + wr() % 4;
+      int r = WriteTag(fd, &m, sector, std::min<uint64_t>(n, sectors - sector), 10000 + i);
+      if (r) {
+        error = Fmt("write at %llu during reloads: %s", (unsigned long long)sector, strerror(-r));
+        return;
+      }
+      if (++i % 200 == 0 && fdatasync(fd)) {
+        error = Fmt("flush during reloads: %s", strerror(errno));
+        return;
+      }
+    }
+  });
+  WaitReloads(d, reloads + 2, 60000);
+  stop = true;
+  writer.join();
+  CHECK(error.empty(), "%s", error.c_str());
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  close(fd);
+  kill(d.pid(), SIGHUP);
+  WaitReloads(d, reloads + 2, 30000);
+  Verify(name, m);
+  CHECK(d.Stop() == 0, "dmcowd exit: %s", Tail(d.Log()).c_str());
+
+  Daemon again(name, {"--reload-interval", "0", "--max-targets", std::to_string(max_targets), base, cow});
+  again.Start();
+  targets = TableTargets(name);
+  CHECK(targets > 1000 && targets <= max_targets, "%d targets at attach", targets);
+  Verify(name, m);
+  CHECK(again.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// SIGKILL while writes are in flight: nothing hangs, the device is removed
+// and re-created by a new dmcowd, which shows every flushed write, and for
+// the rest either the old or a newer content of each sector.
+void TestKilledMidWrite() {
+  const std::string name = "dc-killed", base = "/tmp/kl-base.img", cow = "/tmp/kl-cow.img";
+  const uint32_t cs = 16;
+  const uint64_t sectors = 4096 * cs / 4;  // 8 MiB
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  std::mt19937_64 rng(5);
+  Daemon d(name, {"--chunk-size", "8K", "--reload-interval", "0", base, cow});
+  d.Start();
+  int fd = OpenDev(name);
+  RandomWrites(fd, &m, cs, rng, 80, 1);
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  const Model flushed = m;
+
+  // Later writes, tracked per sector: any of them may survive.
+  std::map<uint64_t, std::set<uint32_t>> later;
+  std::atomic<int> done{0};
+  std::atomic<int> last_error{0};
+  std::thread writer([&] {
+    std::mt19937_64 wr(6);
+    for (int i = 0; i < 100000; i++) {
+      const uint64_t sector = wr() % (sectors - 8);
+      const uint64_t n = 1 + wr() % 8;
+      for (uint64_t s = sector; s < sector + n; s++) later[s].insert(1000 + i);
+      int r = WriteTag(fd, &m, sector, n, 1000 + i);
+      if (r) {
+        last_error = r;
+        return;
+      }
+      done++;
+    }
+  });
+  while (done < 50) SleepMs(5);
+  d.Kill();
+  auto t0 = Clock::now();
+  writer.join();  // a write needing the dead daemon fails at once
+  CHECK(last_error == -EIO, "writer ended with %d after %d writes", last_error.load(), done.load());
+  CHECK(MsSince(t0) < 10000, "writer took %ld ms to fail", MsSince(t0));
+  close(fd);
+
+  // The kernel keeps the device; remove it and start over from the COW.
+  for (int i = 0; i < 50 && DeviceExists(name); i++) {
+    Run({kDmsetup, "remove", name, "--noudevsync", "--verifyudev"});
+    if (DeviceExists(name)) SleepMs(100);
+  }
+  CHECK(!DeviceExists(name), "cannot remove %s", name.c_str());
+  for (int i = 0; i < 50 && (LoopsOn(base) || LoopsOn(cow)); i++) SleepMs(100);
+  CHECK(LoopsOn(base) == 0 && LoopsOn(cow) == 0, "loop devices left behind");
+
+  Daemon d2(name, {"--reload-interval", "0", base, cow});
+  d2.Start();
+  fd = OpenDev(name);
+  Buf buf(kSector);
+  int changed = 0;
+  for (uint64_t s = 0; s < sectors; s++) {
+    CHECK(pread(fd, buf.data(), kSector, s * kSector) == kSector, "read %llu", (unsigned long long)s);
+    const uint64_t* want = &flushed.data[s * kWords];
+    if (std::equal(want, want + kWords, buf.words())) continue;
+    // Not the flushed content: then one later write, whole.
+    auto it = later.find(s);
+    CHECK(it != later.end(), "sector %llu lost its flushed content (got %016llx)", (unsigned long long)s,
+          (unsigned long long)buf.words()[0]);
+    const uint32_t tag = static_cast<uint32_t>((buf.words()[0] >> 40) & 0xffff);
+    bool ok = false;
+    for (uint32_t t : it->second) ok |= (t & 0xffff) == tag;
+    for (unsigned w = 0; ok && w < kWords; w++) ok = buf.words()[w] == TagWord(tag, s, w);
+    CHECK(ok, "sector %llu holds neither flushed nor a later write (%016llx)", (unsigned long long)s,
+          (unsigned long long)buf.words()[0]);
+    changed++;
+  }
+  close(fd);
+  std::fprintf(stderr, "killed_mid_write: %d writes after the flush, %d sectors show them\n", done.load(), changed);
+  CHECK(d2.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// Two devices over one base at the same time, each with its own COW.
+void TestSharedBase() {
+  const std::string base = "/tmp/sh-base.img";
+  const uint64_t sectors = 8192;
+  const uint32_t cs = 64;
+  WriteBaseFile(base, sectors);
+  Model m1(sectors), m2(sectors);
+  unlink("/tmp/sh-cow1.img");
+  unlink("/tmp/sh-cow2.img");
+  Daemon d1("dc-share1", {"--chunk-size", "32K", base, "/tmp/sh-cow1.img"});
+  Daemon d2("dc-share2", {"--chunk-size", "32K", base, "/tmp/sh-cow2.img"});
+  d1.Start();
+  d2.Start();
+  std::mt19937_64 r1(1), r2(2);
+  int f1 = OpenDev("dc-share1"), f2 = OpenDev("dc-share2");
+  std::thread t([&] { RandomWrites(f1, &m1, cs, r1, 50, 1); });
+  RandomWrites(f2, &m2, cs, r2, 50, 500);
+  t.join();
+  close(f1);
+  close(f2);
+  Verify("dc-share1", m1);
+  Verify("dc-share2", m2);
+  CHECK(d1.Stop() == 0 && d2.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  Daemon again("dc-share1", {base, "/tmp/sh-cow1.img"});
+  again.Start();
+  Verify("dc-share1", m1);
+  CHECK(again.Stop() == 0, "dmcowd exit");
+  unlink("/tmp/sh-cow1.img");
+  unlink("/tmp/sh-cow2.img");
+  unlink(base.c_str());
+}
+
+uint64_t Fnv(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
+
+// Deterministic file content of `len` bytes.
+std::string FileContent(int i, size_t len) {
+  std::string s(len, '\0');
+  std::mt19937_64 rng(1000 + i);
+  for (size_t k = 0; k < len; k++) s[k] = static_cast<char>('a' + rng() % 26);
+  return s;
+}
+
+void WriteText(const std::string& path, const std::string& text) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  CHECK(fd >= 0, "create %s", path.c_str());
+  CHECK(write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()), "write %s", path.c_str());
+  close(fd);
+}
+
+void Must(const std::vector<std::string>& args) {
+  std::string out;
+  int st = Run(args, &out);
+  std::string cmd;
+  for (auto& a : args) cmd += a + " ";
+  CHECK(st == 0, "%s: exit %d: %s", cmd.c_str(), st, Tail(out).c_str());
+}
+
+// `debugfs -R "dump PATH OUT"` and compare.
+void CheckFsFile(const std::string& dev, const std::string& path, const std::string& want) {
+  unlink("/tmp/fs-dump");
+  Must({"/sbin/debugfs", "-R", "dump " + path + " /tmp/fs-dump", dev});
+  CHECK(ReadText("/tmp/fs-dump") == want, "%s on %s differs", path.c_str(), dev.c_str());
+}
+
+// ext4 (userspace e2fsprogs, no mount): a base image holding a file system,
+// changed through a cow device, fsck-clean on the device and after a
+// reattach; the base keeps its own file system. And mkfs.ext4 onto a cow
+// device, fsck-clean after reattach.
+void TestFilesystem() {
+  const std::string base = "/tmp/fs-base.img", cow = "/tmp/fs-cow.img", cow2 = "/tmp/fs-cow2.img";
+  const std::string name = "dc-fs", dev = "/dev/mapper/dc-fs";
+  mkdir("/tmp/fs-src", 0755);
+  std::vector<std::string> files;
+  for (int i = 0; i < 12; i++) {
+    files.push_back(FileContent(i, 1 + (size_t(i) * 97531) % (600 * 1024)));
+    WriteText(Fmt("/tmp/fs-src/f%d", i), files.back());
+  }
+  WriteText(base, "");
+  CHECK(truncate(base.c_str(), 32 << 20) == 0, "truncate");
+  Must({"/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-d", "/tmp/fs-src", base});
+  Must({"/sbin/e2fsck", "-fn", base});
+  const uint64_t base_sum = Fnv(ReadText(base));
+  unlink(cow.c_str());
+  unlink(cow2.c_str());
+
+  // Change the file system through the device.
+  const std::string extra = FileContent(99, 300000);
+  WriteText("/tmp/fs-extra", extra);
+  {
+    Daemon d(name, {"--chunk-size", "16K", base, cow});
+    d.Start();
+    Must({"/sbin/debugfs", "-w", "-R", "write /tmp/fs-extra extra", dev});
+    Must({"/sbin/debugfs", "-w", "-R", "rm f3", dev});
+    Must({"/sbin/debugfs", "-w", "-R", "mkdir newdir", dev});
+    Must({"/sbin/e2fsck", "-fn", dev});
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  {
+    Daemon d(name, {base, cow});
+    d.Start();
+    Must({"/sbin/e2fsck", "-fn", dev});
+    CheckFsFile(dev, "/extra", extra);
+    CheckFsFile(dev, "/f7", files[7]);
+    std::string out;
+    Run({"/sbin/debugfs", "-R", "stat /f3", dev}, &out);
+    CHECK(out.find("not found") != std::string::npos, "f3 still there: %s", Tail(out).c_str());
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  CHECK(Fnv(ReadText(base)) == base_sum, "base image changed");
+  Must({"/sbin/e2fsck", "-fn", base});
+  CheckFsFile(base, "/f3", files[3]);
+
+  // mkfs.ext4 onto a cow device over the same base, while the other COW is
+  // attached too.
+  {
+    Daemon other("dc-fs-other", {base, cow});
+    other.Start();
+    Daemon d(name, {"--chunk-size", "64K", base, cow2});
+    d.Start();
+    Must({"/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-E", "nodiscard", "-d", "/tmp/fs-src", dev});
+    Must({"/sbin/e2fsck", "-fn", dev});
+    Must({"/sbin/e2fsck", "-fn", "/dev/mapper/dc-fs-other"});
+    CHECK(d.Stop() == 0 && other.Stop() == 0, "dmcowd exit");
+  }
+  {
+    Daemon d(name, {base, cow2});
+    d.Start();
+    Must({"/sbin/e2fsck", "-fn", dev});
+    for (int i = 0; i < 12; i++) CheckFsFile(dev, Fmt("/f%d", i), files[i]);
+    CHECK(d.Stop() == 0, "dmcowd exit");
+  }
+  CHECK(Fnv(ReadText(base)) == base_sum, "base image changed");
+  for (const char* f : {"/tmp/fs-extra", "/tmp/fs-dump"}) unlink(f);
+  for (int i = 0; i < 12; i++) unlink(Fmt("/tmp/fs-src/f%d", i).c_str());
+  rmdir("/tmp/fs-src");
+  unlink(cow.c_str());
+  unlink(cow2.c_str());
+  unlink(base.c_str());
+}
+
+struct TestCase {
+  const char* name;
+  void (*fn)();
+};
+
+const TestCase kTests[] = {
+    {"daemon_attach_reattach", TestAttachReattach},
+    {"daemon_shared_base", TestSharedBase},
+    {"daemon_filesystem", TestFilesystem},
+    {"daemon_killed_mid_write", TestKilledMidWrite},
+    {"daemon_reload_scattered", TestReloadScattered},
+};
+
+int RunOne(const TestCase& t, int timeout_s) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC)) return 1;
+  auto t0 = Clock::now();
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    std::string result;
+    try {
+      t.fn();
+      result = "PASS";
+    } catch (const std::exception& e) {
+      result = std::string("FAIL ") + e.what();
+    }
+    (void)!write(fds[1], result.data(), result.size());
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string result;
+  bool timed_out = false;
+  for (;;) {
+    int st;
+    if (waitpid(pid, &st, WNOHANG) == pid) break;
+    if (MsSince(t0) > timeout_s * 1000L) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      timed_out = true;
+      break;
+    }
+    SleepMs(20);
+  }
+  if (!timed_out) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, n);
+  }
+  close(fds[0]);
+  if (timed_out) result = Fmt("FAIL timed out after %d s", timeout_s);
+  else if (result.empty()) result = "FAIL test process died";
+  for (char& c : result)
+    if (c == '\n') c = ' ';
+  std::printf("DMCOW-TEST %s %s (%ld ms)\n", t.name, result.c_str(), MsSince(t0));
+  std::fflush(stdout);
+  return result.rfind("PASS", 0) == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string cmd = argc > 1 ? argv[1] : "run";
+  if (cmd == "list") {
+    for (const auto& t : kTests) std::printf("%s\n", t.name);
+    return 0;
+  }
+  if (cmd != "run") {
+    std::fprintf(stderr, "usage: daemontest list | run [name...]\n");
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  int timeout_s = 120;
+  if (const char* e = getenv("DMCOW_DAEMON_TEST_TIMEOUT")) timeout_s = atoi(e);
+  int failed = 0;
+  for (const auto& t : kTests) {
+    bool selected = argc <= 2;
+    for (int i = 2; i < argc; i++) selected |= !strcmp(argv[i], t.name);
+    if (selected) failed += RunOne(t, timeout_s);
+  }
+  return failed ? 1 : 0;
+}

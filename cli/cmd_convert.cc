@@ -99,7 +99,7 @@ int CmdConvert(int argc, char** argv) {
   bool compress = false, progress_flag = false, quiet = false, skip_create = false, target_is_zero = false;
   uint64_t min_sparse = 4096;
   int coroutines = 0;
-  enum { kOptTargetIsZero = 256, kOptSalvage };
+  enum { kOptTargetIsZero = 256 };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},

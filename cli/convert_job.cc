@@ -167,6 +167,15 @@ bool ConvertJob::ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len) {
   return true;
 }
 
+void ConvertJob::AddData(uint64_t start, uint64_t offset, uint64_t length, std::vector<Op>* ops) const {
+  if (length == 0) return;
+  if (!ops->empty() && ops->back().kind == Kind::kData && ops->back().offset + ops->back().length == offset) {
+    ops->back().length += length;
+  } else {
+    ops->push_back(Op{Kind::kData, offset, length, static_cast<size_t>(offset - start)});
+  }
+}
+
 void ConvertJob::AddZero(uint64_t offset, uint64_t length, std::vector<Op>* ops) const {
   if (s_.zero_init || length == 0) return;
   if (!ops->empty() && ops->back().kind == Kind::kZero && ops->back().offset + ops->back().length == offset) {
@@ -197,14 +206,6 @@ bool ConvertJob::ProcessChunk(uint64_t index, std::vector<uint8_t>* buf, std::ve
 bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
                            std::vector<Op>* ops) {
   const uint64_t end = std::min(start + chunk_size_, total_size_);
-  auto add_data = [&](uint64_t offset, uint64_t length) {
-    if (length == 0) return;
-    if (!ops->empty() && ops->back().kind == Kind::kData && ops->back().offset + ops->back().length == offset) {
-      ops->back().length += length;
-    } else {
-      ops->push_back(Op{Kind::kData, offset, length, static_cast<size_t>(offset - start)});
-    }
-  };
   bool any_data = false, any_skip = false;
   for (const Extent& e : extents) {
     any_data |= e.state == State::kData;
@@ -227,7 +228,7 @@ bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, s
         return false;
       }
       if (s_.min_sparse == 0) {
-        add_data(e.offset, e.length);
+        AddData(start, e.offset, e.length, ops);
       } else {
         PlanZeroRuns(start, e.offset, e.offset + e.length, nullptr, buf->data(), ops);
       }
@@ -268,14 +269,6 @@ void ConvertJob::PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const 
     if (s_.cluster_size > kSector && !whole) return false;
     return IsZero(buf + (p - start), n);
   };
-  auto add_data = [&](uint64_t offset, uint64_t length) {
-    if (length == 0) return;
-    if (!ops->empty() && ops->back().kind == Kind::kData && ops->back().offset + ops->back().length == offset) {
-      ops->back().length += length;
-    } else {
-      ops->push_back(Op{Kind::kData, offset, length, static_cast<size_t>(offset - start)});
-    }
-  };
   uint64_t pos = from;
   while (pos < to) {
     const uint64_t zero_start = pos;
@@ -297,7 +290,7 @@ void ConvertJob::PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const 
       }
       if (scan - run >= s_.min_sparse || scan == to || has_known) break;
     }
-    add_data(pos, data_end - pos);
+    AddData(start, pos, data_end - pos, ops);
     pos = data_end;
   }
 }

@@ -82,6 +82,9 @@ class ConvertJob {
   // Plans [from, to) of a chunk read into `buf`: data, except zero runs.
   void PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const std::vector<char>* known_zero,
                     const uint8_t* buf, std::vector<Op>* ops);
+  // Data at [offset, offset+length) of the chunk starting at `start`,
+  // merged with the previous op when contiguous.
+  void AddData(uint64_t start, uint64_t offset, uint64_t length, std::vector<Op>* ops) const;
   void AddZero(uint64_t offset, uint64_t length, std::vector<Op>* ops) const;
   bool Apply(const std::vector<Op>& ops, const uint8_t* buf);
   bool Fail(const std::string& msg);

@@ -40,6 +40,15 @@ Status Image::MakeEmpty() {
                               info().format + ") or the image is not open for writing");
 }
 
+Status ImageBase::CheckWriteRange(uint64_t offset, uint64_t len) const {
+  uint64_t end;
+  if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
+    return Status::InvalidArgument(filename() + ": write of " + std::to_string(len) + " bytes at offset " +
+                                   Hex(offset) + " goes past the virtual size");
+  }
+  return Status::OK();
+}
+
 Status ImageBase::CheckGuestRange(uint64_t offset, uint64_t len) const {
   uint64_t end;
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {

@@ -29,6 +29,8 @@ class ImageBase : public Image {
 
   // Rejects reads that leave the guest disk.
   Status CheckGuestRange(uint64_t offset, uint64_t len) const;
+  // Rejects writes that leave the guest disk.
+  Status CheckWriteRange(uint64_t offset, uint64_t len) const;
 
   std::unique_ptr<File> file_;
   ImageInfo info_;

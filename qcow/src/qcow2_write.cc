@@ -245,11 +245,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
 
 Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
   if (!writable_) return Image::Write(offset, buf, len);
-  uint64_t end;
-  if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
-    return Status::InvalidArgument(filename() + ": write of " + std::to_string(len) + " bytes at offset " +
-                                   Hex(offset) + " goes past the virtual size");
-  }
+  DMCOW_RETURN_IF_ERROR(CheckWriteRange(offset, len));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
   return WriteLocked(offset, static_cast<const uint8_t*>(buf), len);
 }

@@ -90,6 +90,15 @@ Status Load(const std::string& name, const std::vector<Segment>& segments, const
   return RunTask(t, "table load", name);
 }
 
+Status LoadTargets(const std::string& name, const std::vector<Target>& targets) {
+  Task t = NewTask(DM_DEVICE_RELOAD, name);
+  for (const Target& x : targets) {
+    if (!t) break;
+    if (!dm_task_add_target(t.get(), x.start, x.len, x.type.c_str(), x.params.c_str())) t.reset();
+  }
+  return RunTask(t, "table load", name);
+}
+
 Status Suspend(const std::string& name) {
   Task t = NewTask(DM_DEVICE_SUSPEND, name);
   if (t && (!dm_task_no_flush(t.get()) || !dm_task_skip_lockfs(t.get()))) t.reset();

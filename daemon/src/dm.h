@@ -25,6 +25,12 @@ bool Exists(const std::string& name);
 Status Create(const std::string& name);
 // Loads `segments` as the inactive table.
 Status Load(const std::string& name, const std::vector<Segment>& segments, const TableDevices& devices);
+// A plain table (linear, zero...) for helper devices.
+struct Target {
+  uint64_t start = 0, len = 0;  // sectors
+  std::string type, params;
+};
+Status LoadTargets(const std::string& name, const std::vector<Target>& targets);
 // noflush + skip lockfs: does not wait for I/O held for the daemon.
 Status Suspend(const std::string& name);
 Status Resume(const std::string& name);

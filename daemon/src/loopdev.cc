@@ -40,12 +40,17 @@ Status BlockDev::Open(const std::string& path, bool read_only) {
 
   int file_fd = ::open(path.c_str(), mode | O_CLOEXEC);
   if (file_fd < 0) return Errno(path + ": open", errno);
+  Status s = OpenFile(file_fd, path, read_only);
+  ::close(file_fd);
+  return s;
+}
+
+Status BlockDev::OpenFile(int file_fd, const std::string& label, bool read_only) {
+  Release();
+  const std::string& path = label;
+  const int mode = read_only ? O_RDONLY : O_RDWR;
   int ctl = ::open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-  if (ctl < 0) {
-    int e = errno;
-    ::close(file_fd);
-    return Errno("/dev/loop-control", e);
-  }
+  if (ctl < 0) return Errno("/dev/loop-control", errno);
   Status s;
   for (int attempt = 0; attempt < 20; attempt++) {
     int n = ::ioctl(ctl, LOOP_CTL_GET_FREE);
@@ -85,8 +90,13 @@ Status BlockDev::Open(const std::string& path, bool read_only) {
     if (e != EBUSY) break;  // somebody took it first: try the next free one
   }
   ::close(ctl);
-  ::close(file_fd);
   return s;
+}
+
+Status BlockDev::SetCapacity() {
+  if (!is_loop_ || fd_ < 0) return Status::InvalidArgument(devnode_ + ": not a loop device of ours");
+  if (::ioctl(fd_, LOOP_SET_CAPACITY, 0) != 0) return Errno(devnode_ + ": LOOP_SET_CAPACITY", errno);
+  return Status::OK();
 }
 
 void BlockDev::Release() {

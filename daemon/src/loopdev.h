@@ -22,10 +22,16 @@ class BlockDev {
   // `path` is a block device or a regular file (then a loop device is set
   // up, read-only if asked). Keeps the device open until Release().
   Status Open(const std::string& path, bool read_only);
+  // A loop device over an open file (kept by the loop; `file_fd` may be
+  // closed afterwards); `label` names it in messages and the loop's info.
+  Status OpenFile(int file_fd, const std::string& label, bool read_only);
+  // Re-reads the backing file's size (after the file grew).
+  Status SetCapacity();
   // Closes our fd: a loop device goes away when the dm table no longer
   // holds it either.
   void Release();
 
+  int fd() const { return fd_; }
   const std::string& devnode() const { return devnode_; }  // /dev/loopN or the path
   const std::string& devt() const { return devt_; }        // "major:minor" for tables
   bool is_loop() const { return is_loop_; }

@@ -1,5 +1,6 @@
 // dmcowd: serves one dm-cow device (see daemon/DESIGN.md and `dmcowd --help`).
 #include <getopt.h>
+#include <unistd.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -33,6 +34,14 @@ void PrintHelp() {
       "        must carry a dmcow header (attach again later: every write is still there)\n"
       "        unless --format is given. Files are set up on loop devices, released on exit.\n"
       "        Settings: --opt alloc_step=N (chunks reserved per header update, default 4096).\n"
+      "  qcow2 dmcowd --plugin qcow2 --name NAME [--opt KEY=VALUE...] IMAGE\n"
+      "        A qcow2 image (v2, v3) as a block device: writes land in the image with the\n"
+      "        metadata QEMU writes (refcounts, L2, COPIED), durable at each flush; chunks\n"
+      "        are clusters (4K for smaller clusters). Settings: read_only=1; backing=DEV\n"
+      "        (the backing chain's content as a device; raw backing files are found\n"
+      "        through the image); name=PREFIX (helper devices PREFIX-store, PREFIX-base);\n"
+      "        scratch_dir=DIR (unlinked file for decompressed chunks; default the\n"
+      "        image's directory). Use dmcow-qcow attach rather than this directly.\n"
       "\n"
       "Options:\n"
       "  --name NAME            device name (/dev/mapper/NAME); required\n"
@@ -52,6 +61,7 @@ void PrintHelp() {
       "                         them memory pressure can deadlock the device)\n"
       "  -v, --verbose          debug messages too: every request, libdevmapper's words\n"
       "  --syslog               log to syslog (daemon facility) instead of stderr\n"
+      "  --ready-fd FD          write \"ready\" to FD and close it once the device is usable\n"
       "  -h, --help             this text\n"
       "\n"
       "Logging goes to stderr or syslog only, never to a file (a file may live on the\n"
@@ -98,7 +108,7 @@ bool ParseUint(const char* text, uint64_t* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kName = 1000, kPlugin, kIdent, kChunk, kFormat, kOpt, kReload, kMaxTargets, kNoMlock, kSyslog };
+  enum { kName = 1000, kPlugin, kIdent, kChunk, kFormat, kOpt, kReload, kMaxTargets, kNoMlock, kSyslog, kReadyFd };
   static const option kLong[] = {
       {"name", required_argument, nullptr, kName},
       {"plugin", required_argument, nullptr, kPlugin},
@@ -111,6 +121,7 @@ int main(int argc, char** argv) {
       {"no-mlock", no_argument, nullptr, kNoMlock},
       {"verbose", no_argument, nullptr, 'v'},
       {"syslog", no_argument, nullptr, kSyslog},
+      {"ready-fd", required_argument, nullptr, kReadyFd},
       {"help", no_argument, nullptr, 'h'},
       {nullptr, 0, nullptr, 0},
   };
@@ -119,6 +130,7 @@ int main(int argc, char** argv) {
   std::string plugin = "cow";
   int verbose = 0;
   bool use_syslog = false;
+  int ready_fd = -1;
   int c;
   uint64_t v;
   opterr = 0;
@@ -126,6 +138,10 @@ int main(int argc, char** argv) {
     switch (c) {
       case kName: d.name = optarg; break;
       case kPlugin: plugin = optarg; break;
+      case kReadyFd:
+        if (!ParseUint(optarg, &v) || v < 3 || v > 65535) return Usage(std::string("bad --ready-fd ") + optarg);
+        ready_fd = static_cast<int>(v);
+        break;
       case kIdent: d.ident = optarg; break;
       case kChunk:
         if (!ParseSize(optarg, &v) || v % 512 || v / 512 > UINT32_MAX) return Usage(std::string("bad --chunk-size ") + optarg);
@@ -177,6 +193,13 @@ int main(int argc, char** argv) {
   if (!s.ok()) {
     LOG_ERROR("%s", s.ToString().c_str());
     return 1;
+  }
+  if (ready_fd >= 0) {
+    // The device is live: whoever started us may hand it out now.
+    const char ready[] = "ready\n";
+    ssize_t ignored = ::write(ready_fd, ready, sizeof(ready) - 1);
+    (void)ignored;
+    ::close(ready_fd);
   }
   return daemon.Run();
 }

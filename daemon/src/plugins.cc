@@ -12,6 +12,7 @@ struct Entry {
 
 constexpr Entry kPlugins[] = {
     {"cow", MakeCowPlugin},
+    {"qcow2", MakeQcow2Plugin},
 };
 
 }  // namespace

@@ -9,6 +9,7 @@
 namespace dmcowd {
 
 Status MakeCowPlugin(const PluginOptions& options, std::unique_ptr<Plugin>* out);
+Status MakeQcow2Plugin(const PluginOptions& options, std::unique_ptr<Plugin>* out);
 
 }  // namespace dmcowd
 

@@ -35,6 +35,17 @@ Status Image::Grow(uint64_t) {
   return Status::NotSupported(filename() + ": growing an image is not supported for this format (" +
                               info().format + ") or the image is not open for writing");
 }
+namespace {
+Status NotServable(const Image& image) {
+  return Status::NotSupported(image.filename() + ": serving as a block device needs a qcow2 image" +
+                              std::string(image.info().format == "qcow2" ? " open for writing" : ""));
+}
+}  // namespace
+Status Image::DescribeCluster(uint64_t, ClusterPlace*) { return NotServable(*this); }
+Status Image::ReserveClusters(uint64_t, uint64_t*) { return NotServable(*this); }
+Status Image::FillClusters(uint64_t, uint64_t, uint64_t) { return NotServable(*this); }
+Status Image::LinkClusters(uint64_t, uint64_t, uint64_t) { return NotServable(*this); }
+Status Image::UnreserveClusters(uint64_t, uint64_t) { return NotServable(*this); }
 Status Image::MakeEmpty() {
   return Status::NotSupported(filename() + ": emptying an image is not supported for this format (" +
                               info().format + ") or the image is not open for writing");

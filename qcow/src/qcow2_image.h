@@ -35,6 +35,13 @@ class Qcow2Image final : public TableImage {
   Status Flush() override;
   Status MakeEmpty() override;  // qcow2_write.cc
   Status Grow(uint64_t new_size) override;  // qcow2_grow.cc
+  // Block-device serving (qcow2_device.cc).
+  Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
+  Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
+  Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status UnreserveClusters(uint64_t count, uint64_t host_offset) override;
+  uint64_t AllocationEnd() const override;
 
   const Qcow2Header& header() const { return header_; }
 

@@ -42,6 +42,8 @@ class Qcow2Refcounts {
   // Decrements the refcounts of the clusters covering [host_offset,
   // host_offset + bytes) when ApplyPendingFrees runs.
   void FreeLater(uint64_t host_offset, uint64_t bytes);
+  // Past every allocated cluster and the file's end at Load, in bytes.
+  uint64_t allocation_end() const { return end_cluster_ * cluster_size_; }
   bool HasPendingFrees() const { return !pending_frees_.empty(); }
   Status ApplyPendingFrees();
 

@@ -164,6 +164,39 @@ class Image {
   // returns. Shrinking, and formats or images that cannot grow (qcow2 with
   // internal snapshots), return NotSupported.
   virtual Status Grow(uint64_t new_size);
+
+  // Serving the image as a block device (dmcowd's qcow2 plugin). The device
+  // writes guest data straight into host clusters of data_filename(); these
+  // calls only decide where, and keep the metadata in the order stated at
+  // the top of qcow2_write.cc. The caller makes the data of a reserved
+  // cluster durable (its own writes, or the kernel's) before linking it:
+  // Link only edits tables in memory, and the next Flush writes them after
+  // syncing the data file. qcow2 images open for writing (Describe: any
+  // qcow2); the rest return NotSupported.
+  struct ClusterPlace {
+    ClusterState state = ClusterState::kUnallocated;  // of this layer
+    bool partial = false;    // subclusters disagree (extended L2): state is that of the first one
+    bool exclusive = false;  // kData with refcount 1 (COPIED): writable in place
+    uint64_t host_offset = 0;  // kData: of the cluster in data_filename()
+  };
+  // `cluster`: guest cluster index (< clusters of virtual_size()).
+  virtual Status DescribeCluster(uint64_t cluster, ClusterPlace* out);
+  // `count` contiguous free host clusters, refcount 1, referenced by nothing
+  // yet (a crash leaks them at worst).
+  virtual Status ReserveClusters(uint64_t count, uint64_t* host_offset);
+  // Writes the current guest content of clusters [first, first + count)
+  // into reserved clusters at host_offset (decompressing, copying shared or
+  // backing data); durable at the next Flush, before any table.
+  virtual Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset);
+  // Points guest clusters [first, first + count) at reserved clusters from
+  // host_offset (COPIED, every subcluster allocated); what they pointed at
+  // before is freed after the tables no longer do (rule 4).
+  virtual Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset);
+  // Gives back reserved clusters that were never linked (after the next Flush).
+  virtual Status UnreserveClusters(uint64_t count, uint64_t host_offset);
+  // The end of the last host cluster in use (or the file size at open, if
+  // larger): a file extended past it holds nothing the image needs.
+  virtual uint64_t AllocationEnd() const { return 0; }
 };
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.

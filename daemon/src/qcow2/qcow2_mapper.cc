@@ -1,0 +1,249 @@
+#include "qcow2/qcow2_mapper.h"
+
+#include <algorithm>
+#include <cerrno>
+
+namespace dmcowd {
+
+using dmcow::ClusterState;
+using dmcow::Image;
+
+namespace {
+constexpr uint64_t kMaxRunChunks = 4096;  // bounds the kernel's work per reply
+}  // namespace
+
+Qcow2Geometry Qcow2Mapper::GeometryFor(const Image& image) {
+  Qcow2Geometry g;
+  const uint64_t cs = image.info().cluster_size;
+  const uint64_t chunk_bytes = std::max<uint64_t>(cs, 4096);
+  g.chunk_sectors = static_cast<uint32_t>(chunk_bytes / 512);
+  g.clusters_per_chunk = chunk_bytes / cs;
+  g.chunks = (image.virtual_size() + chunk_bytes - 1) / chunk_bytes;
+  g.scratch_sectors = g.chunks * g.chunk_sectors;
+  return g;
+}
+
+Qcow2Mapper::Qcow2Mapper(Image* image, CowSpace* space, bool writable, bool has_backing)
+    : image_(image),
+      space_(space),
+      has_backing_(has_backing),
+      writable_(writable),
+      cluster_size_(image->info().cluster_size),
+      geo_(GeometryFor(*image)) {}
+
+uint64_t Qcow2Mapper::ClustersIn(uint64_t chunk) const {
+  const uint64_t clusters = (image_->virtual_size() + cluster_size_ - 1) / cluster_size_;
+  return std::min(geo_.clusters_per_chunk, clusters - chunk * geo_.clusters_per_chunk);
+}
+
+Status Qcow2Mapper::Classify(uint64_t chunk, ChunkState* out) {
+  const uint64_t first = chunk * geo_.clusters_per_chunk;
+  const uint64_t n = ClustersIn(chunk);
+  bool all_unallocated = true, all_zero = true, all_data = true, all_exclusive = true;
+  uint64_t host0 = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    Image::ClusterPlace p;
+    DMCOW_RETURN_IF_ERROR(image_->DescribeCluster(first + i, &p));
+    const bool whole = !p.partial;
+    all_unallocated &= whole && p.state == ClusterState::kUnallocated;
+    all_zero &= whole && p.state == ClusterState::kZero;
+    const bool data = whole && p.state == ClusterState::kData;
+    if (data && i == 0) host0 = p.host_offset;
+    all_data &= data && p.host_offset == host0 + i * cluster_size_;
+    all_exclusive &= data && p.exclusive;
+  }
+  // Only whole 4 KiB-aligned chunks of the image can be mapped in place.
+  if (all_data && (host0 % 4096) != 0) all_data = all_exclusive = false;
+  *out = ChunkState();
+  if (all_data && all_exclusive) {
+    *out = ChunkState{ChunkKind::kWritable, host0};
+  } else if (all_data) {
+    *out = ChunkState{ChunkKind::kShared, host0};
+  } else if (all_unallocated) {
+    out->kind = ChunkKind::kUnallocated;
+  } else if (all_zero) {
+    out->kind = ChunkKind::kZero;
+  } else {
+    out->kind = ChunkKind::kAssembled;
+  }
+  return Status::OK();
+}
+
+Status Qcow2Mapper::Init() {
+  // Walk the layer's runs so that a sparse image costs little; describe
+  // only chunks that hold data.
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  const uint64_t vsize = image_->virtual_size();
+  stable_.clear();
+  uint64_t pos = 0;
+  while (pos < vsize) {
+    dmcow::LayerExtent e;
+    DMCOW_RETURN_IF_ERROR(image_->GetLayerStatus(pos, vsize - pos, &e));
+    const uint64_t end = pos + e.length;
+    if (e.state == ClusterState::kData) {
+      for (uint64_t c = pos / chunk_bytes; c * chunk_bytes < end; c++) {
+        ChunkState st;
+        DMCOW_RETURN_IF_ERROR(Classify(c, &st));
+        if (st.kind != ChunkKind::kWritable) continue;
+        const uint64_t sector = ImageSector(st.host_offset);
+        if (!stable_.empty() && stable_.back().chunk + stable_.back().nr_chunks == c &&
+            stable_.back().cow_sector + stable_.back().nr_chunks * geo_.chunk_sectors == sector) {
+          stable_.back().nr_chunks++;
+        } else if (stable_.empty() || stable_.back().chunk + stable_.back().nr_chunks <= c) {
+          stable_.push_back(Extent{c, 1, sector});
+        }
+      }
+    }
+    pos = end;
+  }
+  stable_sorted_ = true;
+  return Status::OK();
+}
+
+Status Qcow2Mapper::ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offset, uint64_t limit, uint64_t* n) {
+  *n = 1;
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  while (*n < limit && chunk + *n < geo_.chunks) {
+    const uint64_t next = chunk + *n;
+    if (reserved_.count(next)) break;
+    ChunkState st;
+    DMCOW_RETURN_IF_ERROR(Classify(next, &st));
+    if (st.kind != kind) break;
+    if ((kind == ChunkKind::kShared || kind == ChunkKind::kWritable) && st.host_offset != host_offset + *n * chunk_bytes) break;
+    ++*n;
+  }
+  return Status::OK();
+}
+
+Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  m->chunk = chunk;
+  m->nr_chunks = 1;
+  switch (st.kind) {
+    case ChunkKind::kWritable:
+      m->kind = MapKind::kFilledRW;
+      m->cow_sector = ImageSector(st.host_offset);
+      return ExtendRun(chunk, st.kind, st.host_offset, kMaxRunChunks, &m->nr_chunks);
+    case ChunkKind::kShared:
+      m->kind = MapKind::kRO;
+      m->cow_sector = ImageSector(st.host_offset);
+      return ExtendRun(chunk, st.kind, st.host_offset, kMaxRunChunks, &m->nr_chunks);
+    case ChunkKind::kUnallocated:
+      // Without a backing file the base device reads zeros; ZERO saves the I/O.
+      m->kind = has_backing_ ? MapKind::kBase : MapKind::kZero;
+      return ExtendRun(chunk, st.kind, 0, kMaxRunChunks, &m->nr_chunks);
+    case ChunkKind::kZero:
+      m->kind = MapKind::kZero;
+      return ExtendRun(chunk, st.kind, 0, kMaxRunChunks, &m->nr_chunks);
+    case ChunkKind::kAssembled: {
+      // Decompressed (or merged) once, then read from scratch by the kernel.
+      std::vector<uint8_t> buf(chunk_bytes, 0);
+      const uint64_t guest = chunk * chunk_bytes;
+      const uint64_t n = std::min(chunk_bytes, image_->virtual_size() - guest);
+      DMCOW_RETURN_IF_ERROR(image_->Read(guest, buf.data(), n));
+      DMCOW_RETURN_IF_ERROR(space_->WriteScratch(chunk * chunk_bytes, buf.data(), buf.size()));
+      m->kind = MapKind::kRO;
+      m->cow_sector = chunk * geo_.chunk_sectors;
+      return Status::OK();
+    }
+  }
+  return Status::OK();
+}
+
+Status Qcow2Mapper::MapWrite(const MapRequest& req, const ChunkState& st, Answer* answer) {
+  Mapping& m = answer->mapping;
+  m.chunk = req.chunk;
+  m.nr_chunks = 1;
+  if (!writable_) {
+    answer->error = EROFS;
+    return Status::OK();
+  }
+  const uint64_t n = ClustersIn(req.chunk);
+  const uint64_t first = req.chunk * geo_.clusters_per_chunk;
+  uint64_t host = 0;
+  Status s = image_->ReserveClusters(n, &host);
+  if (s.ok()) s = space_->EnsureImageBytes(host + n * cluster_size_);
+  // A whole-chunk write fills the new clusters itself; unallocated chunks are
+  // filled by the kernel from the backing device; the rest here.
+  const bool kernel_fills = req.full_chunk || st.kind == ChunkKind::kUnallocated;
+  if (s.ok() && !kernel_fills) s = image_->FillClusters(first, n, host);
+  if (!s.ok()) {
+    if (host != 0) (void)image_->UnreserveClusters(n, host);
+    return s;
+  }
+  reserved_[req.chunk] = Reserved{req.chunk, host, req.batch};
+  m.kind = kernel_fills ? MapKind::kRW : MapKind::kFilledRW;
+  m.cow_sector = ImageSector(host);
+  return Status::OK();
+}
+
+Status Qcow2Mapper::Map(const MapRequest& req, Answer* answer) {
+  *answer = Answer();
+  if (req.chunk >= geo_.chunks) {
+    answer->error = EINVAL;
+    return Status::OK();
+  }
+  auto it = reserved_.find(req.chunk);
+  if (it != reserved_.end()) {
+    // Handed out already (the kernel asks again after a refusal): same place.
+    answer->mapping = Mapping{MapKind::kFilledRW, req.chunk, 1, ImageSector(it->second.host_offset)};
+    return Status::OK();
+  }
+  ChunkState st;
+  DMCOW_RETURN_IF_ERROR(Classify(req.chunk, &st));
+  // Chunks writable in place need no new space, for reads or writes.
+  if (req.write && st.kind != ChunkKind::kWritable) return MapWrite(req, st, answer);
+  return MapRead(req.chunk, st, &answer->mapping);
+}
+
+void Qcow2Mapper::Retract(const MapRequest& req, const Mapping& mapping) {
+  if (mapping.kind != MapKind::kRW && mapping.kind != MapKind::kFilledRW) return;
+  auto it = reserved_.find(req.chunk);
+  if (it == reserved_.end() || ImageSector(it->second.host_offset) != mapping.cow_sector) return;
+  (void)image_->UnreserveClusters(ClustersIn(req.chunk), it->second.host_offset);
+  reserved_.erase(it);
+}
+
+Status Qcow2Mapper::Flush(uint64_t durable_batch) {
+  std::vector<Reserved> ready;
+  for (const auto& [chunk, r] : reserved_) {
+    if (r.batch <= durable_batch) ready.push_back(r);
+  }
+  std::sort(ready.begin(), ready.end(), [](const Reserved& a, const Reserved& b) { return a.chunk < b.chunk; });
+  for (const Reserved& r : ready) {
+    DMCOW_RETURN_IF_ERROR(image_->LinkClusters(r.chunk * geo_.clusters_per_chunk, ClustersIn(r.chunk), r.host_offset));
+    // Linked (in the table cache): never linked twice, even if the flush fails.
+    reserved_.erase(r.chunk);
+    linked_.push_back(Extent{r.chunk, 1, ImageSector(r.host_offset)});
+  }
+  DMCOW_RETURN_IF_ERROR(image_->Flush());
+  // Linked and durable: from now on these chunks are writable in place.
+  if (!linked_.empty()) {
+    stable_.insert(stable_.end(), linked_.begin(), linked_.end());
+    linked_.clear();
+    stable_sorted_ = false;
+    generation_++;
+  }
+  return Status::OK();
+}
+
+Status Qcow2Mapper::StableExtents(std::vector<Extent>* out) {
+  if (!stable_sorted_) {
+    std::sort(stable_.begin(), stable_.end(), [](const Extent& a, const Extent& b) { return a.chunk < b.chunk; });
+    std::vector<Extent> merged;
+    for (const Extent& e : stable_) {
+      if (!merged.empty() && merged.back().chunk + merged.back().nr_chunks == e.chunk &&
+          merged.back().cow_sector + merged.back().nr_chunks * geo_.chunk_sectors == e.cow_sector) {
+        merged.back().nr_chunks += e.nr_chunks;
+      } else {
+        merged.push_back(e);
+      }
+    }
+    stable_ = std::move(merged);
+    stable_sorted_ = true;
+  }
+  *out = stable_;
+  return Status::OK();
+}
+
+}  // namespace dmcowd

@@ -1,0 +1,108 @@
+// Qcow2Mapper: the qcow2 plugin's decisions, without devices. Given the
+// engine's view of an image, it answers the kernel's MAP requests, keeps the
+// clusters it reserved until their data is durable, then links them.
+//
+// Where things live on the cow device (a dm-linear "store" the plugin
+// builds): sectors [0, scratch_sectors) are scratch space, a sparse file
+// with room for every chunk at chunk * chunk bytes (chunks the daemon
+// must assemble itself: compressed clusters, partly allocated clusters,
+// small clusters that are not contiguous), then the image file from
+// image_sector on: image byte h is cow sector image_sector + h / 512.
+//
+// A chunk is one cluster, or, for clusters under 4 KiB, the 4 KiB that hold
+// several (the kernel's smallest chunk). What a chunk gets:
+//
+//   this layer holds               read             write
+//   data, refcount 1, contiguous   FILLED_RW        (already writable)
+//   nothing (unallocated)          BASE             new clusters, RW: the kernel
+//                                                   copies the backing data
+//   zeros                          ZERO             new clusters filled here, FILLED_RW
+//   shared data (snapshots)        RO at the data   new clusters filled here, FILLED_RW
+//   compressed, partial, mixed     RO at scratch    new clusters filled here, FILLED_RW
+//
+// A write covering the whole chunk always gets RW (the kernel skips the
+// copy). New clusters are linked into the L2 tables only in Flush, for
+// replies the kernel has made durable (ABI section 6), and the write
+// engine's own Flush then orders data, refcounts and tables (qcow2_write.cc).
+//
+// Thread safety: none (the daemon serialises plugin calls).
+#ifndef DMCOWD_QCOW2_QCOW2_MAPPER_H_
+#define DMCOWD_QCOW2_QCOW2_MAPPER_H_
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "dmcow/image.h"
+#include "dmcowd/plugin.h"
+
+namespace dmcowd {
+
+// What the mapper needs from the devices around it.
+class CowSpace {
+ public:
+  virtual ~CowSpace() = default;
+  // Writes assembled chunk data at byte `offset` of the scratch area.
+  virtual Status WriteScratch(uint64_t offset, const void* buf, size_t len) = 0;
+  // Makes image bytes [0, end) reachable through the cow device.
+  virtual Status EnsureImageBytes(uint64_t end) = 0;
+};
+
+struct Qcow2Geometry {
+  uint32_t chunk_sectors = 0;
+  uint64_t clusters_per_chunk = 1;
+  uint64_t chunks = 0;
+  uint64_t scratch_sectors = 0;  // = image_sector
+};
+
+class Qcow2Mapper {
+ public:
+  // `image` open (writable unless read-only), `space` outlives the mapper.
+  Qcow2Mapper(dmcow::Image* image, CowSpace* space, bool writable, bool has_backing);
+
+  static Qcow2Geometry GeometryFor(const dmcow::Image& image);
+  const Qcow2Geometry& geometry() const { return geo_; }
+
+  // Scans the image: every chunk already writable in place is stable.
+  Status Init();
+
+  Status Map(const MapRequest& req, Answer* answer);
+  void Retract(const MapRequest& req, const Mapping& mapping);
+  Status Flush(uint64_t durable_batch);
+  Status StableExtents(std::vector<Extent>* out);
+  uint64_t stable_generation() const { return generation_; }
+
+ private:
+  enum class ChunkKind { kWritable, kUnallocated, kZero, kShared, kAssembled };
+  struct ChunkState {
+    ChunkKind kind = ChunkKind::kAssembled;
+    uint64_t host_offset = 0;  // kWritable, kShared: first byte of the chunk in the image
+  };
+  struct Reserved {
+    uint64_t chunk, host_offset, batch;
+  };
+
+  Status Classify(uint64_t chunk, ChunkState* out);
+  uint64_t ClustersIn(uint64_t chunk) const;
+  uint64_t ImageSector(uint64_t host) const { return geo_.scratch_sectors + host / 512; }
+  Status MapRead(uint64_t chunk, const ChunkState& st, Mapping* m);
+  Status MapWrite(const MapRequest& req, const ChunkState& st, Answer* answer);
+  // Same-kind neighbours after `chunk`, up to `limit` chunks in all.
+  Status ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offset, uint64_t limit, uint64_t* n);
+
+  dmcow::Image* const image_;
+  CowSpace* const space_;
+  const bool has_backing_;
+  const bool writable_;
+  const uint64_t cluster_size_;
+  Qcow2Geometry geo_;
+  std::unordered_map<uint64_t, Reserved> reserved_;  // by chunk: handed out, not linked yet
+  std::vector<Extent> linked_;     // linked since the last successful image flush
+  std::vector<Extent> stable_;     // chunks writable in place, linked and durable
+  bool stable_sorted_ = true;
+  uint64_t generation_ = 1;
+};
+
+}  // namespace dmcowd
+
+#endif  // DMCOWD_QCOW2_QCOW2_MAPPER_H_

@@ -1,0 +1,290 @@
+// The `qcow2` plugin: a qcow2 image as a block device whose writes land in
+// the image with the metadata QEMU expects (decisions: qcow2_mapper.h).
+//
+//   dmcowd --plugin qcow2 --name NAME [--opt KEY=VALUE ...] IMAGE
+//
+// Settings:
+//   read_only=1      never write the image (writes fail with EROFS)
+//   backing=PATH     block device or file holding the backing chain's content
+//                    (dmcow-qcow attaches qcow2/qcow backings read-only and
+//                    passes their device); a raw backing file is found
+//                    through the image when this is not given
+//   name=PREFIX      names of the helper devices (default dmcowq<pid>)
+//   scratch_dir=DIR  where the unlinked scratch file lives (default: the
+//                    image's directory, else /var/tmp; else memory)
+//
+// Devices (all removed at Close; loops vanish with them):
+//   PREFIX-store  the cow device: [scratch file | image file] (dm-linear);
+//                 the image part grows with the file
+//   PREFIX-base   what unallocated chunks read: the backing content, zeros
+//                 past its end or without one (dm-linear + dm-zero)
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "dm.h"
+#include "log.h"
+#include "loopdev.h"
+#include "plugins.h"
+#include "qcow2/qcow2_mapper.h"
+
+namespace dmcowd {
+
+namespace {
+
+using dmcow::Image;
+
+Status Errno(const std::string& what, int err) { return Status::IOError(what + ": " + std::strerror(err)); }
+
+std::string DirOf(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+class Qcow2Plugin final : public Plugin, public CowSpace {
+ public:
+  explicit Qcow2Plugin(const PluginOptions& options) : options_(options) {
+    auto get = [&](const char* key) {
+      auto it = options.params.find(key);
+      return it == options.params.end() ? std::string() : it->second;
+    };
+    read_only_ = get("read_only") == "1";
+    backing_ = get("backing");
+    prefix_ = get("name").empty() ? "dmcowq" + std::to_string(::getpid()) : get("name");
+    scratch_dir_ = get("scratch_dir");
+  }
+  ~Qcow2Plugin() override { (void)Close(); }
+
+  Status Open(DeviceSpec* spec) override {
+    const std::string& path = options_.args[0];
+    dmcow::OpenOptions o;
+    o.writable = !read_only_;
+    o.env = options_.env;
+    DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(path, o, &image_));
+    const dmcow::ImageInfo& info = image_->info();
+    if (info.format != "qcow2") {
+      return Status::NotSupported(path + ": is " + info.format + "; attach serves qcow2 images (convert it first)");
+    }
+    if (info.encrypted) return Status::NotSupported(path + ": encrypted images are not supported");
+    if (!info.data_file.empty()) return Status::NotSupported(path + ": external data files are not supported by attach");
+    const bool has_backing = !info.backing_filename.empty();
+    if (has_backing && backing_.empty()) {
+      if (image_->backing() == nullptr || image_->backing()->info().format != "raw") {
+        return Status::InvalidArgument(path + ": its backing file " + info.backing_filename +
+                                       " is not raw: attach it first and pass its device (--opt backing=DEV);"
+                                       " dmcow-qcow attach does this");
+      }
+      backing_ = image_->backing()->filename();
+    }
+    mapper_ = std::make_unique<Qcow2Mapper>(image_.get(), this, !read_only_, has_backing);
+    const Qcow2Geometry& geo = mapper_->geometry();
+    const uint64_t dev_sectors = (image_->virtual_size() + 511) / 512;
+
+    // The image file on a loop device.
+    const int fd = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0) return Errno(path + ": open", errno);
+    image_fd_ = fd;
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return Errno(path + ": stat", errno);
+    original_size_ = static_cast<uint64_t>(st.st_size);
+    image_bytes_ = original_size_ & ~uint64_t{511};
+    DMCOW_RETURN_IF_ERROR(image_loop_.OpenFile(fd, path, read_only_));
+
+    // The scratch file: sparse, unlinked, never on the device we serve.
+    DMCOW_RETURN_IF_ERROR(OpenScratch(path, geo.scratch_sectors * 512));
+    DMCOW_RETURN_IF_ERROR(scratch_loop_.OpenFile(scratch_fd_, "scratch of " + path, false));
+    scratch_loop_devt_ = scratch_loop_.devt();
+
+    dm::Init();
+    DMCOW_RETURN_IF_ERROR(CreateDevice(store_name(), StoreTable()));
+    store_created_ = true;
+    std::vector<dm::Target> base;
+    uint64_t backing_sectors = 0;
+    if (!backing_.empty()) {
+      DMCOW_RETURN_IF_ERROR(backing_dev_.Open(backing_, true));
+      uint64_t bytes = 0;
+      if (::ioctl(backing_dev_.fd(), BLKGETSIZE64, &bytes) != 0) return Errno(backing_ + ": size", errno);
+      backing_sectors = std::min(bytes / 512, dev_sectors);
+      if (backing_sectors > 0) base.push_back(dm::Target{0, backing_sectors, "linear", backing_dev_.devt() + " 0"});
+    }
+    if (backing_sectors < dev_sectors) {
+      base.push_back(dm::Target{backing_sectors, dev_sectors - backing_sectors, "zero", ""});
+    }
+    DMCOW_RETURN_IF_ERROR(CreateDevice(base_name(), base));
+    base_created_ = true;
+    backing_dev_.Release();
+    scratch_loop_.Release();
+
+    DMCOW_RETURN_IF_ERROR(mapper_->Init());
+    spec->base_path = "/dev/mapper/" + base_name();
+    spec->cow_path = "/dev/mapper/" + store_name();
+    spec->sectors = dev_sectors;
+    spec->chunk_sectors = geo.chunk_sectors;
+    spec->read_to_daemon = true;
+    LOG_INFO("%s: qcow2 v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.version,
+             static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
+             has_backing ? (", backing " + backing_).c_str() : "", geo.chunk_sectors);
+    return Status::OK();
+  }
+
+  Status InitialMappings(std::vector<Mapping>* out) override {
+    std::vector<Extent> stable;
+    DMCOW_RETURN_IF_ERROR(mapper_->StableExtents(&stable));
+    out->clear();
+    for (const Extent& e : stable) out->push_back(Mapping{MapKind::kFilledRW, e.chunk, e.nr_chunks, e.cow_sector});
+    return Status::OK();
+  }
+
+  Status Map(const MapRequest& req, Answer* answer) override { return mapper_->Map(req, answer); }
+  void Retract(const MapRequest& req, const Mapping& mapping) override { mapper_->Retract(req, mapping); }
+  Status Flush(uint64_t durable_batch) override { return mapper_->Flush(durable_batch); }
+  Status StableExtents(std::vector<Extent>* out) override { return mapper_->StableExtents(out); }
+  uint64_t StableGeneration() const override { return mapper_ ? mapper_->stable_generation() : 0; }
+
+  Status Close() override {
+    Status result;
+    if (image_) {
+      result = image_->Flush();
+      const uint64_t cs = image_->info().cluster_size;
+      const uint64_t end = image_->AllocationEnd();
+      image_.reset();  // closing clears a lazy-refcount dirty bit
+      // Give back the room grown ahead of allocations: the file ends where
+      // its last cluster does, or where it ended before.
+      const uint64_t rounded = (original_size_ + cs - 1) / cs * cs;
+      const uint64_t final_size = end > rounded ? end : original_size_;
+      struct stat st;
+      if (!read_only_ && image_fd_ >= 0 && ::fstat(image_fd_, &st) == 0 &&
+          static_cast<uint64_t>(st.st_size) > final_size && ::ftruncate(image_fd_, static_cast<off_t>(final_size)) != 0) {
+        if (result.ok()) result = Errno(options_.args[0] + ": truncate", errno);
+      }
+    }
+    mapper_.reset();
+    bool busy = false;
+    if (base_created_) {
+      Status s = dm::Remove(base_name(), &busy);
+      if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+      base_created_ = false;
+    }
+    if (store_created_) {
+      Status s = dm::Remove(store_name(), &busy);
+      if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+      store_created_ = false;
+    }
+    image_loop_.Release();
+    scratch_loop_.Release();
+    backing_dev_.Release();
+    if (image_fd_ >= 0) ::close(image_fd_);
+    if (scratch_fd_ >= 0) ::close(scratch_fd_);
+    image_fd_ = scratch_fd_ = -1;
+    return result;
+  }
+
+ private:
+  std::string store_name() const { return prefix_ + "-store"; }
+  std::string base_name() const { return prefix_ + "-base"; }
+
+  std::vector<dm::Target> StoreTable() const {
+    const uint64_t scratch = mapper_->geometry().scratch_sectors;
+    std::vector<dm::Target> t{dm::Target{0, scratch, "linear", scratch_loop_devt_ + " 0"}};
+    if (image_bytes_ >= 512) t.push_back(dm::Target{scratch, image_bytes_ / 512, "linear", image_loop_.devt() + " 0"});
+    return t;
+  }
+
+  Status CreateDevice(const std::string& name, const std::vector<dm::Target>& table) {
+    if (dm::Exists(name)) return Status::InvalidArgument("device " + name + " exists already");
+    DMCOW_RETURN_IF_ERROR(dm::Create(name));
+    Status s = dm::LoadTargets(name, table);
+    if (s.ok()) s = dm::Resume(name);
+    if (!s.ok()) {
+      bool busy;
+      (void)dm::Remove(name, &busy);
+    }
+    return s;
+  }
+
+  Status OpenScratch(const std::string& image_path, uint64_t bytes) {
+    std::vector<std::string> dirs;
+    if (!scratch_dir_.empty()) dirs.push_back(scratch_dir_);
+    else dirs = {DirOf(image_path), "/var/tmp"};
+    for (const std::string& dir : dirs) {
+      scratch_fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+      if (scratch_fd_ >= 0) break;
+      LOG_DEBUG("scratch in %s: %s", dir.c_str(), std::strerror(errno));
+    }
+    if (scratch_fd_ < 0 && scratch_dir_.empty()) scratch_fd_ = ::memfd_create("dmcow-scratch", MFD_CLOEXEC);
+    if (scratch_fd_ < 0) return Errno("scratch file" + (scratch_dir_.empty() ? "" : " in " + scratch_dir_), errno);
+    if (::ftruncate(scratch_fd_, static_cast<off_t>(bytes)) != 0) return Errno("scratch file: size", errno);
+    // The loop takes its own reference; keep ours for WriteScratch.
+    return Status::OK();
+  }
+
+  // CowSpace.
+  Status WriteScratch(uint64_t offset, const void* buf, size_t len) override {
+    const ssize_t w = ::pwrite(scratch_fd_, buf, len, static_cast<off_t>(offset));
+    if (w != static_cast<ssize_t>(len)) return Errno("scratch file: write", w < 0 ? errno : EIO);
+    return Status::OK();
+  }
+
+  Status EnsureImageBytes(uint64_t end) override {
+    if (end <= image_bytes_) return Status::OK();
+    // Grow ahead, so that this happens once per many allocations.
+    const uint64_t step = std::max<uint64_t>(64 << 20, end / 8);
+    const uint64_t target = (end + step + (1 << 20) - 1) & ~uint64_t{(1 << 20) - 1};
+    struct stat st;
+    if (::fstat(image_fd_, &st) != 0) return Errno(options_.args[0] + ": stat", errno);
+    if (static_cast<uint64_t>(st.st_size) < target && ::ftruncate(image_fd_, static_cast<off_t>(target)) != 0) {
+      return Errno(options_.args[0] + ": extend", errno);
+    }
+    DMCOW_RETURN_IF_ERROR(image_loop_.SetCapacity());
+    image_bytes_ = target;
+    // The store only grows at its end: a noflush suspend holds its I/O, none
+    // of which waits for us.
+    DMCOW_RETURN_IF_ERROR(dm::LoadTargets(store_name(), StoreTable()));
+    DMCOW_RETURN_IF_ERROR(dm::Suspend(store_name()));
+    return dm::Resume(store_name());
+  }
+
+  PluginOptions options_;
+  bool read_only_ = false;
+  std::string backing_, prefix_, scratch_dir_;
+  std::unique_ptr<Image> image_;
+  std::unique_ptr<Qcow2Mapper> mapper_;
+  int image_fd_ = -1, scratch_fd_ = -1;
+  uint64_t original_size_ = 0;
+  uint64_t image_bytes_ = 0;  // of the image reachable through the store
+  BlockDev image_loop_, scratch_loop_, backing_dev_;
+  std::string scratch_loop_devt_;
+  bool store_created_ = false, base_created_ = false;
+};
+
+}  // namespace
+
+Status MakeQcow2Plugin(const PluginOptions& options, std::unique_ptr<Plugin>* out) {
+  if (options.args.size() != 1) {
+    return Status::InvalidArgument("the qcow2 plugin takes one argument, IMAGE (got " +
+                                   std::to_string(options.args.size()) + ")");
+  }
+  for (const auto& [key, value] : options.params) {
+    if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir") {
+      return Status::InvalidArgument("the qcow2 plugin has no setting '" + key + "'");
+    }
+    if (key == "read_only" && value != "0" && value != "1") {
+      return Status::InvalidArgument("read_only=" + value + ": expected 0 or 1");
+    }
+  }
+  if (options.chunk_sectors != 0) {
+    return Status::InvalidArgument("the qcow2 plugin's chunk is the image's cluster (no --chunk-size)");
+  }
+  out->reset(new Qcow2Plugin(options));
+  return Status::OK();
+}
+
+}  // namespace dmcowd

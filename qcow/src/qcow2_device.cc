@@ -1,0 +1,103 @@
+// Block-device serving for qcow2 (dmcowd's qcow2 plugin): where guest
+// clusters live, and reserving, filling and linking host clusters that the
+// kernel writes into directly. The ordering rules are those at the top of
+// qcow2_write.cc; what is particular here is that data reaches a reserved
+// cluster without the engine seeing it, so the caller links a cluster only
+// once its data is durable (for kernel writes: after the device's flush
+// round trip), and Link itself only edits tables in the cache.
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+
+#include "qcow2_image.h"
+#include "util.h"
+
+namespace dmcow {
+
+using namespace qcow2;
+
+namespace {
+constexpr uint64_t kAllAllocated = 0xffffffffULL;
+}  // namespace
+
+Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
+  *out = ClusterPlace();
+  const Qcow2Header& h = header_;
+  const uint64_t vsize = info_.virtual_size;
+  if (cluster >= DivRoundUp(vsize, h.cluster_size)) {
+    return Status::InvalidArgument(filename() + ": guest cluster " + std::to_string(cluster) +
+                                   " is past the end of the disk");
+  }
+  const uint64_t guest = cluster << h.cluster_bits;
+  const uint64_t span = std::min<uint64_t>(h.cluster_size, vsize - guest);
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  uint64_t entry = 0, bitmap = 0;
+  if (cluster / h.l2_entries < l1_.size()) DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
+  uint64_t len = span;
+  Mapping m;
+  DMCOW_RETURN_IF_ERROR(Classify(guest, entry, bitmap, &len, &m));
+  out->state = m.extent.state;
+  out->partial = m.extent.state != ClusterState::kCompressed && len < span;
+  if (out->state == ClusterState::kData && !out->partial) {
+    out->host_offset = m.extent.host_offset;
+    out->exclusive = (entry & kCopied) != 0 && !h.HasDataFile();
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::ReserveClusters(uint64_t count, uint64_t* host_offset) {
+  if (!writable_ || header_.HasDataFile()) return Image::ReserveClusters(count, host_offset);
+  if (count == 0 || count > 1024) return Status::InvalidArgument(filename() + ": reserving " + std::to_string(count) + " clusters");
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  return refcounts_->Allocate(count, host_offset);
+}
+
+Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
+  if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
+  const uint64_t cs = header_.cluster_size;
+  const uint64_t vsize = info_.virtual_size;
+  if (count == 0 || first >= DivRoundUp(vsize, cs) || count > DivRoundUp(vsize, cs) - first) {
+    return Status::InvalidArgument(filename() + ": filling guest clusters " + std::to_string(first) + "+" +
+                                   std::to_string(count) + " outside the disk");
+  }
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  std::vector<uint8_t> buf(cs);
+  for (uint64_t i = 0; i < count; i++) {
+    const uint64_t guest = (first + i) * cs;
+    const uint64_t n = std::min(cs, vsize - guest);
+    std::memset(buf.data() + n, 0, cs - n);
+    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    DMCOW_RETURN_IF_ERROR(data_file()->Write(host_offset + i * cs, buf.data(), cs));
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
+  if (!writable_ || header_.HasDataFile()) return Image::LinkClusters(first, count, host_offset);
+  const uint64_t cs = header_.cluster_size;
+  if (count == 0 || first >= DivRoundUp(info_.virtual_size, cs) ||
+      count > DivRoundUp(info_.virtual_size, cs) - first || (host_offset & (cs - 1))) {
+    return Status::InvalidArgument(filename() + ": linking guest clusters " + std::to_string(first) + "+" +
+                                   std::to_string(count) + " to host offset " + Hex(host_offset));
+  }
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  for (uint64_t i = 0; i < count; i++) {
+    uint64_t old = 0, old_bitmap = 0;
+    DMCOW_RETURN_IF_ERROR(GetL2Entry(first + i, &old, &old_bitmap));
+    ReleaseClusterOf(old);
+    DMCOW_RETURN_IF_ERROR(
+        SetL2Entry(first + i, (host_offset + i * cs) | kCopied, header_.extended_l2 ? kAllAllocated : 0));
+  }
+  return MaybeFlush();
+}
+
+Status Qcow2Image::UnreserveClusters(uint64_t count, uint64_t host_offset) {
+  if (!writable_ || header_.HasDataFile()) return Image::UnreserveClusters(count, host_offset);
+  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  refcounts_->FreeLater(host_offset, count * header_.cluster_size);
+  return Status::OK();
+}
+
+uint64_t Qcow2Image::AllocationEnd() const { return refcounts_ ? refcounts_->allocation_end() : 0; }
+
+}  // namespace dmcow

@@ -342,3 +342,32 @@ TEST_CASE("image lock: a missing file is NotFound") {
   CHECK(s.message().find("nope.qcow2") != std::string::npos);
   CHECK(lock == nullptr);
 }
+
+TEST_CASE("image lock: dmcow-img check -r refuses an image QEMU has open, as qemu-img does") {
+  if (Skip()) return;
+  TempDir dir;
+  const std::string image = dir / "a.qcow2";
+  MakeImage(image);
+  if (Unlocked(image)) return;
+  const std::string ours = std::string(DMCOW_IMG_PATH) + " check -r all '" + image + "'";
+  const std::string theirs = "qemu-img check -r all '" + image + "'";
+  for (Mode holder : {Mode::kReadWrite, Mode::kReadOnly}) {
+    INFO("holder: qemu-io " << QemuIoFlags(holder));
+    QemuHolder q(image, holder, dir / "holder.log");
+    std::string qemu = Outcome(theirs), dmcow = Outcome(ours);
+    INFO("qemu-img: " << qemu << "\ndmcow-img: " << dmcow);
+    CHECK(qemu.rfind("rc 1: ", 0) == 0);
+    CHECK(dmcow.rfind("rc 1: dmcow-img: Could not open '" + image + "': ", 0) == 0);
+    CHECK(dmcow.find("Failed to get \"write\" lock") != std::string::npos);
+    CHECK(qemu.find("Failed to get \"write\" lock") != std::string::npos);
+    // Reading is not locked (dmcow-img reads as with -U): the plain check runs.
+    CHECK(Outcome(std::string(DMCOW_IMG_PATH) + " check '" + image + "'") == "ok");
+  }
+  {  // a force-share holder does not stop a repair, for either tool
+    QemuHolder q(image, Mode::kReadOnlyShared, dir / "holder.log");
+    CHECK(Outcome(theirs) == "ok");
+    CHECK(Outcome(ours) == "ok");
+  }
+  CHECK(Outcome(ours) == "ok");
+  CHECK(HeldBytes(image).empty());
+}

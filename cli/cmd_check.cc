@@ -14,6 +14,7 @@
 
 #include "cli_common.h"
 #include "dmcow/check.h"
+#include "dmcow/image_lock.h"
 #include "qemu_json.h"
 
 namespace dmcow::cli {
@@ -111,6 +112,17 @@ int CmdCheck(int argc, char** argv) {
     std::fflush(stdout);
     std::fprintf(stderr, "%s\n", f.message.c_str());
   };
+  // A repair writes: like qemu-img check -r, refuse an image another process
+  // has open (QEMU-compatible lock, held until the repair is done). A plain
+  // check reads without locking, as with -U.
+  std::unique_ptr<ImageLock> lock;
+  if (options.repair != RepairMode::kNone) {
+    Status ls = ImageLock::Acquire(filename, ImageLock::Mode::kReadWrite, &lock);
+    if (!ls.ok() && !ls.IsNotFound()) {  // a missing file: reported by the check as before
+      PrintError("Could not open '" + filename + "': " + ls.ToString());
+      return 1;
+    }
+  }
   CheckResult result;
   Status s = CheckImage(filename, options, &result);
   if (!s.ok() && !result.opened) {

@@ -432,6 +432,7 @@ std::string CodeName(Status::Code c) {
     case Status::Code::kNotSupported: return "NotSupported";
     case Status::Code::kInvalidArgument: return "InvalidArgument";
     case Status::Code::kNotFound: return "NotFound";
+    case Status::Code::kBusy: return "Busy";
   }
   return "?";
 }

@@ -24,6 +24,7 @@ class Status {
     kNotSupported,     // valid image, but a feature we refuse (encryption, ...)
     kInvalidArgument,  // the caller asked for something impossible
     kNotFound,         // a file, snapshot or backing image does not exist
+    kBusy,             // another process holds the image (QEMU-compatible lock conflict)
   };
 
   Status() = default;  // OK
@@ -34,12 +35,14 @@ class Status {
   static Status NotSupported(std::string msg) { return Status(Code::kNotSupported, std::move(msg)); }
   static Status InvalidArgument(std::string msg) { return Status(Code::kInvalidArgument, std::move(msg)); }
   static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
+  static Status Busy(std::string msg) { return Status(Code::kBusy, std::move(msg)); }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
   bool IsCorrupt() const { return code_ == Code::kCorrupt; }
   bool IsNotSupported() const { return code_ == Code::kNotSupported; }
   bool IsNotFound() const { return code_ == Code::kNotFound; }
+  bool IsBusy() const { return code_ == Code::kBusy; }
   const std::string& message() const { return message_; }
 
   // "OK" or the message; messages are written to be shown to a user as they are.

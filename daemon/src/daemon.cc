@@ -39,6 +39,17 @@ bool ValidIdent(const std::string& s) {
   return true;
 }
 
+// The channel exists only while the table has a cow target, so a device
+// whose every chunk could go linear keeps its last chunk in a cow target
+// (served from the kernel's store, pushed like any chunk left out).
+void KeepOneCowChunk(std::vector<Extent>* linear, uint64_t dev_sectors, uint32_t chunk_sectors) {
+  const uint64_t chunks = (dev_sectors + chunk_sectors - 1) / chunk_sectors;
+  uint64_t covered = 0;
+  for (const Extent& e : *linear) covered += e.nr_chunks;
+  if (covered < chunks || linear->empty()) return;
+  if (--linear->back().nr_chunks == 0) linear->pop_back();
+}
+
 bool HasCow(MapKind k) { return k == MapKind::kRW || k == MapKind::kRO || k == MapKind::kFilledRW; }
 
 // Writes `msgs` in groups of 64; a refused message is an error.
@@ -110,11 +121,12 @@ Status Daemon::Start() {
   }
   if (!s.ok()) return fail(s);
   std::vector<Extent> linear = ChooseLinear(Coalesce(stable, spec_.chunk_sectors), options_.max_targets);
+  KeepOneCowChunk(&linear, spec_.sectors, spec_.chunk_sectors);
   s = LoadTable(linear);
   if (!s.ok()) return fail(s);
 
   dmcow_request hello;
-  s = chan_.Open(options_.ident, 2000);
+  s = chan_.Open(options_.ident, 10000);
   if (s.ok()) s = chan_.Handshake(spec_, 5000, &hello);
   if (!s.ok()) return fail(s);
 
@@ -186,6 +198,7 @@ Status Daemon::Reload() {
   if (!s.ok()) return s;
   const uint32_t cs = spec_.chunk_sectors;
   std::vector<Extent> linear = ChooseLinear(Coalesce(stable, cs), options_.max_targets);
+  KeepOneCowChunk(&linear, spec_.sectors, cs);
 
   // Chunks that leave linear segments go back to the kernel's store first,
   // while the live table still routes them linearly. After the load: the

@@ -1,5 +1,7 @@
 // dmcowd: serves one dm-cow device (see daemon/DESIGN.md and `dmcowd --help`).
 #include <getopt.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <signal.h>
 
@@ -200,6 +202,14 @@ int main(int argc, char** argv) {
     ssize_t ignored = ::write(ready_fd, ready, sizeof(ready) - 1);
     (void)ignored;
     ::close(ready_fd);
+    // Started by a launcher that reads our stderr only until we are ready
+    // (dmcow-qcow attach): from now on, syslog.
+    struct stat st;
+    if (!use_syslog && ::fstat(2, &st) == 0 && S_ISFIFO(st.st_mode)) {
+      dmcowd::LogInit(verbose >= 1 ? dmcowd::LogLevel::kDebug : dmcowd::LogLevel::kInfo, true);
+      const int null_fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+      if (null_fd >= 0) ::dup2(null_fd, 2), ::close(null_fd);
+    }
   }
   return daemon.Run();
 }

@@ -30,38 +30,16 @@
 #include <thread>
 #include <vector>
 
+#include "vm_harness.h"
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using namespace dmcow_vm;
 
 constexpr uint64_t kSector = 512;
 constexpr unsigned kWords = kSector / 8;
 const char* const kDmsetup = "/sbin/dmsetup";
 const char* const kDmcowd = "/bin/dmcowd";
-
-struct TestFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string Fmt(const char* fmt, ...) {
-  char buf[2048];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof(buf), fmt, ap);
-  va_end(ap);
-  return buf;
-}
-
-#define CHECK(cond, ...)                                                                               \
-  do {                                                                                                 \
-    if (!(cond)) throw TestFailure(Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + "]"); \
-  } while (0)
-
-long MsSince(Clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
-}
-void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
 uint64_t BaseWord(uint64_t sector, unsigned w) { return 0xBA5E000000000000ULL | (sector << 8) | w; }
 uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
@@ -69,45 +47,6 @@ uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
 }
 
 // ---- processes ----------------------------------------------------------------
-
-int Run(const std::vector<std::string>& args, std::string* out = nullptr) {
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC)) return -1;
-  std::vector<std::string> copy = args;
-  std::vector<char*> argv;
-  for (auto& a : copy) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = fork();
-  if (pid == 0) {
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  close(fds[1]);
-  std::string text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0) text.append(buf, n);
-  close(fds[0]);
-  int st = 0;
-  waitpid(pid, &st, 0);
-  if (out) *out = text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-std::string ReadText(const std::string& path) {
-  std::string text;
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) text.append(buf, n);
-  close(fd);
-  return text;
-}
-
-std::string Tail(const std::string& s, size_t n = 600) { return s.size() > n ? s.substr(s.size() - n) : s; }
 
 // ---- a dmcowd process ---------------------------------------------------------
 
@@ -608,21 +547,6 @@ std::string FileContent(int i, size_t len) {
   return s;
 }
 
-void WriteText(const std::string& path, const std::string& text) {
-  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  CHECK(fd >= 0, "create %s", path.c_str());
-  CHECK(write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()), "write %s", path.c_str());
-  close(fd);
-}
-
-void Must(const std::vector<std::string>& args) {
-  std::string out;
-  int st = Run(args, &out);
-  std::string cmd;
-  for (auto& a : args) cmd += a + " ";
-  CHECK(st == 0, "%s: exit %d: %s", cmd.c_str(), st, Tail(out).c_str());
-}
-
 // `debugfs -R "dump PATH OUT"` and compare.
 void CheckFsFile(const std::string& dev, const std::string& path, const std::string& want) {
   unlink("/tmp/fs-dump");
@@ -706,11 +630,6 @@ void TestFilesystem() {
   unlink(base.c_str());
 }
 
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
-
 const TestCase kTests[] = {
     {"daemon_attach_reattach", TestAttachReattach},
     {"daemon_shared_base", TestSharedBase},
@@ -719,72 +638,8 @@ const TestCase kTests[] = {
     {"daemon_reload_scattered", TestReloadScattered},
 };
 
-int RunOne(const TestCase& t, int timeout_s) {
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC)) return 1;
-  auto t0 = Clock::now();
-  pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string result;
-    try {
-      t.fn();
-      result = "PASS";
-    } catch (const std::exception& e) {
-      result = std::string("FAIL ") + e.what();
-    }
-    (void)!write(fds[1], result.data(), result.size());
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string result;
-  bool timed_out = false;
-  for (;;) {
-    int st;
-    if (waitpid(pid, &st, WNOHANG) == pid) break;
-    if (MsSince(t0) > timeout_s * 1000L) {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-      timed_out = true;
-      break;
-    }
-    SleepMs(20);
-  }
-  if (!timed_out) {
-    char buf[4096];
-    ssize_t n;
-    while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, n);
-  }
-  close(fds[0]);
-  if (timed_out) result = Fmt("FAIL timed out after %d s", timeout_s);
-  else if (result.empty()) result = "FAIL test process died";
-  for (char& c : result)
-    if (c == '\n') c = ' ';
-  std::printf("DMCOW-TEST %s %s (%ld ms)\n", t.name, result.c_str(), MsSince(t0));
-  std::fflush(stdout);
-  return result.rfind("PASS", 0) == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string cmd = argc > 1 ? argv[1] : "run";
-  if (cmd == "list") {
-    for (const auto& t : kTests) std::printf("%s\n", t.name);
-    return 0;
-  }
-  if (cmd != "run") {
-    std::fprintf(stderr, "usage: daemontest list | run [name...]\n");
-    return 2;
-  }
-  signal(SIGPIPE, SIG_IGN);
-  int timeout_s = 120;
-  if (const char* e = getenv("DMCOW_DAEMON_TEST_TIMEOUT")) timeout_s = atoi(e);
-  int failed = 0;
-  for (const auto& t : kTests) {
-    bool selected = argc <= 2;
-    for (int i = 2; i < argc; i++) selected |= !strcmp(argv[i], t.name);
-    if (selected) failed += RunOne(t, timeout_s);
-  }
-  return failed ? 1 : 0;
+  return dmcow_vm::TestMain(argc, argv, "daemontest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_DAEMON_TEST_TIMEOUT");
 }

@@ -20,7 +20,7 @@ fail_boot() {
 	poweroff -f
 }
 
-for m in dm-mod loop dm-delay dm-cow; do
+for m in dm-mod loop dm-delay dm-zero dm-cow virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
 	insmod /lib/modules/$m.ko || fail_boot "insmod $m"
 done
 [ -e /dev/mapper/control ] || fail_boot "no /dev/mapper/control"
@@ -41,6 +41,13 @@ done
 rc=$?
 # The daemon (dmcowd) on real devices.
 /bin/daemontest run $tests || rc=1
+# qcow2 images attached with dmcow-qcow; what they wrote goes back to the
+# host on the virtio disk, as a tar, for qemu-img to check.
+/bin/qcowtest run $tests || rc=1
+if [ -d /tmp/qcow-out ] && [ -b /dev/vda ]; then
+	tar -cf /dev/vda -C /tmp/qcow-out . || echo "DMCOW-WARN could not write /dev/vda"
+	sync
+fi
 # Unloading must work once every test has removed its device; leaked
 # objects show up as a kernel WARNING/BUG (slab cache not empty).
 if [ -z "$tests" ]; then

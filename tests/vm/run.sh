@@ -45,12 +45,20 @@ g++ "${CXXFLAGS[@]}" -o "$OUT/responder" "$SRC/tests/vm/responder.cc"
 g++ "${CXXFLAGS[@]}" -DDMCOW_RESPONDER_NO_MAIN -o "$OUT/vmtest" \
 	"$SRC/tests/vm/vmtest.cc" "$SRC/tests/vm/responder.cc"
 g++ "${CXXFLAGS[@]}" -o "$OUT/daemontest" "$SRC/tests/vm/daemon_test.cc"
+g++ "${CXXFLAGS[@]}" -o "$OUT/qcowtest" "$SRC/tests/vm/qcow_test.cc"
 DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
 [ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
+DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
+DMCOW_IMG=${DMCOW_IMG:-$SRC/build/cli/dmcow-img}
+[ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
+command -v qemu-img >/dev/null || die "qemu-img not found (Debian package qemu-utils)"
 
 # ---- initramfs ----------------------------------------------------------------
 vm_initramfs_begin "$OUT/initramfs"
-cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$DMCOWD" "$R/bin/"
+cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$OUT/qcowtest" "$DMCOWD" "$DMCOW_QCOW" "$R/bin/"
+# Images for qcowtest, made by the real qemu-img here.
+mkdir -p "$R/qcow"
+"$SRC/tests/vm/qcow_inputs.sh" "$R/qcow/in"
 cp "$SRC/tests/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
 
@@ -63,24 +71,35 @@ for f in mke2fs e2fsck debugfs; do
 	E2FS+=("$p")
 done
 # Shared libraries (and the loader) of these and dmcowd, at their own paths.
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "${E2FS[@]}"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "${E2FS[@]}"
 
 copy_module dm-mod drivers/md/dm-mod
 copy_module loop drivers/block/loop
 copy_module dm-delay drivers/md/dm-delay
+copy_module dm-zero drivers/md/dm-zero
+# A virtio disk carries the images qcowtest wrote back to the host (a tar).
+copy_module virtio drivers/virtio/virtio
+copy_module virtio_ring drivers/virtio/virtio_ring
+copy_module virtio_pci_legacy_dev drivers/virtio/virtio_pci_legacy_dev
+copy_module virtio_pci_modern_dev drivers/virtio/virtio_pci_modern_dev
+copy_module virtio_pci drivers/virtio/virtio_pci
+copy_module virtio_blk drivers/block/virtio_blk
 cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
 
 vm_pack "$OUT/initramfs.gz"
 
 # ---- boot ---------------------------------------------------------------------
-EXPECTED="$("$OUT/vmtest" list) $("$OUT/daemontest" list) module_unload"
+EXPECTED="$("$OUT/vmtest" list) $("$OUT/daemontest" list) $("$OUT/qcowtest" list) module_unload"
 APPEND="console=ttyS0 quiet panic=-1"
 if [ -n "${DMCOW_VM_TESTS:-}" ]; then
 	APPEND="$APPEND dmcow.tests=$DMCOW_VM_TESTS"
 	EXPECTED=$(echo "$DMCOW_VM_TESTS" | tr , '\n')
 fi
 TBOOT=$(date +%s)
-vm_boot "$OUT/initramfs.gz" "$APPEND" "${DMCOW_VM_TIMEOUT:-270}" "$OUT/console.log" 512
+rm -f "$OUT/qcow-out.tar"
+truncate -s 512M "$OUT/qcow-out.tar"
+vm_boot "$OUT/initramfs.gz" "$APPEND" "${DMCOW_VM_TIMEOUT:-400}" "$OUT/console.log" 1024 \
+	-drive file="$OUT/qcow-out.tar",format=raw,if=virtio
 TEND=$(date +%s)
 
 # ---- verdict ------------------------------------------------------------------
@@ -98,6 +117,51 @@ for t in $EXPECTED; do
 	*) echo "FAIL  $t: ${line#DMCOW-TEST $t FAIL }"; fail=1 ;;
 	esac
 done
+# The images qcowtest wrote, checked by the real qemu-img (and e2fsck).
+QOUT="$OUT/qcow-out"
+rm -rf "$QOUT"
+mkdir -p "$QOUT"
+tar -xf "$OUT/qcow-out.tar" -C "$QOUT" 2>/dev/null || true
+host_check() {	# name, command...: PASS/FAIL line
+	local name=$1 out
+	shift
+	if out=$("$@" 2>&1); then
+		echo "PASS  $name"
+	else
+		echo "FAIL  $name: $(echo "$out" | tail -5 | tr '\n' ' ')"
+		fail=1
+	fi
+}
+check_clean() {	# image: qemu-img check with no errors and no leaks
+	local out
+	out=$(qemu-img check "$1" 2>&1) || { echo "$out"; return 1; }
+	echo "$out" | grep -q "No errors were found" && ! echo "$out" | grep -q leaked || { echo "$out"; return 1; }
+}
+check_killed() {	# image: corruption-free; leaks repaired by dmcow-img check -r leaks
+	local rc=0
+	qemu-img check "$1" >/dev/null 2>&1 || rc=$?
+	[ $rc = 0 ] || [ $rc = 3 ] || { qemu-img check "$1"; return 1; }
+	"$DMCOW_IMG" check -r leaks "$1" >/dev/null 2>&1 || [ $? = 3 ] || return 1
+	check_clean "$1"
+}
+check_fs() {	# image: clean, and e2fsck is happy with qemu-img's view of it
+	check_clean "$1" || return 1
+	qemu-img convert -O raw "$1" "$1.raw" && e2fsck -fn "$1.raw"
+}
+if grep -q "^DMCOW-TEST qcow_" "$LOG" && [ -z "${DMCOW_VM_TESTS:-}" -o -f "$QOUT/checks" ]; then
+	# Written images sit next to copies of their backing files.
+	cp -n "$R/qcow/in/"* "$QOUT/" 2>/dev/null || true
+	[ -f "$QOUT/checks" ] || { echo "FAIL  host checks: the VM wrote no images back"; fail=1; }
+	while read -r kind image ref; do
+		case "$kind" in
+		write)
+			host_check "host_qemu_img_check $image" check_clean "$QOUT/$image"
+			host_check "host_qemu_img_compare $image" qemu-img compare -q -F raw "$QOUT/$image" "$QOUT/$ref" ;;
+		killed) host_check "host_killed_image_intact $image" check_killed "$QOUT/$image" ;;
+		fs) host_check "host_fs_image $image" check_fs "$QOUT/$image" ;;
+		esac
+	done <"$QOUT/checks" 2>/dev/null || true
+fi
 if vm_kernel_problems "$LOG"; then
 	echo "kernel reported problems (above)"
 	fail=1

@@ -30,6 +30,7 @@
 #include <cstring>
 
 #include "dm.h"
+#include "dmcow/image_lock.h"
 #include "log.h"
 #include "loopdev.h"
 #include "plugins.h"
@@ -65,6 +66,10 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
 
   Status Open(DeviceSpec* spec) override {
     const std::string& path = options_.args[0];
+    // QEMU's image locks: a running QEMU that writes the image refuses us,
+    // and QEMU refuses an image we serve (dmcow/image_lock.h).
+    using Mode = dmcow::ImageLock::Mode;
+    DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::Acquire(path, read_only_ ? Mode::kReadOnly : Mode::kReadWrite, &lock_));
     dmcow::OpenOptions o;
     o.writable = !read_only_;
     o.env = options_.env;
@@ -83,6 +88,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
                                        " dmcow-qcow attach does this");
       }
       backing_ = image_->backing()->filename();
+      DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::Acquire(backing_, Mode::kReadOnly, &backing_lock_));
     }
     mapper_ = std::make_unique<Qcow2Mapper>(image_.get(), this, !read_only_, has_backing);
     const Qcow2Geometry& geo = mapper_->geometry();
@@ -184,6 +190,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     if (image_fd_ >= 0) ::close(image_fd_);
     if (scratch_fd_ >= 0) ::close(scratch_fd_);
     image_fd_ = scratch_fd_ = -1;
+    lock_.reset();
+    backing_lock_.reset();
     return result;
   }
 
@@ -255,6 +263,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   PluginOptions options_;
   bool read_only_ = false;
   std::string backing_, prefix_, scratch_dir_;
+  std::unique_ptr<dmcow::ImageLock> lock_, backing_lock_;
   std::unique_ptr<Image> image_;
   std::unique_ptr<Qcow2Mapper> mapper_;
   int image_fd_ = -1, scratch_fd_ = -1;

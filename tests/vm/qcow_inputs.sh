@@ -1,0 +1,46 @@
+#!/bin/bash
+# Images for the qcow2 attach tests in the VM (qcow_test.cc), made by the
+# real qemu-img/qemu-io on the host, and a manifest: one line per image the
+# VM reads, "<file> <sha256 of qemu-img convert -O raw>".
+#   tests/vm/qcow_inputs.sh OUTDIR
+set -euo pipefail
+OUT=$1
+rm -rf "$OUT"
+mkdir -p "$OUT"
+cd "$OUT"
+q() { qemu-io "$@" >/dev/null; }
+
+qemu-img create -q -f qcow2 empty.qcow2 8M
+qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 8M
+q -f qcow2 -c 'write -P 0x21 0 3M' -c 'write -P 0x22 5M 17k' v2.qcow2
+qemu-img create -q -f raw src.raw 8M
+q -f raw -c 'write -P 0x33 0 2M' -c 'write -P 0x44 3M 1M' -c 'write -P 0x45 6M 300k' src.raw
+qemu-img convert -c -O qcow2 src.raw zlib.qcow2
+qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=4096 src.raw zstd.qcow2
+rm src.raw
+# raw <- qcow2 <- qcow2
+qemu-img create -q -f raw chain-base.raw 8M
+q -f raw -c 'write -P 0x51 0 8M' chain-base.raw
+qemu-img create -q -f qcow2 -b chain-base.raw -F raw chain-mid.qcow2 8M
+q -f qcow2 -c 'write -P 0x52 1M 1M' -c 'write -z 4M 512k' chain-mid.qcow2
+qemu-img create -q -f qcow2 -b chain-mid.qcow2 -F qcow2 chain-top.qcow2 8M
+q -f qcow2 -c 'write -P 0x53 1536k 1M' -c 'write -P 0x54 7M 3k' chain-top.qcow2
+# extended L2 over a compressed qcow2 backing: partial clusters
+qemu-img create -q -f qcow2 -b zlib.qcow2 -F qcow2 -o extended_l2=on,cluster_size=128k extl2.qcow2 8M
+q -f qcow2 -c 'write -P 0x61 4k 4k' -c 'write -z 200k 8k' -c 'write -z 512k 256k' -c 'write -P 0x62 1M 300k' extl2.qcow2
+# zero clusters, discards, an internal snapshot (shared clusters)
+qemu-img create -q -f qcow2 snap.qcow2 8M
+q -f qcow2 -c 'write -P 0x71 0 4M' -c 'write -z 1M 256k' snap.qcow2
+qemu-img snapshot -c s1 snap.qcow2
+q -f qcow2 -c 'write -P 0x72 2M 64k' -c 'discard 3M 128k' snap.qcow2
+# 512-byte clusters (chunks of 4 KiB hold 8 of them)
+qemu-img create -q -f qcow2 -o cluster_size=512 small.qcow2 4M
+q -f qcow2 -c 'write -P 0x81 0 1M' -c 'write -P 0x82 1537 5000' -c 'write -z 64k 8k' small.qcow2
+# for mkfs
+qemu-img create -q -f qcow2 fs.qcow2 64M
+
+for f in v2 zlib zstd chain-top chain-mid extl2 snap small empty; do
+	qemu-img convert -O raw $f.qcow2 /tmp/qcow-inputs-$$.raw
+	echo "$f.qcow2 $(sha256sum </tmp/qcow-inputs-$$.raw | cut -d' ' -f1)"
+done >manifest
+rm -f /tmp/qcow-inputs-$$.raw

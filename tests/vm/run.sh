@@ -54,7 +54,7 @@ cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$DMCOWD" "$R/bin/"
 cp "$SRC/tests/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
 
-# e2fsprogs for the file system test (userspace only: no ext4 module needed).
+# e2fsprogs for the file system tests.
 E2FS=()
 for f in mke2fs e2fsck debugfs; do
 	p=$(command -v $f || true)
@@ -68,6 +68,13 @@ vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "${E2FS[@]}"
 copy_module dm-mod drivers/md/dm-mod
 copy_module loop drivers/block/loop
 copy_module dm-delay drivers/md/dm-delay
+# ext4 and what it needs (modinfo -F depends: jbd2, mbcache, crc16; and the
+# crc32c checksum it asks the crypto API for) for daemon_mount.
+copy_module crc16 lib/crc16
+copy_module crc32c_generic crypto/crc32c_generic
+copy_module mbcache fs/mbcache
+copy_module jbd2 fs/jbd2/jbd2
+copy_module ext4 fs/ext4/ext4
 cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
 
 vm_pack "$OUT/initramfs.gz"

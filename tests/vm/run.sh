@@ -62,7 +62,7 @@ mkdir -p "$R/qcow"
 cp "$SRC/tests/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
 
-# e2fsprogs for the file system test (userspace only: no ext4 module needed).
+# e2fsprogs for the file system tests.
 E2FS=()
 for f in mke2fs e2fsck debugfs; do
 	p=$(command -v $f || true)
@@ -84,6 +84,13 @@ copy_module virtio_pci_legacy_dev drivers/virtio/virtio_pci_legacy_dev
 copy_module virtio_pci_modern_dev drivers/virtio/virtio_pci_modern_dev
 copy_module virtio_pci drivers/virtio/virtio_pci
 copy_module virtio_blk drivers/block/virtio_blk
+# ext4 and what it needs (modinfo -F depends: jbd2, mbcache, crc16; and the
+# crc32c checksum it asks the crypto API for) for daemon_mount.
+copy_module crc16 lib/crc16
+copy_module crc32c_generic crypto/crc32c_generic
+copy_module mbcache fs/mbcache
+copy_module jbd2 fs/jbd2/jbd2
+copy_module ext4 fs/ext4/ext4
 cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
 
 vm_pack "$OUT/initramfs.gz"

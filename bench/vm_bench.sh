@@ -1,0 +1,133 @@
+#!/bin/bash
+# dm-cow block I/O in Debian's kernel under qemu, same run, as ratios:
+#
+#   mapped  every chunk written once and folded by dmcowd's periodic reload
+#           into dm-linear segments, then sequential (1 MiB) and random
+#           (4 KiB, 1 and 4 in flight) O_DIRECT reads and writes, against the
+#           raw loop device over the same data (the COW's loop device, at
+#           the data area the linear segment points at);
+#   store   the same with the reload off: the mappings stay in dm-cow's
+#           in-kernel remap store (for comparison, no goal);
+#   first   first writes to unmapped chunks (each chunk written exactly
+#           once, in order or at random, whole 64 KiB chunks or 4 KiB, then
+#           fdatasync), against dm-snapshot of the same base with the same
+#           chunk size, persistent (P) and transient (N).
+#
+# Files live in the VM's tmpfs: a 256 MiB base file, loop devices over it.
+# The I/O generator is bench/vm/blkio.cc (static, O_DIRECT pread/pwrite,
+# queue depth = threads; see there). Each case runs RUNS times, the targets
+# in rotating order; the table gives the median throughput of each and their
+# ratio (dm-cow / reference: above 1, dm-cow is faster), with the range of
+# the per-run ratios. TCG emulation makes absolute figures meaningless; the
+# ratios are the result.
+#
+# One virtual CPU by default: with -smp 2 under TCG a wakeup of the idle
+# vCPU waits for a timer tick (~4 ms), so synchronous I/O measured qemu's
+# idle handling (per-run ratios from 0.7 to 10) instead of the devices.
+#
+#   bench/vm_bench.sh [OUTDIR]          (default /tmp/dmcow-vmbench)
+#
+# Environment: RUNS=7 MB=256 OPS=65536 (random I/Os per run)
+#   BENCH_GROUPS=mapped,store,first  VM_MEM=1024 VM_SMP=1  VM_APPEND=
+#   (extra kernel arguments)  BENCH_TIMEOUT=1800 (seconds for the VM)
+#   KVER, DMCOWD as for tests/vm/run.sh.
+# Exits non-zero, printing no table, if any case could not run.
+# Not part of the test suite (scripts/test.sh and CTest do not run it).
+set -euo pipefail
+
+die() { echo "vm_bench.sh: $*" >&2; exit 1; }
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-/tmp/dmcow-vmbench}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RUNS=${RUNS:-7}
+MB=${MB:-256}
+OPS=${OPS:-65536}
+BENCH_GROUPS=${BENCH_GROUPS:-mapped,store,first}
+VM_MEM=${VM_MEM:-1024}
+VM_SMP=${VM_SMP:-1}
+
+. "$SRC/tests/vm/lib.sh"
+vm_packages vm_bench.sh
+vm_kernel
+vm_build_kmod "$OUT"
+
+g++ -std=c++20 -O2 -Wall -Wextra -Werror -static -pthread -o "$OUT/blkio" "$SRC/bench/vm/blkio.cc"
+DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
+[ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
+
+vm_initramfs_begin "$OUT/initramfs"
+cp "$OUT/blkio" "$DMCOWD" "$R/bin/"
+cp "$SRC/bench/vm/init.sh" "$R/init"
+chmod 755 "$R/init"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD"
+copy_module dm-mod drivers/md/dm-mod
+copy_module loop drivers/block/loop
+copy_module dm-bufio drivers/md/dm-bufio
+copy_module dm-snapshot drivers/md/dm-snapshot
+cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
+vm_pack "$OUT/initramfs.gz"
+
+APPEND="console=ttyS0 quiet panic=-1 ${VM_APPEND:-} bench.runs=$RUNS bench.mb=$MB bench.ops=$OPS bench.groups=$BENCH_GROUPS"
+echo "vm_bench.sh: booting; the console goes to $OUT/console.log" >&2
+T0=$(date +%s)
+vm_boot "$OUT/initramfs.gz" "$APPEND" "${BENCH_TIMEOUT:-1800}" "$OUT/console.log" "$VM_MEM" -smp "$VM_SMP" >/dev/null
+T1=$(date +%s)
+
+LOG="$OUT/console.log"
+[ "$QEMU_RC" = 0 ] || die "VM exited with $QEMU_RC (124 = timeout); see $LOG"
+if grep -m1 '^BENCH-FAIL' "$LOG"; then
+	die "a case could not run; see $LOG"
+fi
+grep -q '^BENCH-END ok' "$LOG" || die "the VM did not finish the benchmarks; see $LOG"
+if vm_kernel_problems "$LOG"; then
+	die "kernel reported problems (above)"
+fi
+
+echo "dm-cow VM benchmarks: kernel $KVER, qemu TCG, -m $VM_MEM -smp $VM_SMP, VM $((T1 - T0)) s"
+grep '^BENCH-INFO' "$LOG" | sed 's/^BENCH-INFO /  /'
+echo
+# Median throughput per (group, case, target); ratio dm-cow / reference;
+# the per-run ratios' range (paired by run number).
+grep '^BENCH ' "$LOG" | awk -v runs="$RUNS" '
+function median(list,   a, n, i, j, t) {
+	n = split(list, a, " ")
+	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+	return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+{
+	key = $2 SUBSEP $3 SUBSEP $4
+	mbps[key] = mbps[key] " " $7
+	iops[key] = iops[key] " " $8
+	run[key, $5] = $7
+	count[key]++
+	if (!(($2 SUBSEP $3) in seen)) { seen[$2 SUBSEP $3] = 1; order[++n] = $2 SUBSEP $3 }
+	if (!(($2 SUBSEP $4) in tseen)) { tseen[$2 SUBSEP $4] = 1; targets[$2] = targets[$2] " " $4 }
+}
+END {
+	printf "| group | case | target | dm-cow MB/s | target MB/s | dm-cow IOPS | target IOPS | ratio | per-run ratios |\n"
+	printf "|---|---|---|---|---|---|---|---|---|\n"
+	bad = 0
+	for (i = 1; i <= n; i++) {
+		split(order[i], gc, SUBSEP)
+		ck = gc[1] SUBSEP gc[2] SUBSEP "cow"
+		if (count[ck] != runs) { print "missing runs for " gc[1] " " gc[2] " cow" > "/dev/stderr"; bad = 1; continue }
+		nt = split(targets[gc[1]], ts, " ")
+		for (k = 1; k <= nt; k++) {
+			if (ts[k] == "cow") continue
+			tk = gc[1] SUBSEP gc[2] SUBSEP ts[k]
+			if (count[tk] != runs) { print "missing runs for " gc[1] " " gc[2] " " ts[k] > "/dev/stderr"; bad = 1; continue }
+			lo = 1e18; hi = 0
+			for (r = 1; r <= runs; r++) {
+				q = run[ck, r] / run[tk, r]
+				if (q < lo) lo = q
+				if (q > hi) hi = q
+			}
+			cm = median(mbps[ck]); tm = median(mbps[tk])
+			printf "| %s | %s | %s | %.1f | %.1f | %.0f | %.0f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k],
+				cm, tm, median(iops[ck]), median(iops[tk]), cm / tm, lo, hi
+		}
+	}
+	exit bad
+}'

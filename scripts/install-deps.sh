@@ -13,6 +13,8 @@ PACKAGES=(
   # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)
   libdevmapper-dev
   qemu-utils e2fsprogs
+  # a file-system workload on an attached image in the VM (tests/vm/qcow_test.cc)
+  bonnie++
   # the kernel target's VM suite: Debian's kernel booted under qemu
   linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static dmsetup kmod cpio
 )

@@ -71,7 +71,10 @@ for f in mke2fs e2fsck debugfs; do
 	E2FS+=("$p")
 done
 # Shared libraries (and the loader) of these and dmcowd, at their own paths.
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "${E2FS[@]}"
+BONNIE=$(command -v bonnie++ || true)
+[ -n "$BONNIE" ] || die "bonnie++ not found (Debian package bonnie++)"
+cp "$BONNIE" "$R/sbin/bonnie++"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "${E2FS[@]}"
 
 copy_module dm-mod drivers/md/dm-mod
 copy_module loop drivers/block/loop

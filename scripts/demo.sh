@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The built-in default job: take a golden fixture made by qemu-img, make a
+# The built-in default job. First (host): take a golden fixture made by qemu-img, make a
 # copy of it, and show what dmcow-img says about it: info, map and the
 # checksum of its guest content (equal to the raw conversion's sha256).
+# Then (scripts/vm-demo.sh): a qcow2 image attached as a block device with
+# dmcow-qcow in the bundled VM, mounted, written, detached, checked by qemu-img.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 img=build/dmcow-img
@@ -17,3 +19,4 @@ set -x
 "$img" checksum "$work/demo.qcow2"
 "$img" convert -O raw "$work/demo.qcow2" "$work/demo.raw"
 sha256sum "$work/demo.raw"
+scripts/vm-demo.sh

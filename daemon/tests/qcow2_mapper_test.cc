@@ -18,167 +18,16 @@
 #include <catch2/catch.hpp>
 #include <sys/stat.h>
 #include "dmcow/image.h"
+#include "kernel_model.h"
 #include "qcow2/qcow2_mapper.h"
 #include "test_util.h"
 
-using dmcowd::Answer;
-using dmcowd::Extent;
-using dmcowd::MapKind;
-using dmcowd::MapRequest;
 using dmcowd::Qcow2Mapper;
 using dmcowd::Status;
+using dmcowd_test::KernelModel;
 using namespace dmcow_test;
 
 namespace {
-
-// The kernel target as the ABI describes it, over the image file and an
-// in-memory scratch area; the base device is the backing chain's content.
-class KernelModel : public dmcowd::CowSpace {
- public:
-  KernelModel(const std::string& image_path, dmcow::Image* backing, uint64_t dev_bytes)
-      : backing_(backing), dev_bytes_(dev_bytes) {
-    fd_ = ::open(image_path.c_str(), O_RDWR);
-    REQUIRE(fd_ >= 0);
-  }
-  ~KernelModel() override { ::close(fd_); }
-
-  void Attach(Qcow2Mapper* mapper) {
-    mapper_ = mapper;
-    geo_ = mapper->geometry();
-    chunk_bytes_ = uint64_t{geo_.chunk_sectors} * 512;
-    maps_.clear();
-    std::vector<Extent> stable;
-    REQUIRE(mapper->StableExtents(&stable).ok());
-    for (const Extent& e : stable) {
-      for (uint64_t i = 0; i < e.nr_chunks; i++) maps_[e.chunk + i] = {MapKind::kFilledRW, e.cow_sector + i * geo_.chunk_sectors};
-    }
-  }
-
-  Status WriteScratch(uint64_t offset, const void* buf, size_t len) override {
-    REQUIRE(offset + len <= geo_.scratch_sectors * 512);
-    auto& v = scratch_[offset];
-    v.assign(static_cast<const uint8_t*>(buf), static_cast<const uint8_t*>(buf) + len);
-    return Status::OK();
-  }
-  Status EnsureImageBytes(uint64_t end) override {
-    image_limit_ = std::max(image_limit_, end);
-    return Status::OK();
-  }
-
-  void Read(uint64_t off, uint8_t* buf, uint64_t len) {
-    while (len > 0) {
-      const uint64_t chunk = off / chunk_bytes_, in = off % chunk_bytes_;
-      const uint64_t n = std::min(len, chunk_bytes_ - in);
-      if (!maps_.count(chunk)) Ask(chunk, false, false);
-      ReadChunk(chunk, in, buf, n);
-      off += n, buf += n, len -= n;
-    }
-  }
-
-  void Write(uint64_t off, const uint8_t* buf, uint64_t len) {
-    while (len > 0) {
-      const uint64_t chunk = off / chunk_bytes_, in = off % chunk_bytes_;
-      const uint64_t n = std::min(len, chunk_bytes_ - in);
-      const uint64_t chunk_len = std::min(chunk_bytes_, dev_bytes_ - chunk * chunk_bytes_);
-      auto it = maps_.find(chunk);
-      if (it == maps_.end() || (it->second.kind != MapKind::kRW && it->second.kind != MapKind::kFilledRW)) {
-        Ask(chunk, true, in == 0 && n == chunk_len);
-      }
-      const Map& m = maps_.at(chunk);
-      REQUIRE((m.kind == MapKind::kRW || m.kind == MapKind::kFilledRW));
-      CowWrite(m.sector * 512 + in, buf, n);
-      off += n, buf += n, len -= n;
-    }
-  }
-
-  void Flush() {
-    // Every reply so far is "durable" (the model writes straight to the file).
-    REQUIRE(mapper_->Flush(batch_).ok());
-  }
-
-  uint64_t requests() const { return requests_; }
-
- private:
-  struct Map {
-    MapKind kind;
-    uint64_t sector;
-  };
-
-  void Ask(uint64_t chunk, bool write, bool full) {
-    MapRequest req{chunk, write, full, ++batch_};
-    Answer a;
-    requests_++;
-    Status s = mapper_->Map(req, &a);
-    REQUIRE(s.ok());
-    REQUIRE(a.error == 0);
-    const dmcowd::Mapping& m = a.mapping;
-    REQUIRE(m.chunk <= chunk);
-    REQUIRE(chunk < m.chunk + m.nr_chunks);
-    if (write) REQUIRE((m.kind == MapKind::kRW || m.kind == MapKind::kFilledRW));
-    if (m.kind == MapKind::kRW) {
-      REQUIRE(m.nr_chunks == 1);
-      if (!full) {  // fill from the current data
-        std::vector<uint8_t> cur(chunk_bytes_);
-        const uint64_t n = std::min(chunk_bytes_, dev_bytes_ - chunk * chunk_bytes_);
-        if (!maps_.count(chunk)) maps_[chunk] = {MapKind::kBase, 0};
-        ReadChunk(chunk, 0, cur.data(), n);
-        CowWrite(m.cow_sector * 512, cur.data(), n);
-      }
-    }
-    for (uint64_t i = 0; i < m.nr_chunks; i++) {
-      const bool has_cow = m.kind == MapKind::kRW || m.kind == MapKind::kRO || m.kind == MapKind::kFilledRW;
-      maps_[m.chunk + i] = {m.kind == MapKind::kRW ? MapKind::kFilledRW : m.kind,
-                            has_cow ? m.cow_sector + i * geo_.chunk_sectors : 0};
-    }
-  }
-
-  void ReadChunk(uint64_t chunk, uint64_t in, uint8_t* buf, uint64_t n) {
-    const Map& m = maps_.at(chunk);
-    switch (m.kind) {
-      case MapKind::kZero: std::memset(buf, 0, n); break;
-      case MapKind::kBase: {
-        const uint64_t off = chunk * chunk_bytes_ + in;
-        std::memset(buf, 0, n);
-        if (backing_ && off < backing_->virtual_size()) {
-          REQUIRE(backing_->Read(off, buf, std::min(n, backing_->virtual_size() - off)).ok());
-        }
-        break;
-      }
-      default: CowRead(m.sector * 512 + in, buf, n);
-    }
-  }
-
-  void CowRead(uint64_t byte, uint8_t* buf, uint64_t n) {
-    const uint64_t scratch = geo_.scratch_sectors * 512;
-    if (byte < scratch) {
-      const uint64_t slot = byte / chunk_bytes_ * chunk_bytes_;
-      auto it = scratch_.find(slot);
-      REQUIRE(it != scratch_.end());
-      std::memcpy(buf, it->second.data() + (byte - slot), n);
-      return;
-    }
-    std::memset(buf, 0, n);
-    REQUIRE(::pread(fd_, buf, n, static_cast<off_t>(byte - scratch)) >= 0);
-  }
-  void CowWrite(uint64_t byte, const uint8_t* buf, uint64_t n) {
-    const uint64_t scratch = geo_.scratch_sectors * 512;
-    REQUIRE(byte >= scratch);  // nothing writes to scratch
-    REQUIRE(byte - scratch + n <= image_limit_);
-    REQUIRE(::pwrite(fd_, buf, n, static_cast<off_t>(byte - scratch)) == static_cast<ssize_t>(n));
-  }
-
-  int fd_ = -1;
-  dmcow::Image* backing_;
-  uint64_t dev_bytes_;
-  Qcow2Mapper* mapper_ = nullptr;
-  dmcowd::Qcow2Geometry geo_;
-  uint64_t chunk_bytes_ = 0;
-  uint64_t batch_ = 0;
-  uint64_t requests_ = 0;
-  uint64_t image_limit_ = 0;
-  std::map<uint64_t, Map> maps_;
-  std::map<uint64_t, std::vector<uint8_t>> scratch_;
-};
 
 struct Shape {
   const char* name;
@@ -196,8 +45,10 @@ void Session(const std::string& dir, bool has_backing, std::mt19937_64& rng, int
   {
     struct stat st;
     REQUIRE(::stat(path.c_str(), &st) == 0);
-    KernelModel kernel(path, image->backing(), image->virtual_size());
-    kernel.EnsureImageBytes(static_cast<uint64_t>(st.st_size) & ~uint64_t{511});
+    std::unique_ptr<dmcow::File> file;
+    REQUIRE(dmcow::Env::Default()->OpenFile(path, dmcow::OpenMode::kReadWrite, &file).ok());
+    KernelModel kernel(file.get(), image->backing(), image->virtual_size());
+    REQUIRE(kernel.EnsureImageBytes(static_cast<uint64_t>(st.st_size) & ~uint64_t{511}).ok());
     Qcow2Mapper mapper(image.get(), &kernel, true, has_backing);
     REQUIRE(mapper.Init().ok());
     kernel.Attach(&mapper);
@@ -210,21 +61,21 @@ void Session(const std::string& dir, bool has_backing, std::mt19937_64& rng, int
       len = std::min(len, size - off);
       if (what < 5) {
         std::vector<uint8_t> data = MixedData(rng, len);
-        kernel.Write(off, data.data(), len);
+        REQUIRE(kernel.Write(off, data.data(), len).ok());
         std::memcpy(ref->data() + off, data.data(), len);
       } else if (what < 9) {
         std::vector<uint8_t> got(len);
-        kernel.Read(off, got.data(), len);
+        REQUIRE(kernel.Read(off, got.data(), len).ok());
         INFO("read at " << off << " +" << len);
         REQUIRE(std::memcmp(got.data(), ref->data() + off, len) == 0);
       } else {
-        kernel.Flush();
+        REQUIRE(kernel.Flush().ok());
       }
     }
-    kernel.Flush();
+    REQUIRE(kernel.Flush().ok());
     // Every byte through the device equals the reference.
     std::vector<uint8_t> all(size);
-    kernel.Read(0, all.data(), size);
+    REQUIRE(kernel.Read(0, all.data(), size).ok());
     const bool device_equals_reference = all == *ref;
     REQUIRE(device_equals_reference);
   }

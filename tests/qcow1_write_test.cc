@@ -1,7 +1,8 @@
 // qcow v1 writes beyond what the random and crash tests reach: compressed
 // clusters stored through WriteCompressedCluster (QEMU must read them), the
-// payloads and calls such an image must refuse, and hostile tables that a
-// write must not follow onto metadata.
+// payloads and calls such an image must refuse, hostile tables that a
+// write must not follow onto metadata, and the block-device calls
+// (qcow1_device.cc) on hostile tables and foreign offsets.
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <cstring>
@@ -353,4 +354,122 @@ TEST_CASE("qcow v1: reads run alongside writes and see whole clusters", "[qcow1]
   CHECK(errors.load() == 0);
   CHECK(mixed.load() == 0);
   REQUIRE(image->Flush().ok());
+}
+
+// The calls dmcowd's plugin makes (qcow1_device.cc) on hostile tables and
+// on offsets the image did not hand out.
+TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1]") {
+  TempDir dir;
+  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 1G && "
+          "qemu-io -t unsafe -f qcow -c 'write -P 1 0 4k' -c 'write -P 2 8k 4k' img.qcow >/dev/null");
+  const std::vector<uint8_t> good = ReadWholeFile(dir / "img.qcow");
+  const uint64_t l1 = Load64(good, 40);
+  const uint64_t l2 = Load64(good, l1);
+  const uint64_t data = Load64(good, l2);
+  REQUIRE((l2 != 0 && data != 0));
+  const std::string path = "/img/d.qcow";
+  using Place = Image::ClusterPlace;
+  auto describe = [](Image* image, uint64_t cluster) {
+    Place p;
+    Status s = image->DescribeCluster(cluster, &p);
+    INFO(s.ToString());
+    REQUIRE(s.ok());
+    return p;
+  };
+  auto open = [&](const std::vector<uint8_t>& bytes, MemEnv* env) {
+    env->PutFile(path, bytes);
+    return MustOpenWritable(path, env);
+  };
+
+  SECTION("what QEMU wrote: exclusive data, unallocated, compressed") {
+    std::vector<uint8_t> bytes = good;
+    Store64(&bytes, l2 + 8 * 5, (1ULL << 63) | (100ULL << 51) | data);  // a compressed descriptor
+    MemEnv env;
+    std::unique_ptr<Image> image = open(bytes, &env);
+    Place p = describe(image.get(), 0);
+    CHECK(p.state == ClusterState::kData);
+    CHECK(p.exclusive);
+    CHECK_FALSE(p.partial);
+    CHECK(p.host_offset == data);
+    CHECK(describe(image.get(), 1).state == ClusterState::kUnallocated);
+    CHECK(describe(image.get(), 5).state == ClusterState::kCompressed);
+    CHECK(describe(image.get(), 200000).state == ClusterState::kUnallocated);  // no L2 table
+    Place out;
+    CHECK(image->DescribeCluster((1ULL << 30) / 4096, &out).code() == Status::Code::kInvalidArgument);
+  }
+  SECTION("data over the L1 table or an L2 table is never writable in place") {
+    for (uint64_t target : {uint64_t{1024}, l2}) {
+      std::vector<uint8_t> bytes = good;
+      Store64(&bytes, l2, target);
+      MemEnv env;
+      std::unique_ptr<Image> image = open(bytes, &env);
+      Place p = describe(image.get(), 0);
+      CHECK(p.state == ClusterState::kData);
+      CHECK_FALSE(p.exclusive);
+    }
+  }
+  SECTION("data past the end of the file is assembled, not mapped") {
+    std::vector<uint8_t> bytes = good;
+    Store64(&bytes, l2, (bytes.size() + 4095) / 4096 * 4096 + 16 * 4096);
+    MemEnv env;
+    std::unique_ptr<Image> image = open(bytes, &env);
+    Place p = describe(image.get(), 0);
+    CHECK(p.state == ClusterState::kData);
+    CHECK(p.partial);
+    CHECK_FALSE(p.exclusive);
+  }
+  SECTION("misaligned, overflowing entries and tables are errors naming the file") {
+    const std::pair<uint64_t, uint64_t> bad[] = {{l2, data + 1}, {l2, 0x7ffffffffffffe00ULL}, {l1, 0xfffffffffffff000ULL}};
+    for (const auto& [at, value] : bad) {
+      std::vector<uint8_t> bytes = good;
+      Store64(&bytes, at, value);
+      MemEnv env;
+      std::unique_ptr<Image> image = open(bytes, &env);
+      Place p;
+      Status s = image->DescribeCluster(0, &p);
+      INFO(s.ToString());
+      CHECK(s.IsCorrupt());
+      CHECK(s.message().find(path) != std::string::npos);
+    }
+  }
+  SECTION("reserve, fill, link; foreign offsets refused") {
+    MemEnv env;
+    std::unique_ptr<Image> image = open(good, &env);
+    uint64_t host = 0;
+    CHECK(image->ReserveClusters(0, &host).code() == Status::Code::kInvalidArgument);
+    CHECK(image->ReserveClusters(1025, &host).code() == Status::Code::kInvalidArgument);
+    REQUIRE(image->ReserveClusters(1, &host).ok());
+    CHECK(host % 4096 == 0);
+    CHECK(host >= good.size());
+    CHECK(image->AllocationEnd() >= host + 4096);
+    // Space the image did not append: existing data, the header, beyond the end.
+    for (uint64_t foreign : std::vector<uint64_t>{data, 0, host + 4096, host + 512, 0xfffffffffffff000ULL}) {
+      INFO("host offset " << foreign);
+      CHECK(image->FillClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
+      CHECK(image->LinkClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
+    }
+    CHECK(image->LinkClusters((1ULL << 30) / 4096, 1, host).code() == Status::Code::kInvalidArgument);
+    CHECK(image->LinkClusters(0, 0, host).code() == Status::Code::kInvalidArgument);
+    // Guest cluster 2 (pattern 2) copied into the new cluster and linked.
+    REQUIRE(image->FillClusters(2, 1, host).ok());
+    REQUIRE(image->LinkClusters(2, 1, host).ok());
+    REQUIRE(image->Flush().ok());
+    uint64_t spare = 0;
+    REQUIRE(image->ReserveClusters(2, &spare).ok());
+    CHECK(spare >= host + 4096);
+    CHECK(image->UnreserveClusters(2, spare).ok());  // dead space: nothing to give back
+    CHECK(image->UnreserveClusters(1, data).code() == Status::Code::kInvalidArgument);
+    image.reset();
+    OpenOptions options;
+    options.env = &env;
+    REQUIRE(OpenImage(path, options, &image).ok());
+    Place p = describe(image.get(), 2);
+    CHECK(p.host_offset == host);
+    CHECK(p.exclusive);
+    std::vector<uint8_t> got(4096);
+    REQUIRE(image->Read(8192, got.data(), got.size()).ok());
+    CHECK(std::count(got.begin(), got.end(), 2) == 4096);
+    // Read-only: nothing to reserve.
+    CHECK(image->ReserveClusters(1, &spare).IsNotSupported());
+  }
 }

@@ -4,13 +4,14 @@
 //   dmcow-qcow detach NAME
 //   dmcow-qcow list [--output human|json]
 //
-// attach starts one dmcowd (qcow2 plugin) per qcow2 image of the chain,
-// deepest first: backing images are served read-only as NAME-b1, NAME-b2...,
+// attach starts one dmcowd (qcow2 plugin) per qcow2 or qcow (v1) image of
+// the chain, deepest first: backing images are served read-only as NAME-b1, NAME-b2...,
 // each the base of the one above; a raw backing file is the deepest base.
 // It returns once the top device is usable (each dmcowd reports readiness on
 // a pipe), and records the attachment in /run/dmcow-qcow/NAME.json. detach
 // stops the daemons top first; each flushes, removes its device and closes
-// its image clean (qemu-img check: no errors, no leaks).
+// its image clean (qemu-img check: no errors, no leaks; qcow v1, which
+// qemu-img cannot check: dmcow-img check finds no errors).
 #include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -246,12 +247,14 @@ int Attach(int argc, char** argv) {
     if (!s.ok()) return Fail(s.ToString());
     for (dmcow::Image* i = top.get(); i; i = i->backing()) chain.emplace_back(AbsPath(i->filename()), i->info().format);
   }
-  if (chain[0].second != "qcow2") {
-    return Fail(image + ": is " + chain[0].second + "; attach serves qcow2 images (qemu-img convert -O qcow2 first)");
+  auto served = [](const std::string& format) { return format == "qcow2" || format == "qcow"; };
+  if (!served(chain[0].second)) {
+    return Fail(image + ": is " + chain[0].second + "; attach serves qcow2 and qcow images (qemu-img convert -O qcow2 first)");
   }
   for (size_t i = 1; i < chain.size(); i++) {
-    if (chain[i].second != "qcow2" && !(chain[i].second == "raw" && i + 1 == chain.size())) {
-      return Fail(chain[i].first + ": backing images must be qcow2 (or a raw file at the bottom), not " + chain[i].second);
+    if (!served(chain[i].second) && !(chain[i].second == "raw" && i + 1 == chain.size())) {
+      return Fail(chain[i].first + ": backing images must be qcow2 or qcow (or a raw file at the bottom), not " +
+                  chain[i].second);
     }
   }
   ::mkdir(kStateDir, 0755);
@@ -360,10 +363,11 @@ void Help() {
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
       "\n"
-      "attach makes a qcow2 image (v2 or v3, with its backing chain) a block device,\n"
+      "attach makes a qcow2 image (v2 or v3) or a legacy qcow (v1) image, with its\n"
+      "backing chain, a block device,\n"
       "/dev/mapper/NAME (NAME defaults to the image's file name without extension), and\n"
       "prints its path once it is usable. Writes land in the image as QEMU would write\n"
-      "them; a flush of the device makes them durable. Backing qcow2 images are attached\n"
+      "them; a flush of the device makes them durable. Backing qcow2/qcow images are attached\n"
       "read-only as NAME-b1, NAME-b2...; a raw backing file is read directly. The image\n"
       "is locked as QEMU locks images: a QEMU writing it refuses us, and QEMU refuses an\n"
       "image attached read-write. --read-only attaches without ever writing the image\n"

@@ -61,6 +61,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
                " bytes) lies beyond the end of the file");
   }
   img->l1_offset_ = l1_offset;
+  img->file_size_ = file_size;
   img->header_end_ = kHeaderSize;
   if (backing_offset != 0) {
     if (backing_size > kMaxBackingNameSize) return bad("backing file name is too long (" + std::to_string(backing_size) + " bytes)");

@@ -56,6 +56,14 @@ class Qcow1Image final : public TableImage {
   Status Flush() override;
   Status MakeEmpty() override;
 
+  // Serving as a block device (see qcow1_device.cc).
+  Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
+  Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
+  Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status UnreserveClusters(uint64_t count, uint64_t host_offset) override;
+  uint64_t AllocationEnd() const override;
+
  private:
   explicit Qcow1Image(std::unique_ptr<File> file) : TableImage(std::move(file)) {}
 
@@ -72,6 +80,11 @@ class Qcow1Image final : public TableImage {
   // Checks an uncompressed entry for guest cluster `cluster`: sector
   // aligned, and the whole cluster addressable.
   Status CheckDataEntry(uint64_t entry, uint64_t cluster) const;
+
+  // Checks that [host_offset, + count clusters) is appended space that the
+  // device may fill or link: cluster aligned, past every table, inside what
+  // was appended. REQUIRES: rw_mu_ held exclusively, writable_.
+  Status CheckReserved(uint64_t count, uint64_t host_offset, const char* what) const;
 
   // Write side. REQUIRES for all of these: rw_mu_ held exclusively.
   Status PrepareForWriting(const OpenOptions& options);
@@ -95,6 +108,7 @@ class Qcow1Image final : public TableImage {
   uint64_t header_end_ = 0;  // end of the header and the backing file name
   std::vector<uint64_t> l1_;
   std::unique_ptr<TableCache> l2_cache_;
+  uint64_t file_size_ = 0;  // at open
 
   bool writable_ = false;
   uint64_t file_end_ = 0;           // where the next appended cluster or table may start

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Images for the qcow2 attach tests in the VM (qcow_test.cc), made by the
+# Images for the qcow2 and qcow (v1) attach tests in the VM (qcow_test.cc), made by the
 # real qemu-img/qemu-io on the host, and a manifest: one line per image the
 # VM reads, "<file> <sha256 of qemu-img convert -O raw>".
 #   tests/vm/qcow_inputs.sh OUTDIR
@@ -36,11 +36,22 @@ q -f qcow2 -c 'write -P 0x72 2M 64k' -c 'discard 3M 128k' snap.qcow2
 # 512-byte clusters (chunks of 4 KiB hold 8 of them)
 qemu-img create -q -f qcow2 -o cluster_size=512 small.qcow2 4M
 q -f qcow2 -c 'write -P 0x81 0 1M' -c 'write -P 0x82 1537 5000' -c 'write -z 64k 8k' small.qcow2
+# legacy qcow v1 (qemu-img makes 4 KiB clusters, 512 B over a backing file): data, compressed, and a
+# v1 image over a v1 backing file (attached as a chain of two devices)
+qemu-img create -q -f qcow v1.qcow 8M
+q -f qcow -c 'write -P 0x91 0 2M' -c 'write -P 0x92 3073k 7k' -c 'write -P 0x93 6M 300k' v1.qcow
+# (qemu-img 7.2 'convert -c -O qcow' writes everything, then exits 1 without
+# a message: checked by compare, as in fixtures/regenerate.sh)
+qemu-img convert -c -O qcow zlib.qcow2 v1zlib.qcow || true
+qemu-img compare -q zlib.qcow2 v1zlib.qcow
+qemu-img create -q -f qcow -b v1.qcow -F qcow v1top.qcow 8M
+q -f qcow -c 'write -P 0x94 4k 4k' -c 'write -P 0x95 1025k 3k' -c 'write -P 0x96 7M 64k' v1top.qcow
 # for mkfs
 qemu-img create -q -f qcow2 fs.qcow2 64M
 
-for f in v2 zlib zstd chain-top chain-mid extl2 snap small empty; do
-	qemu-img convert -O raw $f.qcow2 /tmp/qcow-inputs-$$.raw
-	echo "$f.qcow2 $(sha256sum </tmp/qcow-inputs-$$.raw | cut -d' ' -f1)"
+for f in v2.qcow2 zlib.qcow2 zstd.qcow2 chain-top.qcow2 chain-mid.qcow2 extl2.qcow2 snap.qcow2 small.qcow2 empty.qcow2 \
+	v1.qcow v1zlib.qcow v1top.qcow; do
+	qemu-img convert -O raw $f /tmp/qcow-inputs-$$.raw
+	echo "$f $(sha256sum </tmp/qcow-inputs-$$.raw | cut -d' ' -f1)"
 done >manifest
 rm -f /tmp/qcow-inputs-$$.raw

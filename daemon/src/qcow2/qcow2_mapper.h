@@ -1,4 +1,5 @@
-// Qcow2Mapper: the qcow2 plugin's decisions, without devices. Given the
+// Qcow2Mapper: the qcow2 plugin's decisions, without devices (for qcow2 and
+// legacy qcow v1 images alike: the engine answers for the format). Given the
 // engine's view of an image, it answers the kernel's MAP requests, keeps the
 // clusters it reserved until their data is durable, then links them.
 //
@@ -23,7 +24,9 @@
 // A write covering the whole chunk always gets RW (the kernel skips the
 // copy). New clusters are linked into the L2 tables only in Flush, for
 // replies the kernel has made durable (ABI section 6), and the write
-// engine's own Flush then orders data, refcounts and tables (qcow2_write.cc).
+// engine's own Flush then orders data, refcounts and tables (qcow2_write.cc;
+// qcow v1, which has no refcounts and no shared or zero clusters:
+// qcow1_write.cc).
 //
 // Thread safety: none (the daemon serialises plugin calls).
 #ifndef DMCOWD_QCOW2_QCOW2_MAPPER_H_

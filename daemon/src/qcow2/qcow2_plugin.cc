@@ -1,5 +1,6 @@
-// The `qcow2` plugin: a qcow2 image as a block device whose writes land in
-// the image with the metadata QEMU expects (decisions: qcow2_mapper.h).
+// The `qcow2` plugin: a qcow2 (or legacy qcow v1) image as a block device
+// whose writes land in the image with the metadata QEMU expects (decisions:
+// qcow2_mapper.h; the engine's side: qcow2_device.cc, qcow1_device.cc).
 //
 //   dmcowd --plugin qcow2 --name NAME [--opt KEY=VALUE ...] IMAGE
 //
@@ -75,8 +76,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     o.env = options_.env;
     DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(path, o, &image_));
     const dmcow::ImageInfo& info = image_->info();
-    if (info.format != "qcow2") {
-      return Status::NotSupported(path + ": is " + info.format + "; attach serves qcow2 images (convert it first)");
+    if (info.format != "qcow2" && info.format != "qcow") {
+      return Status::NotSupported(path + ": is " + info.format + "; attach serves qcow2 and qcow images (convert it first)");
     }
     if (info.encrypted) return Status::NotSupported(path + ": encrypted images are not supported");
     if (!info.data_file.empty()) return Status::NotSupported(path + ": external data files are not supported by attach");
@@ -135,7 +136,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     spec->sectors = dev_sectors;
     spec->chunk_sectors = geo.chunk_sectors;
     spec->read_to_daemon = true;
-    LOG_INFO("%s: qcow2 v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.version,
+    LOG_INFO("%s: %s v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.format.c_str(), info.version,
              static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
              has_backing ? (", backing " + backing_).c_str() : "", geo.chunk_sectors);
     return Status::OK();

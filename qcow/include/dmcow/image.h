@@ -168,15 +168,20 @@ class Image {
   // Serving the image as a block device (dmcowd's qcow2 plugin). The device
   // writes guest data straight into host clusters of data_filename(); these
   // calls only decide where, and keep the metadata in the order stated at
-  // the top of qcow2_write.cc. The caller makes the data of a reserved
+  // the top of qcow2_write.cc (qcow v1: qcow1_write.cc). The caller makes the data of a reserved
   // cluster durable (its own writes, or the kernel's) before linking it:
   // Link only edits tables in memory, and the next Flush writes them after
-  // syncing the data file. qcow2 images open for writing (Describe: any
-  // qcow2); the rest return NotSupported.
+  // syncing the data file. qcow2 and qcow v1 images open for writing
+  // (Describe: any qcow2 or qcow v1); the rest return NotSupported. qcow v1
+  // (qcow1_device.cc) has no refcounts: clusters are appended at the end of
+  // the file, every uncompressed cluster is exclusive (unless a hostile
+  // table puts it over metadata), and unreserved or replaced clusters stay
+  // dead space.
   struct ClusterPlace {
     ClusterState state = ClusterState::kUnallocated;  // of this layer
-    bool partial = false;    // subclusters disagree (extended L2): state is that of the first one
-    bool exclusive = false;  // kData with refcount 1 (COPIED): writable in place
+    bool partial = false;    // subclusters disagree (extended L2), or (qcow v1) kData reaching past
+                             // the end of the file: state is that of the first one
+    bool exclusive = false;  // kData with refcount 1 (COPIED; any v1 data): writable in place
     uint64_t host_offset = 0;  // kData: of the cluster in data_filename()
   };
   // `cluster`: guest cluster index (< clusters of virtual_size()).
@@ -192,10 +197,12 @@ class Image {
   // host_offset (COPIED, every subcluster allocated); what they pointed at
   // before is freed after the tables no longer do (rule 4).
   virtual Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset);
-  // Gives back reserved clusters that were never linked (after the next Flush).
+  // Gives back reserved clusters that were never linked (after the next
+  // Flush; qcow v1: nothing to give back, they stay dead space).
   virtual Status UnreserveClusters(uint64_t count, uint64_t host_offset);
   // The end of the last host cluster in use (or the file size at open, if
   // larger): a file extended past it holds nothing the image needs.
+  // qcow v1: the end of the file as the engine knows it, appends included.
   virtual uint64_t AllocationEnd() const { return 0; }
 };
 

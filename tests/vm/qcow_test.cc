@@ -339,7 +339,14 @@ void TestLock() {
     CHECK(out.find("lock") != std::string::npos, "second attach failed without naming the lock: %s", out.c_str());
     CHECK(access("/dev/mapper/ql2", F_OK) != 0, "a failed attach left a device");
   }
+  // QEMU refuses an image we attached read-write, as it refuses one another
+  // QEMU writes; with -U (force-share) it may read it.
   std::string out;
+  int st = Run({"/bin/qemu-io", "-f", "qcow2", "-c", "read 0 512", path}, &out);
+  CHECK(st != 0 && out.find("Failed to get \"write\" lock") != std::string::npos,
+        "qemu-io opened an image attached read-write (exit %d): %s", st, Tail(out).c_str());
+  st = Run({"/bin/qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read 0 512", path}, &out);
+  CHECK(st == 0, "qemu-io -r -U refused (exit %d): %s", st, Tail(out).c_str());
   Run({kQcow, "list"}, &out);
   CHECK(out.find("ql ") != std::string::npos && out.find("attached") != std::string::npos, "list: %s", out.c_str());
   Detach("ql");
@@ -348,6 +355,59 @@ void TestLock() {
   Attach("ql2", path, true);
   Detach("ql2");
   Detach("ql");
+
+  // An image a running QEMU has open for writing cannot be attached.
+  int to_qemu[2];
+  CHECK(pipe(to_qemu) == 0, "pipe");
+  const pid_t qemu = fork();
+  if (qemu == 0) {
+    dup2(to_qemu[0], 0);
+    close(to_qemu[1]);
+    const int null_fd = open("/dev/null", O_WRONLY);
+    dup2(null_fd, 1);
+    dup2(null_fd, 2);
+    execl("/bin/qemu-io", "qemu-io", "-f", "qcow2", path.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(to_qemu[0]);
+  bool refused = false;
+  std::string said;
+  for (int i = 0; i < 100 && !refused; i++) {  // until qemu-io holds the image
+    SleepMs(100);
+    refused = Run({kQcow, "attach", "--name", "ql3", path}, &said) != 0;
+    if (!refused) Detach("ql3");
+  }
+  close(to_qemu[1]);  // qemu-io quits at end of input
+  waitpid(qemu, nullptr, 0);
+  CHECK(refused, "attach succeeded while qemu-io had the image open for writing");
+  CHECK(said.find("lock") != std::string::npos, "refused without naming the lock: %s", said.c_str());
+  // And once QEMU is gone, it attaches.
+  Attach("ql3", path);
+  Detach("ql3");
+}
+
+// --read-only works on an image nobody may write: here on a read-only
+// file system, where even root cannot (and scratch space goes elsewhere).
+void TestReadOnlyFs() {
+  const std::string dir = "/tmp/qcow-ro";
+  mkdir(dir.c_str(), 0755);
+  Must({"/bin/mount", "-t", "tmpfs", "tmpfs", dir});
+  for (const char* f : {"zlib.qcow2", "chain-mid.qcow2", "chain-base.raw"}) CopyFile(std::string(kIn) + "/" + f, dir + "/" + f);
+  Must({"/bin/mount", "-o", "remount,ro", dir});
+  std::string error;
+  const auto manifest = Manifest();
+  bool ok = true;
+  for (const char* f : {"zlib.qcow2", "chain-mid.qcow2"}) {
+    const std::string dev = Attach("qro", dir + "/" + f, true);
+    const std::string sum = Sha256(dev);
+    Detach("qro");
+    if (sum != manifest.at(f)) ok = false, error = f;
+  }
+  std::string out;
+  const int st = Run({kQcow, "attach", "--name", "qro", dir + "/zlib.qcow2"}, &out);
+  Run({"/bin/umount", dir});
+  CHECK(ok, "%s read through a read-only attach on a read-only file system differs", error.c_str());
+  CHECK(st != 0, "a read-write attach of an image on a read-only file system succeeded");
 }
 
 const TestCase kTests[] = {
@@ -356,6 +416,7 @@ const TestCase kTests[] = {
     {"qcow_filesystem", TestFilesystem},
     {"qcow_killed", TestKilled},
     {"qcow_lock", TestLock},
+    {"qcow_read_only_fs", TestReadOnlyFs},
 };
 
 }  // namespace

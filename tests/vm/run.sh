@@ -74,7 +74,10 @@ done
 BONNIE=$(command -v bonnie++ || true)
 [ -n "$BONNIE" ] || die "bonnie++ not found (Debian package bonnie++)"
 cp "$BONNIE" "$R/sbin/bonnie++"
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "${E2FS[@]}"
+# qemu-io: QEMU itself, for the lock test (QEMU refuses what we attached).
+QEMU_IO=$(command -v qemu-io)
+cp "$QEMU_IO" "$R/bin/qemu-io"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}"
 
 copy_module dm-mod drivers/md/dm-mod
 copy_module loop drivers/block/loop

@@ -13,6 +13,26 @@
 #           fdatasync), against dm-snapshot of the same base with the same
 #           chunk size, persistent (P) and transient (N).
 #
+# and for qcow2 images attached with `dmcow-qcow attach` (the qcow2 plugin):
+#
+#   qmapped  an empty MB MiB image (64 KiB clusters), every cluster written
+#            once through the device, folded by the daemon's periodic reload
+#            into linear segments; then the mapped cases above against the
+#            raw loop device over a raw file with the same content (raw), a
+#            dm-linear device over that loop device (lin) and the dm-cow
+#            device's table copied by hand (tab);
+#   qfirst   first writes into a fresh empty image (each cluster once, in
+#            order or at random, 64 KiB or 4 KiB per cluster, fdatasync),
+#            against `qemu-nbd -c /dev/nbd0` (its defaults: cache=writeback,
+#            aio=threads) on the kernel's nbd driver (nbd);
+#   qcomp    reads of a compressed image (`qemu-img convert -c` here, of
+#            data deflate halves), each run on a fresh attach / connect: the
+#            whole device in order, and random 4 KiB reads, against qemu-nbd;
+#   qattach  attach time (from the call to its return, and to the first read)
+#            and table size for a sparse 64 GiB image with SPARSE_WRITES
+#            random 4 KiB writes made by qemu-io here, attached read-only
+#            from a read-only virtio disk, against `qemu-nbd -r -c`.
+#
 # Files live in the VM's tmpfs: a 256 MiB base file, loop devices over it.
 # The I/O generator is bench/vm/blkio.cc (static, O_DIRECT pread/pwrite,
 # queue depth = threads; see there). Each case runs RUNS times, the targets
@@ -28,9 +48,13 @@
 #   bench/vm_bench.sh [OUTDIR]          (default /tmp/dmcow-vmbench)
 #
 # Environment: RUNS=7 MB=256 OPS=65536 (random I/Os per run)
-#   BENCH_GROUPS=mapped,store,first  VM_MEM=1024 VM_SMP=1  VM_APPEND=
+#   BENCH_GROUPS=mapped,store,first,qmapped,qfirst,qcomp,qattach
+#   SPARSE_WRITES=100000  VM_MEM=1024 VM_SMP=1  VM_APPEND=
 #   (extra kernel arguments)  BENCH_TIMEOUT=1800 (seconds for the VM)
-#   KVER, DMCOWD as for tests/vm/run.sh.
+#   KVER, DMCOWD as for tests/vm/run.sh (dmcow-qcow is taken next to DMCOWD).
+# The q groups need qemu-img, qemu-io and qemu-nbd here (qemu-utils); their
+# images are made in OUTDIR and kept for later runs (the sparse one takes a
+# few minutes and about 100,000 x 64 KiB of disk).
 # Exits non-zero, printing no table, if any case could not run.
 # Not part of the test suite (scripts/test.sh and CTest do not run it).
 set -euo pipefail
@@ -44,7 +68,8 @@ OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-7}
 MB=${MB:-256}
 OPS=${OPS:-65536}
-BENCH_GROUPS=${BENCH_GROUPS:-mapped,store,first}
+BENCH_GROUPS=${BENCH_GROUPS:-mapped,store,first,qmapped,qfirst,qcomp,qattach}
+SPARSE_WRITES=${SPARSE_WRITES:-100000}
 VM_MEM=${VM_MEM:-1024}
 VM_SMP=${VM_SMP:-1}
 
@@ -57,22 +82,70 @@ g++ -std=c++20 -O2 -Wall -Wextra -Werror -static -pthread -o "$OUT/blkio" "$SRC/
 DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
 [ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
 
+DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
+[ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
+QEMU_NBD=$(command -v qemu-nbd) || die "qemu-nbd not found (Debian package qemu-utils)"
+for t in qemu-img qemu-io; do
+	command -v $t >/dev/null || die "$t not found (Debian package qemu-utils)"
+done
+
+# Images for the q groups, made by QEMU's own tools, kept in OUT.
+mkdir -p "$OUT/images"
+EMPTY=$OUT/images/empty-$MB.qcow2
+COMP=$OUT/images/comp-$MB.qcow2
+SPARSE=$OUT/images/sparse64g-$SPARSE_WRITES.qcow2
+rm -f "$EMPTY"
+qemu-img create -q -f qcow2 "$EMPTY" "${MB}M"
+if [ ! -s "$COMP" ]; then
+	"$OUT/blkio" fill-half "$OUT/images/half.raw" "${MB}M"
+	qemu-img convert -c -O qcow2 "$OUT/images/half.raw" "$COMP.tmp"
+	rm -f "$OUT/images/half.raw"
+	mv "$COMP.tmp" "$COMP"
+fi
+if [ ! -s "$SPARSE" ] && case ",$BENCH_GROUPS," in *,qattach,*) true ;; *) false ;; esac; then
+	echo "vm_bench.sh: writing $SPARSE_WRITES random 4 KiB clusters into a 64 GiB image with qemu-io" >&2
+	qemu-img create -q -f qcow2 "$SPARSE.tmp" 64G
+	# 4 KiB-aligned offsets in 64 GiB (2^24 slots), seeded: the same image
+	# every time.
+	awk -v n="$SPARSE_WRITES" 'BEGIN { srand(1); for (i = 0; i < n; i++) printf "write -q -P 1 %.0f 4k\n", int(rand() * 16777216) * 4096 }' \
+		>"$OUT/images/sparse.cmds"
+	nice -n 10 qemu-io -f qcow2 "$SPARSE.tmp" <"$OUT/images/sparse.cmds" >"$OUT/images/sparse.log" 2>&1 ||
+		{ tail "$OUT/images/sparse.log"; die "qemu-io failed"; }
+	grep -qi 'error\|fail' "$OUT/images/sparse.log" && { tail "$OUT/images/sparse.log"; die "qemu-io reported errors"; }
+	qemu-img check -q "$SPARSE.tmp" || die "qemu-img check $SPARSE.tmp failed"
+	mv "$SPARSE.tmp" "$SPARSE"
+fi
+[ -s "$SPARSE" ] || SPARSE=$EMPTY	# qattach not wanted: any disk will do
+
 vm_initramfs_begin "$OUT/initramfs"
-cp "$OUT/blkio" "$DMCOWD" "$R/bin/"
+cp "$OUT/blkio" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$R/bin/"
+mkdir -p "$R/qcow"
+cp "$EMPTY" "$R/qcow/empty.qcow2"
 cp "$SRC/bench/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD"
 copy_module dm-mod drivers/md/dm-mod
 copy_module loop drivers/block/loop
 copy_module dm-bufio drivers/md/dm-bufio
 copy_module dm-snapshot drivers/md/dm-snapshot
+copy_module dm-zero drivers/md/dm-zero
+# modinfo -F depends: nbd and the virtio modules need nothing more.
+copy_module nbd drivers/block/nbd
+copy_module virtio drivers/virtio/virtio
+copy_module virtio_ring drivers/virtio/virtio_ring
+copy_module virtio_pci_legacy_dev drivers/virtio/virtio_pci_legacy_dev
+copy_module virtio_pci_modern_dev drivers/virtio/virtio_pci_modern_dev
+copy_module virtio_pci drivers/virtio/virtio_pci
+copy_module virtio_blk drivers/block/virtio_blk
 cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
 vm_pack "$OUT/initramfs.gz"
 
 APPEND="console=ttyS0 quiet panic=-1 ${VM_APPEND:-} bench.runs=$RUNS bench.mb=$MB bench.ops=$OPS bench.groups=$BENCH_GROUPS"
 echo "vm_bench.sh: booting; the console goes to $OUT/console.log" >&2
 T0=$(date +%s)
-vm_boot "$OUT/initramfs.gz" "$APPEND" "${BENCH_TIMEOUT:-1800}" "$OUT/console.log" "$VM_MEM" -smp "$VM_SMP" >/dev/null
+# /dev/vda: the sparse image, /dev/vdb: the compressed one (both read-only).
+vm_boot "$OUT/initramfs.gz" "$APPEND" "${BENCH_TIMEOUT:-1800}" "$OUT/console.log" "$VM_MEM" -smp "$VM_SMP" \
+	-drive file="$SPARSE",format=raw,if=virtio,readonly=on -drive file="$COMP",format=raw,if=virtio,readonly=on >/dev/null
 T1=$(date +%s)
 
 LOG="$OUT/console.log"
@@ -90,6 +163,7 @@ grep '^BENCH-INFO' "$LOG" | sed 's/^BENCH-INFO /  /'
 echo
 # Median throughput per (group, case, target); ratio dm-cow / reference;
 # the per-run ratios' range (paired by run number).
+if grep -q '^BENCH ' "$LOG"; then
 grep '^BENCH ' "$LOG" | awk -v runs="$RUNS" '
 function median(list,   a, n, i, j, t) {
 	n = split(list, a, " ")
@@ -131,3 +205,53 @@ END {
 	}
 	exit bad
 }'
+fi
+# Times (qattach): median per (group, case, target); ratio reference /
+# dm-cow (above 1, dm-cow is faster), the per-run ratios' range.
+if grep -q '^BENCH-TIME ' "$LOG"; then
+	echo
+	grep '^BENCH-TIME ' "$LOG" | awk -v runs="$RUNS" '
+	function median(list,   a, n, i, j, t) {
+		n = split(list, a, " ")
+		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+		return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+	}
+	{
+		key = $2 SUBSEP $3 SUBSEP $4
+		secs[key] = secs[key] " " $6
+		run[key, $5] = $6
+		count[key]++
+		if (!(($2 SUBSEP $3) in seen)) { seen[$2 SUBSEP $3] = 1; order[++n] = $2 SUBSEP $3 }
+		if (!(($2 SUBSEP $4) in tseen)) { tseen[$2 SUBSEP $4] = 1; targets[$2] = targets[$2] " " $4 }
+	}
+	END {
+		printf "| group | case | target | dm-cow s | target s | ratio target/dm-cow | per-run ratios |\n"
+		printf "|---|---|---|---|---|---|---|\n"
+		bad = 0
+		for (i = 1; i <= n; i++) {
+			split(order[i], gc, SUBSEP)
+			ck = gc[1] SUBSEP gc[2] SUBSEP "cow"
+			if (count[ck] != runs) { print "missing runs for " gc[1] " " gc[2] " cow" > "/dev/stderr"; bad = 1; continue }
+			nt = split(targets[gc[1]], ts, " ")
+			for (k = 1; k <= nt; k++) {
+				if (ts[k] == "cow") continue
+				tk = gc[1] SUBSEP gc[2] SUBSEP ts[k]
+				if (count[tk] != runs) { print "missing runs for " gc[1] " " gc[2] " " ts[k] > "/dev/stderr"; bad = 1; continue }
+				lo = 1e18; hi = 0
+				for (r = 1; r <= runs; r++) {
+					q = run[tk, r] / run[ck, r]
+					if (q < lo) lo = q
+					if (q > hi) hi = q
+				}
+				cm = median(secs[ck]); tm = median(secs[tk])
+				printf "| %s | %s | %s | %.3f | %.3f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k], cm, tm, tm / cm, lo, hi
+			}
+		}
+		exit bad
+	}'
+fi
+if grep -q '^BENCH-TABLE ' "$LOG"; then
+	echo
+	# BENCH-TABLE NAME RUN LINES STORE_CHUNKS: the same every run.
+	grep '^BENCH-TABLE ' "$LOG" | awk '{ t[$2] = t[$2] " " $4 "/" $5 } END { for (d in t) print "table of " d " (lines/chunks in the kernel store, per run):" t[d] }'
+fi

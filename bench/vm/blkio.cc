@@ -2,6 +2,12 @@
 //
 //   blkio fill FILE BYTES
 //       writes a non-zero pattern into FILE (buffered; the base image).
+//   blkio fill-half FILE BYTES
+//       the same pattern in the first half of every 4 KiB block, zeros in
+//       the second: data that deflate halves (compressed images)
+//   blkio time CMD ARGS...
+//       runs CMD, prints "TIME <seconds>" (fork to exit) on stderr and
+//       exits with CMD's status
 //   blkio DEV read|write PATTERN [options]
 //       O_DIRECT I/O on DEV; prints "RESULT <seconds> <MB/s> <IOPS>" and
 //       exits 0, or names what failed and exits 1.
@@ -31,6 +37,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -74,12 +81,17 @@ void FillPattern(std::vector<uint64_t>* buf, uint64_t seed) {
   for (auto& w : *buf) w = rng() | 1;  // never a zero page
 }
 
-int Fill(const char* path, uint64_t bytes) {
+int Fill(const char* path, uint64_t bytes, bool half) {
   int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) Fail(std::string("create ") + path + ": " + strerror(errno));
   std::vector<uint64_t> buf((1 << 20) / 8);
   for (uint64_t at = 0; at < bytes; at += buf.size() * 8) {
     FillPattern(&buf, at);
+    if (half) {
+      for (size_t w = 0; w < buf.size(); w++) {
+        if (w % 512 >= 256) buf[w] = 0;  // second 2 KiB of each 4 KiB
+      }
+    }
     const size_t n = std::min<uint64_t>(buf.size() * 8, bytes - at);
     if (write(fd, buf.data(), n) != static_cast<ssize_t>(n)) Fail(std::string("write ") + path + ": " + strerror(errno));
   }
@@ -87,11 +99,29 @@ int Fill(const char* path, uint64_t bytes) {
   return 0;
 }
 
+int Time(char** argv) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t pid = fork();
+  if (pid < 0) Fail(std::string("fork: ") + strerror(errno));
+  if (pid == 0) {
+    execvp(argv[0], argv);
+    std::fprintf(stderr, "blkio: cannot run %s: %s\n", argv[0], strerror(errno));
+    _exit(127);
+  }
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid) Fail(std::string("waitpid: ") + strerror(errno));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "TIME %.4f\n", secs);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 4 && !strcmp(argv[1], "fill")) return Fill(argv[2], ParseSize(argv[3]));
-  if (argc < 4) Fail("usage: blkio fill FILE BYTES | blkio DEV read|write seq|rand|chunks-seq|chunks-rand [options]");
+  if (argc == 4 && !strcmp(argv[1], "fill")) return Fill(argv[2], ParseSize(argv[3]), false);
+  if (argc == 4 && !strcmp(argv[1], "fill-half")) return Fill(argv[2], ParseSize(argv[3]), true);
+  if (argc >= 3 && !strcmp(argv[1], "time")) return Time(argv + 2);
+  if (argc < 4) Fail("usage: blkio fill|fill-half FILE BYTES | blkio time CMD... | blkio DEV read|write seq|rand|chunks-seq|chunks-rand [options]");
   const std::string dev = argv[1], op = argv[2], pattern = argv[3];
   const bool write_op = op == "write";
   if (!write_op && op != "read") Fail("operation must be read or write, not " + op);

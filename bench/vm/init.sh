@@ -1,20 +1,26 @@
 #!/bin/busybox sh
 # /init of the benchmark VM (bench/vm_bench.sh): dm-cow against the raw loop
-# device and against dm-snapshot, all on files in this VM's tmpfs.
+# device and against dm-snapshot, all on files in this VM's tmpfs; qcow2
+# images attached with dmcow-qcow against the raw loop device and against
+# qemu-nbd on the kernel's nbd driver.
 # Console lines (parsed by vm_bench.sh):
 #   BENCH-BOOT ok
 #   BENCH <group> <case> <target> <run> <seconds> <MB/s> <IOPS>
+#   BENCH-TIME <group> <case> <target> <run> <seconds>
 #   BENCH-INFO <text>
 #   BENCH-FAIL <why>      and nothing more: the run is void
 #   BENCH-END ok
 # Kernel command line: bench.runs=N bench.mb=N bench.ops=N
-# bench.groups=mapped,store,first (default all).
+# bench.groups=mapped,store,first,qmapped,qfirst,qcomp,qattach (default all).
+# The q groups find their images where vm_bench.sh puts them: /qcow/empty.qcow2
+# (MB MiB, nothing allocated) in the initramfs, the compressed image on
+# /dev/vdb and the sparse 64 GiB image on /dev/vda (read-only virtio disks).
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /tmp /run
+mkdir -p /tmp /run /var/lock
 mount -t tmpfs -o size=85% tmpfs /tmp
 mount -t tmpfs tmpfs /run
 
@@ -26,7 +32,8 @@ fail() {
 }
 info() { echo "BENCH-INFO $*"; }
 
-for m in dm-mod loop dm-bufio dm-snapshot dm-cow; do
+for m in dm-mod loop dm-bufio dm-snapshot dm-cow dm-zero nbd virtio_ring virtio \
+	virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
 	insmod /lib/modules/$m.ko || fail "insmod $m"
 done
 [ -e /dev/mapper/control ] || fail "no /dev/mapper/control"
@@ -37,8 +44,9 @@ echo "BENCH-BOOT ok"
 RUNS=7
 MB=256
 OPS=65536
-GROUPS_=mapped,store,first
+GROUPS_=mapped,store,first,qmapped,qfirst,qcomp,qattach
 DEV_LIN=
+DEV_TAB=
 for a in $(cat /proc/cmdline); do
 	case "$a" in
 	bench.runs=*) RUNS=${a#*=} ;;
@@ -96,22 +104,33 @@ bench() {
 
 # pair GROUP CASE ARGS...: RUNS runs of the same I/O on the dm-cow device
 # (DEV_COW), on the raw loop device (DEV_RAW at RAW_OFF) and, if DEV_LIN is
-# set, on a plain dm-linear device over that same region; the order rotates
+# set, on a plain dm-linear device over that same region (and, if DEV_TAB is
+# set, on a hand-made copy of the dm-cow device's table); the order rotates
 # from run to run.
 pair() {
 	local g=$1 c=$2 r=1 t
 	shift 2
 	while [ $r -le "$RUNS" ]; do
-		case $((r % 3)) in
-		1) order="cow raw lin" ;;
-		2) order="raw lin cow" ;;
-		0) order="lin cow raw" ;;
-		esac
+		if [ -z "$DEV_TAB" ]; then
+			case $((r % 3)) in
+			1) order="cow raw lin" ;;
+			2) order="raw lin cow" ;;
+			0) order="lin cow raw" ;;
+			esac
+		else
+			case $((r % 4)) in
+			1) order="cow raw lin tab" ;;
+			2) order="raw lin tab cow" ;;
+			3) order="lin tab cow raw" ;;
+			0) order="tab cow raw lin" ;;
+			esac
+		fi
 		for t in $order; do
 			case $t in
 			cow) bench "$g" "$c" cow $r "$DEV_COW" "$@" ;;
 			raw) bench "$g" "$c" raw $r "$DEV_RAW" "$@" --offset "$RAW_OFF" --size "$BYTES" ;;
 			lin) [ -z "$DEV_LIN" ] || bench "$g" "$c" lin $r "$DEV_LIN" "$@" ;;
+			tab) [ -z "$DEV_TAB" ] || bench "$g" "$c" tab $r "$DEV_TAB" "$@" ;;
 			esac
 		done
 		r=$((r + 1))
@@ -143,7 +162,9 @@ mapped_cases() {	# group
 	pair "$1" rand-write-4K-qd4 write rand --bs 4K --ops "$OPS" --threads 4
 }
 
-/bin/blkio fill "$BASE" "$BYTES" || fail "cannot write $BASE"
+if want mapped || want store || want first; then
+	/bin/blkio fill "$BASE" "$BYTES" || fail "cannot write $BASE"
+fi
 
 # ---- mapped chunks folded into linear segments ------------------------------------
 if want mapped; then
@@ -254,6 +275,200 @@ if want first; then
 	first_case seq-4K write chunks-seq --bs 4K
 	first_case rand-4K write chunks-rand --bs 4K
 	first_case rand-4K-qd4 write chunks-rand --bs 4K --threads 4
+fi
+
+# ---- qcow2 images attached with dmcow-qcow ---------------------------------------
+QEMPTY=/qcow/empty.qcow2
+# qattach NAME IMAGE [attach options]: dmcow-qcow attach, or the run is void.
+qattach() {
+	local n=$1 img=$2 out
+	shift 2
+	out=$(/bin/dmcow-qcow attach --name "$n" "$@" "$img" 2>&1) || fail "dmcow-qcow attach $n $img: $out"
+	[ "$out" = "/dev/mapper/$n" ] || fail "dmcow-qcow attach $n printed '$out'"
+}
+qdetach() {	# name
+	local out
+	out=$(/bin/dmcow-qcow detach "$1" 2>&1) || fail "dmcow-qcow detach $1: $out"
+	[ ! -e "/dev/mapper/$1" ] || fail "/dev/mapper/$1 still there after detach"
+}
+# qemu-nbd -c with its defaults (cache=writeback, aio=threads, no
+# detect-zeroes), the format named as users do. With -c it daemonizes and
+# returns once it has handed the socket to the kernel; the nbd driver sets
+# the device's size when qemu-nbd's NBD_DO_IT starts, a moment later: ready
+# means a non-zero size.
+NBD_PIDF=/tmp/qemu-nbd.pid
+nbd_cmd() {	# image [qemu-nbd options]: the shell command that connects /dev/nbd0
+	local img=$1
+	shift
+	echo "/bin/qemu-nbd --pid-file $NBD_PIDF -f qcow2 $* -c /dev/nbd0 $img && i=0 &&
+		while [ \"\$(cat /sys/block/nbd0/size)\" = 0 ]; do i=\$((i + 1)); [ \$i -lt 30000 ] || exit 1; usleep 1000; done"
+}
+nbd_connect() {	# image [qemu-nbd options]
+	local out
+	rm -f "$NBD_PIDF"
+	out=$(/bin/sh -c "$(nbd_cmd "$@")" 2>&1) || fail "qemu-nbd -c $1: $out"
+}
+alive() {	# pid: running (a zombie is not)
+	[ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+nbd_disconnect() {
+	local pid out i=0
+	pid=$(cat "$NBD_PIDF" 2>/dev/null) || fail "no qemu-nbd pid file"
+	out=$(/bin/qemu-nbd -d /dev/nbd0 2>&1) || fail "qemu-nbd -d /dev/nbd0: $out"
+	while alive "$pid"; do
+		i=$((i + 1))
+		[ $i -lt 1500 ] || fail "qemu-nbd $pid still running 30 s after -d"
+		usleep 20000
+	done
+	[ "$(cat /sys/block/nbd0/size)" = 0 ] || fail "/dev/nbd0 still connected after -d"
+}
+# qtable NAME: one line, the table's size: lines, linear lines, cow lines,
+# and the chunks dm-cow's in-kernel store holds (one store per device: every
+# cow target's status shows the same count).
+qtable() {
+	dmsetup table "$1" | awk '{ n++; k[$3]++ } END { printf "%d lines (%d linear, %d cow)", n, k["linear"], k["cow"] }'
+	dmsetup status "$1" | awk '$3 == "cow" { s = $4; exit } END { printf ", %d chunks in the kernel store\n", s }'
+}
+
+# Allocated clusters, folded into linear segments: the attached image against
+# a raw file with the same content on a loop device, a dm-linear device over
+# that loop device, and the dm-cow device's own table copied by hand.
+if want qmapped; then
+	QM=/tmp/qm.qcow2
+	cp "$QEMPTY" "$QM" || fail "cp $QEMPTY"
+	qattach qm "$QM"
+	[ "$(blockdev --getsize64 /dev/mapper/qm)" = "$BYTES" ] || fail "qm is not $BYTES bytes"
+	out=$(/bin/blkio /dev/mapper/qm write seq --bs 64K --fsync 2>&1) || fail "fill qm: $out"
+	info "qcow2 fill (every cluster's first write, whole clusters in order, fdatasync): $out"
+	# The daemon's periodic reload (every 10 s) folds the clusters: wait for
+	# a table of linear segments and at most one cow target of one cluster
+	# (the daemon keeps one chunk under dm-cow).
+	i=0
+	until dmsetup table qm | awk '$3 == "cow" { c++; if ($2 > 128) bad = 1 } $3 != "cow" && $3 != "linear" { bad = 1 }
+			END { exit (bad || c > 1) }'; do
+		i=$((i + 1))
+		[ $i -lt 600 ] || fail "qm not folded after 60 s: $(dmsetup table qm | head -3)"
+		usleep 100000
+	done
+	info "qm table after the periodic reload: $(qtable qm)"
+	dmsetup table qm | head -4 | while read -r l; do info "  qm: $l"; done
+	dmsetup table qm-store | while read -r l; do info "  qm-store: $l"; done
+	dd if=/dev/mapper/qm of=/tmp/qm.raw bs=1M 2>/dev/null || fail "copy qm to a raw file"
+	[ "$(stat -c %s /tmp/qm.raw)" = "$BYTES" ] || fail "raw copy is not $BYTES bytes"
+	DEV_RAW=$(losetup -f) && losetup "$DEV_RAW" /tmp/qm.raw || fail "losetup /tmp/qm.raw"
+	RAW_OFF=0
+	DEV_COW=/dev/mapper/qm
+	dmsetup create qlin --noudevsync --verifyudev --table "0 $SECTORS linear $DEV_RAW 0" || fail "dmsetup create qlin"
+	DEV_LIN=/dev/mapper/qlin
+	dmsetup table qm | awk -v raw="$DEV_RAW" '$3 == "cow" { print $1, $2, "linear", raw, $1; next } { print }' |
+		dmsetup create qtab --noudevsync --verifyudev ||
+		fail "dmsetup create qtab"
+	DEV_TAB=/dev/mapper/qtab
+	info "raw: $DEV_RAW over /tmp/qm.raw (the device's content); lin: dm-linear over it; tab: qm's table by hand (its cow target as linear onto the raw loop device)"
+	mapped_cases qmapped
+	dmsetup remove --noudevsync --verifyudev qtab || fail "dmsetup remove qtab"
+	dmsetup remove --noudevsync --verifyudev qlin || fail "dmsetup remove qlin"
+	DEV_LIN=
+	DEV_TAB=
+	losetup -d "$DEV_RAW" || fail "losetup -d"
+	dmsetup table qm | grep -q ' linear ' || fail "qm's table changed during the runs: $(qtable qm)"
+	qdetach qm
+	rm -f "$QM" /tmp/qm.raw
+fi
+
+# fresh_pair GROUP CASE SOURCE ATTACH-OPTS -- BLKIO-ARGS...: RUNS runs, each
+# on a fresh attach of SOURCE (a fresh copy of it if it is the empty image)
+# with dmcow-qcow and with qemu-nbd, alternating which goes first.
+fresh_one() {	# target group case run source blkio-args...
+	local t=$1 g=$2 c=$3 r=$4 src=$5 img dev
+	shift 5
+	img=$src
+	if [ "$src" = "$QEMPTY" ]; then
+		img=/tmp/qf.qcow2
+		cp "$src" "$img" || fail "cp $src"
+	fi
+	case $t in
+	cow) qattach qf "$img"; dev=/dev/mapper/qf ;;
+	nbd) nbd_connect "$img"; dev=/dev/nbd0 ;;
+	esac
+	bench "$g" "$c" "$t" "$r" "$dev" "$@"
+	case $t in
+	cow) qdetach qf ;;
+	nbd) nbd_disconnect ;;
+	esac
+	if [ "$src" = "$QEMPTY" ]; then
+		# Every cluster allocated: the image holds at least the data.
+		[ "$(stat -c %s "$img")" -ge "$BYTES" ] || fail "$g $c $t: image has $(stat -c %s "$img") bytes after the writes"
+		rm -f "$img"
+	fi
+}
+fresh_pair() {	# group case source blkio-args...
+	local g=$1 c=$2 src=$3 r=1
+	shift 3
+	while [ $r -le "$RUNS" ]; do
+		if [ $((r % 2)) = 1 ]; then
+			fresh_one cow "$g" "$c" $r "$src" "$@"
+			fresh_one nbd "$g" "$c" $r "$src" "$@"
+		else
+			fresh_one nbd "$g" "$c" $r "$src" "$@"
+			fresh_one cow "$g" "$c" $r "$src" "$@"
+		fi
+		r=$((r + 1))
+	done
+}
+
+# First writes into an empty image: each cluster written once, then fdatasync.
+if want qfirst; then
+	fresh_pair qfirst seq-64K "$QEMPTY" write chunks-seq --bs 64K --chunk 64K --fsync
+	fresh_pair qfirst rand-64K "$QEMPTY" write chunks-rand --bs 64K --chunk 64K --fsync
+	fresh_pair qfirst seq-4K "$QEMPTY" write chunks-seq --bs 4K --chunk 64K --fsync
+	fresh_pair qfirst rand-4K "$QEMPTY" write chunks-rand --bs 4K --chunk 64K --fsync
+fi
+
+# Reads of a compressed image (qemu-img convert -c on the host, on /dev/vdb):
+# the whole device in order, and random 4 KiB reads (as many as clusters),
+# each run on a fresh attach (nothing decompressed yet).
+if want qcomp; then
+	QC=/tmp/qc.qcow2
+	[ -b /dev/vdb ] || fail "no /dev/vdb (the compressed image)"
+	cat /dev/vdb >"$QC" || fail "copy /dev/vdb"
+	info "compressed image: $(stat -c %s "$QC") bytes for $MB MiB"
+	fresh_pair qcomp seq-read-1M "$QC" read seq --bs 1M
+	fresh_pair qcomp seq-read-64K "$QC" read seq --bs 64K
+	fresh_pair qcomp rand-read-4K "$QC" read rand --bs 4K --ops $((BYTES / 65536))
+	rm -f "$QC"
+fi
+
+# Attach time and table size: a sparse 64 GiB image with scattered clusters
+# (/dev/vda, read-only), attached read-only from the block device; from the
+# call to its return, and to the first 4 KiB read from the device.
+if want qattach; then
+	[ -b /dev/vda ] || fail "no /dev/vda (the sparse image)"
+	info "sparse image on /dev/vda: $(blockdev --getsize64 /dev/vda) bytes"
+	r=1
+	while [ $r -le "$RUNS" ]; do
+		for t in cow nbd; do
+			case $t in
+			cow) cmd="/bin/dmcow-qcow attach --read-only --name qs /dev/vda"; dev=/dev/mapper/qs ;;
+			nbd) rm -f "$NBD_PIDF"; cmd=$(nbd_cmd /dev/vda -r); dev=/dev/nbd0 ;;
+			esac
+			out=$(/bin/blkio time /bin/sh -c "$cmd" 2>&1 >/dev/null) || fail "qattach $t: $cmd: $out"
+			secs=$(echo "$out" | sed -n 's/^TIME //p')
+			[ -n "$secs" ] || fail "qattach $t: no time: $out"
+			echo "BENCH-TIME qattach attach $t $r $secs"
+			out=$(/bin/blkio time /bin/blkio "$dev" read seq --bs 4K --size 4K 2>&1) || fail "qattach $t first read: $out"
+			echo "BENCH-TIME qattach first-read $t $r $(echo "$out" | sed -n 's/^TIME //p')"
+			[ "$(blockdev --getsize64 "$dev")" = $((64 << 30)) ] || fail "$dev is not 64 GiB"
+			case $t in
+			cow)
+				[ $r = 1 ] && for d in qs qs-store qs-base; do info "table $d: $(qtable $d)"; done
+				echo "BENCH-TABLE qs $r $(dmsetup table qs | wc -l) $(dmsetup status qs | awk '$3 == "cow" { s = $4; exit } END { print s + 0 }')"
+				qdetach qs ;;
+			nbd) nbd_disconnect ;;
+			esac
+		done
+		r=$((r + 1))
+	done
 fi
 
 info "free memory at the end: $(grep MemAvailable /proc/meminfo | tr -s ' ')"

@@ -88,7 +88,18 @@ std::string DefaultName(const std::string& image) {
   return out.empty() ? "qcow" : out;
 }
 
-bool Alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+// A daemon that has exited is not alive, even while it waits as a zombie
+// for its parent (init, once dmcow-qcow attach has returned) to reap it: an
+// init that reaps late (a shell as PID 1 in a VM or container) must not make
+// detach wait for a daemon that is gone.
+bool Alive(pid_t pid) {
+  if (pid <= 0 || (::kill(pid, 0) != 0 && errno != EPERM)) return false;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;  // no /proc: trust kill()
+  const size_t paren = line.rfind(')');  // the state follows "(comm)"
+  return paren == std::string::npos || line.size() < paren + 3 || line[paren + 2] != 'Z';
+}
 
 // Starts dmcowd and waits until it reports the device usable. On failure,
 // *error holds what the daemon said.

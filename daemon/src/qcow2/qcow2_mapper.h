@@ -21,6 +21,10 @@
 //   shared data (snapshots)        RO at the data   new clusters filled here, FILLED_RW
 //   compressed, partial, mixed     RO at scratch    new clusters filled here, FILLED_RW
 //
+// Assembled chunks are assembled once (a chunk's scratch copy stays valid
+// while it stays assembled); reads that continue where the last assembled
+// run ended get runs assembled ahead, doubling up to 2 MiB a reply.
+//
 // A write covering the whole chunk always gets RW (the kernel skips the
 // copy). New clusters are linked into the L2 tables only in Flush, for
 // replies the kernel has made durable (ABI section 6), and the write
@@ -104,6 +108,10 @@ class Qcow2Mapper {
   std::vector<Extent> stable_;     // chunks writable in place, linked and durable
   bool stable_sorted_ = true;
   uint64_t generation_ = 1;
+  // Assembled chunks already in scratch: their content cannot change while
+  // they stay assembled (a write moves a chunk to new clusters first).
+  std::vector<bool> in_scratch_;
+  uint64_t ahead_ = 1, ahead_next_ = UINT64_MAX;  // sequential assembly
 };
 
 }  // namespace dmcowd

@@ -102,6 +102,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     struct stat st;
     if (::fstat(fd, &st) != 0) return Errno(path + ": stat", errno);
     original_size_ = static_cast<uint64_t>(st.st_size);
+    // An image on a block device (a disk, a partition): st_size is 0 there;
+    // the store must reach the whole device.
+    if (S_ISBLK(st.st_mode) && ::ioctl(fd, BLKGETSIZE64, &original_size_) != 0) return Errno(path + ": size", errno);
     image_bytes_ = original_size_ & ~uint64_t{511};
     DMCOW_RETURN_IF_ERROR(image_loop_.OpenFile(fd, path, read_only_));
 

@@ -721,5 +721,5 @@ const TestCase kTests[] = {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return dmcow_vm::TestMain(argc, argv, "daemontest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_DAEMON_TEST_TIMEOUT");
+  return dmcow_vm::TestMain(argc, argv, "daemontest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_DAEMON_TEST_TIMEOUT", 120);
 }

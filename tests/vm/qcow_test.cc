@@ -423,5 +423,5 @@ const TestCase kTests[] = {
 
 int main(int argc, char** argv) {
   setenv("DMCOW_QCOW_VERBOSE", "1", 1);
-  return TestMain(argc, argv, "qcowtest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_QCOW_TEST_TIMEOUT");
+  return TestMain(argc, argv, "qcowtest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_QCOW_TEST_TIMEOUT", 120);
 }

@@ -38,9 +38,11 @@ inline std::string Fmt(const char* fmt, ...) {
   return buf;
 }
 
-#define CHECK(cond, ...)                                                                               \
-  do {                                                                                                 \
-    if (!(cond)) throw TestFailure(Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + "]"); \
+#define CHECK(cond, ...)                                                                              \
+  do {                                                                                                \
+    if (!(cond))                                                                                      \
+      throw dmcow_vm::TestFailure(dmcow_vm::Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + \
+                                  ": " #cond "]");                                                    \
   } while (0)
 
 inline long MsSince(Clock::time_point t) {
@@ -156,8 +158,10 @@ inline int RunOne(const TestCase& t, int timeout_s) {
   return result.rfind("PASS", 0) == 0 ? 0 : 1;
 }
 
+// `timeout_env` names the variable that overrides `default_timeout_s`, the
+// limit per test.
 inline int TestMain(int argc, char** argv, const char* program, const TestCase* tests, size_t n,
-                    const char* timeout_env) {
+                    const char* timeout_env, int default_timeout_s) {
   std::string cmd = argc > 1 ? argv[1] : "run";
   if (cmd == "list") {
     for (size_t i = 0; i < n; i++) std::printf("%s\n", tests[i].name);
@@ -168,7 +172,7 @@ inline int TestMain(int argc, char** argv, const char* program, const TestCase* 
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);
-  int timeout_s = 120;
+  int timeout_s = default_timeout_s;
   if (const char* e = getenv(timeout_env)) timeout_s = atoi(e);
   int failed = 0;
   for (size_t t = 0; t < n; t++) {

@@ -37,46 +37,17 @@
 #include <vector>
 
 #include "responder.h"
+#include "vm_harness.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using namespace dmcow_vm;
 using dmcow::Channel;
 using dmcow::Responder;
 
 constexpr uint64_t kSectorBytes = 512;
 constexpr unsigned kWordsPerSector = kSectorBytes / 8;
 const char* const kDmsetup = "/sbin/dmsetup";
-
-// ---- failures ---------------------------------------------------------------
-
-struct TestFailure : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string Fmt(const char* fmt, ...) {
-  char buf[1024];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof(buf), fmt, ap);
-  va_end(ap);
-  return buf;
-}
-
-#define CHECK(cond, ...)                                               \
-  do {                                                                 \
-    if (!(cond))                                                       \
-      throw TestFailure(Fmt(__VA_ARGS__) + " [line " +                 \
-                        std::to_string(__LINE__) + ": " #cond "]");    \
-  } while (0)
-
-long MsSince(Clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t)
-      .count();
-}
-
-void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
 // ---- data patterns ----------------------------------------------------------
 
@@ -108,33 +79,6 @@ class Buf {
 };
 
 // ---- processes --------------------------------------------------------------
-
-// Runs argv (absolute path), capturing stdout+stderr.  Returns exit status.
-int Run(const std::vector<std::string>& args, std::string* out = nullptr) {
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC)) return -1;
-  std::vector<std::string> copy = args;
-  std::vector<char*> argv;
-  for (auto& a : copy) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = fork();
-  if (pid == 0) {
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  close(fds[1]);
-  std::string text;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0) text.append(buf, n);
-  close(fds[0]);
-  int st = 0;
-  waitpid(pid, &st, 0);
-  if (out) *out = text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
 
 void Dmsetup(const std::vector<std::string>& args) {
   std::vector<std::string> argv = {kDmsetup};
@@ -1244,11 +1188,6 @@ void TestOpenDuringCreate() {
         bad.load());
 }
 
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
-
 const TestCase kTests[] = {
     {"unmapped_read", TestUnmappedRead},
     {"partial_write", TestPartialWrite},
@@ -1269,76 +1208,8 @@ const TestCase kTests[] = {
     {"open_during_create", TestOpenDuringCreate},
 };
 
-// ---- runner -------------------------------------------------------------------
-
-int RunOne(const TestCase& t, int timeout_s) {
-  int fds[2];
-  if (pipe2(fds, O_CLOEXEC)) return 1;
-  auto t0 = Clock::now();
-  pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string result;
-    try {
-      t.fn();
-      result = "PASS";
-    } catch (const std::exception& e) {
-      result = std::string("FAIL ") + e.what();
-    }
-    (void)!write(fds[1], result.data(), result.size());
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string result;
-  bool timed_out = false;
-  for (;;) {
-    int st;
-    pid_t w = waitpid(pid, &st, WNOHANG);
-    if (w == pid) break;
-    if (MsSince(t0) > timeout_s * 1000L) {
-      kill(pid, SIGKILL);
-      timed_out = true;
-      break;
-    }
-    SleepMs(20);
-  }
-  if (!timed_out) {
-    char buf[2048];
-    ssize_t n;
-    while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, n);
-  }
-  close(fds[0]);
-  if (timed_out)
-    result = Fmt("FAIL timed out after %d s", timeout_s);
-  else if (result.empty())
-    result = "FAIL test process died";
-  for (char& c : result)
-    if (c == '\n') c = ' ';
-  std::printf("DMCOW-TEST %s %s (%ld ms)\n", t.name, result.c_str(), MsSince(t0));
-  std::fflush(stdout);
-  return result.rfind("PASS", 0) == 0 ? 0 : 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string cmd = argc > 1 ? argv[1] : "run";
-  if (cmd == "list") {
-    for (const auto& t : kTests) std::printf("%s\n", t.name);
-    return 0;
-  }
-  if (cmd != "run") {
-    std::fprintf(stderr, "usage: vmtest list | run [name...]\n");
-    return 2;
-  }
-  signal(SIGPIPE, SIG_IGN);
-  int timeout_s = 60;
-  if (const char* e = getenv("DMCOW_TEST_TIMEOUT")) timeout_s = atoi(e);
-  int failed = 0;
-  for (const auto& t : kTests) {
-    bool selected = argc <= 2;
-    for (int i = 2; i < argc; i++) selected |= !strcmp(argv[i], t.name);
-    if (selected) failed += RunOne(t, timeout_s);
-  }
-  return failed ? 1 : 0;
+  return dmcow_vm::TestMain(argc, argv, "vmtest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_TEST_TIMEOUT", 60);
 }

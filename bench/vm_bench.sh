@@ -124,20 +124,9 @@ cp "$EMPTY" "$R/qcow/empty.qcow2"
 cp "$SRC/bench/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
 vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD"
-copy_module dm-mod drivers/md/dm-mod
-copy_module loop drivers/block/loop
-copy_module dm-bufio drivers/md/dm-bufio
-copy_module dm-snapshot drivers/md/dm-snapshot
-copy_module dm-zero drivers/md/dm-zero
-# modinfo -F depends: nbd and the virtio modules need nothing more.
-copy_module nbd drivers/block/nbd
-copy_module virtio drivers/virtio/virtio
-copy_module virtio_ring drivers/virtio/virtio_ring
-copy_module virtio_pci_legacy_dev drivers/virtio/virtio_pci_legacy_dev
-copy_module virtio_pci_modern_dev drivers/virtio/virtio_pci_modern_dev
-copy_module virtio_pci drivers/virtio/virtio_pci
-copy_module virtio_blk drivers/block/virtio_blk
-cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
+vm_modules $VM_MODS_DM dm-bufio:drivers/md/dm-bufio dm-snapshot:drivers/md/dm-snapshot
+vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
+vm_modules dm-zero:drivers/md/dm-zero nbd:drivers/block/nbd $VM_MODS_VIRTIO_BLK
 vm_pack "$OUT/initramfs.gz"
 
 APPEND="console=ttyS0 quiet panic=-1 ${VM_APPEND:-} bench.runs=$RUNS bench.mb=$MB bench.ops=$OPS bench.groups=$BENCH_GROUPS"

@@ -39,15 +39,9 @@ chmod 755 "$R/init"
 vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW"
 mkdir -p "$R/demo"
 cp "$OUT/base.qcow2" "$OUT/demo.qcow2" "$R/demo/"
-for m in dm-mod:drivers/md/dm-mod loop:drivers/block/loop dm-zero:drivers/md/dm-zero crc16:lib/crc16 \
-	crc32c_generic:crypto/crc32c_generic mbcache:fs/mbcache jbd2:fs/jbd2/jbd2 ext4:fs/ext4/ext4 \
-	virtio_ring:drivers/virtio/virtio_ring virtio:drivers/virtio/virtio \
-	virtio_pci_legacy_dev:drivers/virtio/virtio_pci_legacy_dev \
-	virtio_pci_modern_dev:drivers/virtio/virtio_pci_modern_dev virtio_pci:drivers/virtio/virtio_pci \
-	virtio_blk:drivers/block/virtio_blk; do
-	copy_module "${m%%:*}" "${m#*:}"
-done
-cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
+vm_modules $VM_MODS_DM dm-zero:drivers/md/dm-zero
+vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
+vm_modules $VM_MODS_EXT4 $VM_MODS_VIRTIO_BLK
 vm_pack "$OUT/initramfs.gz"
 
 echo "vm-demo: booting Debian's $KVER under qemu (software emulation)"

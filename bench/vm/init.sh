@@ -32,8 +32,7 @@ fail() {
 }
 info() { echo "BENCH-INFO $*"; }
 
-for m in dm-mod loop dm-bufio dm-snapshot dm-cow dm-zero nbd virtio_ring virtio \
-	virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+for m in $(cat /etc/modules); do	# load order written by vm_bench.sh (lib.sh vm_modules)
 	insmod /lib/modules/$m.ko || fail "insmod $m"
 done
 [ -e /dev/mapper/control ] || fail "no /dev/mapper/control"

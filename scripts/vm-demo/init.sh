@@ -8,8 +8,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
-for m in dm-mod loop dm-zero dm-cow crc16 crc32c_generic mbcache jbd2 ext4 \
-	virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+for m in $(cat /etc/modules); do	# load order written by vm-demo.sh (lib.sh vm_modules)
 	insmod /lib/modules/$m.ko || { echo "DEMO-FAIL insmod $m"; poweroff -f; }
 done
 echo 1 > /proc/sys/kernel/printk

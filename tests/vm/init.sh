@@ -22,7 +22,7 @@ fail_boot() {
 	poweroff -f
 }
 
-for m in dm-mod loop dm-delay dm-zero dm-cow virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk crc16 crc32c_generic mbcache jbd2 ext4; do
+for m in $(cat /etc/modules); do	# load order written by run.sh (lib.sh vm_modules)
 	insmod /lib/modules/$m.ko || fail_boot "insmod $m"
 done
 [ -e /dev/mapper/control ] || fail_boot "no /dev/mapper/control"

@@ -88,6 +88,35 @@ copy_module() {	# name, path under kernel/
 	fi
 }
 
+# Kernel modules, "name:path under kernel/", in load order (dependencies
+# first, as modinfo -F depends says).
+VM_MODS_DM="dm-mod:drivers/md/dm-mod loop:drivers/block/loop"
+# A virtio disk: how images travel between the host and the VM.
+VM_MODS_VIRTIO_BLK="virtio_ring:drivers/virtio/virtio_ring virtio:drivers/virtio/virtio
+	virtio_pci_legacy_dev:drivers/virtio/virtio_pci_legacy_dev
+	virtio_pci_modern_dev:drivers/virtio/virtio_pci_modern_dev
+	virtio_pci:drivers/virtio/virtio_pci virtio_blk:drivers/block/virtio_blk"
+# ext4 and what it needs (jbd2, mbcache, crc16; and the crc32c checksum it
+# asks the crypto API for).
+VM_MODS_EXT4="crc16:lib/crc16 crc32c_generic:crypto/crc32c_generic mbcache:fs/mbcache
+	jbd2:fs/jbd2/jbd2 ext4:fs/ext4/ext4"
+
+# vm_modules NAME:PATH...: copies the modules and appends them to
+# /etc/modules, the load order every init script insmods.
+vm_modules() {
+	local m
+	for m in "$@"; do
+		copy_module "${m%%:*}" "${m#*:}"
+		echo "${m%%:*}" >>"$R/etc/modules"
+	done
+}
+
+# vm_module_file NAME FILE: a module we built (dm-cow.ko), next in the order.
+vm_module_file() {
+	cp "$2" "$R/lib/modules/$1.ko"
+	echo "$1" >>"$R/etc/modules"
+}
+
 # vm_pack OUT.gz
 vm_pack() {
 	(cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$1"

@@ -70,34 +70,20 @@ for f in mke2fs e2fsck debugfs; do
 	cp "$p" "$R/sbin/$f"
 	E2FS+=("$p")
 done
-# Shared libraries (and the loader) of these and dmcowd, at their own paths.
 BONNIE=$(command -v bonnie++ || true)
 [ -n "$BONNIE" ] || die "bonnie++ not found (Debian package bonnie++)"
 cp "$BONNIE" "$R/sbin/bonnie++"
 # qemu-io: QEMU itself, for the lock test (QEMU refuses what we attached).
 QEMU_IO=$(command -v qemu-io)
 cp "$QEMU_IO" "$R/bin/qemu-io"
+# Shared libraries (and the loader) of these and dmcowd, at their own paths.
 vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}"
 
-copy_module dm-mod drivers/md/dm-mod
-copy_module loop drivers/block/loop
-copy_module dm-delay drivers/md/dm-delay
-copy_module dm-zero drivers/md/dm-zero
-# A virtio disk carries the images qcowtest wrote back to the host (a tar).
-copy_module virtio drivers/virtio/virtio
-copy_module virtio_ring drivers/virtio/virtio_ring
-copy_module virtio_pci_legacy_dev drivers/virtio/virtio_pci_legacy_dev
-copy_module virtio_pci_modern_dev drivers/virtio/virtio_pci_modern_dev
-copy_module virtio_pci drivers/virtio/virtio_pci
-copy_module virtio_blk drivers/block/virtio_blk
-# ext4 and what it needs (modinfo -F depends: jbd2, mbcache, crc16; and the
-# crc32c checksum it asks the crypto API for) for daemon_mount.
-copy_module crc16 lib/crc16
-copy_module crc32c_generic crypto/crc32c_generic
-copy_module mbcache fs/mbcache
-copy_module jbd2 fs/jbd2/jbd2
-copy_module ext4 fs/ext4/ext4
-cp "$OUT/kmod/dm-cow.ko" "$R/lib/modules/dm-cow.ko"
+# A virtio disk carries the images qcowtest wrote back to the host (a tar);
+# ext4 for daemon_mount and qcow_filesystem.
+vm_modules $VM_MODS_DM dm-delay:drivers/md/dm-delay dm-zero:drivers/md/dm-zero
+vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
+vm_modules $VM_MODS_VIRTIO_BLK $VM_MODS_EXT4
 
 vm_pack "$OUT/initramfs.gz"
 

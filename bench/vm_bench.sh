@@ -150,72 +150,38 @@ fi
 echo "dm-cow VM benchmarks: kernel $KVER, qemu TCG, -m $VM_MEM -smp $VM_SMP, VM $((T1 - T0)) s"
 grep '^BENCH-INFO' "$LOG" | sed 's/^BENCH-INFO /  /'
 echo
-# Median throughput per (group, case, target); ratio dm-cow / reference;
-# the per-run ratios' range (paired by run number).
-if grep -q '^BENCH ' "$LOG"; then
-grep '^BENCH ' "$LOG" | awk -v runs="$RUNS" '
-function median(list,   a, n, i, j, t) {
-	n = split(list, a, " ")
-	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-	return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-}
-{
-	key = $2 SUBSEP $3 SUBSEP $4
-	mbps[key] = mbps[key] " " $7
-	iops[key] = iops[key] " " $8
-	run[key, $5] = $7
-	count[key]++
-	if (!(($2 SUBSEP $3) in seen)) { seen[$2 SUBSEP $3] = 1; order[++n] = $2 SUBSEP $3 }
-	if (!(($2 SUBSEP $4) in tseen)) { tseen[$2 SUBSEP $4] = 1; targets[$2] = targets[$2] " " $4 }
-}
-END {
-	printf "| group | case | target | dm-cow MB/s | target MB/s | dm-cow IOPS | target IOPS | ratio | per-run ratios |\n"
-	printf "|---|---|---|---|---|---|---|---|---|\n"
-	bad = 0
-	for (i = 1; i <= n; i++) {
-		split(order[i], gc, SUBSEP)
-		ck = gc[1] SUBSEP gc[2] SUBSEP "cow"
-		if (count[ck] != runs) { print "missing runs for " gc[1] " " gc[2] " cow" > "/dev/stderr"; bad = 1; continue }
-		nt = split(targets[gc[1]], ts, " ")
-		for (k = 1; k <= nt; k++) {
-			if (ts[k] == "cow") continue
-			tk = gc[1] SUBSEP gc[2] SUBSEP ts[k]
-			if (count[tk] != runs) { print "missing runs for " gc[1] " " gc[2] " " ts[k] > "/dev/stderr"; bad = 1; continue }
-			lo = 1e18; hi = 0
-			for (r = 1; r <= runs; r++) {
-				q = run[ck, r] / run[tk, r]
-				if (q < lo) lo = q
-				if (q > hi) hi = q
-			}
-			cm = median(mbps[ck]); tm = median(mbps[tk])
-			printf "| %s | %s | %s | %.1f | %.1f | %.0f | %.0f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k],
-				cm, tm, median(iops[ck]), median(iops[tk]), cm / tm, lo, hi
-		}
-	}
-	exit bad
-}'
-fi
-# Times (qattach): median per (group, case, target); ratio reference /
-# dm-cow (above 1, dm-cow is faster), the per-run ratios' range.
-if grep -q '^BENCH-TIME ' "$LOG"; then
-	echo
-	grep '^BENCH-TIME ' "$LOG" | awk -v runs="$RUNS" '
+# ratio_table MARKER KIND: the "MARKER group case target run ..." lines as a
+# table of medians per (group, case, target), the ratio and the per-run
+# ratios' range (paired by run number). KIND rate (BENCH: MB/s in field 7,
+# IOPS in 8): ratio dm-cow / reference. KIND time (BENCH-TIME: seconds in
+# field 6): ratio reference / dm-cow. Either way above 1, dm-cow is faster.
+# Exits non-zero if a run is missing.
+ratio_table() {
+	grep "^$1 " "$LOG" | awk -v runs="$RUNS" -v kind="$2" '
 	function median(list,   a, n, i, j, t) {
 		n = split(list, a, " ")
 		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
 		return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 	}
+	function faster(cow, ref) { return kind == "time" ? ref / cow : cow / ref }
 	{
 		key = $2 SUBSEP $3 SUBSEP $4
-		secs[key] = secs[key] " " $6
-		run[key, $5] = $6
+		v = kind == "time" ? $6 : $7
+		vals[key] = vals[key] " " v
+		iops[key] = iops[key] " " $8
+		run[key, $5] = v
 		count[key]++
 		if (!(($2 SUBSEP $3) in seen)) { seen[$2 SUBSEP $3] = 1; order[++n] = $2 SUBSEP $3 }
 		if (!(($2 SUBSEP $4) in tseen)) { tseen[$2 SUBSEP $4] = 1; targets[$2] = targets[$2] " " $4 }
 	}
 	END {
-		printf "| group | case | target | dm-cow s | target s | ratio target/dm-cow | per-run ratios |\n"
-		printf "|---|---|---|---|---|---|---|\n"
+		if (kind == "time") {
+			printf "| group | case | target | dm-cow s | target s | ratio target/dm-cow | per-run ratios |\n"
+			printf "|---|---|---|---|---|---|---|\n"
+		} else {
+			printf "| group | case | target | dm-cow MB/s | target MB/s | dm-cow IOPS | target IOPS | ratio | per-run ratios |\n"
+			printf "|---|---|---|---|---|---|---|---|---|\n"
+		}
 		bad = 0
 		for (i = 1; i <= n; i++) {
 			split(order[i], gc, SUBSEP)
@@ -228,16 +194,28 @@ if grep -q '^BENCH-TIME ' "$LOG"; then
 				if (count[tk] != runs) { print "missing runs for " gc[1] " " gc[2] " " ts[k] > "/dev/stderr"; bad = 1; continue }
 				lo = 1e18; hi = 0
 				for (r = 1; r <= runs; r++) {
-					q = run[tk, r] / run[ck, r]
+					q = faster(run[ck, r], run[tk, r])
 					if (q < lo) lo = q
 					if (q > hi) hi = q
 				}
-				cm = median(secs[ck]); tm = median(secs[tk])
-				printf "| %s | %s | %s | %.3f | %.3f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k], cm, tm, tm / cm, lo, hi
+				cm = median(vals[ck]); tm = median(vals[tk])
+				if (kind == "time")
+					printf "| %s | %s | %s | %.3f | %.3f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k], cm, tm, faster(cm, tm), lo, hi
+				else
+					printf "| %s | %s | %s | %.1f | %.1f | %.0f | %.0f | **%.2f** | %.2f-%.2f |\n", gc[1], gc[2], ts[k],
+						cm, tm, median(iops[ck]), median(iops[tk]), faster(cm, tm), lo, hi
 			}
 		}
 		exit bad
 	}'
+}
+# Throughput (every group but qattach), then times (qattach).
+if grep -q '^BENCH ' "$LOG"; then
+	ratio_table BENCH rate
+fi
+if grep -q '^BENCH-TIME ' "$LOG"; then
+	echo
+	ratio_table BENCH-TIME time
 fi
 if grep -q '^BENCH-TABLE ' "$LOG"; then
 	echo

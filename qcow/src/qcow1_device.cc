@@ -104,35 +104,19 @@ Status Qcow1Image::CheckReserved(uint64_t count, uint64_t host_offset, const cha
 
 Status Qcow1Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_) return Image::FillClusters(first, count, host_offset);
-  const uint64_t cs = cluster_size();
-  const uint64_t vsize = info_.virtual_size;
-  const uint64_t clusters = DivRoundUp(vsize, cs);
-  if (count == 0 || first >= clusters || count > clusters - first) {
-    return Status::InvalidArgument(filename() + ": filling guest clusters " + std::to_string(first) + "+" +
-                                   std::to_string(count) + " outside the disk");
-  }
+  DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
   DMCOW_RETURN_IF_ERROR(CheckReserved(count, host_offset, "filling"));
-  std::vector<uint8_t> buf(cs);
-  for (uint64_t i = 0; i < count; i++) {
-    const uint64_t guest = (first + i) * cs;
-    const uint64_t n = std::min(cs, vsize - guest);
-    std::memset(buf.data() + n, 0, cs - n);
-    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
-    // Synced by the next Flush before any table is written (rule 1).
-    DMCOW_RETURN_IF_ERROR(WriteFile(host_offset + i * cs, buf.data(), cs));
-  }
-  return Status::OK();
+  // Synced by the next Flush before any table is written (rule 1).
+  return CopyGuestClustersLocked(first, count, host_offset, [this](uint64_t offset, const void* buf, size_t len) {
+    return WriteFile(offset, buf, len);
+  });
 }
 
 Status Qcow1Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_) return Image::LinkClusters(first, count, host_offset);
   const uint64_t cs = cluster_size();
-  const uint64_t clusters = DivRoundUp(info_.virtual_size, cs);
-  if (count == 0 || first >= clusters || count > clusters - first) {
-    return Status::InvalidArgument(filename() + ": linking guest clusters " + std::to_string(first) + "+" +
-                                   std::to_string(count) + " outside the disk");
-  }
+  DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "linking"));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
   DMCOW_RETURN_IF_ERROR(CheckReserved(count, host_offset, "linking"));
   for (uint64_t i = 0; i < count; i++) {

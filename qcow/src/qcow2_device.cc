@@ -16,10 +16,6 @@ namespace dmcow {
 
 using namespace qcow2;
 
-namespace {
-constexpr uint64_t kAllAllocated = 0xffffffffULL;
-}  // namespace
-
 Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
   *out = ClusterPlace();
   const Qcow2Header& h = header_;
@@ -54,31 +50,19 @@ Status Qcow2Image::ReserveClusters(uint64_t count, uint64_t* host_offset) {
 
 Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
-  const uint64_t cs = header_.cluster_size;
-  const uint64_t vsize = info_.virtual_size;
-  if (count == 0 || first >= DivRoundUp(vsize, cs) || count > DivRoundUp(vsize, cs) - first) {
-    return Status::InvalidArgument(filename() + ": filling guest clusters " + std::to_string(first) + "+" +
-                                   std::to_string(count) + " outside the disk");
-  }
+  DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  std::vector<uint8_t> buf(cs);
-  for (uint64_t i = 0; i < count; i++) {
-    const uint64_t guest = (first + i) * cs;
-    const uint64_t n = std::min(cs, vsize - guest);
-    std::memset(buf.data() + n, 0, cs - n);
-    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
-    DMCOW_RETURN_IF_ERROR(data_file()->Write(host_offset + i * cs, buf.data(), cs));
-  }
-  return Status::OK();
+  File* data = data_file();
+  return CopyGuestClustersLocked(first, count, host_offset,
+                                 [data](uint64_t offset, const void* buf, size_t len) { return data->Write(offset, buf, len); });
 }
 
 Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::LinkClusters(first, count, host_offset);
   const uint64_t cs = header_.cluster_size;
-  if (count == 0 || first >= DivRoundUp(info_.virtual_size, cs) ||
-      count > DivRoundUp(info_.virtual_size, cs) - first || (host_offset & (cs - 1))) {
-    return Status::InvalidArgument(filename() + ": linking guest clusters " + std::to_string(first) + "+" +
-                                   std::to_string(count) + " to host offset " + Hex(host_offset));
+  DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "linking"));
+  if (host_offset & (cs - 1)) {
+    return Status::InvalidArgument(filename() + ": linking guest clusters to unaligned host offset " + Hex(host_offset));
   }
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
   for (uint64_t i = 0; i < count; i++) {
@@ -86,7 +70,7 @@ Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_of
     DMCOW_RETURN_IF_ERROR(GetL2Entry(first + i, &old, &old_bitmap));
     ReleaseClusterOf(old);
     DMCOW_RETURN_IF_ERROR(
-        SetL2Entry(first + i, (host_offset + i * cs) | kCopied, header_.extended_l2 ? kAllAllocated : 0));
+        SetL2Entry(first + i, (host_offset + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
   }
   return MaybeFlush();
 }

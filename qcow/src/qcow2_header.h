@@ -34,6 +34,7 @@ constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;  // bits 9-55 of L1/L2 e
 constexpr uint64_t kCopied = 1ULL << 63;      // refcount exactly 1: writable in place
 constexpr uint64_t kCompressed = 1ULL << 62;  // L2: compressed cluster descriptor
 constexpr uint64_t kZeroFlag = 1ULL << 0;     // L2 (standard entries): reads as zeros
+constexpr uint64_t kAllSubclustersAllocated = 0xffffffffULL;  // extended L2 bitmap: every subcluster has data
 
 // Where a compressed cluster's data lies, from its L2 descriptor.
 struct CompressedExtent {

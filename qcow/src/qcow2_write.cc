@@ -45,7 +45,6 @@ namespace dmcow {
 using namespace qcow2;
 
 namespace {
-constexpr uint64_t kAllAllocated = 0xffffffffULL;
 constexpr uint64_t kAllZero = 0xffffffffULL << 32;
 constexpr uint64_t kMaxRunClusters = 256;  // clusters allocated and written per step
 }  // namespace
@@ -151,7 +150,7 @@ Status Qcow2Image::SetL2Entry(uint64_t cluster, uint64_t entry, uint64_t bitmap)
 
 bool Qcow2Image::WritableInPlace(uint64_t entry, uint64_t bitmap) const {
   if (!(entry & kCopied) || (entry & kCompressed)) return false;
-  if (header_.extended_l2) return (bitmap & kAllAllocated) == kAllAllocated;
+  if (header_.extended_l2) return (bitmap & kAllSubclustersAllocated) == kAllSubclustersAllocated;
   if (entry & kZeroFlag) return false;
   return (entry & kOffsetMask) != 0 || header_.HasDataFile();
 }
@@ -233,7 +232,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     DMCOW_RETURN_IF_ERROR(data_file()->Write(host, whole ? buf : run.data(), count * cs));
     for (uint64_t i = 0; i < count; i++) {
       ReleaseClusterOf(old_entries[i]);
-      DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster + i, (host + i * cs) | kCopied, header_.extended_l2 ? kAllAllocated : 0));
+      DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster + i, (host + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
     }
     offset += n;
     buf += n;

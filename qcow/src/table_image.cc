@@ -1,6 +1,10 @@
 #include "table_image.h"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
+
+#include "util.h"
 
 namespace dmcow {
 
@@ -47,6 +51,30 @@ Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
     offset += n;
     out += n;
     len -= n;
+  }
+  return Status::OK();
+}
+
+Status TableImage::CheckClusterRange(uint64_t first, uint64_t count, const char* what) const {
+  const uint64_t clusters = DivRoundUp(info_.virtual_size, info_.cluster_size);
+  if (count == 0 || first >= clusters || count > clusters - first) {
+    return Status::InvalidArgument(filename() + ": " + what + " guest clusters " + std::to_string(first) + "+" +
+                                   std::to_string(count) + " outside the disk");
+  }
+  return Status::OK();
+}
+
+Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset,
+                                           const HostWrite& write) {
+  const uint64_t cs = info_.cluster_size;
+  const uint64_t vsize = info_.virtual_size;
+  std::vector<uint8_t> buf(cs);
+  for (uint64_t i = 0; i < count; i++) {
+    const uint64_t guest = (first + i) * cs;
+    const uint64_t n = std::min(cs, vsize - guest);
+    std::memset(buf.data() + n, 0, cs - n);
+    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    DMCOW_RETURN_IF_ERROR(write(host_offset + i * cs, buf.data(), cs));
   }
   return Status::OK();
 }

@@ -4,6 +4,7 @@
 #ifndef DMCOW_QCOW_TABLE_IMAGE_H_
 #define DMCOW_QCOW_TABLE_IMAGE_H_
 
+#include <functional>
 #include <memory>
 #include <shared_mutex>
 
@@ -35,6 +36,16 @@ class TableImage : public ImageBase {
 
   // Read without taking rw_mu_. REQUIRES: rw_mu_ held (shared or exclusive).
   Status ReadLocked(uint64_t offset, void* buf, size_t len);
+
+  // Block-device serving (Image::FillClusters and LinkClusters) for both
+  // table formats: rejects guest cluster ranges [first, first + count) that
+  // are empty or leave the disk; `what` names the operation in the message.
+  Status CheckClusterRange(uint64_t first, uint64_t count, const char* what) const;
+  // Writes the current guest content of clusters [first, first + count),
+  // zeros past the disk's end, through `write` at host_offset + i * cluster
+  // size. REQUIRES: rw_mu_ held, the range checked.
+  using HostWrite = std::function<Status(uint64_t offset, const void* buf, size_t len)>;
+  Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, const HostWrite& write);
 
   std::unique_ptr<CompressedClusterReader> compressed_;
   // Readers share it; a writable driver takes it exclusively to change tables.

@@ -1,4 +1,5 @@
 #include "channel.h"
+#include "sys_error.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -10,12 +11,6 @@
 #include <thread>
 
 namespace dmcowd {
-
-namespace {
-
-Status Errno(const std::string& what, int err) { return Status::IOError(what + ": " + std::strerror(err)); }
-
-}  // namespace
 
 Status Channel::Open(const std::string& ident, int timeout_ms) {
   Close();

@@ -1,4 +1,5 @@
 #include "loopdev.h"
+#include "sys_error.h"
 
 #include <fcntl.h>
 #include <linux/loop.h>
@@ -17,8 +18,6 @@
 namespace dmcowd {
 
 namespace {
-
-Status Errno(const std::string& what, int err) { return Status::IOError(what + ": " + std::strerror(err)); }
 
 std::string DevT(dev_t d) { return std::to_string(major(d)) + ":" + std::to_string(minor(d)); }
 

@@ -36,14 +36,13 @@
 #include "loopdev.h"
 #include "plugins.h"
 #include "qcow2/qcow2_mapper.h"
+#include "sys_error.h"
 
 namespace dmcowd {
 
 namespace {
 
 using dmcow::Image;
-
-Status Errno(const std::string& what, int err) { return Status::IOError(what + ": " + std::strerror(err)); }
 
 std::string DirOf(const std::string& path) {
   const size_t slash = path.rfind('/');

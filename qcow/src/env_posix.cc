@@ -1,5 +1,6 @@
 // Env backed by POSIX file descriptors (pread/pwrite/fdatasync).
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -52,6 +53,27 @@ class PosixFile final : public File {
         return ErrnoStatus(name_, "write", errno);
       }
       done += static_cast<size_t>(n);
+    }
+    return Status::OK();
+  }
+
+  Status WriteZeroes(uint64_t offset, uint64_t len) override {
+    if (len == 0) return Status::OK();
+    const off_t off = static_cast<off_t>(offset), n = static_cast<off_t>(len);
+    // A punched hole moves no data; block devices without it zero in the kernel.
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n) != 0 &&
+        ::fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, n) != 0) {
+      if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL) return ErrnoStatus(name_, "zeroing", errno);
+      return File::WriteZeroes(offset, len);
+    }
+    // KEEP_SIZE leaves a range past the end outside the file: one written
+    // zero byte grows it (and, unlike ftruncate, can never shrink it under a
+    // concurrent writer).
+    uint64_t size = 0;
+    DMCOW_RETURN_IF_ERROR(Size(&size));
+    if (size < offset + len) {
+      static const char zero = 0;
+      return Write(offset + len - 1, &zero, 1);
     }
     return Status::OK();
   }

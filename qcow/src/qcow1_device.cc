@@ -108,9 +108,8 @@ Status Qcow1Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_of
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
   DMCOW_RETURN_IF_ERROR(CheckReserved(count, host_offset, "filling"));
   // Synced by the next Flush before any table is written (rule 1).
-  return CopyGuestClustersLocked(first, count, host_offset, [this](uint64_t offset, const void* buf, size_t len) {
-    return WriteFile(offset, buf, len);
-  });
+  unsynced_ = true;
+  return CopyGuestClustersLocked(first, count, host_offset, file_.get());
 }
 
 Status Qcow1Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {

@@ -52,9 +52,7 @@ Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_of
   if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
   DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  File* data = data_file();
-  return CopyGuestClustersLocked(first, count, host_offset,
-                                 [data](uint64_t offset, const void* buf, size_t len) { return data->Write(offset, buf, len); });
+  return CopyGuestClustersLocked(first, count, host_offset, data_file());
 }
 
 Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {

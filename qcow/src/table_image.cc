@@ -64,17 +64,26 @@ Status TableImage::CheckClusterRange(uint64_t first, uint64_t count, const char*
   return Status::OK();
 }
 
-Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset,
-                                           const HostWrite& write) {
+Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest) {
   const uint64_t cs = info_.cluster_size;
   const uint64_t vsize = info_.virtual_size;
-  std::vector<uint8_t> buf(cs);
+  std::vector<uint8_t> buf;
   for (uint64_t i = 0; i < count; i++) {
     const uint64_t guest = (first + i) * cs;
+    const uint64_t host = host_offset + i * cs;
     const uint64_t n = std::min(cs, vsize - guest);
+    Mapping m;
+    DMCOW_RETURN_IF_ERROR(Lookup(guest, n, &m));
+    const bool reads_zeros = m.extent.length >= n && (m.extent.state == ClusterState::kZero ||
+                                                      (m.extent.state == ClusterState::kUnallocated && !backing()));
+    if (reads_zeros) {
+      DMCOW_RETURN_IF_ERROR(dest->WriteZeroes(host, cs));
+      continue;
+    }
+    buf.resize(cs);
     std::memset(buf.data() + n, 0, cs - n);
     DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
-    DMCOW_RETURN_IF_ERROR(write(host_offset + i * cs, buf.data(), cs));
+    DMCOW_RETURN_IF_ERROR(dest->Write(host, buf.data(), cs));
   }
   return Status::OK();
 }

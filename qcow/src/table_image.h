@@ -4,7 +4,6 @@
 #ifndef DMCOW_QCOW_TABLE_IMAGE_H_
 #define DMCOW_QCOW_TABLE_IMAGE_H_
 
-#include <functional>
 #include <memory>
 #include <shared_mutex>
 
@@ -42,10 +41,12 @@ class TableImage : public ImageBase {
   // are empty or leave the disk; `what` names the operation in the message.
   Status CheckClusterRange(uint64_t first, uint64_t count, const char* what) const;
   // Writes the current guest content of clusters [first, first + count),
-  // zeros past the disk's end, through `write` at host_offset + i * cluster
-  // size. REQUIRES: rw_mu_ held, the range checked.
-  using HostWrite = std::function<Status(uint64_t offset, const void* buf, size_t len)>;
-  Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, const HostWrite& write);
+  // zeros past the disk's end, to `dest` at host_offset + i * cluster size.
+  // Clusters known to read zeros (zero clusters, unallocated without a
+  // backing image) are zeroed with File::WriteZeroes: no data is moved, so a
+  // small first write into an empty image costs no cluster-sized copy.
+  // REQUIRES: rw_mu_ held, the range checked.
+  Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest);
 
   std::unique_ptr<CompressedClusterReader> compressed_;
   // Readers share it; a writable driver takes it exclusively to change tables.

@@ -15,9 +15,11 @@
 //
 //   this layer holds               read             write
 //   data, refcount 1, contiguous   FILLED_RW        (already writable)
-//   nothing (unallocated)          BASE             new clusters, RW: the kernel
+//   nothing, over a backing        BASE             new clusters, RW: the kernel
 //                                                   copies the backing data
-//   zeros                          ZERO             new clusters filled here, FILLED_RW
+//   nothing, no backing            ZERO             new clusters zeroed here
+//                                                   (a punched hole), FILLED_RW
+//   zeros                          ZERO             new clusters zeroed here, FILLED_RW
 //   shared data (snapshots)        RO at the data   new clusters filled here, FILLED_RW
 //   compressed, partial, mixed     RO at scratch    new clusters filled here, FILLED_RW
 //

@@ -34,6 +34,11 @@ class File {
   // Writes exactly `len` bytes at `offset`, growing the file if needed.
   virtual Status Write(uint64_t offset, const void* buf, size_t len) = 0;
 
+  // Makes [offset, offset + len) read as zeros, growing the file if needed:
+  // a hole punched where the file system has them (no data moves), else
+  // written zeros. Durable, like Write, only after Sync.
+  virtual Status WriteZeroes(uint64_t offset, uint64_t len);
+
   // Returns once every write issued before the call is durable.
   virtual Status Sync() = 0;
 

@@ -49,7 +49,11 @@ class KernelModel : public dmcowd::CowSpace {
 
   Status WriteScratch(uint64_t offset, const void* buf, size_t len) override {
     REQUIRE(offset + len <= geo_.scratch_sectors * 512);
-    scratch_[offset].assign(static_cast<const uint8_t*>(buf), static_cast<const uint8_t*>(buf) + len);
+    REQUIRE((offset % chunk_bytes_ == 0 && len % chunk_bytes_ == 0));  // whole chunks
+    const auto* p = static_cast<const uint8_t*>(buf);
+    for (size_t done = 0; done < len; done += chunk_bytes_) {
+      scratch_[offset + done].assign(p + done, p + done + chunk_bytes_);
+    }
     return Status::OK();
   }
   Status EnsureImageBytes(uint64_t end) override {

@@ -85,16 +85,21 @@ Status CompressedClusterReader::Read(uint64_t compressed_offset, uint64_t compre
   }
   thread_local std::vector<uint8_t> compressed, cluster;
   compressed.resize(compressed_bytes);  // bounded by the descriptor width: at most two clusters
-  cluster.resize(cluster_size_);
+  // A read of the whole cluster decompresses straight into the caller's
+  // buffer (whole-cluster readers, such as the daemon assembling chunks, do
+  // not come back for the rest of it: nothing to cache).
+  const bool whole = in_cluster == 0 && len == cluster_size_;
+  uint8_t* const dest = whole ? out : (cluster.resize(cluster_size_), cluster.data());
   size_t got = 0;
   DMCOW_RETURN_IF_ERROR(file_->Read(compressed_offset, compressed.size(), compressed.data(), &got));
   // (a qcow v1 entry may claim 0 bytes: the buffer may then be null, which memset must not get)
   if (got < compressed.size()) std::memset(compressed.data() + got, 0, compressed.size() - got);
-  Status s = DecompressCluster(type_, compressed.data(), compressed.size(), cluster.data(), cluster.size());
+  Status s = DecompressCluster(type_, compressed.data(), compressed.size(), dest, cluster_size_);
   if (!s.ok()) {
     return Status::Corrupt(file_->name() + ": compressed cluster at host offset " + Hex(compressed_offset) + ": " +
                            s.message());
   }
+  if (whole) return Status::OK();
   std::memcpy(out, cluster.data() + in_cluster, len);
   std::lock_guard<std::mutex> lock(mu_);
   cached_.swap(cluster);

@@ -149,14 +149,14 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
       ahead_ = chunk == ahead_next_ ? std::min(ahead_ * 2, max_ahead) : 1;
       uint64_t n = 1;
       if (ahead_ > 1) DMCOW_RETURN_IF_ERROR(ExtendRun(chunk, st.kind, 0, ahead_, &n));
-      std::vector<uint8_t> buf(n * chunk_bytes, 0);
+      // The run is contiguous in scratch too: one read, one write.
       const uint64_t guest = chunk * chunk_bytes;
       const uint64_t len = std::min(n * chunk_bytes, image_->virtual_size() - guest);
-      DMCOW_RETURN_IF_ERROR(image_->Read(guest, buf.data(), len));
-      for (uint64_t i = 0; i < n; i++) {
-        DMCOW_RETURN_IF_ERROR(space_->WriteScratch((chunk + i) * chunk_bytes, buf.data() + i * chunk_bytes, chunk_bytes));
-        in_scratch_[chunk + i] = true;
-      }
+      assembly_.resize(n * chunk_bytes);
+      std::fill(assembly_.begin() + len, assembly_.end(), 0);  // past the disk's end
+      DMCOW_RETURN_IF_ERROR(image_->Read(guest, assembly_.data(), len));
+      DMCOW_RETURN_IF_ERROR(space_->WriteScratch(chunk * chunk_bytes, assembly_.data(), n * chunk_bytes));
+      std::fill(in_scratch_.begin() + chunk, in_scratch_.begin() + chunk + n, true);
       m->nr_chunks = n;
       ahead_next_ = chunk + n;
       return Status::OK();

@@ -114,6 +114,7 @@ class Qcow2Mapper {
   // they stay assembled (a write moves a chunk to new clusters first).
   std::vector<bool> in_scratch_;
   uint64_t ahead_ = 1, ahead_next_ = UINT64_MAX;  // sequential assembly
+  std::vector<uint8_t> assembly_;                  // reused: at most 2 MiB
 };
 
 }  // namespace dmcowd

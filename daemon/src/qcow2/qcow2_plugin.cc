@@ -241,8 +241,15 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
 
   // CowSpace.
   Status WriteScratch(uint64_t offset, const void* buf, size_t len) override {
-    const ssize_t w = ::pwrite(scratch_fd_, buf, len, static_cast<off_t>(offset));
-    if (w != static_cast<ssize_t>(len)) return Errno("scratch file: write", w < 0 ? errno : EIO);
+    const auto* p = static_cast<const uint8_t*>(buf);
+    while (len > 0) {  // runs reach 2 MiB: a short write is legal
+      const ssize_t w = ::pwrite(scratch_fd_, p, len, static_cast<off_t>(offset));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) return Errno("scratch file: write", w < 0 ? errno : EIO);
+      p += w;
+      offset += static_cast<uint64_t>(w);
+      len -= static_cast<size_t>(w);
+    }
     return Status::OK();
   }
 

@@ -84,6 +84,8 @@ DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
 
 DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
 [ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
+DMCOW_IMG=$(dirname "$DMCOWD")/../cli/dmcow-img
+[ -x "$DMCOW_IMG" ] || die "no dmcow-img at $DMCOW_IMG (scripts/build.sh builds it)"
 QEMU_NBD=$(command -v qemu-nbd) || die "qemu-nbd not found (Debian package qemu-utils)"
 for t in qemu-img qemu-io; do
 	command -v $t >/dev/null || die "$t not found (Debian package qemu-utils)"
@@ -118,12 +120,12 @@ fi
 [ -s "$SPARSE" ] || SPARSE=$EMPTY	# qattach not wanted: any disk will do
 
 vm_initramfs_begin "$OUT/initramfs"
-cp "$OUT/blkio" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$R/bin/"
+cp "$OUT/blkio" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$DMCOW_IMG" "$(command -v qemu-img)" "$R/bin/"
 mkdir -p "$R/qcow"
 cp "$EMPTY" "$R/qcow/empty.qcow2"
 cp "$SRC/bench/vm/init.sh" "$R/init"
 chmod 755 "$R/init"
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$DMCOW_IMG" "$(command -v qemu-img)"
 vm_modules $VM_MODS_DM dm-bufio:drivers/md/dm-bufio dm-snapshot:drivers/md/dm-snapshot
 vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
 vm_modules dm-zero:drivers/md/dm-zero nbd:drivers/block/nbd $VM_MODS_VIRTIO_BLK

@@ -436,6 +436,21 @@ if want qcomp; then
 	fresh_pair qcomp seq-read-1M "$QC" read seq --bs 1M
 	fresh_pair qcomp seq-read-64K "$QC" read seq --bs 64K
 	fresh_pair qcomp rand-read-4K "$QC" read rand --bs 4K --ops $((BYTES / 65536))
+	# What the decompressors alone cost here: the same image converted to raw
+	# by each engine (dmcow-img: ISA-L inflate; qemu-img: zlib), no device.
+	r=1
+	while [ $r -le "$RUNS" ]; do
+		for t in cow qemu-img; do
+			case $t in
+			cow) cmd="/bin/dmcow-img convert -O raw $QC /tmp/qc.raw" ;;
+			qemu-img) cmd="/bin/qemu-img convert -O raw $QC /tmp/qc.raw" ;;
+			esac
+			out=$(/bin/blkio time /bin/sh -c "$cmd" 2>&1) || fail "qconvert $t: $cmd: $out"
+			echo "BENCH-TIME qconvert to-raw $t $r $(echo "$out" | sed -n 's/^TIME //p')"
+			rm -f /tmp/qc.raw
+		done
+		r=$((r + 1))
+	done
 	rm -f "$QC"
 fi
 

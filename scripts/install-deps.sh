@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
-  zlib1g-dev libzstd-dev libssl-dev libisal-dev
+  zlib1g-dev libzstd-dev libssl-dev libisal-dev libdeflate-dev
   catch2 libcli11-dev nlohmann-json3-dev
   # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)
   libdevmapper-dev

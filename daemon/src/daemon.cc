@@ -104,8 +104,13 @@ Status Daemon::Start() {
   };
   s = base_.Open(spec_.base_path, true);
   if (s.ok()) s = cow_.Open(spec_.cow_path, false);
+  if (s.ok() && !spec_.direct_path.empty()) s = direct_.Open(spec_.direct_path, true);  // for its devt
   if (!s.ok()) return fail(s);
   devices_ = TableDevices{options_.ident, base_.devt(), cow_.devt(), spec_.chunk_sectors, spec_.read_to_daemon};
+  if (!spec_.direct_path.empty()) {
+    devices_.direct = direct_.devt();
+    devices_.direct_from = spec_.direct_from_sector;
+  }
 
   if (dm::Exists(name)) return fail(Status::InvalidArgument("device " + name + " exists already"));
   s = dm::Create(name);
@@ -153,6 +158,7 @@ Status Daemon::Start() {
   // The table holds the devices now; the loops go away with it.
   base_.Release();
   cow_.Release();
+  direct_.Release();
 
   if (options_.lock_memory && mlockall(MCL_CURRENT | MCL_FUTURE) != 0) {
     LOG_WARN("mlockall: %s (the daemon may be paged out under memory pressure)", std::strerror(errno));
@@ -297,6 +303,7 @@ void Daemon::TearDown() {
   }
   base_.Release();
   cow_.Release();
+  direct_.Release();
   if (plugin_open_) {
     std::lock_guard<std::mutex> l(plugin_mu_);
     Status s = plugin_->Close();

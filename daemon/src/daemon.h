@@ -69,7 +69,7 @@ class Daemon {
   std::unique_ptr<Plugin> plugin_;
   std::mutex plugin_mu_;
   DeviceSpec spec_;
-  BlockDev base_, cow_;
+  BlockDev base_, cow_, direct_;
   TableDevices devices_;
   Channel chan_;
   std::unique_ptr<Server> server_;

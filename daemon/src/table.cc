@@ -71,6 +71,9 @@ std::vector<Segment> BuildSegments(const std::vector<Extent>& linear, uint64_t d
 }
 
 std::string SegmentParams(const Segment& s, const TableDevices& d) {
+  if (s.linear && !d.direct.empty() && s.cow_sector >= d.direct_from) {
+    return d.direct + " " + std::to_string(s.cow_sector - d.direct_from);
+  }
   if (s.linear) return d.cow + " " + std::to_string(s.cow_sector);
   std::string p = d.ident + " " + d.base + " " + d.cow + " " + std::to_string(d.chunk_sectors);
   if (d.read_to_daemon) p += " 1 read_to_daemon";

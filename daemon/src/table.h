@@ -43,6 +43,8 @@ struct TableDevices {
   std::string ident, base, cow;  // device paths as the kernel opens them
   uint32_t chunk_sectors = 0;
   bool read_to_daemon = false;
+  std::string direct;        // optional: DeviceSpec::direct_path
+  uint64_t direct_from = 0;  // DeviceSpec::direct_from_sector
 };
 std::string SegmentParams(const Segment& s, const TableDevices& d);
 const char* SegmentType(const Segment& s);

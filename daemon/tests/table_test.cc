@@ -84,6 +84,13 @@ TEST_CASE("BuildSegments tiles the device, the last chunk short") {
   CHECK(SegmentParams(segs[0], d) == "7:1 640");
   CHECK(std::string(SegmentType(segs[1])) == "cow");
   CHECK(SegmentParams(segs[1], d) == "id 7:0 7:1 128");
+  // With a direct device: linear segments past direct_from go to it, the rest
+  // (and cow targets) stay on the cow device.
+  TableDevices direct{"id", "7:0", "253:4", kCs, true, "7:2", 600};
+  CHECK(SegmentParams(segs[0], direct) == "7:2 40");
+  CHECK(SegmentParams(segs[1], direct) == "id 7:0 253:4 128 1 read_to_daemon");
+  direct.direct_from = 641;
+  CHECK(SegmentParams(segs[0], direct) == "253:4 640");
 }
 
 TEST_CASE("random plans stay within the target bound and tile the device") {

@@ -81,6 +81,27 @@ void Detach(const std::string& name) {
   CHECK(access(("/dev/mapper/" + name + "-store").c_str(), F_OK) != 0, "store device left behind");
 }
 
+// Folded clusters go straight to the image's loop device (major 7), not
+// through the store (a device-mapper device): one remapping layer, as
+// dm-linear over the file. Returns the number of linear targets.
+int CheckLinearOntoLoop(const std::string& name) {
+  std::string table;
+  CHECK(Run({"/sbin/dmsetup", "table", name}, &table) == 0, "dmsetup table %s", name.c_str());
+  std::istringstream in(table);
+  std::string line;
+  int linear = 0;
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string start, len, type, dev;
+    f >> start >> len >> type >> dev;
+    if (type != "linear") continue;
+    linear++;
+    CHECK(dev.rfind("7:", 0) == 0, "%s: linear target onto %s, not the image's loop device: %s", name.c_str(),
+          dev.c_str(), line.c_str());
+  }
+  return linear;
+}
+
 void CopyFile(const std::string& from, const std::string& to) {
   mkdir(kOut, 0755);
   Must({"/bin/cp", from, to});
@@ -174,6 +195,7 @@ void WriteSeeded(const std::string& file, uint64_t seed) {
   Detach("qw");
   // Reattached, the image shows the same.
   Attach("qw", path);
+  CHECK(CheckLinearOntoLoop("qw") > 0, "%s: no written cluster folded at reattach", file.c_str());
   CHECK(Sha256(dev) == dev_sum, "%s: reattached image differs", file.c_str());
   Detach("qw");
   CopyFile(path, std::string(kOut) + "/" + file);

@@ -28,6 +28,12 @@ struct DeviceSpec {
   uint64_t sectors = 0;        // device size in 512-byte sectors
   uint32_t chunk_sectors = 0;  // power of two, 8 .. 65536
   bool read_to_daemon = false; // reads of unmapped chunks ask Map too
+  // Optional: cow sectors from direct_from_sector on are sectors 0.. of the
+  // block device direct_path (the cow device is itself a mapping over it).
+  // Linear segments into that range then go to direct_path, one layer of
+  // remapping fewer for every folded I/O.
+  std::string direct_path;
+  uint64_t direct_from_sector = 0;
 };
 
 // One question from the kernel.

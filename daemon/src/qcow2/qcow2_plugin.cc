@@ -138,6 +138,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     spec->sectors = dev_sectors;
     spec->chunk_sectors = geo.chunk_sectors;
     spec->read_to_daemon = true;
+    // Folded clusters skip the store: linear segments go to the image's loop.
+    spec->direct_path = image_loop_.devnode();
+    spec->direct_from_sector = geo.scratch_sectors;
     LOG_INFO("%s: %s v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.format.c_str(), info.version,
              static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
              has_backing ? (", backing " + backing_).c_str() : "", geo.chunk_sectors);

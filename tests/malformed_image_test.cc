@@ -1093,6 +1093,64 @@ TEST_CASE("malformed qcow2 images are refused", "[malformed]") { RunCases(Qcow2C
 
 TEST_CASE("malformed qcow v1 images are refused", "[malformed]") { RunCases(Qcow1Cases()); }
 
+// The block-device calls dmcowd's qcow2 plugin makes (DescribeCluster for
+// every chunk it is asked about, FillClusters when a write moves a chunk)
+// meet the same hostile tables as reads: each must refuse with the read's
+// message, name the file, and never hand out or copy what a bad entry says.
+TEST_CASE("hostile tables reached through the block-device calls are refused", "[malformed][device]") {
+  const std::vector<std::string> table_cases = {
+      "l2-unaligned", "l2-past-eof", "l2-max-offset", "data-unaligned", "compressed-offset-huge",
+      "extended-l2-alloc-and-zero", "extended-l2-alloc-without-offset", "v1-l2-past-eof", "v1-l2-offset-huge",
+      "v1-data-offset-huge", "v1-data-unaligned"};
+  std::vector<Case> cases = Qcow2Cases();
+  for (Case& c : Qcow1Cases()) cases.push_back(std::move(c));
+  size_t seen = 0;
+  for (const Case& c : cases) {
+    const std::string stem = c.name.substr(0, c.name.rfind('.'));
+    if (std::find(table_cases.begin(), table_cases.end(), stem) == table_cases.end()) continue;
+    seen++;
+    SECTION(c.name) {
+      for (const bool writable : {false, true}) {
+        MemEnv env;
+        const std::string path = "/img/" + c.name;
+        env.PutFile(path, c.bytes);
+        OpenOptions options;
+        options.env = &env;
+        options.writable = writable;
+        std::unique_ptr<Image> image;
+        Status s = OpenImage(path, options, &image);
+        INFO(c.name << (writable ? " writable" : " read-only") << ": " << s.ToString());
+        REQUIRE(s.ok());
+        const uint64_t cs = image->info().cluster_size;
+        const uint64_t clusters = (image->virtual_size() + cs - 1) / cs;
+        Status first_error;
+        uint64_t bad = 0;
+        for (uint64_t i = 0; i < clusters && first_error.ok(); i++) {
+          Image::ClusterPlace p;
+          first_error = image->DescribeCluster(i, &p);
+          bad = i;
+        }
+        INFO("DescribeCluster: " << first_error.ToString());
+        REQUIRE_FALSE(first_error.ok());
+        CHECK(first_error.IsCorrupt());
+        CHECK(Contains(first_error.message(), path));
+        CHECK(Contains(first_error.message(), c.expect));
+        CHECK(first_error.message().find('\n') == std::string::npos);
+        if (!writable) continue;
+        // A write to that chunk: the new cluster cannot be filled from it.
+        uint64_t host = 0;
+        REQUIRE(image->ReserveClusters(1, &host).ok());
+        Status fill = image->FillClusters(bad, 1, host);
+        INFO("FillClusters: " << fill.ToString());
+        CHECK(fill.IsCorrupt());
+        CHECK(Contains(fill.message(), path));
+        CHECK(image->UnreserveClusters(1, host).ok());
+      }
+    }
+  }
+  CHECK(seen == table_cases.size());
+}
+
 TEST_CASE("messages stay on one line whatever the image holds", "[malformed]") {
   // A feature name and a backing file name with control characters.
   Qcow2Spec spec;

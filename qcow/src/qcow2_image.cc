@@ -108,6 +108,15 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, const std::string& snapsho
   return Status::OK();
 }
 
+Status Qcow2Image::L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const {
+  *l2_offset = l1_[l1_index] & kOffsetMask;
+  if (*l2_offset & (header_.cluster_size - 1)) {
+    return Status::Corrupt(filename() + ": L2 table offset " + Hex(*l2_offset) + " is not cluster aligned (L1 index " +
+                           std::to_string(l1_index) + ")");
+  }
+  return Status::OK();
+}
+
 Status Qcow2Image::Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const {
   const Qcow2Header& h = header_;
   const uint64_t in_cluster = pos & (h.cluster_size - 1);
@@ -197,8 +206,8 @@ Status Qcow2Image::Lookup(uint64_t offset, uint64_t max_len, Mapping* m) {
     const uint64_t cluster = pos >> h.cluster_bits;
     const uint64_t l1_index = cluster / h.l2_entries;
     const uint64_t l2_index = cluster % h.l2_entries;
-    const uint64_t l1_entry = l1_index < l1_.size() ? l1_[l1_index] : 0;
-    const uint64_t l2_offset = l1_entry & kOffsetMask;
+    uint64_t l2_offset = 0;
+    if (l1_index < l1_.size()) DMCOW_RETURN_IF_ERROR(L2TableOffset(l1_index, &l2_offset));
 
     Mapping piece;
     uint64_t piece_len;
@@ -215,10 +224,6 @@ Status Qcow2Image::Lookup(uint64_t offset, uint64_t max_len, Mapping* m) {
       pos += piece_len;
       first = false;
       continue;
-    }
-    if (l2_offset & (h.cluster_size - 1)) {
-      return Status::Corrupt(filename() + ": L2 table offset " + Hex(l2_offset) + " is not cluster aligned (L1 index " +
-                             std::to_string(l1_index) + ")");
     }
     const uint64_t byte_in_table = l2_index * h.l2_entry_bytes;
     const uint64_t slice_start = byte_in_table & ~(slice_bytes - 1);

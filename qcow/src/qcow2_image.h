@@ -63,6 +63,10 @@ class Qcow2Image final : public TableImage {
   // Writes the header's dirty bit (incompatible feature 0) and syncs.
   Status SetDirtyBit(bool dirty);
   Status MaybeFlush();  // flushes when too much metadata is dirty
+  // The L2 table offset L1 entry `l1_index` holds (0: none); an unaligned
+  // one is Corrupt, so that no path reads or writes a table straddling
+  // clusters. REQUIRES: l1_index < l1_.size().
+  Status L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const;
   Status GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap);
   Status SetL2Entry(uint64_t cluster, uint64_t entry, uint64_t bitmap);
   // The L2 table for `l1_index`, created or copied (if shared) as needed.

@@ -86,8 +86,9 @@ Qcow2Image::~Qcow2Image() {
 
 Status Qcow2Image::GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap) {
   const uint64_t l1_index = cluster / header_.l2_entries;
-  const uint64_t l2_offset = l1_[l1_index] & kOffsetMask;
+  uint64_t l2_offset = 0;
   *entry = *bitmap = 0;
+  DMCOW_RETURN_IF_ERROR(L2TableOffset(l1_index, &l2_offset));
   if (l2_offset == 0) return Status::OK();
   const uint64_t byte = (cluster % header_.l2_entries) * header_.l2_entry_bytes;
   const uint64_t slice_start = byte & ~uint64_t{l2_cache_->slice_bytes() - 1};
@@ -101,7 +102,8 @@ Status Qcow2Image::GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitma
 
 Status Qcow2Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
   const uint64_t l1_entry = l1_[l1_index];
-  const uint64_t old = l1_entry & kOffsetMask;
+  uint64_t old = 0;
+  DMCOW_RETURN_IF_ERROR(L2TableOffset(l1_index, &old));
   if (old != 0 && (l1_entry & kCopied)) {
     *l2_offset = old;
     return Status::OK();
@@ -449,7 +451,8 @@ Status Qcow2Image::MakeEmpty() {
   const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
   for (uint64_t i = 0; i < l1_.size(); i++) {
     if (l1_[i] == 0) continue;
-    const uint64_t l2_offset = l1_[i] & kOffsetMask;
+    uint64_t l2_offset = 0;
+    DMCOW_RETURN_IF_ERROR(L2TableOffset(i, &l2_offset));
     if (l2_offset != 0) {
       // Only entries inside the disk describe clusters (as qemu discards).
       const uint64_t first = i * header_.l2_entries;

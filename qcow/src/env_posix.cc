@@ -59,13 +59,13 @@ class PosixFile final : public File {
 
   Status WriteZeroes(uint64_t offset, uint64_t len) override {
     if (len == 0) return Status::OK();
-    const off_t off = static_cast<off_t>(offset), n = static_cast<off_t>(len);
-    // A punched hole moves no data; block devices without it zero in the kernel.
-    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n) != 0 &&
-        ::fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, n) != 0) {
-      if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL) return ErrnoStatus(name_, "zeroing", errno);
-      return File::WriteZeroes(offset, len);
-    }
+    // ZERO_RANGE keeps the blocks allocated, so a later write into the range
+    // cannot fail for space (QEMU's write-zeroes does the same); a punched
+    // hole where that is all the file system has (tmpfs); else written zeros.
+    int err = Fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, len);
+    if (Unsupported(err)) err = Fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+    if (Unsupported(err)) return File::WriteZeroes(offset, len);
+    if (err != 0) return ErrnoStatus(name_, "zeroing", err);
     // KEEP_SIZE leaves a range past the end outside the file: one written
     // zero byte grows it (and, unlike ftruncate, can never shrink it under a
     // concurrent writer).
@@ -130,6 +130,14 @@ class PosixFile final : public File {
   }
 
  private:
+  int Fallocate(int mode, uint64_t offset, uint64_t len) {
+    while (::fallocate(fd_, mode, static_cast<off_t>(offset), static_cast<off_t>(len)) != 0) {
+      if (errno != EINTR) return errno;
+    }
+    return 0;
+  }
+  static bool Unsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL; }
+
   const std::string name_;
   const int fd_;
 };

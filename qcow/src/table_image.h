@@ -43,7 +43,7 @@ class TableImage : public ImageBase {
   // Writes the current guest content of clusters [first, first + count),
   // zeros past the disk's end, to `dest` at host_offset + i * cluster size.
   // Clusters known to read zeros (zero clusters, unallocated without a
-  // backing image) are zeroed with File::WriteZeroes: no data is moved, so a
+  // backing image) are zeroed with File::WriteZeroes: no data moves, so a
   // small first write into an empty image costs no cluster-sized copy.
   // REQUIRES: rw_mu_ held, the range checked.
   Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest);

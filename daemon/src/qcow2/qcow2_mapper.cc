@@ -180,7 +180,7 @@ Status Qcow2Mapper::MapWrite(const MapRequest& req, const ChunkState& st, Answer
   if (s.ok()) s = space_->EnsureImageBytes(host + n * cluster_size_);
   // A whole-chunk write fills the new clusters itself; unallocated chunks are
   // filled by the kernel from the backing device; the rest here (chunks that
-  // read zeros by a hole punched in the image: no copy at all).
+  // read zeros by File::WriteZeroes, a fallocate: no copy at all).
   const bool kernel_fills = req.full_chunk || (st.kind == ChunkKind::kUnallocated && has_backing_);
   if (s.ok() && !kernel_fills) s = image_->FillClusters(first, n, host);
   if (!s.ok()) {

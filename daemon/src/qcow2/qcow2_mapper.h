@@ -18,7 +18,7 @@
 //   nothing, over a backing        BASE             new clusters, RW: the kernel
 //                                                   copies the backing data
 //   nothing, no backing            ZERO             new clusters zeroed here
-//                                                   (a punched hole), FILLED_RW
+//                                                   (fallocate, no copy), FILLED_RW
 //   zeros                          ZERO             new clusters zeroed here, FILLED_RW
 //   shared data (snapshots)        RO at the data   new clusters filled here, FILLED_RW
 //   compressed, partial, mixed     RO at scratch    new clusters filled here, FILLED_RW

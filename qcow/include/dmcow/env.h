@@ -2,9 +2,10 @@
 // so tests can substitute an in-memory file, inject I/O errors, or simulate a
 // crash that drops unsynced writes (see tests/).
 //
-// Thread safety: File::Read and File::Write may be called concurrently from
-// several threads on one File (they are positional, like pread/pwrite).
-// Sync, Truncate and Size are safe to call concurrently with them.
+// Thread safety: File::Read, File::Write and File::WriteZeroes may be called
+// concurrently from several threads on one File (they are positional, like
+// pread/pwrite). Sync, Truncate and Size are safe to call concurrently with
+// them.
 #ifndef DMCOW_ENV_H_
 #define DMCOW_ENV_H_
 
@@ -34,9 +35,9 @@ class File {
   // Writes exactly `len` bytes at `offset`, growing the file if needed.
   virtual Status Write(uint64_t offset, const void* buf, size_t len) = 0;
 
-  // Makes [offset, offset + len) read as zeros, growing the file if needed:
-  // a hole punched where the file system has them (no data moves), else
-  // written zeros. Durable, like Write, only after Sync.
+  // Makes [offset, offset + len) read as zeros, growing the file if needed,
+  // without moving data where the file system can (fallocate ZERO_RANGE or
+  // PUNCH_HOLE), else by writing zeros. Durable, like Write, only after Sync.
   virtual Status WriteZeroes(uint64_t offset, uint64_t len);
 
   // Returns once every write issued before the call is durable.

@@ -37,6 +37,18 @@ Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
   if (out->state == ClusterState::kData && !out->partial) {
     out->host_offset = m.extent.host_offset;
     out->exclusive = (entry & kCopied) != 0 && !h.HasDataFile();
+    // Data past the end of the file reads as zeros (as in QEMU), which a
+    // mapping onto the file cannot give: partial, so it is assembled. The
+    // file only grows while served: its size is asked again only when a
+    // cluster lies past the last size seen.
+    const auto within = [&] { return file_end_seen_ >= h.cluster_size && out->host_offset <= file_end_seen_ - h.cluster_size; };
+    if (!h.HasDataFile() && !within()) {
+      DMCOW_RETURN_IF_ERROR(file_->Size(&file_end_seen_));
+      if (!within()) {
+        out->partial = true;
+        out->exclusive = false;
+      }
+    }
   }
   return Status::OK();
 }

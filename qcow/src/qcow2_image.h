@@ -93,6 +93,7 @@ class Qcow2Image final : public TableImage {
   // Where the next compressed cluster may start (0: in a new cluster). Only
   // valid until frees are applied: the cluster could then be reused.
   uint64_t free_byte_offset_ = 0;
+  uint64_t file_end_seen_ = 0;  // DescribeCluster: a file size seen (the file only grows while served)
   size_t max_dirty_slices_ = 0;
   bool lazy_refcounts_ = false;       // qcow2 v3 compatible feature bit 0
 };

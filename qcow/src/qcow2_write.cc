@@ -449,6 +449,12 @@ Status Qcow2Image::MakeEmpty() {
   const uint64_t cs = header_.cluster_size;
   const uint64_t clusters = (info_.virtual_size + cs - 1) >> header_.cluster_bits;
   const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
+  // Every table offset checked before anything is released: a bad entry
+  // must not leave the image half emptied.
+  for (uint64_t i = 0; i < l1_.size(); i++) {
+    uint64_t l2_offset = 0;
+    DMCOW_RETURN_IF_ERROR(L2TableOffset(i, &l2_offset));
+  }
   for (uint64_t i = 0; i < l1_.size(); i++) {
     if (l1_[i] == 0) continue;
     uint64_t l2_offset = 0;

@@ -104,7 +104,10 @@ Status Daemon::Start() {
   };
   s = base_.Open(spec_.base_path, true);
   if (s.ok()) s = cow_.Open(spec_.cow_path, false);
-  if (s.ok() && !spec_.direct_path.empty()) s = direct_.Open(spec_.direct_path, true);  // for its devt
+  if (s.ok() && !spec_.direct_path.empty()) {
+    s = direct_.Open(spec_.direct_path, true);  // for its devt
+    if (s.ok() && direct_.is_loop()) s = Status::InvalidArgument(spec_.direct_path + ": direct path is not a block device");
+  }
   if (!s.ok()) return fail(s);
   devices_ = TableDevices{options_.ident, base_.devt(), cow_.devt(), spec_.chunk_sectors, spec_.read_to_daemon};
   if (!spec_.direct_path.empty()) {

@@ -81,12 +81,14 @@ void Detach(const std::string& name) {
   CHECK(access(("/dev/mapper/" + name + "-store").c_str(), F_OK) != 0, "store device left behind");
 }
 
-// Folded clusters go straight to the image's loop device (major 7), not
-// through the store (a device-mapper device): one remapping layer, as
-// dm-linear over the file. Returns the number of linear targets.
-int CheckLinearOntoLoop(const std::string& name) {
+// Folded clusters go straight to the image's loop device, not through the
+// store (a device-mapper device) or the scratch file's loop: one remapping
+// layer, as dm-linear over the file. Returns the number of linear targets.
+int CheckLinearOntoImage(const std::string& name, const std::string& image) {
   std::string table;
   CHECK(Run({"/sbin/dmsetup", "table", name}, &table) == 0, "dmsetup table %s", name.c_str());
+  struct stat img;
+  CHECK(stat(image.c_str(), &img) == 0, "stat %s", image.c_str());
   std::istringstream in(table);
   std::string line;
   int linear = 0;
@@ -96,8 +98,13 @@ int CheckLinearOntoLoop(const std::string& name) {
     f >> start >> len >> type >> dev;
     if (type != "linear") continue;
     linear++;
-    CHECK(dev.rfind("7:", 0) == 0, "%s: linear target onto %s, not the image's loop device: %s", name.c_str(),
-          dev.c_str(), line.c_str());
+    // dev is major:minor; a loop device names its file in sysfs.
+    std::string backing = ReadText("/sys/dev/block/" + dev + "/loop/backing_file");
+    while (!backing.empty() && backing.back() == '\n') backing.pop_back();
+    struct stat st;
+    CHECK(!backing.empty() && stat(backing.c_str(), &st) == 0 && st.st_ino == img.st_ino && st.st_dev == img.st_dev,
+          "%s: linear target onto %s (file '%s'), not the image's loop device: %s", name.c_str(), dev.c_str(),
+          backing.c_str(), line.c_str());
   }
   return linear;
 }
@@ -195,7 +202,7 @@ void WriteSeeded(const std::string& file, uint64_t seed) {
   Detach("qw");
   // Reattached, the image shows the same.
   Attach("qw", path);
-  CHECK(CheckLinearOntoLoop("qw") > 0, "%s: no written cluster folded at reattach", file.c_str());
+  CHECK(CheckLinearOntoImage("qw", path) > 0, "%s: no written cluster folded at reattach", file.c_str());
   CHECK(Sha256(dev) == dev_sum, "%s: reattached image differs", file.c_str());
   Detach("qw");
   CopyFile(path, std::string(kOut) + "/" + file);

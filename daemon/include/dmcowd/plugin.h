@@ -29,7 +29,8 @@ struct DeviceSpec {
   uint32_t chunk_sectors = 0;  // power of two, 8 .. 65536
   bool read_to_daemon = false; // reads of unmapped chunks ask Map too
   // Optional: cow sectors from direct_from_sector on are sectors 0.. of the
-  // block device direct_path (the cow device is itself a mapping over it).
+  // block device direct_path (the cow device is itself a mapping over it;
+  // a regular file is refused: a second loop device would not be writable).
   // Linear segments into that range then go to direct_path, one layer of
   // remapping fewer for every folded I/O.
   std::string direct_path;

@@ -437,7 +437,7 @@ if want qcomp; then
 	fresh_pair qcomp seq-read-64K "$QC" read seq --bs 64K
 	fresh_pair qcomp rand-read-4K "$QC" read rand --bs 4K --ops $((BYTES / 65536))
 	# What the decompressors alone cost here: the same image converted to raw
-	# by each engine (dmcow-img: ISA-L inflate; qemu-img: zlib), no device.
+	# by each engine (dmcow-img: libdeflate, ISA-L for what it refuses; qemu-img: zlib), no device.
 	r=1
 	while [ $r -le "$RUNS" ]; do
 		for t in cow qemu-img; do

@@ -28,8 +28,9 @@ Status DecompressCluster(CompressionType type, const uint8_t* in, size_t in_len,
 
 namespace dmcow {
 
-// Reads compressed clusters and keeps the most recently decompressed one, so
-// that small sequential reads inside one compressed cluster decompress it once.
+// Reads compressed clusters and keeps the one most recently decompressed for a
+// partial read, so that small sequential reads inside one compressed cluster
+// decompress it once (a whole-cluster read goes straight to the caller).
 // Thread-safe: decompression itself runs outside the lock.
 class CompressedClusterReader {
  public:

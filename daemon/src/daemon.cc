@@ -285,8 +285,9 @@ void Daemon::StopServing() {
   if (server_thread_.joinable()) server_thread_.join();
   if (server_) {
     const ServerStats& st = server_->stats();
-    LOG_INFO("served %llu batches: %llu map requests, %llu flushes, %llu errors, %llu refused replies",
+    LOG_INFO("served %llu batches: %llu map requests (%.1f ms in the plugin), %llu flushes, %llu errors, %llu refused replies",
              static_cast<unsigned long long>(st.batches.load()), static_cast<unsigned long long>(st.maps.load()),
+             static_cast<double>(st.map_ns.load()) / 1e6,
              static_cast<unsigned long long>(st.flushes.load()), static_cast<unsigned long long>(st.errors.load()),
              static_cast<unsigned long long>(st.refused.load()));
   }

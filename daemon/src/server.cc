@@ -72,7 +72,10 @@ void Server::Answer(const dmcow_request& req, dmcow_reply* rep, MapRequest* mreq
       mreq->full_chunk = req.flags & DMCOW_REQ_F_FULL_CHUNK;
       mreq->batch = batch_;
       dmcowd::Answer answer;
+      const auto t0 = std::chrono::steady_clock::now();
       Status s = plugin_->Map(*mreq, &answer);
+      stats_.map_ns += static_cast<uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
       if (!s.ok()) {
         LOG_ERROR("chunk %llu: %s", static_cast<unsigned long long>(req.chunk), s.ToString().c_str());
         answer.error = EIO;

@@ -112,7 +112,8 @@ Status CompressedClusterReader::Read(uint64_t compressed_offset, uint64_t compre
   // buffer (whole-cluster readers, such as the daemon assembling chunks, do
   // not come back for the rest of it: nothing to cache).
   const bool whole = in_cluster == 0 && len == cluster_size_;
-  uint8_t* const dest = whole ? out : (cluster.resize(cluster_size_), cluster.data());
+  if (!whole) cluster.resize(cluster_size_);
+  uint8_t* const dest = whole ? out : cluster.data();
   size_t got = 0;
   DMCOW_RETURN_IF_ERROR(file_->Read(compressed_offset, compressed.size(), compressed.data(), &got));
   // (a qcow v1 entry may claim 0 bytes: the buffer may then be null, which memset must not get)

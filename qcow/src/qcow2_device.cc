@@ -40,11 +40,12 @@ Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
     // Data past the end of the file reads as zeros (as in QEMU), which a
     // mapping onto the file cannot give: partial, so it is assembled. The
     // file only grows while served: its size is asked again only when a
-    // cluster lies past the last size seen.
-    const auto within = [&] { return file_end_seen_ >= h.cluster_size && out->host_offset <= file_end_seen_ - h.cluster_size; };
-    if (!h.HasDataFile() && !within()) {
+    // cluster lies past the last size seen. (No overflow: host offsets are
+    // under 2^56, clusters at most 2 MiB.)
+    const uint64_t end = out->host_offset + h.cluster_size;
+    if (!h.HasDataFile() && end > file_end_seen_) {
       DMCOW_RETURN_IF_ERROR(file_->Size(&file_end_seen_));
-      if (!within()) {
+      if (end > file_end_seen_) {
         out->partial = true;
         out->exclusive = false;
       }

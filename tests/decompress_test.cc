@@ -4,7 +4,6 @@
 // (a stream that goes on past the cluster: QEMU accepts a full cluster, as
 // zlib's Z_BUF_ERROR with no room left). Refusals: short output, garbage.
 #include <catch2/catch.hpp>
-#include <zlib.h>
 
 #include <random>
 #include <vector>
@@ -13,25 +12,12 @@
 #include "test_util.h"
 
 using namespace dmcow;
+using dmcow_test::MixedData;
+using dmcow_test::QemuDeflate;
 
 namespace {
 
 constexpr size_t kCluster = 65536;
-
-// Raw deflate as QEMU's qcow2_compress writes it (windowBits -12).
-std::vector<uint8_t> QemuDeflate(const std::vector<uint8_t>& in) {
-  z_stream z{};
-  REQUIRE(deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) == Z_OK);
-  std::vector<uint8_t> out(deflateBound(&z, in.size()));
-  z.next_in = const_cast<uint8_t*>(in.data());
-  z.avail_in = static_cast<uInt>(in.size());
-  z.next_out = out.data();
-  z.avail_out = static_cast<uInt>(out.size());
-  REQUIRE(deflate(&z, Z_FINISH) == Z_STREAM_END);
-  out.resize(z.total_out);
-  deflateEnd(&z);
-  return out;
-}
 
 bool Decompresses(const std::vector<uint8_t>& in, const uint8_t* expect) {
   std::vector<uint8_t> out(kCluster, 0xcc);
@@ -44,7 +30,7 @@ bool Decompresses(const std::vector<uint8_t>& in, const uint8_t* expect) {
 
 TEST_CASE("DecompressCluster: QEMU-shaped deflate streams, slack, overlong and short streams", "[compress]") {
   std::mt19937_64 rng(11);
-  const std::vector<uint8_t> data = dmcow_test::MixedData(rng, 2 * kCluster);
+  const std::vector<uint8_t> data = MixedData(rng, 2 * kCluster);
   const std::vector<uint8_t> first(data.begin(), data.begin() + kCluster);
 
   std::vector<uint8_t> stream = QemuDeflate(first);

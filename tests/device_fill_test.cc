@@ -32,16 +32,6 @@ bool IsHole(File* f, uint64_t offset, uint64_t len) {
   return s.ok() && !is_data && got == len;
 }
 
-std::unique_ptr<Image> MustOpenWritable(const std::string& path) {
-  OpenOptions options;
-  options.writable = true;
-  std::unique_ptr<Image> image;
-  Status s = OpenImage(path, options, &image);
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-  return image;
-}
-
 // Whether File::WriteZeroes leaves holes (unwritten or punched ranges) on the
 // file system holding `dir`: ext4, xfs, btrfs, tmpfs do; others get written
 // zeros, which are correct but not what the fast path is for.

@@ -101,21 +101,6 @@ void PutBytes(Bytes* b, uint64_t off, const std::string& s) {
   for (size_t i = 0; i < s.size(); i++) Put8(b, off + i, static_cast<uint8_t>(s[i]));
 }
 
-// Raw deflate with QEMU's 4 KiB window, as qemu-img convert -c writes it.
-Bytes Deflate(const Bytes& in) {
-  z_stream s{};
-  REQUIRE(deflateInit2(&s, 9, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) == Z_OK);
-  Bytes out(deflateBound(&s, in.size()) + 64);
-  s.next_in = const_cast<uint8_t*>(in.data());
-  s.avail_in = static_cast<uInt>(in.size());
-  s.next_out = out.data();
-  s.avail_out = static_cast<uInt>(out.size());
-  REQUIRE(deflate(&s, Z_FINISH) == Z_STREAM_END);
-  out.resize(s.total_out);
-  deflateEnd(&s);
-  return out;
-}
-
 Bytes DataPattern(size_t len, uint32_t seed) {
   Bytes b(len);
   uint32_t x = seed * 2654435761u + 1;
@@ -311,7 +296,7 @@ Qcow2Built BuildQcow2(const Qcow2Spec& spec) {
 
   // Guest cluster 1: compressed.
   Bytes plain = TextPattern(cs);
-  Bytes packed = Deflate(plain);
+  Bytes packed = QemuDeflate(plain);
   REQUIRE(packed.size() < cs);
   b.compressed_offset = 6 * cs;
   b.compressed_bytes = packed.size();
@@ -403,7 +388,7 @@ Qcow1Built BuildQcow1(const std::string& backing = "") {
   std::copy(data.begin(), data.end(), b.guest.begin());
   Put64(&f, b.l2_offset, b.data_offset);
   Bytes plain = TextPattern(cs);
-  Bytes packed = Deflate(plain);
+  Bytes packed = QemuDeflate(plain);
   b.compressed_offset = 4 * cs;
   std::copy(packed.begin(), packed.end(), f.begin() + b.compressed_offset);
   Put64(&f, b.l2_offset + 8,

@@ -32,15 +32,25 @@ void Store64(std::vector<uint8_t>* f, uint64_t at, uint64_t v) {
   for (int i = 7; i >= 0; i--, v >>= 8) f->at(at + i) = static_cast<uint8_t>(v);
 }
 
-std::unique_ptr<Image> MustOpenWritable(const std::string& path, Env* env = nullptr) {
-  OpenOptions options;
-  options.writable = true;
-  options.env = env;
-  std::unique_ptr<Image> image;
-  Status s = OpenImage(path, options, &image);
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-  return image;
+// A 1 GiB qcow v1 image with 4 KiB clusters in which QEMU wrote guest
+// clusters 0 and 2, and where its L1 table (4 KiB at 48), first L2 table and
+// first data cluster lie.
+struct QemuQcow1 {
+  std::vector<uint8_t> bytes;
+  uint64_t l1 = 0, l2 = 0, data = 0;
+};
+QemuQcow1 MakeQemuQcow1(const TempDir& dir) {
+  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 1G && "
+          "qemu-io -t unsafe -f qcow -c 'write -P 1 0 4k' -c 'write -P 2 8k 4k' img.qcow >/dev/null");
+  QemuQcow1 q;
+  q.bytes = ReadWholeFile(dir / "img.qcow");
+  q.l1 = Load64(q.bytes, 40);
+  REQUIRE(q.l1 == 48);
+  q.l2 = Load64(q.bytes, q.l1);
+  REQUIRE(q.l2 != 0);
+  q.data = Load64(q.bytes, q.l2);
+  REQUIRE(q.data != 0);
+  return q;
 }
 
 }  // namespace
@@ -200,15 +210,9 @@ TEST_CASE("qcow v1: writes do not follow hostile tables onto metadata", "[qcow1]
   TempDir dir;
   // 1 GiB with 4 KiB clusters: an L1 table of 512 entries (4 KiB at 48).
   // One cluster written by QEMU gives an L2 table and a data cluster.
-  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 1G && "
-          "qemu-io -t unsafe -f qcow -c 'write -P 1 0 4k' -c 'write -P 2 8k 4k' img.qcow >/dev/null");
-  const std::vector<uint8_t> good = ReadWholeFile(dir / "img.qcow");
-  const uint64_t l1 = Load64(good, 40);
-  REQUIRE(l1 == 48);
-  const uint64_t l2 = Load64(good, l1);
-  REQUIRE(l2 != 0);
-  const uint64_t data = Load64(good, l2);
-  REQUIRE(data != 0);
+  const QemuQcow1 q = MakeQemuQcow1(dir);
+  const std::vector<uint8_t>& good = q.bytes;
+  const uint64_t l1 = q.l1, l2 = q.l2, data = q.data;
   const std::string path = "/img/h.qcow";
 
   struct Case {
@@ -360,13 +364,9 @@ TEST_CASE("qcow v1: reads run alongside writes and see whole clusters", "[qcow1]
 // on offsets the image did not hand out.
 TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1]") {
   TempDir dir;
-  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 1G && "
-          "qemu-io -t unsafe -f qcow -c 'write -P 1 0 4k' -c 'write -P 2 8k 4k' img.qcow >/dev/null");
-  const std::vector<uint8_t> good = ReadWholeFile(dir / "img.qcow");
-  const uint64_t l1 = Load64(good, 40);
-  const uint64_t l2 = Load64(good, l1);
-  const uint64_t data = Load64(good, l2);
-  REQUIRE((l2 != 0 && data != 0));
+  const QemuQcow1 q = MakeQemuQcow1(dir);
+  const std::vector<uint8_t>& good = q.bytes;
+  const uint64_t l1 = q.l1, l2 = q.l2, data = q.data;
   const std::string path = "/img/d.qcow";
   using Place = Image::ClusterPlace;
   auto describe = [](Image* image, uint64_t cluster) {

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <zlib.h>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -83,5 +84,30 @@ std::vector<uint8_t> MixedData(std::mt19937_64& rng, size_t len) {
 }
 
 std::string SourceDir() { return DMCOW_SOURCE_DIR; }
+
+std::unique_ptr<dmcow::Image> MustOpenWritable(const std::string& path, dmcow::Env* env) {
+  dmcow::OpenOptions options;
+  options.writable = true;
+  options.env = env;
+  std::unique_ptr<dmcow::Image> image;
+  dmcow::Status s = dmcow::OpenImage(path, options, &image);
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+  return image;
+}
+
+std::vector<uint8_t> QemuDeflate(const std::vector<uint8_t>& in) {
+  z_stream s{};
+  REQUIRE(deflateInit2(&s, 9, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) == Z_OK);
+  std::vector<uint8_t> out(deflateBound(&s, in.size()) + 64);
+  s.next_in = const_cast<uint8_t*>(in.data());
+  s.avail_in = static_cast<uInt>(in.size());
+  s.next_out = out.data();
+  s.avail_out = static_cast<uInt>(out.size());
+  REQUIRE(deflate(&s, Z_FINISH) == Z_STREAM_END);
+  out.resize(s.total_out);
+  deflateEnd(&s);
+  return out;
+}
 
 }  // namespace dmcow_test

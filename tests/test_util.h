@@ -4,9 +4,13 @@
 #define DMCOW_TESTS_TEST_UTIL_H_
 
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "dmcow/env.h"
+#include "dmcow/image.h"
 
 namespace dmcow_test {
 
@@ -45,6 +49,14 @@ std::vector<uint8_t> MixedData(std::mt19937_64& rng, size_t len);
 
 // Directory holding fixtures/ (the source tree root).
 std::string SourceDir();
+
+// Opens `path` for writing (through `env`, or POSIX files); a failure fails
+// the current test with the engine's message.
+std::unique_ptr<dmcow::Image> MustOpenWritable(const std::string& path, dmcow::Env* env = nullptr);
+
+// Raw deflate with QEMU's 4 KiB window (windowBits -12, level 9), as
+// qemu-img convert -c stores a compressed cluster's data.
+std::vector<uint8_t> QemuDeflate(const std::vector<uint8_t>& in);
 
 }  // namespace dmcow_test
 

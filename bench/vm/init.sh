@@ -286,6 +286,17 @@ qattach() {
 	out=$(/bin/dmcow-qcow attach --name "$n" "$@" "$img" 2>&1) || fail "dmcow-qcow attach $n $img: $out"
 	[ "$out" = "/dev/mapper/$n" ] || fail "dmcow-qcow attach $n printed '$out'"
 }
+# bench_time GROUP CASE TARGET RUN CMD...: CMD timed by `blkio time` (its
+# stdout dropped), as a BENCH-TIME line; the bench fails if CMD fails or no
+# time comes back.
+bench_time() {
+	local g=$1 c=$2 t=$3 r=$4 out secs
+	shift 4
+	out=$(/bin/blkio time "$@" 2>&1 >/dev/null) || fail "$g $c $t: $*: $out"
+	secs=$(echo "$out" | sed -n 's/^TIME //p')
+	[ -n "$secs" ] || fail "$g $c $t: no time: $out"
+	echo "BENCH-TIME $g $c $t $r $secs"
+}
 qdetach() {	# name
 	local out
 	out=$(/bin/dmcow-qcow detach "$1" 2>&1) || fail "dmcow-qcow detach $1: $out"
@@ -445,8 +456,7 @@ if want qcomp; then
 			cow) cmd="/bin/dmcow-img convert -O raw $QC /tmp/qc.raw" ;;
 			qemu-img) cmd="/bin/qemu-img convert -O raw $QC /tmp/qc.raw" ;;
 			esac
-			out=$(/bin/blkio time /bin/sh -c "$cmd" 2>&1) || fail "qconvert $t: $cmd: $out"
-			echo "BENCH-TIME qconvert to-raw $t $r $(echo "$out" | sed -n 's/^TIME //p')"
+			bench_time qconvert to-raw $t $r /bin/sh -c "$cmd"
 			rm -f /tmp/qc.raw
 		done
 		r=$((r + 1))
@@ -467,12 +477,8 @@ if want qattach; then
 			cow) cmd="/bin/dmcow-qcow attach --read-only --name qs /dev/vda"; dev=/dev/mapper/qs ;;
 			nbd) rm -f "$NBD_PIDF"; cmd=$(nbd_cmd /dev/vda -r); dev=/dev/nbd0 ;;
 			esac
-			out=$(/bin/blkio time /bin/sh -c "$cmd" 2>&1 >/dev/null) || fail "qattach $t: $cmd: $out"
-			secs=$(echo "$out" | sed -n 's/^TIME //p')
-			[ -n "$secs" ] || fail "qattach $t: no time: $out"
-			echo "BENCH-TIME qattach attach $t $r $secs"
-			out=$(/bin/blkio time /bin/blkio "$dev" read seq --bs 4K --size 4K 2>&1) || fail "qattach $t first read: $out"
-			echo "BENCH-TIME qattach first-read $t $r $(echo "$out" | sed -n 's/^TIME //p')"
+			bench_time qattach attach $t $r /bin/sh -c "$cmd"
+			bench_time qattach first-read $t $r /bin/blkio "$dev" read seq --bs 4K --size 4K
 			[ "$(blockdev --getsize64 "$dev")" = $((64 << 30)) ] || fail "$dev is not 64 GiB"
 			case $t in
 			cow)

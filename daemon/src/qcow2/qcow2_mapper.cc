@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <string>
 
 namespace dmcowd {
 
@@ -29,8 +30,7 @@ Qcow2Mapper::Qcow2Mapper(Image* image, CowSpace* space, bool writable, bool has_
       has_backing_(has_backing),
       writable_(writable),
       cluster_size_(image->info().cluster_size),
-      geo_(GeometryFor(*image)),
-      in_scratch_(geo_.chunks, false) {}
+      geo_(GeometryFor(*image)) {}
 
 uint64_t Qcow2Mapper::ClustersIn(uint64_t chunk) const {
   const uint64_t clusters = (image_->virtual_size() + cluster_size_ - 1) / cluster_size_;
@@ -107,6 +107,7 @@ Status Qcow2Mapper::ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offs
   while (*n < limit && chunk + *n < geo_.chunks) {
     const uint64_t next = chunk + *n;
     if (reserved_.count(next)) break;
+    if (kind == ChunkKind::kAssembled && InScratch(next)) break;  // one slot per chunk
     ChunkState st;
     DMCOW_RETURN_IF_ERROR(Classify(next, &st));
     if (st.kind != kind) break;
@@ -114,6 +115,15 @@ Status Qcow2Mapper::ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offs
     ++*n;
   }
   return Status::OK();
+}
+
+bool Qcow2Mapper::InScratch(uint64_t chunk, uint64_t* slot) const {
+  auto it = scratch_runs_.upper_bound(chunk);
+  if (it == scratch_runs_.begin()) return false;
+  --it;
+  if (chunk - it->first >= it->second.nr_chunks) return false;
+  if (slot) *slot = it->second.slot + (chunk - it->first);
+  return true;
 }
 
 Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
@@ -139,8 +149,11 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
     case ChunkKind::kAssembled: {
       // Decompressed (or merged) once, then read from scratch by the kernel.
       m->kind = MapKind::kRO;
-      m->cow_sector = chunk * geo_.chunk_sectors;
-      if (in_scratch_[chunk]) return Status::OK();  // assembled before, unchanged since
+      uint64_t slot;
+      if (InScratch(chunk, &slot)) {  // assembled before, unchanged since
+        m->cow_sector = slot * geo_.chunk_sectors;
+        return Status::OK();
+      }
       // Reads that go on where the last assembled run ended are sequential:
       // assemble ahead, doubling up to 2 MiB a reply, so that reading a
       // compressed image in order costs a few round trips per MiB instead of
@@ -150,13 +163,19 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
       uint64_t n = 1;
       if (ahead_ > 1) DMCOW_RETURN_IF_ERROR(ExtendRun(chunk, st.kind, 0, ahead_, &n));
       // The run is contiguous in scratch too: one read, one write.
+      if (n > geo_.chunks - scratch_used_) {  // cannot be: each chunk gets one slot
+        return Status::IOError("scratch: no slot left for chunk " + std::to_string(chunk) + " (internal error)");
+      }
+      slot = scratch_used_;
       const uint64_t guest = chunk * chunk_bytes;
       const uint64_t len = std::min(n * chunk_bytes, image_->virtual_size() - guest);
       assembly_.resize(n * chunk_bytes);
       std::fill(assembly_.begin() + len, assembly_.end(), 0);  // past the disk's end
       DMCOW_RETURN_IF_ERROR(image_->Read(guest, assembly_.data(), len));
-      DMCOW_RETURN_IF_ERROR(space_->WriteScratch(chunk * chunk_bytes, assembly_.data(), n * chunk_bytes));
-      std::fill(in_scratch_.begin() + chunk, in_scratch_.begin() + chunk + n, true);
+      DMCOW_RETURN_IF_ERROR(space_->WriteScratch(slot * chunk_bytes, assembly_.data(), n * chunk_bytes));
+      scratch_runs_[chunk] = ScratchRun{n, slot};
+      scratch_used_ += n;
+      m->cow_sector = slot * geo_.chunk_sectors;
       m->nr_chunks = n;
       ahead_next_ = chunk + n;
       return Status::OK();

@@ -5,6 +5,11 @@
 //   blkio fill-half FILE BYTES
 //       the same pattern in the first half of every 4 KiB block, zeros in
 //       the second: data that deflate halves (compressed images)
+//   blkio scratch-cost DIR
+//       what 64 KiB written into an unlinked file in DIR costs, in us:
+//       fresh pages at scattered offsets of a 1 GiB sparse file, fresh
+//       pages in order, then over the existing pages (the copy alone).
+//       Prints "SCRATCH-COST <case> <us per 64 KiB>" lines on stdout.
 //   blkio time CMD ARGS...
 //       runs CMD, prints "TIME <seconds>" (fork to exit) on stderr and
 //       exits with CMD's status
@@ -99,6 +104,31 @@ int Fill(const char* path, uint64_t bytes, bool half) {
   return 0;
 }
 
+int ScratchCost(const char* dir) {
+  constexpr uint64_t kChunk = 65536, kSlots = (uint64_t{1} << 30) / kChunk;
+  constexpr int kWrites = 512;
+  std::vector<uint8_t> buf(kChunk, 0x5a);
+  auto run = [&](int fd, bool scattered) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (uint64_t i = 0; i < kWrites; i++) {
+      const uint64_t slot = scattered ? i * 7919 % kSlots : i;  // 7919: prime, spreads the slots
+      if (pwrite(fd, buf.data(), kChunk, static_cast<off_t>(slot * kChunk)) != static_cast<ssize_t>(kChunk)) {
+        Fail(std::string("scratch-cost: write: ") + strerror(errno));
+      }
+    }
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / kWrites;
+  };
+  for (bool scattered : {true, false}) {
+    const int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0 || ftruncate(fd, kSlots * kChunk) != 0) Fail(std::string("scratch-cost: ") + dir + ": " + strerror(errno));
+    const char* order = scattered ? "scattered" : "in-order";
+    std::printf("SCRATCH-COST fresh-pages-%s %.1f\n", order, run(fd, scattered));
+    std::printf("SCRATCH-COST existing-pages-%s %.1f\n", order, run(fd, scattered));
+    close(fd);
+  }
+  return 0;
+}
+
 int Time(char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   const pid_t pid = fork();
@@ -121,6 +151,7 @@ int main(int argc, char** argv) {
   if (argc == 4 && !strcmp(argv[1], "fill")) return Fill(argv[2], ParseSize(argv[3]), false);
   if (argc == 4 && !strcmp(argv[1], "fill-half")) return Fill(argv[2], ParseSize(argv[3]), true);
   if (argc >= 3 && !strcmp(argv[1], "time")) return Time(argv + 2);
+  if (argc == 3 && !strcmp(argv[1], "scratch-cost")) return ScratchCost(argv[2]);
   if (argc < 4) Fail("usage: blkio fill|fill-half FILE BYTES | blkio time CMD... | blkio DEV read|write seq|rand|chunks-seq|chunks-rand [options]");
   const std::string dev = argv[1], op = argv[2], pattern = argv[3];
   const bool write_op = op == "write";

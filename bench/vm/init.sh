@@ -444,6 +444,10 @@ if want qcomp; then
 	[ -b /dev/vdb ] || fail "no /dev/vdb (the compressed image)"
 	cat /dev/vdb >"$QC" || fail "copy /dev/vdb"
 	info "compressed image: $(stat -c %s "$QC") bytes for $MB MiB"
+	# What an assembled chunk's 64 KiB cost the page cache here (the
+	# daemon's scratch file is on this tmpfs too), in us.
+	out=$(/bin/blkio scratch-cost /tmp) || fail "blkio scratch-cost"
+	info "scratch writes, us per 64 KiB: $(echo "$out" | sed -n 's/^SCRATCH-COST //p' | tr '\n' ' ')"
 	fresh_pair qcomp seq-read-1M "$QC" read seq --bs 1M
 	fresh_pair qcomp seq-read-64K "$QC" read seq --bs 64K
 	fresh_pair qcomp rand-read-4K "$QC" read rand --bs 4K --ops $((BYTES / 65536))

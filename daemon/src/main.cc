@@ -12,10 +12,12 @@
 
 #include "daemon.h"
 #include "log.h"
+#include "size_arg.h"
 
 namespace {
 
 using dmcowd::DaemonOptions;
+using dmcowd::ParseSizeArg;
 using dmcowd::PluginOptions;
 
 void PrintHelp() {
@@ -84,20 +86,6 @@ int Usage(const std::string& msg) {
   return 2;
 }
 
-bool ParseSize(const char* text, uint64_t* out) {
-  char* end = nullptr;
-  errno = 0;
-  unsigned long long v = std::strtoull(text, &end, 10);
-  if (errno || end == text) return false;
-  uint64_t mult = 1;
-  if (*end == 'k' || *end == 'K') mult = 1024, end++;
-  else if (*end == 'm' || *end == 'M') mult = 1024 * 1024, end++;
-  if (*end == 'b' || *end == 'B') end++;
-  if (*end || v > (uint64_t{1} << 40)) return false;
-  *out = v * mult;
-  return true;
-}
-
 bool ParseUint(const char* text, uint64_t* out) {
   char* end = nullptr;
   errno = 0;
@@ -146,7 +134,7 @@ int main(int argc, char** argv) {
         break;
       case kIdent: d.ident = optarg; break;
       case kChunk:
-        if (!ParseSize(optarg, &v) || v % 512 || v / 512 > UINT32_MAX) return Usage(std::string("bad --chunk-size ") + optarg);
+        if (!ParseSizeArg(optarg, &v) || v > (uint64_t{1} << 40) || v % 512 || v / 512 > UINT32_MAX) return Usage(std::string("bad --chunk-size ") + optarg);
         p.chunk_sectors = static_cast<uint32_t>(v / 512);
         break;
       case kFormat: p.format = true; break;

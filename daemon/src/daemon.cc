@@ -166,7 +166,8 @@ Status Daemon::Start() {
   if (options_.lock_memory && mlockall(MCL_CURRENT | MCL_FUTURE) != 0) {
     LOG_WARN("mlockall: %s (the daemon may be paged out under memory pressure)", std::strerror(errno));
   }
-  server_ = std::make_unique<Server>(&chan_, plugin_.get(), &plugin_mu_);
+  reclaim_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  server_ = std::make_unique<Server>(&chan_, plugin_.get(), &plugin_mu_, reclaim_fd_);
   server_done_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   server_thread_ = std::thread([this] {
     Status r = server_->Run(&chan_);
@@ -256,6 +257,41 @@ Status Daemon::Reload() {
   return Status::OK();
 }
 
+Status Daemon::Reclaim() {
+  {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    if (!plugin_->WantsReclaim()) return Status::OK();
+  }
+  const auto t0 = Clock::now();
+  // Suspended, no I/O is in flight, so nothing still reads the places the
+  // kernel is about to forget; and with the serving mutex held every request
+  // read so far is answered, so no reply naming an old place is still to come.
+  DMCOW_RETURN_IF_ERROR(dm::Suspend(options_.name));
+  Status s;
+  size_t extents = 0;
+  {
+    std::lock_guard<std::mutex> serving(server_->serving_mutex());
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    std::vector<Extent> forget;
+    s = plugin_->Reclaim(&forget);
+    std::vector<dmcow_reply> msgs;
+    for (const Extent& e : forget) msgs.push_back(MakeInvalidate(e.chunk, e.nr_chunks));
+    if (s.ok()) s = SendAll(&chan_, msgs, "invalidate");
+    plugin_->Reclaimed(s.ok());
+    extents = msgs.size();
+  }
+  Status r = dm::Resume(options_.name);
+  for (int i = 0; !r.ok() && i < 50; i++) {
+    LOG_ERROR("%s; retrying", r.ToString().c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    r = dm::Resume(options_.name);
+  }
+  if (!r.ok()) return r;
+  if (!s.ok()) return s;
+  LOG_INFO("reclaim: %zu extents forgotten; %.1f ms", extents, MsSince(t0));
+  return Status::OK();
+}
+
 Status Daemon::Shutdown(bool* busy) {
   *busy = false;
   Status s = FlushDevice();
@@ -294,6 +330,8 @@ void Daemon::StopServing() {
   server_.reset();
   if (server_done_fd_ >= 0) ::close(server_done_fd_);
   server_done_fd_ = -1;
+  if (reclaim_fd_ >= 0) ::close(reclaim_fd_);
+  reclaim_fd_ = -1;
 }
 
 void Daemon::TearDown() {
@@ -330,13 +368,21 @@ int Daemon::Run() {
   const int timeout = options_.reload_interval_s > 0 ? options_.reload_interval_s * 1000 : -1;
   int code = 0;
   for (;;) {
-    pollfd p[2] = {{sfd, POLLIN, 0}, {server_done_fd_, POLLIN, 0}};
-    int r = ::poll(p, 2, timeout);
+    pollfd p[3] = {{sfd, POLLIN, 0}, {server_done_fd_, POLLIN, 0}, {reclaim_fd_, POLLIN, 0}};
+    int r = ::poll(p, 3, timeout);
     if (r < 0 && errno == EINTR) continue;
     if (r == 0) {
       Status s = Reload();
       if (!s.ok()) LOG_ERROR("reload: %s", s.ToString().c_str());
       continue;
+    }
+    if (p[2].revents && !p[1].revents) {
+      uint64_t n;
+      ssize_t ignored = ::read(reclaim_fd_, &n, sizeof(n));
+      (void)ignored;
+      Status s = Reclaim();
+      if (!s.ok()) LOG_ERROR("reclaim: %s", s.ToString().c_str());
+      if (!(p[0].revents & POLLIN)) continue;
     }
     if (p[1].revents) {
       LOG_ERROR("the channel failed; removing the device");

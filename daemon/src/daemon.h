@@ -53,6 +53,10 @@ class Daemon {
   // Folds stable extents into linear segments now.
   Status Reload();
 
+  // Lets the kernel forget the RO mappings the plugin wants back (under a
+  // suspend, with every request read so far answered), if it wants any.
+  Status Reclaim();
+
   // Flush, remove the device, stop. *busy: the device is open, nothing
   // was stopped.
   Status Shutdown(bool* busy);
@@ -75,6 +79,7 @@ class Daemon {
   std::unique_ptr<Server> server_;
   std::thread server_thread_;
   int server_done_fd_ = -1;         // eventfd: the serving thread ended
+  int reclaim_fd_ = -1;             // eventfd: the plugin wants a reclaim
   bool created_ = false;
   bool plugin_open_ = false;
   std::vector<Extent> linear_;      // chunks in linear segments now

@@ -1,6 +1,7 @@
 // dmcow-qcow: QEMU images as kernel block devices.
 //
-//   dmcow-qcow attach [--name NAME] [--read-only] IMAGE   prints /dev/mapper/NAME
+//   dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE
+//                                                       prints /dev/mapper/NAME
 //   dmcow-qcow detach NAME
 //   dmcow-qcow list [--output human|json]
 //
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "dm.h"
+#include "size_arg.h"
 #include "dmcow/image.h"
 
 namespace {
@@ -232,19 +234,23 @@ bool StopLevels(const json& levels, std::string* error) {
 }
 
 int Attach(int argc, char** argv) {
-  std::string name;
+  std::string name, scratch_max;
   bool read_only = false;
   static const option kLong[] = {{"name", required_argument, nullptr, 'n'},
                                  {"read-only", no_argument, nullptr, 'r'},
+                                 {"scratch-max", required_argument, nullptr, 's'},
                                  {nullptr, 0, nullptr, 0}};
   int c;
   optind = 1;
   while ((c = getopt_long(argc, argv, "+n:r", kLong, nullptr)) != -1) {
+    uint64_t bytes;
     if (c == 'n') name = optarg;
     else if (c == 'r') read_only = true;
-    else return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] IMAGE", 2);
+    else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes)) scratch_max = std::to_string(bytes);
+    else if (c == 's') return Fail(std::string("bad --scratch-max ") + optarg + " (a size: 512M, 2G, 0 for no limit)", 2);
+    else return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE", 2);
   }
-  if (optind + 1 != argc) return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] IMAGE", 2);
+  if (optind + 1 != argc) return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE", 2);
   const std::string image = AbsPath(argv[optind]);
   if (name.empty()) name = DefaultName(image);
   if (!ValidName(name)) return Fail("name '" + name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
@@ -288,6 +294,7 @@ int Attach(int argc, char** argv) {
     if (std::getenv("DMCOW_QCOW_VERBOSE")) args.push_back("-v");
     if (i > 0 || read_only) args.insert(args.end(), {"--opt", "read_only=1"});
     if (!below.empty()) args.insert(args.end(), {"--opt", "backing=" + below});
+    if (!scratch_max.empty()) args.insert(args.end(), {"--opt", "scratch_max=" + scratch_max});
     args.push_back(chain[i].first);
     pid_t pid = 0;
     std::string error;
@@ -383,6 +390,11 @@ void Help() {
       "is locked as QEMU locks images: a QEMU writing it refuses us, and QEMU refuses an\n"
       "image attached read-write. --read-only attaches without ever writing the image\n"
       "(it may belong to someone else); the device is then read-only.\n"
+      "Compressed and partly allocated clusters are decompressed once into an unlinked\n"
+      "scratch file (in the image's directory, else /var/tmp) and read from there;\n"
+      "--scratch-max bounds it per level (default 1G, 0: no bound): past it the oldest\n"
+      "copies are dropped, under a brief suspend of the device, and decompressed again\n"
+      "when read again.\n"
       "detach flushes, removes the devices, stops their daemons and leaves the image\n"
       "clean (qemu-img check: no errors, no leaks). It refuses while the device is open.\n"
       "list shows what is attached: name, daemon pid, mode, device, image, state.\n"

@@ -1,5 +1,6 @@
 #include "server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -13,8 +14,8 @@
 
 namespace dmcowd {
 
-Server::Server(ReplySink* sink, Plugin* plugin, std::mutex* plugin_mu)
-    : sink_(sink), plugin_(plugin), plugin_mu_(plugin_mu) {
+Server::Server(ReplySink* sink, Plugin* plugin, std::mutex* plugin_mu, int reclaim_fd)
+    : sink_(sink), plugin_(plugin), plugin_mu_(plugin_mu), reclaim_fd_(reclaim_fd) {
   stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 }
 
@@ -30,6 +31,12 @@ void Server::Stop() {
 
 Status Server::Run(Channel* chan) {
   if (stop_fd_ < 0) return Status::IOError(std::string("eventfd: ") + std::strerror(errno));
+  // Reads must not block: serving_mu_ is held across them, and requests can
+  // vanish between poll and read (an INVALIDATE ends unread ones).
+  const int flags = ::fcntl(chan->fd(), F_GETFL);
+  if (flags < 0 || ::fcntl(chan->fd(), F_SETFL, flags | O_NONBLOCK) < 0) {
+    return Status::IOError(chan->path() + ": non-blocking: " + std::strerror(errno));
+  }
   dmcow_request reqs[kMaxBatch];
   for (;;) {
     pollfd p[2] = {{chan->fd(), POLLIN, 0}, {stop_fd_, POLLIN, 0}};
@@ -42,6 +49,7 @@ Status Server::Run(Channel* chan) {
       if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL)) return Status::IOError(chan->path() + ": channel hung up");
       continue;
     }
+    std::lock_guard<std::mutex> serving(serving_mu_);
     int n = chan->Read(reqs, kMaxBatch);
     if (n == -EAGAIN) continue;
     if (n < 0) return Status::IOError(chan->path() + ": read: " + std::strerror(-n));
@@ -53,12 +61,20 @@ Status Server::Run(Channel* chan) {
 Status Server::ProcessBatch(const dmcow_request* reqs, size_t n) {
   batch_++;
   stats_.batches++;
+  bool reclaim;
   {
     std::lock_guard<std::mutex> l(*plugin_mu_);
     for (size_t i = 0; i < n; i++) Answer(reqs[i], &replies_[i], &mreqs_[i], &mappings_[i]);
+    reclaim = plugin_->WantsReclaim();
   }
   for (size_t i = 0; i < n; i++) is_map_[i] = replies_[i].kind == DMCOW_REP_MAP;
-  return WriteReplies(n);
+  Status s = WriteReplies(n);
+  if (reclaim && reclaim_fd_ >= 0) {
+    const uint64_t one = 1;
+    ssize_t ignored = ::write(reclaim_fd_, &one, sizeof(one));
+    (void)ignored;
+  }
+  return s;
 }
 
 // Called with *plugin_mu_ held.

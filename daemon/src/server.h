@@ -4,7 +4,9 @@
 // read in batch b asks the plugin to persist batches <= b - 1.
 //
 // Thread safety: Run on one thread; Stop and stats from any other. Plugin
-// calls take *plugin_mu.
+// calls take *plugin_mu. The server holds serving_mutex() from reading a
+// batch until its replies are written: whoever holds it knows that every
+// request read so far has been answered (the daemon's reclaim needs that).
 #ifndef DMCOWD_SERVER_H_
 #define DMCOWD_SERVER_H_
 
@@ -31,7 +33,8 @@ struct ServerStats {
 
 class Server {
  public:
-  Server(ReplySink* sink, Plugin* plugin, std::mutex* plugin_mu);
+  // `reclaim_fd` (an eventfd, or -1): written when the plugin wants a reclaim.
+  Server(ReplySink* sink, Plugin* plugin, std::mutex* plugin_mu, int reclaim_fd = -1);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -43,6 +46,7 @@ class Server {
   // One batch: answers `reqs` and writes the replies. Public for tests.
   Status ProcessBatch(const dmcow_request* reqs, size_t n);
 
+  std::mutex& serving_mutex() { return serving_mu_; }
   const ServerStats& stats() const { return stats_; }
   uint64_t batch() const { return batch_; }
 
@@ -54,6 +58,8 @@ class Server {
   ReplySink* const sink_;
   Plugin* const plugin_;
   std::mutex* const plugin_mu_;
+  const int reclaim_fd_;
+  std::mutex serving_mu_;
   int stop_fd_ = -1;  // eventfd
   uint64_t batch_ = 0;
   ServerStats stats_;

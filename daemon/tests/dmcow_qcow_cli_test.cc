@@ -27,6 +27,10 @@ TEST_CASE("dmcow-qcow refuses bad command lines with exit 2") {
   CHECK(out.find("name 'a/b'") != std::string::npos);
   CHECK(Qcow("attach --name abcdefghijklmnopqrstuvwxyz0123 x.qcow2", &out) == 2);  // 30 characters
   CHECK(Qcow("attach --bogus x.qcow2", &out) == 2);
+  for (const char* bad : {"-1", "1T", "12Q", "", "9999999G"}) {
+    CHECK(Qcow(std::string("attach --scratch-max '") + bad + "' x.qcow2", &out) == 2);
+    CHECK(out.find("bad --scratch-max") != std::string::npos);
+  }
   CHECK(Qcow("detach", &out) == 2);
   CHECK(Qcow("detach ..", &out) == 2);
   CHECK(Qcow("list --output xml", &out) == 2);
@@ -69,6 +73,10 @@ TEST_CASE("dmcowd's qcow2 plugin refuses bad settings with exit 2") {
   CHECK(out.find("no setting 'bogus'") != std::string::npos);
   CHECK(Daemon("--plugin qcow2 --name t --opt read_only=2 " + img, &out) == 2);
   CHECK(out.find("read_only=2") != std::string::npos);
+  for (const char* bad : {"1G", "-5", "", "99999999999999999999"}) {
+    CHECK(Daemon(std::string("--plugin qcow2 --name t --opt 'scratch_max=") + bad + "' " + img, &out) == 2);
+    CHECK(out.find("expected a number of bytes") != std::string::npos);
+  }
   CHECK(Daemon("--plugin qcow2 --name t --chunk-size 64K " + img, &out) == 2);
   CHECK(out.find("chunk is the image's cluster") != std::string::npos);
   CHECK(Daemon("--plugin qcow2 --name t", &out) == 2);

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <set>
 
 #include <catch2/catch.hpp>
 #include <sys/stat.h>
@@ -209,8 +210,15 @@ class ScratchRecorder : public dmcowd::CowSpace {
     return Status::OK();
   }
   Status EnsureImageBytes(uint64_t) override { return Status::OK(); }
+  Status ReleaseScratch(uint64_t offset, uint64_t len) override {  // as a punched hole reads
+    REQUIRE(offset + len <= bytes.size());
+    std::memset(bytes.data() + offset, 0, len);
+    released += len;
+    return Status::OK();
+  }
   std::vector<uint8_t> bytes;
   std::vector<std::pair<uint64_t, size_t>> writes;
+  uint64_t released = 0;
 };
 
 }  // namespace
@@ -291,4 +299,113 @@ TEST_CASE("assembled chunks fill scratch in the order they are read, each once")
   uint64_t written = 0;
   for (const auto& w : scratch.writes) written += w.second;
   REQUIRE(written == geo.scratch_sectors * 512);
+}
+
+TEST_CASE("scratch over its budget is reclaimed, oldest first, and reused") {
+  if (!HaveQemuImg()) {
+    WARN("qemu-img not found: skipped");
+    return;
+  }
+  TempDir dir;
+  // 512 chunks of 64 KiB, each compressible and unlike the others (no chunk
+  // reads zeros, so a stale mapping onto a punched slot shows).
+  constexpr uint64_t kChunks = 512, kChunkBytes = 65536;
+  std::vector<uint8_t> ref(kChunks * kChunkBytes);
+  for (size_t i = 0; i < ref.size(); i++) ref[i] = static_cast<uint8_t>(i / kChunkBytes * 7 + 1 + (i % 97 == 0 ? i % 5 : 0));
+  WriteWholeFile(dir / "src.raw", ref);
+  MustRun("cd " + dir.path() + " && qemu-img convert -c -f raw -O qcow2 src.raw img.qcow2");
+  std::unique_ptr<dmcow::Image> image;
+  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", dmcow::OpenOptions(), &image).ok());
+  const dmcowd::Qcow2Geometry geo = Qcow2Mapper::GeometryFor(*image);
+  REQUIRE(geo.chunks == kChunks);
+  ScratchRecorder scratch(geo.scratch_sectors * 512);
+  Qcow2Mapper mapper(image.get(), &scratch, false, false);
+  REQUIRE(mapper.Init().ok());
+  mapper.SetScratchBudget(4 << 20);  // 64 slots
+  const uint64_t budget = 64;
+
+  // The kernel's side: installed RO mappings, forgotten on reclaim.
+  std::map<uint64_t, uint64_t> installed;  // chunk -> cow sector
+  uint64_t reclaims = 0, max_end = 0;
+  bool reclaim = true;
+  auto read = [&](uint64_t chunk) {
+    if (!installed.count(chunk)) {
+      dmcowd::MapRequest req;
+      req.chunk = chunk;
+      req.batch = 1;
+      dmcowd::Answer a;
+      REQUIRE(mapper.Map(req, &a).ok());
+      REQUIRE(a.error == 0);
+      REQUIRE(a.mapping.kind == dmcowd::MapKind::kRO);
+      for (uint64_t i = 0; i < a.mapping.nr_chunks; i++) {
+        installed[a.mapping.chunk + i] = a.mapping.cow_sector + i * geo.chunk_sectors;
+      }
+    }
+    INFO("chunk " << chunk);
+    REQUIRE(std::memcmp(scratch.bytes.data() + installed[chunk] * 512, ref.data() + chunk * kChunkBytes, kChunkBytes) ==
+            0);
+    max_end = std::max(max_end, mapper.scratch_end_chunks());
+    if (reclaim && mapper.WantsReclaim()) {  // what the daemon does, under a suspend
+      std::vector<dmcowd::Extent> forget;
+      mapper.Reclaim(&forget);
+      REQUIRE(!forget.empty());
+      for (const dmcowd::Extent& e : forget) {
+        for (uint64_t i = 0; i < e.nr_chunks; i++) installed.erase(e.chunk + i);
+      }
+      REQUIRE(mapper.scratch_live_chunks() <= budget / 2);
+      mapper.Reclaimed(true);
+      reclaims++;
+    }
+  };
+  // Random reads, then runs in order, then random again: every read checked.
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 1500; i++) read(rng() % kChunks);
+  for (uint64_t c = 0; c < kChunks; c++) read(c);
+  for (int i = 0; i < 1500; i++) read(rng() % kChunks);
+  INFO("reclaims " << reclaims << ", log end " << max_end << " slots, released " << scratch.released);
+  REQUIRE(reclaims >= 10);
+  REQUIRE(scratch.released > 0);
+  // Reclaimed slots are reused: the log stays near the budget (a run of up
+  // to 32 slots may pass it before the reclaim), far from the disk's size.
+  REQUIRE(max_end <= budget + 32 + 32);
+
+  // A reclaim the kernel may have missed: those slots are never reused.
+  const uint64_t end_before = mapper.scratch_end_chunks();
+  std::vector<dmcowd::Extent> lost;
+  reclaim = false;
+  while (!mapper.WantsReclaim()) read(rng() % kChunks);
+  reclaim = true;
+  mapper.Reclaim(&lost);
+  mapper.Reclaimed(false);
+  for (const dmcowd::Extent& e : lost) {
+    for (uint64_t i = 0; i < e.nr_chunks; i++) installed.erase(e.chunk + i);
+  }
+  std::set<uint64_t> lost_sectors;
+  for (const dmcowd::Extent& e : lost) {
+    for (uint64_t i = 0; i < e.nr_chunks; i++) lost_sectors.insert(e.cow_sector + i * geo.chunk_sectors);
+  }
+  for (int i = 0; i < 200; i++) {
+    const uint64_t c = rng() % kChunks;
+    read(c);
+    REQUIRE(!lost_sectors.count(installed.count(c) ? installed[c] : UINT64_MAX));
+  }
+  REQUIRE(mapper.scratch_end_chunks() >= end_before);
+}
+
+TEST_CASE("a disk under twice the scratch budget is never reclaimed") {
+  std::unique_ptr<dmcow::Image> image;
+  TempDir dir;
+  if (!HaveQemuImg()) {
+    WARN("qemu-img not found: skipped");
+    return;
+  }
+  MustRun("cd " + dir.path() + " && qemu-img create -q -f qcow2 img.qcow2 8M");  // 128 chunks
+  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", dmcow::OpenOptions(), &image).ok());
+  ScratchRecorder scratch(Qcow2Mapper::GeometryFor(*image).scratch_sectors * 512);
+  Qcow2Mapper mapper(image.get(), &scratch, false, false);
+  mapper.SetScratchBudget(4 << 20);  // 64 slots = half the disk: never needed
+  REQUIRE(!mapper.WantsReclaim());
+  std::vector<dmcowd::Extent> forget;
+  mapper.Reclaim(&forget);
+  REQUIRE(forget.empty());
 }

@@ -48,9 +48,16 @@ qemu-img create -q -f qcow -b v1.qcow -F qcow v1top.qcow 8M
 q -f qcow -c 'write -P 0x94 4k 4k' -c 'write -P 0x95 1025k 3k' -c 'write -P 0x96 7M 64k' v1top.qcow
 # for mkfs
 qemu-img create -q -f qcow2 fs.qcow2 64M
+# 32 MiB compressed, every 64 KiB cluster its own byte (the scratch budget test)
+qemu-img create -q -f raw scratch-src.raw 32M
+args=()
+for i in $(seq 0 511); do args+=(-c "write -P $((i % 255 + 1)) $((i * 64))k 64k"); done
+q -f raw "${args[@]}" scratch-src.raw
+qemu-img convert -c -f raw -O qcow2 scratch-src.raw scratch.qcow2
+rm scratch-src.raw
 
 for f in v2.qcow2 zlib.qcow2 zstd.qcow2 chain-top.qcow2 chain-mid.qcow2 extl2.qcow2 snap.qcow2 small.qcow2 empty.qcow2 \
-	v1.qcow v1zlib.qcow v1top.qcow; do
+	v1.qcow v1zlib.qcow v1top.qcow scratch.qcow2; do
 	qemu-img convert -O raw $f /tmp/qcow-inputs-$$.raw
 	echo "$f $(sha256sum </tmp/qcow-inputs-$$.raw | cut -d' ' -f1)"
 done >manifest

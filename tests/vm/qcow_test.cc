@@ -21,8 +21,10 @@
 #include <atomic>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "vm_harness.h"
 
@@ -439,6 +441,83 @@ void TestReadOnlyFs() {
   CHECK(st != 0, "a read-write attach of an image on a read-only file system succeeded");
 }
 
+// The scratch file's bound: a 32 MiB compressed image attached with a
+// 4 MiB budget reads as qemu-img converts it, in order and in random
+// O_DIRECT reads from two threads while the daemon reclaims (the kernel
+// forgets the oldest copies under a suspend, their slots are reused); the
+// scratch file never holds more than twice the budget and a run.
+void TestScratchBudget() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/scratch.qcow2";
+  std::string out;
+  CHECK(Run({kQcow, "attach", "--read-only", "--name", "qb", "--scratch-max", "4M", path}, &out) == 0, "attach: %s",
+        Tail(out).c_str());
+  const std::string dev = "/dev/mapper/qb";
+  // The scratch file: the daemon's unlinked file, or its memfd.
+  const std::string fds = "/proc/" + std::to_string(DaemonPid("qb")) + "/fd";
+  auto scratch_bytes = [&]() -> uint64_t {
+    std::string ls;
+    Run({"/bin/sh", "-c", "for f in " + fds + "/*; do echo \"$f $(readlink $f)\"; done"}, &ls);
+    std::istringstream in(ls);
+    std::string fd, target;
+    while (in >> fd && std::getline(in, target)) {
+      if (target.find("(deleted)") == std::string::npos && target.find("memfd:") == std::string::npos) continue;
+      struct stat st;
+      CHECK(stat(fd.c_str(), &st) == 0, "stat %s", fd.c_str());
+      return static_cast<uint64_t>(st.st_blocks) * 512;
+    }
+    CHECK(false, "no scratch file among the daemon's files: %s", ls.c_str());
+    return 0;
+  };
+  const uint64_t bound = 2 * (4 << 20) + (2 << 20);
+  // In order: the whole device as qemu-img converts it.
+  CHECK(Sha256(dev) == Manifest()["scratch.qcow2"], "scratch.qcow2 read in order differs");
+  const uint64_t after_order = scratch_bytes();
+  CHECK(after_order <= bound, "scratch holds %llu bytes after reading 32 MiB in order (budget 4 MiB)",
+        static_cast<unsigned long long>(after_order));
+  // Random 4 KiB O_DIRECT reads, two threads: cluster i is all (i % 255 + 1).
+  std::atomic<int> bad{0};
+  std::string first_bad;
+  std::mutex mu;
+  auto reader = [&](uint64_t seed) {
+    int fd = open(dev.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) {
+      bad++;
+      return;
+    }
+    void* buf = nullptr;
+    if (posix_memalign(&buf, 4096, 4096) != 0) {
+      bad++;
+      close(fd);
+      return;
+    }
+    std::mt19937_64 rng(seed);
+    for (int i = 0; i < 2500 && bad == 0; i++) {
+      const uint64_t off = rng() % ((32 << 20) / 4096) * 4096;
+      const uint8_t want = static_cast<uint8_t>(off / 65536 % 255 + 1);
+      const ssize_t n = pread(fd, buf, 4096, static_cast<off_t>(off));
+      const auto* b = static_cast<const uint8_t*>(buf);
+      if (n != 4096 || std::count(b, b + 4096, want) != 4096) {
+        std::lock_guard<std::mutex> l(mu);
+        if (bad++ == 0) first_bad = Fmt("offset %llu: read %zd, byte 0 is %u, want %u", static_cast<unsigned long long>(off), n, b[0], want);
+      }
+    }
+    free(buf);
+    close(fd);
+  };
+  std::thread t1(reader, 1), t2(reader, 2);
+  t1.join();
+  t2.join();
+  CHECK(bad == 0, "random reads under reclaim: %d bad, first: %s", bad.load(), first_bad.c_str());
+  const uint64_t after_random = scratch_bytes();
+  CHECK(after_random <= bound, "scratch holds %llu bytes after the random reads (budget 4 MiB)",
+        static_cast<unsigned long long>(after_random));
+  CHECK(Sha256(dev) == Manifest()["scratch.qcow2"], "scratch.qcow2 read in order again differs");
+  Detach("qb");
+  std::printf("scratch after reading in order: %llu KiB, after random reads: %llu KiB (budget 4096 KiB)\n",
+              static_cast<unsigned long long>(after_order >> 10), static_cast<unsigned long long>(after_random >> 10));
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -446,6 +525,7 @@ const TestCase kTests[] = {
     {"qcow_killed", TestKilled},
     {"qcow_lock", TestLock},
     {"qcow_read_only_fs", TestReadOnlyFs},
+    {"qcow_scratch_budget", TestScratchBudget},
 };
 
 }  // namespace

@@ -110,6 +110,21 @@ class Plugin {
   // A number that changes whenever StableExtents would return more.
   virtual uint64_t StableGeneration() const = 0;
 
+  // Reclaiming space the kernel reads through RO mappings (the qcow2
+  // plugin's scratch copies, once over their budget). WantsReclaim is asked
+  // after every batch and must be cheap. Reclaim is called with the device
+  // suspended (nothing in flight) and every request read so far answered:
+  // it names the extents whose mappings the kernel must forget, and must no
+  // longer hand out their chunks' old places. Reclaimed(true) follows once
+  // the kernel has forgotten them (their space may then be reused);
+  // Reclaimed(false) if it may not have (the space must stay unused).
+  virtual bool WantsReclaim() const { return false; }
+  virtual Status Reclaim(std::vector<Extent>* forget) {
+    forget->clear();
+    return Status::OK();
+  }
+  virtual void Reclaimed(bool /*forgotten*/) {}
+
   // The device is gone (every kernel fill finished). Release everything.
   virtual Status Close() = 0;
 };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <iterator>
 #include <string>
 
 namespace dmcowd {
@@ -126,6 +127,65 @@ bool Qcow2Mapper::InScratch(uint64_t chunk, uint64_t* slot) const {
   return true;
 }
 
+bool Qcow2Mapper::AllocSlots(uint64_t n, uint64_t* slot) {
+  for (auto it = free_slots_.begin(); it != free_slots_.end(); ++it) {
+    if (it->second < n) continue;
+    *slot = it->first;
+    if (it->second > n) free_slots_[it->first + n] = it->second - n;
+    free_slots_.erase(it);
+    return true;
+  }
+  if (n > geo_.chunks - scratch_end_) return false;
+  *slot = scratch_end_;
+  scratch_end_ += n;
+  return true;
+}
+
+void Qcow2Mapper::SetScratchBudget(uint64_t bytes) {
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  const uint64_t min_slots = 2 * std::max<uint64_t>(1, (uint64_t{2} << 20) / chunk_bytes);
+  scratch_budget_ = bytes == 0 ? 0 : std::max(min_slots, bytes / chunk_bytes);
+  if (scratch_budget_ > geo_.chunks / 2) scratch_budget_ = 0;
+}
+
+void Qcow2Mapper::Reclaim(std::vector<Extent>* forget) {
+  forget->clear();
+  while (scratch_live_ > scratch_budget_ / 2 && !scratch_order_.empty()) {
+    const uint64_t first = scratch_order_.front();
+    scratch_order_.pop_front();
+    auto it = scratch_runs_.find(first);
+    if (it == scratch_runs_.end()) continue;
+    forget->push_back(Extent{first, it->second.nr_chunks, it->second.slot * geo_.chunk_sectors});
+    reclaiming_.push_back(it->second);
+    scratch_live_ -= it->second.nr_chunks;
+    scratch_runs_.erase(it);
+  }
+  ahead_next_ = UINT64_MAX;
+}
+
+void Qcow2Mapper::Reclaimed(bool forgotten) {
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  for (const ScratchRun& r : forgotten ? reclaiming_ : std::vector<ScratchRun>()) {
+    (void)space_->ReleaseScratch(r.slot * chunk_bytes, r.nr_chunks * chunk_bytes);  // only storage
+    uint64_t first = r.slot, count = r.nr_chunks;
+    auto next = free_slots_.lower_bound(first);
+    if (next != free_slots_.end() && next->first == first + count) {
+      count += next->second;
+      next = free_slots_.erase(next);
+    }
+    if (next != free_slots_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == first) {
+        first = prev->first;
+        count += prev->second;
+        free_slots_.erase(prev);
+      }
+    }
+    free_slots_[first] = count;
+  }
+  reclaiming_.clear();  // not forgotten: those slots are lost to this attach
+}
+
 Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
   const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
   m->chunk = chunk;
@@ -163,10 +223,14 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
       uint64_t n = 1;
       if (ahead_ > 1) DMCOW_RETURN_IF_ERROR(ExtendRun(chunk, st.kind, 0, ahead_, &n));
       // The run is contiguous in scratch too: one read, one write.
-      if (n > geo_.chunks - scratch_used_) {  // cannot be: each chunk gets one slot
-        return Status::IOError("scratch: no slot left for chunk " + std::to_string(chunk) + " (internal error)");
+      bool placed = AllocSlots(n, &slot);
+      if (!placed && n > 1) {
+        n = 1;
+        placed = AllocSlots(1, &slot);
       }
-      slot = scratch_used_;
+      if (!placed) {  // only while reclaimed slots wait for the kernel
+        return Status::IOError("scratch full: no slot for chunk " + std::to_string(chunk) + " until a reclaim");
+      }
       const uint64_t guest = chunk * chunk_bytes;
       const uint64_t len = std::min(n * chunk_bytes, image_->virtual_size() - guest);
       assembly_.resize(n * chunk_bytes);
@@ -174,7 +238,8 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
       DMCOW_RETURN_IF_ERROR(image_->Read(guest, assembly_.data(), len));
       DMCOW_RETURN_IF_ERROR(space_->WriteScratch(slot * chunk_bytes, assembly_.data(), n * chunk_bytes));
       scratch_runs_[chunk] = ScratchRun{n, slot};
-      scratch_used_ += n;
+      scratch_order_.push_back(chunk);
+      scratch_live_ += n;
       m->cow_sector = slot * geo_.chunk_sectors;
       m->nr_chunks = n;
       ahead_next_ = chunk + n;

@@ -15,8 +15,14 @@
 // fill the file from its start instead of scattering pages over a sparse
 // file the size of the disk, which costs the page cache much more (tmpfs,
 // 64 KiB writes: 534 us scattered vs 347 us in order under the benchmark's
-// emulated CPU, 17 vs 14 us on the host; bench/RESULTS.md). A chunk is
-// assembled at most once, so the log never outgrows the file.
+// emulated CPU, 17 vs 14 us on the host; bench/RESULTS.md). A chunk holds
+// at most one slot, so without reclaim the log never outgrows the file.
+//
+// Scratch has a budget (SetScratchBudget): past it the mapper wants a
+// reclaim, and the daemon has the kernel forget the oldest runs' RO
+// mappings under a suspend (Plugin::Reclaim); their slots are punched and
+// reused, first fit, before the log grows. A disk under twice the budget
+// is never reclaimed: its scratch cannot pass its own size anyway.
 //
 // A chunk is one cluster, or, for clusters under 4 KiB, the 4 KiB that hold
 // several (the kernel's smallest chunk). What a chunk gets:
@@ -47,6 +53,7 @@
 #define DMCOWD_QCOW2_QCOW2_MAPPER_H_
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <unordered_map>
 #include <vector>
@@ -64,6 +71,8 @@ class CowSpace {
   virtual Status WriteScratch(uint64_t offset, const void* buf, size_t len) = 0;
   // Makes image bytes [0, end) reachable through the cow device.
   virtual Status EnsureImageBytes(uint64_t end) = 0;
+  // Scratch bytes no longer read by anyone: their storage may go.
+  virtual Status ReleaseScratch(uint64_t /*offset*/, uint64_t /*len*/) { return Status::OK(); }
 };
 
 struct Qcow2Geometry {
@@ -90,6 +99,16 @@ class Qcow2Mapper {
   Status StableExtents(std::vector<Extent>* out);
   uint64_t stable_generation() const { return generation_; }
 
+  // Scratch budget in bytes (0: none); at least two 2 MiB runs.
+  void SetScratchBudget(uint64_t bytes);
+  bool WantsReclaim() const { return scratch_budget_ != 0 && scratch_live_ > scratch_budget_; }
+  // The oldest runs, down to half the budget: forgotten here at once.
+  void Reclaim(std::vector<Extent>* forget);
+  // The kernel forgot them (their slots are reused) or may not have (lost).
+  void Reclaimed(bool forgotten);
+  uint64_t scratch_live_chunks() const { return scratch_live_; }
+  uint64_t scratch_end_chunks() const { return scratch_end_; }
+
  private:
   enum class ChunkKind { kWritable, kUnallocated, kZero, kShared, kAssembled };
   struct ChunkState {
@@ -110,6 +129,8 @@ class Qcow2Mapper {
   Status ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offset, uint64_t limit, uint64_t* n);
   // The scratch slot (in chunks) of an assembled chunk, if it has one.
   bool InScratch(uint64_t chunk, uint64_t* slot = nullptr) const;
+  // `n` consecutive free slots: a freed run that fits, else the log's end.
+  bool AllocSlots(uint64_t n, uint64_t* slot);
 
   dmcow::Image* const image_;
   CowSpace* const space_;
@@ -129,7 +150,12 @@ class Qcow2Mapper {
     uint64_t nr_chunks, slot;
   };
   std::map<uint64_t, ScratchRun> scratch_runs_;
-  uint64_t scratch_used_ = 0;  // slots handed out: where the log goes on
+  std::deque<uint64_t> scratch_order_;      // first chunks of scratch_runs_, oldest first
+  std::map<uint64_t, uint64_t> free_slots_; // first slot -> count, reclaimed and reusable
+  std::vector<ScratchRun> reclaiming_;      // forgotten here, maybe not yet by the kernel
+  uint64_t scratch_end_ = 0;     // the log's end, in slots
+  uint64_t scratch_live_ = 0;    // slots held by scratch_runs_
+  uint64_t scratch_budget_ = 0;  // in slots; 0: never reclaim
   uint64_t ahead_ = 1, ahead_next_ = UINT64_MAX;  // sequential assembly
   std::vector<uint8_t> assembly_;                  // reused: at most 2 MiB
 };

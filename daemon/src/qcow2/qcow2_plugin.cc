@@ -13,6 +13,8 @@
 //   name=PREFIX      names of the helper devices (default dmcowq<pid>)
 //   scratch_dir=DIR  where the unlinked scratch file lives (default: the
 //                    image's directory, else /var/tmp; else memory)
+//   scratch_max=BYTES  the scratch file's budget (default 1 GiB; 0: none):
+//                    past it the oldest copies are reclaimed (qcow2_mapper.h)
 //
 // Devices (all removed at Close; loops vanish with them):
 //   PREFIX-store  the cow device: [scratch file | image file] (dm-linear);
@@ -61,6 +63,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     backing_ = get("backing");
     prefix_ = get("name").empty() ? "dmcowq" + std::to_string(::getpid()) : get("name");
     scratch_dir_ = get("scratch_dir");
+    if (!get("scratch_max").empty()) scratch_max_ = std::stoull(get("scratch_max"));  // checked by MakeQcow2Plugin
   }
   ~Qcow2Plugin() override { (void)Close(); }
 
@@ -91,6 +94,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
       DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::Acquire(backing_, Mode::kReadOnly, &backing_lock_));
     }
     mapper_ = std::make_unique<Qcow2Mapper>(image_.get(), this, !read_only_, has_backing);
+    mapper_->SetScratchBudget(scratch_max_);
     const Qcow2Geometry& geo = mapper_->geometry();
     const uint64_t dev_sectors = (image_->virtual_size() + 511) / 512;
 
@@ -162,6 +166,12 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   Status Flush(uint64_t durable_batch) override { return mapper_->Flush(durable_batch); }
   Status StableExtents(std::vector<Extent>* out) override { return mapper_->StableExtents(out); }
   uint64_t StableGeneration() const override { return mapper_ ? mapper_->stable_generation() : 0; }
+  bool WantsReclaim() const override { return mapper_ && mapper_->WantsReclaim(); }
+  Status Reclaim(std::vector<Extent>* forget) override {
+    mapper_->Reclaim(forget);
+    return Status::OK();
+  }
+  void Reclaimed(bool forgotten) override { mapper_->Reclaimed(forgotten); }
 
   Status Close() override {
     Status result;
@@ -256,6 +266,14 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     return Status::OK();
   }
 
+  Status ReleaseScratch(uint64_t offset, uint64_t len) override {
+    if (::fallocate(scratch_fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(len)) != 0) {
+      return Errno("scratch file: punch", errno);
+    }
+    return Status::OK();
+  }
+
   Status EnsureImageBytes(uint64_t end) override {
     if (end <= image_bytes_) return Status::OK();
     // Grow ahead, so that this happens once per many allocations.
@@ -278,6 +296,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   PluginOptions options_;
   bool read_only_ = false;
   std::string backing_, prefix_, scratch_dir_;
+  uint64_t scratch_max_ = uint64_t{1} << 30;
   std::unique_ptr<dmcow::ImageLock> lock_, backing_lock_;
   std::unique_ptr<Image> image_;
   std::unique_ptr<Qcow2Mapper> mapper_;
@@ -297,8 +316,12 @@ Status MakeQcow2Plugin(const PluginOptions& options, std::unique_ptr<Plugin>* ou
                                    std::to_string(options.args.size()) + ")");
   }
   for (const auto& [key, value] : options.params) {
-    if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir") {
+    if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir" && key != "scratch_max") {
       return Status::InvalidArgument("the qcow2 plugin has no setting '" + key + "'");
+    }
+    if (key == "scratch_max" && (value.empty() || value.size() > 19 ||
+                                 value.find_first_not_of("0123456789") != std::string::npos)) {
+      return Status::InvalidArgument("scratch_max=" + value + ": expected a number of bytes");
     }
     if (key == "read_only" && value != "0" && value != "1") {
       return Status::InvalidArgument("read_only=" + value + ": expected 0 or 1");

@@ -268,17 +268,27 @@ Status Daemon::Reclaim() {
   // read so far is answered, so no reply naming an old place is still to come.
   DMCOW_RETURN_IF_ERROR(dm::Suspend(options_.name));
   Status s;
-  size_t extents = 0;
+  size_t extents = 0, refused = 0;
   {
     std::lock_guard<std::mutex> serving(server_->serving_mutex());
     std::lock_guard<std::mutex> l(plugin_mu_);
     std::vector<Extent> forget;
     s = plugin_->Reclaim(&forget);
-    std::vector<dmcow_reply> msgs;
-    for (const Extent& e : forget) msgs.push_back(MakeInvalidate(e.chunk, e.nr_chunks));
-    if (s.ok()) s = SendAll(&chan_, msgs, "invalidate");
-    plugin_->Reclaimed(s.ok());
-    extents = msgs.size();
+    // One message at a time: the plugin learns which the kernel took (a
+    // chunk whose kernel fill still reads the old place answers EBUSY).
+    std::vector<int> errors;
+    for (size_t i = 0; s.ok() && i < forget.size(); i++) {
+      const dmcow_reply msg = MakeInvalidate(forget[i].chunk, forget[i].nr_chunks);
+      const ssize_t w = chan_.Write(&msg, 1);
+      errors.push_back(w == static_cast<ssize_t>(sizeof(msg)) ? 0 : w < 0 ? static_cast<int>(-w) : EIO);
+      if (errors.back() != 0) {
+        refused++;
+        LOG_DEBUG("reclaim: chunk %llu: %s", static_cast<unsigned long long>(forget[i].chunk),
+                  std::strerror(errors.back()));
+      }
+    }
+    plugin_->Reclaimed(errors);
+    extents = forget.size();
   }
   Status r = dm::Resume(options_.name);
   for (int i = 0; !r.ok() && i < 50; i++) {
@@ -288,7 +298,8 @@ Status Daemon::Reclaim() {
   }
   if (!r.ok()) return r;
   if (!s.ok()) return s;
-  LOG_INFO("reclaim: %zu extents forgotten; %.1f ms", extents, MsSince(t0));
+  LOG_INFO("reclaim: %zu extents forgotten, %zu refused (kept for the next); %.1f ms", extents - refused, refused,
+           MsSince(t0));
   return Status::OK();
 }
 
@@ -365,23 +376,37 @@ int Daemon::Run() {
     LOG_ERROR("signalfd: %s", std::strerror(errno));
     return 1;
   }
-  const int timeout = options_.reload_interval_s > 0 ? options_.reload_interval_s * 1000 : -1;
+  const bool reloads = options_.reload_interval_s > 0;
+  const auto interval = std::chrono::seconds(reloads ? options_.reload_interval_s : 0);
+  auto next_reload = Clock::now() + interval;  // a deadline: reclaim wakeups must not postpone it
+  auto next_reclaim = Clock::now();            // after a failed reclaim, wait a while
   int code = 0;
   for (;;) {
+    int timeout = -1;
+    if (reloads) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next_reload - Clock::now()).count();
+      timeout = static_cast<int>(std::clamp<int64_t>(left, 0, INT32_MAX));
+    }
     pollfd p[3] = {{sfd, POLLIN, 0}, {server_done_fd_, POLLIN, 0}, {reclaim_fd_, POLLIN, 0}};
     int r = ::poll(p, 3, timeout);
     if (r < 0 && errno == EINTR) continue;
-    if (r == 0) {
+    if (reloads && Clock::now() >= next_reload && !p[1].revents) {
       Status s = Reload();
       if (!s.ok()) LOG_ERROR("reload: %s", s.ToString().c_str());
-      continue;
+      next_reload = Clock::now() + interval;
     }
+    if (r <= 0) continue;
     if (p[2].revents && !p[1].revents) {
       uint64_t n;
       ssize_t ignored = ::read(reclaim_fd_, &n, sizeof(n));
       (void)ignored;
-      Status s = Reclaim();
-      if (!s.ok()) LOG_ERROR("reclaim: %s", s.ToString().c_str());
+      if (Clock::now() >= next_reclaim) {
+        Status s = Reclaim();
+        if (!s.ok()) {
+          LOG_ERROR("reclaim: %s (next try in a second)", s.ToString().c_str());
+          next_reclaim = Clock::now() + std::chrono::seconds(1);
+        }
+      }
       if (!(p[0].revents & POLLIN)) continue;
     }
     if (p[1].revents) {

@@ -48,10 +48,13 @@ qemu-img create -q -f qcow -b v1.qcow -F qcow v1top.qcow 8M
 q -f qcow -c 'write -P 0x94 4k 4k' -c 'write -P 0x95 1025k 3k' -c 'write -P 0x96 7M 64k' v1top.qcow
 # for mkfs
 qemu-img create -q -f qcow2 fs.qcow2 64M
-# 32 MiB compressed, every 64 KiB cluster its own byte (the scratch budget test)
+# 32 MiB compressed, every 64 KiB cluster its own pair of bytes: i % 251 + 1
+# in its first 32 KiB, i / 251 + 1 in the second (the scratch budget test)
 qemu-img create -q -f raw scratch-src.raw 32M
 args=()
-for i in $(seq 0 511); do args+=(-c "write -P $((i % 255 + 1)) $((i * 64))k 64k"); done
+for i in $(seq 0 511); do
+	args+=(-c "write -P $((i % 251 + 1)) $((i * 64))k 32k" -c "write -P $((i / 251 + 1)) $((i * 64 + 32))k 32k")
+done
 q -f raw "${args[@]}" scratch-src.raw
 qemu-img convert -c -f raw -O qcow2 scratch-src.raw scratch.qcow2
 rm scratch-src.raw

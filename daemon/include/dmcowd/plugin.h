@@ -115,15 +115,16 @@ class Plugin {
   // after every batch and must be cheap. Reclaim is called with the device
   // suspended (nothing in flight) and every request read so far answered:
   // it names the extents whose mappings the kernel must forget, and must no
-  // longer hand out their chunks' old places. Reclaimed(true) follows once
-  // the kernel has forgotten them (their space may then be reused);
-  // Reclaimed(false) if it may not have (the space must stay unused).
+  // longer hand out their chunks' old places. Reclaimed follows with one
+  // errno per extent, 0 where the kernel took the INVALIDATE: only then (or
+  // on EINVAL, a chunk the kernel no longer tracks) may that space be reused;
+  // the others are named again at the next Reclaim.
   virtual bool WantsReclaim() const { return false; }
   virtual Status Reclaim(std::vector<Extent>* forget) {
     forget->clear();
     return Status::OK();
   }
-  virtual void Reclaimed(bool /*forgotten*/) {}
+  virtual void Reclaimed(const std::vector<int>& /*errors*/) {}
 
   // The device is gone (every kernel fill finished). Release everything.
   virtual Status Close() = 0;

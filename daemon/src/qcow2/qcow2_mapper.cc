@@ -148,42 +148,76 @@ void Qcow2Mapper::SetScratchBudget(uint64_t bytes) {
   if (scratch_budget_ > geo_.chunks / 2) scratch_budget_ = 0;
 }
 
+void Qcow2Mapper::LeaveScratch(uint64_t chunk) {
+  auto it = scratch_runs_.upper_bound(chunk);
+  if (it == scratch_runs_.begin()) return;
+  --it;
+  const uint64_t first = it->first, k = chunk - first;
+  const ScratchRun run = it->second;
+  if (k >= run.nr_chunks) return;
+  scratch_runs_.erase(it);
+  if (k > 0) scratch_runs_[first] = ScratchRun{k, run.slot};
+  if (k + 1 < run.nr_chunks) {
+    scratch_runs_[chunk + 1] = ScratchRun{run.nr_chunks - k - 1, run.slot + k + 1};
+    scratch_order_.push_back(chunk + 1);
+  }
+  orphans_.push_back(Forgotten{chunk, 1, run.slot + k});
+  orphan_slots_++;
+  scratch_live_--;
+}
+
 void Qcow2Mapper::Reclaim(std::vector<Extent>* forget) {
   forget->clear();
+  // Refused last time first (their chunks are out of the lookup already).
+  std::vector<Forgotten> items = std::move(reclaiming_);
+  reclaiming_.clear();
+  items.insert(items.end(), orphans_.begin(), orphans_.end());
+  orphans_.clear();
+  orphan_slots_ = 0;
   while (scratch_live_ > scratch_budget_ / 2 && !scratch_order_.empty()) {
     const uint64_t first = scratch_order_.front();
     scratch_order_.pop_front();
     auto it = scratch_runs_.find(first);
-    if (it == scratch_runs_.end()) continue;
-    forget->push_back(Extent{first, it->second.nr_chunks, it->second.slot * geo_.chunk_sectors});
-    reclaiming_.push_back(it->second);
+    if (it == scratch_runs_.end()) continue;  // left by a split or a write
+    items.push_back(Forgotten{first, it->second.nr_chunks, it->second.slot});
     scratch_live_ -= it->second.nr_chunks;
     scratch_runs_.erase(it);
   }
+  for (const Forgotten& f : items) forget->push_back(Extent{f.chunk, f.nr_chunks, f.slot * geo_.chunk_sectors});
+  reclaiming_ = std::move(items);
   ahead_next_ = UINT64_MAX;
 }
 
-void Qcow2Mapper::Reclaimed(bool forgotten) {
-  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
-  for (const ScratchRun& r : forgotten ? reclaiming_ : std::vector<ScratchRun>()) {
-    (void)space_->ReleaseScratch(r.slot * chunk_bytes, r.nr_chunks * chunk_bytes);  // only storage
-    uint64_t first = r.slot, count = r.nr_chunks;
-    auto next = free_slots_.lower_bound(first);
-    if (next != free_slots_.end() && next->first == first + count) {
-      count += next->second;
-      next = free_slots_.erase(next);
+void Qcow2Mapper::Reclaimed(const std::vector<int>& errors) {
+  std::vector<Forgotten> again;
+  for (size_t i = 0; i < reclaiming_.size(); i++) {
+    const int err = i < errors.size() ? errors[i] : EIO;
+    if (err == 0 || err == EINVAL) {
+      FreeSlots(reclaiming_[i].slot, reclaiming_[i].nr_chunks);
+    } else {
+      again.push_back(reclaiming_[i]);  // e.g. EBUSY: a kernel fill still reads it
     }
-    if (next != free_slots_.begin()) {
-      auto prev = std::prev(next);
-      if (prev->first + prev->second == first) {
-        first = prev->first;
-        count += prev->second;
-        free_slots_.erase(prev);
-      }
-    }
-    free_slots_[first] = count;
   }
-  reclaiming_.clear();  // not forgotten: those slots are lost to this attach
+  reclaiming_ = std::move(again);
+}
+
+void Qcow2Mapper::FreeSlots(uint64_t first, uint64_t count) {
+  const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
+  (void)space_->ReleaseScratch(first * chunk_bytes, count * chunk_bytes);  // only storage
+  auto next = free_slots_.lower_bound(first);
+  if (next != free_slots_.end() && next->first == first + count) {
+    count += next->second;
+    next = free_slots_.erase(next);
+  }
+  if (next != free_slots_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == first) {
+      first = prev->first;
+      count += prev->second;
+      free_slots_.erase(prev);
+    }
+  }
+  free_slots_[first] = count;
 }
 
 Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
@@ -228,7 +262,7 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
         n = 1;
         placed = AllocSlots(1, &slot);
       }
-      if (!placed) {  // only while reclaimed slots wait for the kernel
+      if (!placed) {  // every slot taken, or waiting for the kernel to forget it
         return Status::IOError("scratch full: no slot for chunk " + std::to_string(chunk) + " until a reclaim");
       }
       const uint64_t guest = chunk * chunk_bytes;
@@ -271,6 +305,7 @@ Status Qcow2Mapper::MapWrite(const MapRequest& req, const ChunkState& st, Answer
     if (host != 0) (void)image_->UnreserveClusters(n, host);
     return s;
   }
+  if (st.kind == ChunkKind::kAssembled) LeaveScratch(req.chunk);
   reserved_[req.chunk] = Reserved{req.chunk, host, req.batch};
   m.kind = kernel_fills ? MapKind::kRW : MapKind::kFilledRW;
   m.cow_sector = ImageSector(host);

@@ -101,11 +101,15 @@ class Qcow2Mapper {
 
   // Scratch budget in bytes (0: none); at least two 2 MiB runs.
   void SetScratchBudget(uint64_t bytes);
-  bool WantsReclaim() const { return scratch_budget_ != 0 && scratch_live_ > scratch_budget_; }
-  // The oldest runs, down to half the budget: forgotten here at once.
+  bool WantsReclaim() const { return scratch_budget_ != 0 && scratch_live_ + orphan_slots_ > scratch_budget_; }
+  // What the kernel must forget: slots left by chunks written since they
+  // were assembled, what it refused last time, and the oldest runs, down to
+  // half the budget. All are forgotten here at once.
   void Reclaim(std::vector<Extent>* forget);
-  // The kernel forgot them (their slots are reused) or may not have (lost).
-  void Reclaimed(bool forgotten);
+  // Per extent of the last Reclaim, the INVALIDATE's errno: 0 or EINVAL (a
+  // chunk beyond the kernel's cow targets) frees the slots; else they wait
+  // for the next Reclaim.
+  void Reclaimed(const std::vector<int>& errors);
   uint64_t scratch_live_chunks() const { return scratch_live_; }
   uint64_t scratch_end_chunks() const { return scratch_end_; }
 
@@ -131,6 +135,10 @@ class Qcow2Mapper {
   bool InScratch(uint64_t chunk, uint64_t* slot = nullptr) const;
   // `n` consecutive free slots: a freed run that fits, else the log's end.
   bool AllocSlots(uint64_t n, uint64_t* slot);
+  // A chunk about to get new clusters leaves its scratch run; its slot
+  // waits for the next reclaim (the kernel may still read it until then).
+  void LeaveScratch(uint64_t chunk);
+  void FreeSlots(uint64_t first, uint64_t count);
 
   dmcow::Image* const image_;
   CowSpace* const space_;
@@ -152,7 +160,12 @@ class Qcow2Mapper {
   std::map<uint64_t, ScratchRun> scratch_runs_;
   std::deque<uint64_t> scratch_order_;      // first chunks of scratch_runs_, oldest first
   std::map<uint64_t, uint64_t> free_slots_; // first slot -> count, reclaimed and reusable
-  std::vector<ScratchRun> reclaiming_;      // forgotten here, maybe not yet by the kernel
+  struct Forgotten {
+    uint64_t chunk, nr_chunks, slot;
+  };
+  std::vector<Forgotten> orphans_;     // slots of chunks written since assembled
+  uint64_t orphan_slots_ = 0;
+  std::vector<Forgotten> reclaiming_;  // named by the last Reclaim, in its order
   uint64_t scratch_end_ = 0;     // the log's end, in slots
   uint64_t scratch_live_ = 0;    // slots held by scratch_runs_
   uint64_t scratch_budget_ = 0;  // in slots; 0: never reclaim

@@ -171,7 +171,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     mapper_->Reclaim(forget);
     return Status::OK();
   }
-  void Reclaimed(bool forgotten) override { mapper_->Reclaimed(forgotten); }
+  void Reclaimed(const std::vector<int>& errors) override { mapper_->Reclaimed(errors); }
 
   Status Close() override {
     Status result;

@@ -68,6 +68,17 @@ Status SendAll(Channel* chan, const std::vector<dmcow_reply>& msgs, const char* 
   return Status::OK();
 }
 
+// A suspended device holds its I/O: keep trying to resume it for 5 s.
+Status ResumeRetrying(const std::string& name) {
+  Status r = dm::Resume(name);
+  for (int i = 0; !r.ok() && i < 50; i++) {
+    LOG_ERROR("%s; retrying", r.ToString().c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    r = dm::Resume(name);
+  }
+  return r;
+}
+
 }  // namespace
 
 Daemon::Daemon(DaemonOptions options, std::unique_ptr<Plugin> plugin)
@@ -238,13 +249,7 @@ Status Daemon::Reload() {
   // I/O is quiesced: the kernel may forget what linear segments now serve.
   s = SendAll(&chan_, msgs, "invalidate");
   if (!s.ok()) LOG_WARN("%s (the kernel keeps those mappings; harmless)", s.ToString().c_str());
-  Status r = dm::Resume(options_.name);
-  for (int i = 0; !r.ok() && i < 50; i++) {
-    LOG_ERROR("%s; retrying", r.ToString().c_str());
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    r = dm::Resume(options_.name);
-  }
-  if (!r.ok()) return r;
+  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name));
   reload_stats_.last_suspended_ms = MsSince(ts);
   linear_ = std::move(linear);
   folded_generation_ = generation;
@@ -290,13 +295,7 @@ Status Daemon::Reclaim() {
     plugin_->Reclaimed(errors);
     extents = forget.size();
   }
-  Status r = dm::Resume(options_.name);
-  for (int i = 0; !r.ok() && i < 50; i++) {
-    LOG_ERROR("%s; retrying", r.ToString().c_str());
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    r = dm::Resume(options_.name);
-  }
-  if (!r.ok()) return r;
+  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name));
   if (!s.ok()) return s;
   LOG_INFO("reclaim: %zu extents forgotten, %zu refused (kept for the next); %.1f ms", extents - refused, refused,
            MsSince(t0));

@@ -118,11 +118,16 @@ Status Qcow2Mapper::ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offs
   return Status::OK();
 }
 
-bool Qcow2Mapper::InScratch(uint64_t chunk, uint64_t* slot) const {
+std::map<uint64_t, Qcow2Mapper::ScratchRun>::const_iterator Qcow2Mapper::RunHolding(uint64_t chunk) const {
   auto it = scratch_runs_.upper_bound(chunk);
-  if (it == scratch_runs_.begin()) return false;
+  if (it == scratch_runs_.begin()) return scratch_runs_.end();
   --it;
-  if (chunk - it->first >= it->second.nr_chunks) return false;
+  return chunk - it->first < it->second.nr_chunks ? it : scratch_runs_.end();
+}
+
+bool Qcow2Mapper::InScratch(uint64_t chunk, uint64_t* slot) const {
+  auto it = RunHolding(chunk);
+  if (it == scratch_runs_.end()) return false;
   if (slot) *slot = it->second.slot + (chunk - it->first);
   return true;
 }
@@ -149,12 +154,10 @@ void Qcow2Mapper::SetScratchBudget(uint64_t bytes) {
 }
 
 void Qcow2Mapper::LeaveScratch(uint64_t chunk) {
-  auto it = scratch_runs_.upper_bound(chunk);
-  if (it == scratch_runs_.begin()) return;
-  --it;
+  auto it = RunHolding(chunk);
+  if (it == scratch_runs_.end()) return;
   const uint64_t first = it->first, k = chunk - first;
   const ScratchRun run = it->second;
-  if (k >= run.nr_chunks) return;
   scratch_runs_.erase(it);
   if (k > 0) scratch_runs_[first] = ScratchRun{k, run.slot};
   if (k + 1 < run.nr_chunks) {
@@ -162,7 +165,6 @@ void Qcow2Mapper::LeaveScratch(uint64_t chunk) {
     scratch_order_.push_back(chunk + 1);
   }
   orphans_.push_back(Forgotten{chunk, 1, run.slot + k});
-  orphan_slots_++;
   scratch_live_--;
 }
 
@@ -173,7 +175,6 @@ void Qcow2Mapper::Reclaim(std::vector<Extent>* forget) {
   reclaiming_.clear();
   items.insert(items.end(), orphans_.begin(), orphans_.end());
   orphans_.clear();
-  orphan_slots_ = 0;
   while (scratch_live_ > scratch_budget_ / 2 && !scratch_order_.empty()) {
     const uint64_t first = scratch_order_.front();
     scratch_order_.pop_front();

@@ -101,7 +101,7 @@ class Qcow2Mapper {
 
   // Scratch budget in bytes (0: none); at least two 2 MiB runs.
   void SetScratchBudget(uint64_t bytes);
-  bool WantsReclaim() const { return scratch_budget_ != 0 && scratch_live_ + orphan_slots_ > scratch_budget_; }
+  bool WantsReclaim() const { return scratch_budget_ != 0 && scratch_live_ + orphans_.size() > scratch_budget_; }
   // What the kernel must forget: slots left by chunks written since they
   // were assembled, what it refused last time, and the oldest runs, down to
   // half the budget. All are forgotten here at once.
@@ -133,6 +133,11 @@ class Qcow2Mapper {
   Status ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offset, uint64_t limit, uint64_t* n);
   // The scratch slot (in chunks) of an assembled chunk, if it has one.
   bool InScratch(uint64_t chunk, uint64_t* slot = nullptr) const;
+  struct ScratchRun {
+    uint64_t nr_chunks, slot;
+  };
+  // The assembled run that holds `chunk`, or scratch_runs_.end().
+  std::map<uint64_t, ScratchRun>::const_iterator RunHolding(uint64_t chunk) const;
   // `n` consecutive free slots: a freed run that fits, else the log's end.
   bool AllocSlots(uint64_t n, uint64_t* slot);
   // A chunk about to get new clusters leaves its scratch run; its slot
@@ -154,17 +159,13 @@ class Qcow2Mapper {
   // Assembled runs by first chunk, and where each sits in scratch: their
   // content cannot change while they stay assembled (a write moves a chunk
   // to new clusters first). One entry per reply, bounded by what was read.
-  struct ScratchRun {
-    uint64_t nr_chunks, slot;
-  };
   std::map<uint64_t, ScratchRun> scratch_runs_;
   std::deque<uint64_t> scratch_order_;      // first chunks of scratch_runs_, oldest first
   std::map<uint64_t, uint64_t> free_slots_; // first slot -> count, reclaimed and reusable
   struct Forgotten {
     uint64_t chunk, nr_chunks, slot;
   };
-  std::vector<Forgotten> orphans_;     // slots of chunks written since assembled
-  uint64_t orphan_slots_ = 0;
+  std::vector<Forgotten> orphans_;     // slots of chunks written since assembled, one each
   std::vector<Forgotten> reclaiming_;  // named by the last Reclaim, in its order
   uint64_t scratch_end_ = 0;     // the log's end, in slots
   uint64_t scratch_live_ = 0;    // slots held by scratch_runs_

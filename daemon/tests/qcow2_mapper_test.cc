@@ -221,6 +221,29 @@ class ScratchRecorder : public dmcowd::CowSpace {
   uint64_t released = 0;
 };
 
+// The mapper's answer to a request of batch 1; the call itself must work.
+dmcowd::Answer MapChunk(Qcow2Mapper* mapper, uint64_t chunk, bool write = false) {
+  dmcowd::MapRequest req;
+  req.chunk = chunk;
+  req.write = write;
+  req.batch = 1;
+  dmcowd::Answer a;
+  REQUIRE(mapper->Map(req, &a).ok());
+  return a;
+}
+
+// `data` compressed by qemu-img into DIR/img.qcow2, opened.
+std::unique_ptr<dmcow::Image> CompressedImage(const TempDir& dir, const std::vector<uint8_t>& data,
+                                              bool writable = false) {
+  WriteWholeFile(dir / "src.raw", data);
+  MustRun("cd " + dir.path() + " && qemu-img convert -c -f raw -O qcow2 src.raw img.qcow2");
+  dmcow::OpenOptions o;
+  o.writable = writable;
+  std::unique_ptr<dmcow::Image> image;
+  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", o, &image).ok());
+  return image;
+}
+
 }  // namespace
 
 TEST_CASE("assembled chunks fill scratch in the order they are read, each once") {
@@ -244,11 +267,7 @@ TEST_CASE("assembled chunks fill scratch in the order they are read, each once")
   Qcow2Mapper mapper(image.get(), &scratch, false, false);
   REQUIRE(mapper.Init().ok());
   auto read = [&](uint64_t chunk, dmcowd::Mapping* m) {
-    dmcowd::MapRequest req;
-    req.chunk = chunk;
-    req.batch = 1;
-    dmcowd::Answer a;
-    REQUIRE(mapper.Map(req, &a).ok());
+    const dmcowd::Answer a = MapChunk(&mapper, chunk);
     REQUIRE(a.error == 0);
     REQUIRE(a.mapping.kind == dmcowd::MapKind::kRO);
     REQUIRE(a.mapping.chunk == chunk);
@@ -312,10 +331,7 @@ TEST_CASE("scratch over its budget is reclaimed, oldest first, and reused") {
   constexpr uint64_t kChunks = 512, kChunkBytes = 65536;
   std::vector<uint8_t> ref(kChunks * kChunkBytes);
   for (size_t i = 0; i < ref.size(); i++) ref[i] = static_cast<uint8_t>(i / kChunkBytes * 7 + 1 + (i % 97 == 0 ? i % 5 : 0));
-  WriteWholeFile(dir / "src.raw", ref);
-  MustRun("cd " + dir.path() + " && qemu-img convert -c -f raw -O qcow2 src.raw img.qcow2");
-  std::unique_ptr<dmcow::Image> image;
-  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", dmcow::OpenOptions(), &image).ok());
+  std::unique_ptr<dmcow::Image> image = CompressedImage(dir, ref);
   const dmcowd::Qcow2Geometry geo = Qcow2Mapper::GeometryFor(*image);
   REQUIRE(geo.chunks == kChunks);
   ScratchRecorder scratch(geo.scratch_sectors * 512);
@@ -330,11 +346,7 @@ TEST_CASE("scratch over its budget is reclaimed, oldest first, and reused") {
   bool reclaim = true;
   auto read = [&](uint64_t chunk) {
     if (!installed.count(chunk)) {
-      dmcowd::MapRequest req;
-      req.chunk = chunk;
-      req.batch = 1;
-      dmcowd::Answer a;
-      REQUIRE(mapper.Map(req, &a).ok());
+      const dmcowd::Answer a = MapChunk(&mapper, chunk);
       REQUIRE(a.error == 0);
       REQUIRE(a.mapping.kind == dmcowd::MapKind::kRO);
       for (uint64_t i = 0; i < a.mapping.nr_chunks; i++) {
@@ -410,24 +422,14 @@ TEST_CASE("a chunk written after it was assembled leaves its run; its slot is re
   constexpr uint64_t kChunks = 512, kChunkBytes = 65536;
   std::vector<uint8_t> ref(kChunks * kChunkBytes);
   for (size_t i = 0; i < ref.size(); i++) ref[i] = static_cast<uint8_t>(i / kChunkBytes + 1 + (i % 89 == 0));
-  WriteWholeFile(dir / "src.raw", ref);
-  MustRun("cd " + dir.path() + " && qemu-img convert -c -f raw -O qcow2 src.raw img.qcow2");
-  dmcow::OpenOptions o;
-  o.writable = true;
-  std::unique_ptr<dmcow::Image> image;
-  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", o, &image).ok());
+  std::unique_ptr<dmcow::Image> image = CompressedImage(dir, ref, true);
   const dmcowd::Qcow2Geometry geo = Qcow2Mapper::GeometryFor(*image);
   ScratchRecorder scratch(geo.scratch_sectors * 512);
   Qcow2Mapper mapper(image.get(), &scratch, true, false);
   REQUIRE(mapper.Init().ok());
   mapper.SetScratchBudget(4 << 20);
   auto map = [&](uint64_t chunk, bool write) {
-    dmcowd::MapRequest req;
-    req.chunk = chunk;
-    req.write = write;
-    req.batch = 1;
-    dmcowd::Answer a;
-    REQUIRE(mapper.Map(req, &a).ok());
+    const dmcowd::Answer a = MapChunk(&mapper, chunk, write);
     REQUIRE(a.error == 0);
     return a.mapping;
   };
@@ -469,29 +471,15 @@ TEST_CASE("a disk under twice the scratch budget is never reclaimed") {
   // disk is under twice it: scratch is bounded by the disk anyway.
   std::vector<uint8_t> ref(96 * 65536);
   for (size_t i = 0; i < ref.size(); i++) ref[i] = static_cast<uint8_t>(i / 65536 + 1);
-  WriteWholeFile(dir / "src.raw", ref);
-  MustRun("cd " + dir.path() + " && qemu-img convert -c -f raw -O qcow2 src.raw img.qcow2");
-  std::unique_ptr<dmcow::Image> image;
-  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", dmcow::OpenOptions(), &image).ok());
+  std::unique_ptr<dmcow::Image> image = CompressedImage(dir, ref);
   ScratchRecorder scratch(Qcow2Mapper::GeometryFor(*image).scratch_sectors * 512);
   Qcow2Mapper mapper(image.get(), &scratch, false, false);
   REQUIRE(mapper.Init().ok());
   mapper.SetScratchBudget(4 << 20);
   for (uint64_t c = 0; c < 96; c += 2) {  // every other chunk: one-chunk runs
-    dmcowd::MapRequest req;
-    req.chunk = c;
-    req.batch = 1;
-    dmcowd::Answer a;
-    REQUIRE(mapper.Map(req, &a).ok());
-    REQUIRE(a.mapping.kind == dmcowd::MapKind::kRO);
+    REQUIRE(MapChunk(&mapper, c).mapping.kind == dmcowd::MapKind::kRO);
   }
-  for (uint64_t c = 1; c < 96; c += 2) {
-    dmcowd::MapRequest req;
-    req.chunk = c;
-    req.batch = 1;
-    dmcowd::Answer a;
-    REQUIRE(mapper.Map(req, &a).ok());
-  }
+  for (uint64_t c = 1; c < 96; c += 2) MapChunk(&mapper, c);
   REQUIRE(mapper.scratch_live_chunks() == 96);
   REQUIRE(!mapper.WantsReclaim());
 }

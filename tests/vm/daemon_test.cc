@@ -129,21 +129,6 @@ class Daemon {
 
 // ---- device and model -----------------------------------------------------------
 
-class Buf {
- public:
-  explicit Buf(size_t bytes) {
-    if (posix_memalign(&p_, 4096, bytes)) throw TestFailure("posix_memalign");
-  }
-  ~Buf() { free(p_); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  uint64_t* words() { return static_cast<uint64_t*>(p_); }
-  void* data() { return p_; }
-
- private:
-  void* p_ = nullptr;
-};
-
 void WriteBaseFile(const std::string& path, uint64_t sectors) {
   int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   CHECK(fd >= 0, "create %s: %s", path.c_str(), strerror(errno));

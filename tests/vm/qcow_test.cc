@@ -294,9 +294,8 @@ void TestKilled() {
   std::vector<uint64_t> order(kSlots);
   for (uint64_t i = 0; i < kSlots; i++) order[i] = i;
   std::shuffle(order.begin(), order.end(), std::mt19937_64(7));
-  void* mem = nullptr;
-  CHECK(posix_memalign(&mem, 4096, kSlot) == 0, "memalign");
-  auto* buf = static_cast<uint8_t*>(mem);
+  Buf mem(kSlot);
+  uint8_t* const buf = mem.bytes();
   std::vector<uint64_t> flushed, written;
   std::atomic<bool> stop{false};
   std::thread killer([&] {
@@ -333,7 +332,6 @@ void TestKilled() {
   const long ms = MsSince(t0);
   killer.join();
   close(fd);
-  free(mem);
   CHECK(err != 0, "writes went on for %ld ms after the daemon was killed", ms);
   CHECK(ms < 20000, "the writer took %ld ms to see the daemon gone", ms);
   Detach("qk");  // removes what the dead daemon left
@@ -486,25 +484,19 @@ void TestScratchBudget() {
       bad++;
       return;
     }
-    void* buf = nullptr;
-    if (posix_memalign(&buf, 4096, 4096) != 0) {
-      bad++;
-      close(fd);
-      return;
-    }
+    Buf buf(4096);
     std::mt19937_64 rng(seed);
     for (int i = 0; i < 2500 && bad == 0; i++) {
       const uint64_t off = rng() % ((32 << 20) / 4096) * 4096;
       const uint64_t cluster = off / 65536;
       const uint8_t want = static_cast<uint8_t>(off % 65536 < 32768 ? cluster % 251 + 1 : cluster / 251 + 1);
-      const ssize_t n = pread(fd, buf, 4096, static_cast<off_t>(off));
-      const auto* b = static_cast<const uint8_t*>(buf);
+      const ssize_t n = pread(fd, buf.data(), 4096, static_cast<off_t>(off));
+      const uint8_t* b = buf.bytes();
       if (n != 4096 || std::count(b, b + 4096, want) != 4096) {
         std::lock_guard<std::mutex> l(mu);
         if (bad++ == 0) first_bad = Fmt("offset %llu: read %zd, byte 0 is %u, want %u", static_cast<unsigned long long>(off), n, b[0], want);
       }
     }
-    free(buf);
     close(fd);
   };
   std::thread t1(reader, 1), t2(reader, 2);

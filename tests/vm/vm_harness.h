@@ -183,6 +183,25 @@ inline int TestMain(int argc, char** argv, const char* program, const TestCase* 
   return failed ? 1 : 0;
 }
 
+// A page-aligned buffer for O_DIRECT.
+class Buf {
+ public:
+  explicit Buf(size_t bytes) : bytes_(bytes) {
+    if (posix_memalign(&p_, 4096, bytes)) throw TestFailure("posix_memalign");
+  }
+  ~Buf() { free(p_); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  uint64_t* words() { return static_cast<uint64_t*>(p_); }
+  uint8_t* bytes() { return static_cast<uint8_t*>(p_); }
+  void* data() { return p_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_;
+};
+
 }  // namespace dmcow_vm
 
 #endif  // DMCOW_TESTS_VM_VM_HARNESS_H_

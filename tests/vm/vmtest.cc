@@ -60,23 +60,6 @@ uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
          (sector << 8) | w;
 }
 
-// A page-aligned buffer for O_DIRECT.
-class Buf {
- public:
-  explicit Buf(size_t bytes) : bytes_(bytes) {
-    if (posix_memalign(&p_, 4096, bytes)) throw TestFailure("posix_memalign");
-  }
-  ~Buf() { free(p_); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  uint64_t* words() { return static_cast<uint64_t*>(p_); }
-  void* data() { return p_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_;
-};
 
 // ---- processes --------------------------------------------------------------
 

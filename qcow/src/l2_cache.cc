@@ -40,7 +40,7 @@ Status TableCache::Get(uint64_t slice_offset, const char* what, Slice* slice) {
 }
 
 void TableCache::EvictLocked() {
-  // Only clean slices leave; dirty ones wait for WriteDirty, so the cache may
+  // Only clean slices leave; dirty ones wait for Flush, so the cache may
   // briefly exceed its bound (the owner flushes when dirty_count grows).
   auto it = lru_.end();
   while (lru_.size() > capacity_slices_ && it != lru_.begin()) {
@@ -71,7 +71,7 @@ void TableCache::InsertZeroed(uint64_t slice_offset) {
   Store(slice_offset, std::make_shared<std::vector<uint64_t>>(slice_bytes_ / 8, 0));
 }
 
-Status TableCache::WriteDirty() {
+Status TableCache::Flush() {
   std::vector<std::pair<uint64_t, Slice>> dirty;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -79,12 +79,14 @@ Status TableCache::WriteDirty() {
       if (e.dirty) dirty.emplace_back(e.offset, e.slice);
     }
   }
+  if (dirty.empty()) return Status::OK();
   std::sort(dirty.begin(), dirty.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<uint8_t> raw(slice_bytes_);
   for (const auto& [offset, slice] : dirty) {
     for (size_t i = 0; i < slice->size(); i++) StoreBE64(&raw[i * 8], (*slice)[i]);
     DMCOW_RETURN_IF_ERROR(file_->Write(offset, raw.data(), raw.size()));
   }
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [offset, slice] : dirty) {
     auto it = index_.find(offset);

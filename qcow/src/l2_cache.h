@@ -6,9 +6,11 @@
 // and so a random lookup reads 4 KiB, not a whole table (as QEMU does).
 //
 // Write-back: Modify and InsertZeroed mark a slice dirty. Dirty slices are
-// never evicted; they reach the file only through WriteDirty, so the owner
+// never evicted; they reach the file only through Flush, so the owner
 // decides when (and after what) metadata is written. See qcow2_write.cc for
-// the ordering rules this serves.
+// the ordering rules this serves. A slice is marked clean only once a sync
+// that followed its write has succeeded: after a failed write or sync it
+// stays dirty, so nothing treats it as durable.
 //
 // Thread safety: every method may be called from several threads at once. A
 // returned slice stays valid for as long as the caller holds it, even if
@@ -58,8 +60,9 @@ class TableCache {
   // A new all-zero slice (a table just allocated), dirty, without reading.
   void InsertZeroed(uint64_t slice_offset);
 
-  // Writes every dirty slice (without syncing) and marks them clean.
-  Status WriteDirty();
+  // Writes every dirty slice, syncs the file, and only then marks them
+  // clean. Does nothing (no sync) when no slice is dirty.
+  Status Flush();
 
   size_t dirty_count();
 

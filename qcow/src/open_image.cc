@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "dmcow/check.h"
+#include "dmcow/fail_stop_file.h"
 #include "dmcow/image.h"
 #include "image_base.h"
 #include "qcow1_image.h"
@@ -33,6 +34,8 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
   }
   std::unique_ptr<File> file;
   DMCOW_RETURN_IF_ERROR(env->OpenFile(path, options.writable ? OpenMode::kReadWrite : OpenMode::kReadOnly, &file));
+  // Rule (8) of qcow2_write.cc: the first failed write or sync ends writing.
+  if (options.writable) file = std::make_unique<FailStopFile>(std::move(file));
 
   std::string format = format_hint;
   if (format.empty()) DMCOW_RETURN_IF_ERROR(ProbeFile(file.get(), &format));

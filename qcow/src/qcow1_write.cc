@@ -361,18 +361,15 @@ Status Qcow1Image::FlushLocked() {
     DMCOW_RETURN_IF_ERROR(file_->Sync());
     unsynced_ = false;
   }
-  if (l2_cache_->dirty_count() > 0) {
-    DMCOW_RETURN_IF_ERROR(l2_cache_->WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
-  }
+  DMCOW_RETURN_IF_ERROR(l2_cache_->Flush());
   if (!dirty_l1_.empty()) {
     for (uint64_t index : dirty_l1_) {
       uint8_t raw[8];
       StoreBE64(raw, l1_[index]);
       DMCOW_RETURN_IF_ERROR(file_->Write(l1_offset_ + index * 8, raw, sizeof(raw)));
     }
-    dirty_l1_.clear();
     DMCOW_RETURN_IF_ERROR(file_->Sync());
+    dirty_l1_.clear();  // only now: a failed sync leaves them to be written again
   }
   return Status::OK();
 }

@@ -43,8 +43,8 @@ Status Qcow2Image::Grow(uint64_t new_size) {
     std::vector<uint8_t> raw(clusters * cs, 0);
     for (uint64_t i = 0; i < l1_.size(); i++) StoreBE64(&raw[i * 8], l1_[i]);
     DMCOW_RETURN_IF_ERROR(file_->Write(fresh, raw.data(), raw.size()));
-    DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
     DMCOW_RETURN_IF_ERROR(file_->Sync());
+    DMCOW_RETURN_IF_ERROR(refcounts_->Flush());
     uint8_t l1_fields[12];  // l1_size and l1_table_offset, one write
     StoreBE32(l1_fields, static_cast<uint32_t>(l1_needed));
     StoreBE64(l1_fields + 4, fresh);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "dmcow/fail_stop_file.h"
 #include "qcow2_metadata_tables.h"
 #include "util.h"
 
@@ -62,6 +63,7 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
       return s.IsNotFound() ? Status::NotFound(name + ": could not open external data file '" + h.data_file + "'")
                             : s;
     }
+    if (options.writable) img->data_file_ = std::make_unique<FailStopFile>(std::move(img->data_file_));
   }
 
   size_t slice = static_cast<size_t>(std::min<uint64_t>(kMaxSliceBytes, h.cluster_size));

@@ -198,7 +198,7 @@ Status Qcow2Refcounts::GrowTable(uint64_t min_entries) {
   for (uint64_t c = start; c < start + new_blocks + table_clusters; c++) DMCOW_RETURN_IF_ERROR(Adjust(c, 1));
 
   // Blocks, then the new table, durable before the header points at it.
-  DMCOW_RETURN_IF_ERROR(blocks_.WriteDirty());
+  DMCOW_RETURN_IF_ERROR(blocks_.Flush());
   std::vector<uint8_t> raw(entries * 8);
   for (uint64_t i = 0; i < entries; i++) StoreBE64(&raw[i * 8], table_[i]);
   const uint64_t table_offset = (start + new_blocks) * cluster_size_;
@@ -232,14 +232,35 @@ Status Qcow2Refcounts::ApplyPendingFrees() {
   return Status::OK();
 }
 
-Status Qcow2Refcounts::WriteDirty() {
-  DMCOW_RETURN_IF_ERROR(blocks_.WriteDirty());
-  for (uint64_t index : dirty_table_entries_) {
-    uint8_t raw[8];
-    StoreBE64(raw, table_[index]);
-    DMCOW_RETURN_IF_ERROR(file_->Write(header_->refcount_table_offset + index * 8, raw, sizeof(raw)));
+Status Qcow2Refcounts::Flush() {
+  // A table entry naming a new block must not reach the disk before the
+  // block: the entry alone would make the block's zeros (or stale bytes)
+  // the refcounts of live clusters.
+  DMCOW_RETURN_IF_ERROR(blocks_.Flush());
+  // Nor before the entry of the block that holds the new block's own
+  // refcount: Allocate puts the blocks for several new ranges side by side
+  // in the first of them, so block B's count may live in new block A, and
+  // B's entry durable without A's would make B a referenced cluster with
+  // refcount 0. Entries go in rounds, each synced: first those whose own
+  // count is reachable already (in a block with a durable entry, or in
+  // themselves), then those that depended on them.
+  while (!dirty_table_entries_.empty()) {
+    std::vector<uint64_t> ready;
+    for (uint64_t index : dirty_table_entries_) {
+      const uint64_t holder = BlockOf(table_[index] / cluster_size_);
+      if (holder == index || dirty_table_entries_.count(holder) == 0) ready.push_back(index);
+    }
+    if (ready.empty()) {  // not made by Allocate or GrowTable; no order helps
+      ready.assign(dirty_table_entries_.begin(), dirty_table_entries_.end());
+    }
+    for (uint64_t index : ready) {
+      uint8_t raw[8];
+      StoreBE64(raw, table_[index]);
+      DMCOW_RETURN_IF_ERROR(file_->Write(header_->refcount_table_offset + index * 8, raw, sizeof(raw)));
+    }
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+    for (uint64_t index : ready) dirty_table_entries_.erase(index);
   }
-  dirty_table_entries_.clear();
   return Status::OK();
 }
 

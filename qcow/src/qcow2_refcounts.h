@@ -3,8 +3,8 @@
 //
 // Refcount blocks are cached (write-back) in TableCache slices; the table is
 // held in memory (at most 8 MiB by the open-time rules). Changes reach the
-// file only through WriteDirty, called by the owner in the order set out at
-// the top of qcow2_write.cc. Decrements are deferred (FreeLater) until the
+// file only through Flush, called by the owner in the order set out at the
+// top of qcow2_write.cc. Decrements are deferred (FreeLater) until the
 // metadata that stopped referencing a cluster is durable, so a freed cluster
 // is never reused while a durable table may still point at it.
 //
@@ -47,10 +47,13 @@ class Qcow2Refcounts {
   bool HasPendingFrees() const { return !pending_frees_.empty(); }
   Status ApplyPendingFrees();
 
-  // Writes dirty refcount blocks and table entries, without syncing.
-  Status WriteDirty();
+  // Makes dirty refcount blocks and table entries durable: blocks first,
+  // synced, and only then the table entries that point at new blocks,
+  // synced (rule 7 of qcow2_write.cc). Nothing is marked clean before the
+  // sync after its write succeeded.
+  Status Flush();
   size_t dirty_slices() { return blocks_.dirty_count(); }
-  // Whether WriteDirty has anything to write (blocks or table entries).
+  // Whether Flush has anything to write (blocks or table entries).
   bool dirty() { return blocks_.dirty_count() > 0 || !dirty_table_entries_.empty(); }
 
  private:

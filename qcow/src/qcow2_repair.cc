@@ -287,8 +287,7 @@ Status Qcow2Check::WriteSnapshotTable() {
     DMCOW_RETURN_IF_ERROR(refcounts.Allocate(DivRoundUp(table.size(), cs()), &offset));
     DMCOW_RETURN_IF_ERROR(file_->Write(offset, table.data(), table.size()));
     DMCOW_RETURN_IF_ERROR(file_->Sync());
-    DMCOW_RETURN_IF_ERROR(refcounts.WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
+    DMCOW_RETURN_IF_ERROR(refcounts.Flush());
   }
   uint8_t fields[12];
   StoreBE32(fields, static_cast<uint32_t>(snapshots_.size()));
@@ -308,8 +307,7 @@ Status Qcow2Check::WriteSnapshotTable() {
     }
   }
   if (refcounts.dirty()) {
-    DMCOW_RETURN_IF_ERROR(refcounts.WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
+    DMCOW_RETURN_IF_ERROR(refcounts.Flush());
   }
   h_.nb_snapshots = static_cast<uint32_t>(snapshots_.size());
   h_.snapshots_offset = offset;

@@ -28,12 +28,33 @@
 //      and only then clears the dirty bit (durably). A crash while the bit is
 //      set leaves refcounts that only a repair (check -r all, which a
 //      writable open runs itself) makes right; tables and data obey (2)-(3).
+//  (7) Whatever a pointer names is durable before the pointer: a new
+//      refcount block before the refcount-table entry naming it
+//      (Qcow2Refcounts::Flush syncs between the two, and writes a block's
+//      entry only once the entry of the block holding its own refcount is
+//      durable), a new refcount table
+//      and its blocks before the header fields naming it (GrowTable), a
+//      grown L1 table and its refcounts before the header's l1_size and
+//      l1_table_offset (qcow2_grow.cc), and (3) for L2 tables. Without the
+//      sync, a crash could keep a table entry whose block never arrived, and
+//      the block's zeros would become the refcounts of live clusters.
+//  (8) Metadata counts as written only once a sync that followed its write
+//      succeeded: caches mark slices clean and the L1 forgets dirty entries
+//      after that sync, never before. And the first failed write, zeroing,
+//      truncation or sync of an image file ends writing through that open
+//      (FailStopFile): every later write, sync and flush fails with the
+//      first error, so nothing is acknowledged after the kernel may have
+//      dropped the failed pages (a second fdatasync after EIO reports
+//      success on Linux). Reopening, once the cause is fixed, starts over
+//      from what is on disk.
 // Consequences: a crash at any point leaves an image that references only
 // allocated, fully written clusters; it may leak clusters (refcount without
 // reference), which `check -r leaks` reclaims. Writes not yet flushed may be
 // lost or (for in-place overwrites) torn; flushed ones never are.
 // tests/crash_test.cc drops and tears unsynced writes at every point of
-// seeded write sequences and checks both claims.
+// seeded write sequences and checks both claims; tests/io_error_test.cc
+// fails each write and sync in turn and checks that nothing is lost or
+// acknowledged.
 #include <algorithm>
 #include <cstring>
 
@@ -392,31 +413,22 @@ Status Qcow2Image::FlushLocked(bool closing) {
   if (lazy && tables_dirty && refcounts_->dirty() && !(header_.incompatible_features & kIncompatDirty)) {
     DMCOW_RETURN_IF_ERROR(SetDirtyBit(true));
   }
-  if (refcounts_->dirty() && !lazy) {
-    DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
-  }
-  if (l2_cache_->dirty_count() > 0) {
-    DMCOW_RETURN_IF_ERROR(l2_cache_->WriteDirty());
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
-  }
+  if (refcounts_->dirty() && !lazy) DMCOW_RETURN_IF_ERROR(refcounts_->Flush());
+  DMCOW_RETURN_IF_ERROR(l2_cache_->Flush());
   if (!dirty_l1_.empty()) {
     for (uint64_t index : dirty_l1_) {
       uint8_t raw[8];
       StoreBE64(raw, l1_[index]);
       DMCOW_RETURN_IF_ERROR(file_->Write(header_.l1_table_offset + index * 8, raw, sizeof(raw)));
     }
-    dirty_l1_.clear();
     DMCOW_RETURN_IF_ERROR(file_->Sync());
+    dirty_l1_.clear();  // only now: after a failed sync they are still owed (rule 8)
   }
   if (refcounts_->HasPendingFrees()) {
     free_byte_offset_ = 0;
     compressed_->Invalidate();  // freed compressed bytes may be reused from now on
     DMCOW_RETURN_IF_ERROR(refcounts_->ApplyPendingFrees());
-    if (!lazy) {
-      DMCOW_RETURN_IF_ERROR(refcounts_->WriteDirty());
-      DMCOW_RETURN_IF_ERROR(file_->Sync());
-    }
+    if (!lazy) DMCOW_RETURN_IF_ERROR(refcounts_->Flush());
   }
   if (closing && (header_.incompatible_features & kIncompatDirty) && !refcounts_->dirty()) {
     DMCOW_RETURN_IF_ERROR(SetDirtyBit(false));  // every refcount is durable again

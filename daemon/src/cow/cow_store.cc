@@ -4,6 +4,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "dmcow/fail_stop_file.h"
+
 namespace dmcowd::cow {
 
 namespace {
@@ -36,6 +38,9 @@ Status CowStore::Open(dmcow::Env* env, const std::string& path, const Options& o
   Status s = env->OpenFile(path, dmcow::OpenMode::kReadWrite, &file);
   if (s.IsNotFound()) s = env->OpenFile(path, dmcow::OpenMode::kCreateTruncate, &file);
   DMCOW_RETURN_IF_ERROR(s);
+  // After a failed write or sync nothing more is written or acknowledged
+  // (dmcow/fail_stop_file.h): the device's flushes fail from then on.
+  file = std::make_unique<dmcow::FailStopFile>(std::move(file));
   uint64_t size = 0;
   DMCOW_RETURN_IF_ERROR(file->Size(&size));
 
@@ -188,8 +193,9 @@ Status CowStore::Persist(uint64_t durable_batch) {
   Status s = WriteTableSectors(sectors);
   if (s.ok()) s = file_->Sync();
   if (!s.ok()) {
-    // Not durable: the next flush tries again. Entries that reached the
-    // disk anyway point at durable data, so they do no harm.
+    // Not durable, and never will be through this open: the file refuses
+    // every later write and sync (FailStopFile), so every later flush fails
+    // too. Entries that reached the disk anyway point at durable data.
     for (auto it = taken.rbegin(); it != taken.rend(); ++it) {
       table_[it->chunk] = it->entry;
       pending_.push_front(*it);

@@ -200,3 +200,23 @@ TEST_CASE("cow store: a crash while formatting leaves no COW or an empty one") {
     CHECK((st.ok() || st.message().find("no header") != std::string::npos));
   }
 }
+
+// A failed sync may have lost the kernel's data pages of the COW file with
+// it, and Linux reports the next fdatasync as fine: the store must not
+// acknowledge any flush after the failure (dmcow/fail_stop_file.h).
+TEST_CASE("cow store: after a failed sync no later flush succeeds") {
+  CrashEnv env(~uint64_t{0});
+  std::unique_ptr<CowStore> store;
+  REQUIRE(CowStore::Open(&env, "cow", Opts(), &store).ok());
+  CowStore::Decision d;
+  REQUIRE(store->Decide(0, 1, &d).ok());
+  env.InjectFault(env.ops() + 2, CrashEnv::Fault::kEio);  // Persist: one table write, then the sync
+  const dmcow::Status failed = store->Persist(1);
+  INFO(failed.ToString());
+  REQUIRE(!failed.ok());
+  REQUIRE(store->Decide(1, 2, &d).ok());
+  const dmcow::Status later = store->Persist(2);
+  INFO(later.ToString());
+  CHECK(!later.ok());
+  CHECK(later.ToString().find("Input/output error (injected)") != std::string::npos);
+}

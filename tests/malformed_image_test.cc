@@ -947,6 +947,14 @@ std::vector<Case> Qcow2Cases() {
   add("l2-max-offset", Mutate(base, [&](Bytes* b) { Put64(b, v3.l1_offset, 0x00fffffffffff000ULL | kCopied); }), kCorrupt,
       "L2 table at offset 0xfffffffffff000")
       .stage = Stage::kRead;
+  // Bit 0 of an L2 entry is the zero flag only from version 3 on (QEMU's qcow2_get_host_offset).
+  add("v2-zero-flag", Mutate(v2.file, [&](Bytes* b) { Put64(b, v2.l2_offset + 2 * 8, 1); }), kCorrupt,
+      "zero cluster entry in a version 2 (compat=0.10) image for guest offset 0x2000 (L2 table at offset 0x4000, entry "
+      "at 0x4010)")
+      .stage = Stage::kRead;
+  add("v2-zero-flag-allocated", Mutate(v2.file, [&](Bytes* b) { Put64(b, v2.l2_offset, v2.data_offset | kCopied | 1); }),
+      kCorrupt, "zero cluster entry in a version 2 (compat=0.10) image for guest offset 0 (L2 table at offset 0x4000")
+      .stage = Stage::kRead;
   add("data-unaligned", Mutate(base, [&](Bytes* b) { Put64(b, v3.l2_offset, (v3.data_offset + 512) | kCopied); }), kCorrupt,
       "data cluster offset 0x5200 for guest offset 0 is not cluster aligned")
       .stage = Stage::kRead;

@@ -724,6 +724,8 @@ std::vector<Case> Qcow2Cases() {
       "unsupported qcow2 feature(s): bit 40");
   add("data-file-without-name", Mutate(base, [](Bytes* b) { Put64(b, kHdrIncompat, 1ULL << 2); }), kCorrupt,
       "uses an external data file but does not name it");
+  add("data-file-raw-without-data-file", Mutate(base, [](Bytes* b) { Put64(b, kHdrAutoclear, 2); }), kCorrupt,
+      "data-file-raw (autoclear feature bit 1) is set but the image has no external data file");
 
   // Encryption.
   add("crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 1); }), kNotSupported, "image is encrypted (AES)");

@@ -29,7 +29,7 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
 
   ImageInfo& info = img->info_;
   info.format = "qcow2";
-  info.virtual_size = h.size;
+  info.virtual_size = h.DiskSize();
   info.cluster_size = h.cluster_size;
   info.dirty = h.incompatible_features & kIncompatDirty;
   info.corrupt = h.incompatible_features & kIncompatCorrupt;
@@ -93,7 +93,7 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, const std::string& snapsho
     if (!found) return Status::NotFound(filename() + ": no snapshot with id or name '" + snapshot + "'");
     l1_offset = found->l1_table_offset;
     l1_entries = found->l1_size;
-    if (found->has_disk_size) info_.virtual_size = found->disk_size;
+    if (found->has_disk_size) info_.virtual_size = found->disk_size & ~uint64_t{511};  // whole sectors, as above
     std::string what = "L1 table of snapshot '" + found->name + "'";
     if (info_.virtual_size > static_cast<uint64_t>(INT64_MAX)) {
       return Status::Corrupt(filename() + ": snapshot '" + found->name + "' has an invalid disk size");

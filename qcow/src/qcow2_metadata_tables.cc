@@ -118,9 +118,11 @@ Status ReadQcow2Bitmaps(File* file, const Qcow2Header& h, std::vector<BitmapInfo
       // A bitmap in use is stale and skipped; a clean one must cover the disk
       // with exactly the table QEMU would serialise it to (64-bit words).
       const uint64_t covered = (uint64_t{table_entries} * h.cluster_size * 8) << granularity_bits;  // < 2^63
-      const uint64_t words = h.size == 0 ? 0 : ((h.size - 1) >> granularity_bits >> 6) + 1;
+      // QEMU sizes bitmaps by the disk's length in whole sectors.
+      const uint64_t disk = h.DiskSize();
+      const uint64_t words = disk == 0 ? 0 : ((disk - 1) >> granularity_bits >> 6) + 1;
       const uint64_t expected = DivRoundUp(words * 8, h.cluster_size);
-      if (h.size > covered || table_entries != expected) {
+      if (disk > covered || table_entries != expected) {
         return Status::Corrupt(what + " has " + std::to_string(table_entries) + " bitmap table entries where " +
                                std::to_string(expected) + " are needed");
       }

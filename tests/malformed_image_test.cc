@@ -846,6 +846,16 @@ std::vector<Case> Qcow2Cases() {
       "bitmap directory is truncated");
   add("bitmap-entry-overflows", Mutate(bm.file, [&](Bytes* b) { Put16(b, bd + 18, 9); }), kCorrupt,
       "bitmap directory entry overflows the directory");
+  // Bitmap table entries (QEMU's bitmap_table_load and check_table_entry), for a bitmap not in use.
+  const uint64_t bt = bm.bitmap_table;
+  add("bitmap-table-entry-reserved", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, 2); }), kCorrupt,
+      "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x2): reserved bits set");
+  add("bitmap-table-entry-reserved-high", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, (1ULL << 56) | bm.data_offset); }),
+      kCorrupt, "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x100000000005000): reserved bits set");
+  add("bitmap-table-entry-unaligned", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, bm.data_offset + 512); }), kCorrupt,
+      "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x5200): a data offset that is not cluster aligned");
+  add("bitmap-table-entry-all-ones-with-offset", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, bm.data_offset | 1); }),
+      kCorrupt, "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x5001): the all-ones flag set");
 
   // Virtual size and active L1 table.
   add("l1-size-huge", Mutate(base, [](Bytes* b) { Put32(b, kHdrL1Size, 32 * kMiB / 8 + 1); }), kCorrupt,

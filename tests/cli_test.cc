@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <memory>
@@ -278,4 +279,160 @@ TEST_CASE("command line handling", "[cli]") {
   json j = json::parse(r.out, nullptr, false);
   CHECK(j["virtual-size"] == 1048576);
   CHECK(j["format"] == "raw");
+}
+
+// Format rules QEMU enforces that dmcow once let through (issue 22, found by
+// mutation fuzzing), on images qemu-img and qemu-io made and one field then
+// changed: every command agrees with qemu-img on the exit status (and on
+// stdout where both succeed). The one knowing difference: qemu-img info
+// opens with no I/O and so shows data-file-raw-without-data-file, which our
+// info refuses as every other command does (docs/format-rules.md).
+namespace {
+
+uint64_t GetBE(const std::vector<uint8_t>& b, uint64_t off, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; i++) v = (v << 8) | b.at(off + i);
+  return v;
+}
+
+void SetBE64(std::vector<uint8_t>* b, uint64_t off, uint64_t v) {
+  for (int i = 0; i < 8; i++) b->at(off + i) = static_cast<uint8_t>(v >> (8 * (7 - i)));
+}
+
+// Rewrites `path` through `edit`.
+template <typename F>
+void Patch(const std::string& path, F edit) {
+  std::vector<uint8_t> b = ReadWholeFile(path);
+  edit(&b);
+  WriteWholeFile(path, b);
+}
+
+// Exit status and stderr of `command` run in `dir` (stdout discarded).
+Result ExecErr(const std::string& dir, const std::string& command) {
+  Result r;
+  r.rc = Run("{ cd '" + dir + "' && " + command + " 2>&1 >/dev/null; }", &r.out);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("images QEMU refuses, or sizes in whole sectors, are seen as qemu-img sees them", "[cli][qemu-rules]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir tmp;
+  const std::string dir = tmp.path();
+  auto sh = [&](const std::string& cmd) { MustRun("cd '" + dir + "' && " + cmd + " >/dev/null"); };
+  const uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
+
+  // 1. v2 image, bit 0 of the first L2 entry set (the issue's reproducer).
+  sh("qemu-img create -q -f qcow2 -o compat=0.10 v2zero.qcow2 1M && qemu-io -c 'write -P 0x44 0 64k' v2zero.qcow2");
+  Patch(tmp / "v2zero.qcow2", [&](std::vector<uint8_t>* b) {
+    const uint64_t l2 = GetBE(*b, GetBE(*b, 40, 8), 8) & kOffsetMask;
+    b->at(l2 + 7) |= 1;
+  });
+  // 2. Autoclear bit 1 (data-file-raw) without an external data file.
+  sh("qemu-img create -q -f qcow2 rawbit.qcow2 1M && qemu-io -c 'write -P 0x45 0 64k' rawbit.qcow2");
+  Patch(tmp / "rawbit.qcow2", [](std::vector<uint8_t>* b) { b->at(95) |= 2; });
+  // 3. A persistent bitmap whose table entry has reserved bit 1 set.
+  sh("qemu-img create -q -f qcow2 -o cluster_size=4096 bmres.qcow2 1M && qemu-img bitmap --add bmres.qcow2 bm0"
+     " && qemu-io -c 'write -P 0x46 0 64k' bmres.qcow2");
+  Patch(tmp / "bmres.qcow2", [&](std::vector<uint8_t>* b) {
+    uint64_t off = GetBE(*b, 100, 4), dir_offset = 0;
+    while (GetBE(*b, off, 4) != 0) {
+      if (GetBE(*b, off, 4) == 0x23852875) dir_offset = GetBE(*b, off + 24, 8);
+      off += 8 + ((GetBE(*b, off + 4, 4) + 7) & ~uint64_t{7});
+    }
+    REQUIRE(dir_offset != 0);
+    const uint64_t table = GetBE(*b, dir_offset, 8);
+    REQUIRE(GetBE(*b, table, 8) != 0);  // the write set bits: the entry points at a data cluster
+    SetBE64(b, table, GetBE(*b, table, 8) | 2);
+  });
+  // 4. Virtual sizes that are not a multiple of 512, qcow2 and qcow v1,
+  // with data in the last sectors.
+  sh("qemu-img create -q -f qcow2 odd.qcow2 16M && qemu-io -c 'write -P 0x55 16320k 64k' odd.qcow2");
+  sh("qemu-img create -q -f qcow odd.qcow 16M && qemu-io -f qcow -c 'write -P 0x55 16320k 64k' odd.qcow");
+  for (const char* name : {"odd.qcow2", "odd.qcow"}) {
+    Patch(tmp / name, [](std::vector<uint8_t>* b) { SetBE64(b, 24, 16777215); });
+  }
+
+  auto same = [&](const std::string& args, bool compare_stdout) {
+    Result theirs = Exec(dir, "qemu-img " + args);
+    Result ours = Exec(dir, Ours() + " " + args);
+    INFO("command: " << args << "\nqemu-img: rc " << theirs.rc << " [" << theirs.out << "]\ndmcow-img: rc " << ours.rc
+                     << " [" << ours.out << "]");
+    CHECK(ours.rc == theirs.rc);
+    if (compare_stdout) CHECK(ours.out == theirs.out);
+    return ours.rc;
+  };
+  // A refusal by us: exit 1, one line on stderr naming the file.
+  auto refused = [&](const std::string& args, const std::string& file, const std::string& expect) {
+    Result r = ExecErr(dir, Ours() + " " + args);
+    INFO("dmcow-img " << args << ": rc " << r.rc << " stderr [" << r.out << "]");
+    CHECK(r.rc == 1);
+    CHECK(std::count(r.out.begin(), r.out.end(), '\n') == 1);
+    CHECK(r.out.find(file) != std::string::npos);
+    CHECK(r.out.find(expect) != std::string::npos);
+  };
+
+  SECTION("a zero cluster in a version 2 image") {
+    same("info v2zero.qcow2", true);
+    same("convert -O raw v2zero.qcow2 out.raw", true);
+    refused("convert -O raw v2zero.qcow2 out.raw", "v2zero.qcow2", "zero cluster entry in a version 2");
+    same("map --output=json v2zero.qcow2", false);
+    refused("checksum v2zero.qcow2", "v2zero.qcow2", "zero cluster entry in a version 2");
+    // qemu-img check counts nothing here (its check_refcounts_l2 treats the
+    // entry as a zero cluster), and -r all leaves the image as it is; ours
+    // does the same (and names the entry on stderr).
+    same("check v2zero.qcow2", true);
+    same("check --output=json v2zero.qcow2", true);
+    sh("cp v2zero.qcow2 q.qcow2 && cp v2zero.qcow2 d.qcow2");
+    Result theirs = Exec(dir, "qemu-img check -r all q.qcow2");
+    Result ours = Exec(dir, Ours() + " check -r all d.qcow2");
+    CHECK(ours.rc == theirs.rc);
+    CHECK(ours.out == theirs.out);
+    CHECK(Exec(dir, "cmp q.qcow2 v2zero.qcow2").rc == 0);
+    CHECK(Exec(dir, "cmp d.qcow2 v2zero.qcow2").rc == 0);
+    Result note = ExecErr(dir, Ours() + " check v2zero.qcow2");
+    CHECK(note.out.find("zero cluster, which a version 2 image cannot hold") != std::string::npos);
+  }
+  SECTION("data-file-raw without a data file") {
+    for (const char* cmd : {"convert -O raw rawbit.qcow2 out.raw", "map --output=json rawbit.qcow2",
+                            "check rawbit.qcow2", "compare rawbit.qcow2 rawbit.qcow2"}) {
+      same(cmd, true);
+    }
+    for (const char* cmd : {"info rawbit.qcow2", "convert -O raw rawbit.qcow2 out.raw", "map rawbit.qcow2",
+                            "checksum rawbit.qcow2"}) {
+      refused(cmd, "rawbit.qcow2", "data-file-raw (autoclear feature bit 1) is set");
+    }
+    CHECK(Exec(dir, "qemu-img info rawbit.qcow2").rc == 0);  // the knowing difference
+  }
+  SECTION("a bitmap table entry with a reserved bit set") {
+    for (const char* cmd : {"info bmres.qcow2", "convert -O raw bmres.qcow2 out.raw", "map --output=json bmres.qcow2",
+                            "check bmres.qcow2", "check -r all bmres.qcow2", "compare bmres.qcow2 bmres.qcow2"}) {
+      same(cmd, true);
+    }
+    for (const char* cmd : {"info bmres.qcow2", "convert -O raw bmres.qcow2 out.raw", "check bmres.qcow2",
+                            "checksum bmres.qcow2"}) {
+      refused(cmd, "bmres.qcow2", "bitmap 'bm0' has an invalid bitmap table entry");
+    }
+  }
+  SECTION("virtual sizes in whole sectors") {
+    for (const std::string name : {"odd.qcow2", "odd.qcow"}) {
+      INFO("image " << name);
+      same("info " + name, true);
+      same("info --output=json " + name, true);
+      same("map --output=json " + name, true);
+      same("map " + name, true);
+      REQUIRE(Exec(dir, "qemu-img convert -O raw " + name + " theirs.raw").rc == 0);
+      REQUIRE(Exec(dir, Ours() + " convert -O raw " + name + " ours.raw").rc == 0);
+      CHECK(ReadWholeFile(tmp / "ours.raw").size() == 16776704);
+      CHECK(Exec(dir, "cmp theirs.raw ours.raw").rc == 0);
+      same("compare " + name + " theirs.raw", true);
+      same("compare -s " + name + " theirs.raw", true);
+      Result sum = Exec(dir, Ours() + " checksum " + name);
+      CHECK(sum.out == Sha256OfFile(tmp / "theirs.raw") + "  " + name + "\n");
+    }
+    same("compare odd.qcow2 odd.qcow", true);
+    same("check odd.qcow2", true);
+    same("check --output=json odd.qcow2", true);
+  }
 }

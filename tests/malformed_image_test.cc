@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <new>
 #include <optional>
 #include <string>
@@ -724,6 +725,8 @@ std::vector<Case> Qcow2Cases() {
       "unsupported qcow2 feature(s): bit 40");
   add("data-file-without-name", Mutate(base, [](Bytes* b) { Put64(b, kHdrIncompat, 1ULL << 2); }), kCorrupt,
       "uses an external data file but does not name it");
+  add("data-file-raw-without-data-file", Mutate(base, [](Bytes* b) { Put64(b, kHdrAutoclear, 2); }), kCorrupt,
+      "data-file-raw (autoclear feature bit 1) is set but the image has no external data file");
 
   // Encryption.
   add("crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 1); }), kNotSupported, "image is encrypted (AES)");
@@ -844,6 +847,16 @@ std::vector<Case> Qcow2Cases() {
       "bitmap directory is truncated");
   add("bitmap-entry-overflows", Mutate(bm.file, [&](Bytes* b) { Put16(b, bd + 18, 9); }), kCorrupt,
       "bitmap directory entry overflows the directory");
+  // Bitmap table entries (QEMU's bitmap_table_load and check_table_entry), for a bitmap not in use.
+  const uint64_t bt = bm.bitmap_table;
+  add("bitmap-table-entry-reserved", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, 2); }), kCorrupt,
+      "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x2): reserved bits set");
+  add("bitmap-table-entry-reserved-high", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, (1ULL << 56) | bm.data_offset); }),
+      kCorrupt, "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x100000000005000): reserved bits set");
+  add("bitmap-table-entry-unaligned", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, bm.data_offset + 512); }), kCorrupt,
+      "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x5200): a data offset that is not cluster aligned");
+  add("bitmap-table-entry-all-ones-with-offset", Mutate(bm.file, [&](Bytes* b) { Put64(b, bt, bm.data_offset | 1); }),
+      kCorrupt, "bitmap 'bm0' has an invalid bitmap table entry at offset 0x8000 (0x5001): the all-ones flag set");
 
   // Virtual size and active L1 table.
   add("l1-size-huge", Mutate(base, [](Bytes* b) { Put32(b, kHdrL1Size, 32 * kMiB / 8 + 1); }), kCorrupt,
@@ -946,6 +959,14 @@ std::vector<Case> Qcow2Cases() {
       .stage = Stage::kRead;
   add("l2-max-offset", Mutate(base, [&](Bytes* b) { Put64(b, v3.l1_offset, 0x00fffffffffff000ULL | kCopied); }), kCorrupt,
       "L2 table at offset 0xfffffffffff000")
+      .stage = Stage::kRead;
+  // Bit 0 of an L2 entry is the zero flag only from version 3 on (QEMU's qcow2_get_host_offset).
+  add("v2-zero-flag", Mutate(v2.file, [&](Bytes* b) { Put64(b, v2.l2_offset + 2 * 8, 1); }), kCorrupt,
+      "zero cluster entry in a version 2 (compat=0.10) image for guest offset 0x2000 (L2 table at offset 0x4000, entry "
+      "at 0x4010)")
+      .stage = Stage::kRead;
+  add("v2-zero-flag-allocated", Mutate(v2.file, [&](Bytes* b) { Put64(b, v2.l2_offset, v2.data_offset | kCopied | 1); }),
+      kCorrupt, "zero cluster entry in a version 2 (compat=0.10) image for guest offset 0 (L2 table at offset 0x4000")
       .stage = Stage::kRead;
   add("data-unaligned", Mutate(base, [&](Bytes* b) { Put64(b, v3.l2_offset, (v3.data_offset + 512) | kCopied); }), kCorrupt,
       "data cluster offset 0x5200 for guest offset 0 is not cluster aligned")
@@ -1084,7 +1105,8 @@ TEST_CASE("malformed qcow v1 images are refused", "[malformed]") { RunCases(Qcow
 // message, name the file, and never hand out or copy what a bad entry says.
 TEST_CASE("hostile tables reached through the block-device calls are refused", "[malformed][device]") {
   const std::vector<std::string> table_cases = {
-      "l2-unaligned", "l2-past-eof", "l2-max-offset", "data-unaligned", "compressed-offset-huge",
+      "l2-unaligned", "l2-past-eof", "l2-max-offset", "data-unaligned", "compressed-offset-huge", "v2-zero-flag",
+      "v2-zero-flag-allocated",
       "extended-l2-alloc-and-zero", "extended-l2-alloc-without-offset", "v1-l2-past-eof", "v1-l2-offset-huge",
       "v1-data-offset-huge", "v1-data-unaligned"};
   std::vector<Case> cases = Qcow2Cases();
@@ -1134,6 +1156,138 @@ TEST_CASE("hostile tables reached through the block-device calls are refused", "
     }
   }
   CHECK(seen == table_cases.size());
+}
+
+// Rules that QEMU enforces and the engine once let through (found by
+// mutation fuzzing): each refused case is refused by qemu-img too, and the
+// files next to them that QEMU accepts are read as QEMU reads them.
+TEST_CASE("rules QEMU enforces: qemu-img refuses the same files, and reads the neighbours alike", "[malformed][qemu]") {
+  const std::vector<std::string> refused = {
+      "v2-zero-flag",          "v2-zero-flag-allocated",           "data-file-raw-without-data-file",
+      "bitmap-table-entry-reserved", "bitmap-table-entry-reserved-high", "bitmap-table-entry-unaligned",
+      "bitmap-table-entry-all-ones-with-offset"};
+  std::vector<Case> cases = Qcow2Cases();
+  const bool qemu = HaveQemuImg();
+  if (!qemu) WARN("qemu-img not found: the cases are not cross-checked with QEMU");
+  TempDir dir;
+  for (const std::string& stem : refused) {
+    const Case* found = nullptr;
+    for (const Case& c : cases) {
+      if (c.name == stem + ".qcow2") found = &c;
+    }
+    REQUIRE(found);
+    if (!qemu) continue;
+    const std::string file = dir / found->name;
+    WriteWholeFile(file, found->bytes);
+    std::string out;
+    INFO("qemu-img convert of " << found->name);
+    CHECK(Run("qemu-img convert -f qcow2 -O raw '" + file + "' '" + file + ".raw'", &out) != 0);
+  }
+
+  // Accepted: how QEMU reads each, and the engine alike.
+  struct Accepted {
+    std::string name;
+    Bytes file;
+    Bytes guest;
+    std::string format = "qcow2";
+  };
+  std::vector<Accepted> accepted;
+  Qcow2Spec bmspec;
+  bmspec.bitmap = true;
+  const Qcow2Built bm = BuildQcow2(bmspec);
+  // A table entry with the all-ones flag and no offset is valid.
+  accepted.push_back({"bitmap-table-entry-all-ones", Mutate(bm.file, [&](Bytes* b) { Put64(b, bm.bitmap_table, 1); }),
+                      bm.guest});
+  // QEMU does not load the table of a bitmap in use (load_bitmap skips it).
+  accepted.push_back({"bitmap-in-use-table-reserved", Mutate(bm.file, [&](Bytes* b) {
+                        Put32(b, bm.bitmap_dir + 12, 3);
+                        Put64(b, bm.bitmap_table, 2);
+                      }),
+                      bm.guest});
+  // A table past the end of the file reads as zeros: valid entries.
+  accepted.push_back({"bitmap-table-past-eof", Mutate(bm.file, [&](Bytes* b) { Put64(b, bm.bitmap_dir, 1000 * bm.cs); }),
+                      bm.guest});
+  // A virtual size that is not a multiple of 512 is rounded down (QEMU's
+  // qcow2_do_open and qcow_open: total_sectors = size / 512).
+  const Qcow2Built v3 = BuildQcow2(Qcow2Spec{});
+  for (uint64_t size : {kMiB - 1, kMiB - 511, uint64_t{511}, uint64_t{1000}}) {
+    Bytes guest(v3.guest.begin(), v3.guest.begin() + (size & ~uint64_t{511}));
+    accepted.push_back({"size-" + std::to_string(size), Mutate(v3.file, [&](Bytes* b) { Put64(b, kHdrSize, size); }),
+                        guest});
+  }
+  const Qcow1Built q1 = BuildQcow1();
+  for (uint64_t size : {kMiB - 1, uint64_t{4096 + 700}, uint64_t{2}}) {
+    Bytes guest(q1.guest.begin(), q1.guest.begin() + (size & ~uint64_t{511}));
+    accepted.push_back({"v1-size-" + std::to_string(size), Mutate(q1.file, [&](Bytes* b) { Put64(b, kQ1Size, size); }),
+                        guest, "qcow"});
+  }
+  for (const Accepted& a : accepted) {
+    SECTION(a.name) {
+      MemEnv env;
+      const std::string path = "/img/" + a.name;
+      env.PutFile(path, a.file);
+      for (const std::string& format : {a.format, std::string()}) {
+        Outcome o = OpenAndReadAll(&env, path, format, "", true);
+        INFO(a.name << " format '" << format << "': " << o.status.ToString());
+        REQUIRE(o.status.ok());
+        CHECK(FirstDifference(o.content, a.guest) == "none");
+      }
+      if (qemu) {
+        const std::string file = dir / a.name;
+        WriteWholeFile(file, a.file);
+        MustRun("qemu-img convert -f " + a.format + " -O raw '" + file + "' '" + file + ".raw'");
+        CHECK(FirstDifference(ReadWholeFile(file + ".raw"), a.guest) == "none");
+      }
+    }
+  }
+}
+
+// A version 2 zero cluster is corrupt for the write engine too: nothing is
+// written over it or copied from it, and it never reads as zeros.
+TEST_CASE("a zero cluster in a version 2 image is refused by writes", "[malformed]") {
+  Qcow2Spec v2spec;
+  v2spec.version = 2;
+  const Qcow2Built v2 = BuildQcow2(v2spec);
+  const uint64_t cs = v2.cs;
+  for (const bool allocated : {false, true}) {
+    SECTION(allocated ? "allocated" : "plain") {
+      MemEnv env;
+      const std::string path = "/img/v2-zero.qcow2";
+      Bytes file = v2.file;
+      const uint64_t cluster = allocated ? 0 : 2;
+      Put64(&file, v2.l2_offset + cluster * 8, allocated ? (v2.data_offset | kCopied | 1) : 1);
+      env.PutFile(path, file);
+      OpenOptions options;
+      options.env = &env;
+      options.writable = true;
+      std::unique_ptr<Image> image;
+      REQUIRE(OpenImage(path, options, &image).ok());
+      const Bytes data = DataPattern(cs, 3);
+      struct Op {
+        const char* what;
+        std::function<Status()> run;
+      };
+      const std::vector<Op> ops = {
+          {"whole-cluster write", [&] { return image->Write(cluster * cs, data.data(), cs); }},
+          {"partial write", [&] { return image->Write(cluster * cs + 100, data.data(), 100); }},
+          {"zero write", [&] { return image->WriteZeroes(cluster * cs, cs); }},
+          {"discard", [&] { return image->Discard(cluster * cs, cs); }},
+          {"read", [&] { Bytes buf(cs); return image->Read(cluster * cs, buf.data(), cs); }},
+      };
+      for (const Op& op : ops) {
+        Status s = op.run();
+        INFO(op.what << ": " << s.ToString());
+        CHECK(s.IsCorrupt());
+        CHECK(Contains(s.message(), path));
+        CHECK(Contains(s.message(), "zero cluster entry in a version 2"));
+      }
+      REQUIRE(image->Flush().ok());
+      image.reset();
+      Bytes after;
+      REQUIRE(env.GetFile(path, &after));
+      CHECK(FirstDifference(Bytes(after.begin(), after.begin() + file.size()), file) == "none");
+    }
+  }
 }
 
 TEST_CASE("messages stay on one line whatever the image holds", "[malformed]") {

@@ -86,7 +86,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
 
   const uint64_t cluster_size = 1ULL << img->cluster_bits_;
   img->info_.format = "qcow";
-  img->info_.virtual_size = size;
+  img->info_.virtual_size = size & ~uint64_t{511};  // whole sectors, as QEMU's qcow_open (total_sectors = size / 512)
   img->info_.cluster_size = cluster_size;
   img->info_.version = 1;
   size_t slice = static_cast<size_t>(std::min<uint64_t>(4096, 8ULL << img->l2_bits_));

@@ -191,6 +191,15 @@ Status Qcow2Check::CountL2(Qcow2CheckCounts* res, uint64_t l2_offset, bool activ
     }
     const uint64_t offset = entry & kOffsetMask;
     const bool zero_flag = !h_.extended_l2 && (entry & kZeroFlag);
+    if (zero_flag && h_.version < 3) {
+      // QEMU's check counts this as a zero cluster and reports nothing (nor
+      // does its repair change it), while its reads refuse it; so do ours.
+      // Named, not counted, so that the result stays qemu-img's.
+      Report(Kind::kNote, entry_offset,
+             Format("L2 entry at %#llx is a zero cluster, which a version 2 image cannot hold: reads of that cluster "
+                    "fail (entry=%llx)",
+                    static_cast<ull>(entry_offset), static_cast<ull>(entry)));
+    }
     const bool allocated = offset != 0 || (!zero_flag && data_file() && (entry & kCopied));
     if (!allocated) {
       // QCOW2_CLUSTER_ZERO_PLAIN or QCOW2_CLUSTER_UNALLOCATED

@@ -236,6 +236,10 @@ Status ParseQcow2Header(File* file, Qcow2Header* h, bool check_mode) {
     return Bad(name, "image uses an external data file but does not name it");
   }
   if (!h->HasDataFile()) h->data_file.clear();
+  // QEMU's qcow2_do_open: "data-file-raw requires a data file" (also for a check).
+  if (!h->HasDataFile() && (h->autoclear_features & kAutoclearDataFileRaw)) {
+    return Bad(name, "data-file-raw (autoclear feature bit 1) is set but the image has no external data file");
+  }
 
   if (h->size > static_cast<uint64_t>(INT64_MAX)) {
     return Bad(name, "virtual size " + std::to_string(h->size) + " is too large");

@@ -117,6 +117,9 @@ struct Qcow2Header {
   bool check_mode = false;       // parsed for a check: see ParseQcow2Header
 
   bool HasDataFile() const { return incompatible_features & qcow2::kIncompatDataFile; }
+  // The guest-visible size: QEMU rounds `size` down to whole 512-byte
+  // sectors (qcow2_do_open: bs->total_sectors = header.size / 512).
+  uint64_t DiskSize() const { return size & ~uint64_t{511}; }
 };
 
 // Reads and validates the header of `file`. On error the message names the

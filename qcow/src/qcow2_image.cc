@@ -30,7 +30,7 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
 
   ImageInfo& info = img->info_;
   info.format = "qcow2";
-  info.virtual_size = h.size;
+  info.virtual_size = h.DiskSize();
   info.cluster_size = h.cluster_size;
   info.dirty = h.incompatible_features & kIncompatDirty;
   info.corrupt = h.incompatible_features & kIncompatCorrupt;
@@ -95,7 +95,7 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, const std::string& snapsho
     if (!found) return Status::NotFound(filename() + ": no snapshot with id or name '" + snapshot + "'");
     l1_offset = found->l1_table_offset;
     l1_entries = found->l1_size;
-    if (found->has_disk_size) info_.virtual_size = found->disk_size;
+    if (found->has_disk_size) info_.virtual_size = found->disk_size & ~uint64_t{511};  // whole sectors, as above
     std::string what = "L1 table of snapshot '" + found->name + "'";
     if (info_.virtual_size > static_cast<uint64_t>(INT64_MAX)) {
       return Status::Corrupt(filename() + ": snapshot '" + found->name + "' has an invalid disk size");
@@ -119,9 +119,24 @@ Status Qcow2Image::L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const {
   return Status::OK();
 }
 
+Status Qcow2Image::CheckZeroFlagAllowed(uint64_t cluster, uint64_t entry) const {
+  const Qcow2Header& h = header_;
+  // Bit 0 of a standard entry is the zero flag in v3; in v2 it is reserved,
+  // and QEMU's qcow2_get_host_offset (block/qcow2-cluster.c) refuses it as
+  // "Zero cluster entry found in pre-v3 image" (it does not read as zeros).
+  if (h.version >= 3 || (entry & kCompressed) || !(entry & kZeroFlag)) return Status::OK();
+  const uint64_t l1_index = cluster / h.l2_entries;
+  const uint64_t l2_offset = l1_[l1_index] & kOffsetMask;
+  const uint64_t l2_index = cluster % h.l2_entries;
+  return Status::Corrupt(filename() + ": zero cluster entry in a version 2 (compat=0.10) image for guest offset " +
+                         Hex(cluster << h.cluster_bits) + " (L2 table at offset " + Hex(l2_offset) + ", entry at " +
+                         Hex(l2_offset + l2_index * h.l2_entry_bytes) + ")");
+}
+
 Status Qcow2Image::Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const {
   const Qcow2Header& h = header_;
   const uint64_t in_cluster = pos & (h.cluster_size - 1);
+  DMCOW_RETURN_IF_ERROR(CheckZeroFlagAllowed(pos >> h.cluster_bits, entry));
   LayerExtent& e = m->extent;
   e.has_host_offset = false;
 

@@ -80,6 +80,10 @@ class Qcow2Image final : public TableImage {
   Status AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset);
 
   Status Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const;
+  // Corrupt when `entry`, the L2 entry of guest cluster `cluster`, is a zero
+  // cluster in a version 2 image (QEMU refuses these: reads, writes and the
+  // block-device calls all stop there). REQUIRES: cluster within the L1 table.
+  Status CheckZeroFlagAllowed(uint64_t cluster, uint64_t entry) const;
 
   Qcow2Header header_;
   File* data_file() const override { return data_file_ ? data_file_.get() : file_.get(); }

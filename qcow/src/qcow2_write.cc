@@ -118,7 +118,8 @@ Status Qcow2Image::GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitma
   const size_t word = (byte - slice_start) / 8;
   *entry = (*slice)[word];
   if (header_.extended_l2) *bitmap = (*slice)[word + 1];
-  return Status::OK();
+  // Every write path and the block-device calls get their entries here.
+  return CheckZeroFlagAllowed(cluster, *entry);
 }
 
 Status Qcow2Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {

@@ -1,7 +1,9 @@
 // libFuzzer target: the input is an image file. It is opened with format
 // detection (no backing files), its first 16 MiB are read and its block
 // status is walked; the first internal snapshot, if any, is opened and read
-// too. Errors are expected; crashes, sanitizer reports, hangs, large
+// too. A small file named fuzz.data lies beside the input, so that images
+// naming it as their external data file (make_seeds.sh makes some) open.
+// Errors are expected; crashes, sanitizer reports, hangs, large
 // allocations and broken Status contracts (an empty or multi-line message)
 // are bugs.
 #include <algorithm>
@@ -20,6 +22,7 @@ namespace {
 constexpr uint64_t kMaxReadBytes = 16 << 20;
 constexpr size_t kChunkBytes = (192 << 10) + 512;  // not cluster aligned: exercises partial clusters
 constexpr int kMaxExtents = 1000;
+constexpr size_t kDataFileBytes = 64 << 10;
 
 // A non-OK Status must carry a one-line message.
 void CheckStatus(const dmcow::Status& s) {
@@ -56,6 +59,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   dmcow::MemEnv env;
   const std::string path = "fuzz.img";
   env.PutFile(path, std::vector<uint8_t>(data, data + size));
+  static const std::vector<uint8_t> data_file = [] {
+    std::vector<uint8_t> d(kDataFileBytes);
+    for (size_t i = 0; i < d.size(); i++) d[i] = static_cast<uint8_t>(i * 131 + (i >> 9));
+    return d;
+  }();
+  env.PutFile("fuzz.data", data_file);
   dmcow::OpenOptions options;
   options.env = &env;
   options.open_backing = false;

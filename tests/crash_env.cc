@@ -46,6 +46,13 @@ class CrashFile final : public dmcow::File {
     return Status::OK();
   }
 
+  // The node is the inode, as in MemEnv.
+  Status Identity(dmcow::FileIdentity* id) override {
+    id->device = 0;
+    id->inode = reinterpret_cast<uintptr_t>(node_.get());
+    return Status::OK();
+  }
+
   Status Truncate(uint64_t size) override {
     if (!env_->Tick()) return Status::IOError(name_ + ": simulated power failure");
     node_->current.resize(size, 0);

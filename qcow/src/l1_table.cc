@@ -30,12 +30,6 @@ void L1Table::Clear() {
   for (std::unique_ptr<Chunk>& c : chunks_) c.reset();
 }
 
-uint64_t L1Table::ResidentBytes() const {
-  uint64_t bytes = chunks_.capacity() * sizeof(chunks_[0]);
-  for (const std::unique_ptr<Chunk>& c : chunks_) bytes += c ? kChunkBytes : 0;
-  return bytes;
-}
-
 Status L1Table::Load(File* file, uint64_t offset, uint64_t entries, const char* what, uint64_t* chain_bytes,
                      uint64_t max_chain_bytes) {
   auto charge = [&](uint64_t bytes) {

@@ -46,9 +46,6 @@ class L1Table {
   // Every entry 0; the size is kept.
   void Clear();
 
-  // Memory held: the chunk directory and the allocated chunks.
-  uint64_t ResidentBytes() const;
-
   // Replaces the table with the `entries` big-endian entries at `offset` in
   // `file` (known to lie inside it), skipping holes of a sparse file. The
   // memory it takes is added to *chain_bytes; passing `max_chain_bytes` is a

@@ -1,5 +1,6 @@
 // dmcow-img info: qemu-img info (block/qapi.c bdrv_image_info_dump and the
 // ImageInfo QAPI type) for raw, qcow and qcow2 images.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <ctime>
@@ -162,14 +163,24 @@ int CmdInfo(int argc, char** argv) {
 
   // Like qemu-img, every image is opened on its own, without its backing
   // file, following the resolved backing file name from one to the next.
+  // A loop is found by the file's identity as well as by its name: names
+  // alone miss a hard link, and "./img" resolved from "dir/img" gives a new
+  // name ("dir/./img", "dir/././img", ...) at every step of the same loop.
   std::vector<std::unique_ptr<Image>> images;
   std::set<std::string> seen;
+  std::vector<FileIdentity> seen_files;
   std::string filename = files[0];
   while (!filename.empty()) {
-    if (!seen.insert(filename).second) {
+    FileIdentity id;
+    std::unique_ptr<File> file;
+    const bool has_id = Env::Default()->OpenFile(filename, OpenMode::kReadOnly, &file).ok() && file->Identity(&id).ok();
+    file.reset();
+    const bool seen_id = has_id && std::find(seen_files.begin(), seen_files.end(), id) != seen_files.end();
+    if (!seen.insert(filename).second || seen_id) {
       PrintError("Backing file '" + filename + "' creates an infinite loop.");
       return 1;
     }
+    if (has_id) seen_files.push_back(id);
     OpenOptions options;
     options.format = format;
     options.open_backing = false;

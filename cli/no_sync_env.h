@@ -38,6 +38,7 @@ class NoSyncEnv final : public Env {
     Status Size(uint64_t* size) override { return inner_->Size(size); }
     Status Truncate(uint64_t size) override { return inner_->Truncate(size); }
     uint64_t AllocatedBytes() override { return inner_->AllocatedBytes(); }
+    Status Identity(FileIdentity* id) override { return inner_->Identity(id); }
     Status GetAllocation(uint64_t offset, uint64_t max_len, bool* is_data, uint64_t* len) override {
       return inner_->GetAllocation(offset, max_len, is_data, len);
     }

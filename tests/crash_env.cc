@@ -60,6 +60,13 @@ class CrashFile final : public dmcow::File {
     return Status::OK();
   }
 
+  // The node is the inode, as in MemEnv.
+  Status Identity(dmcow::FileIdentity* id) override {
+    id->device = 0;
+    id->inode = reinterpret_cast<uintptr_t>(node_.get());
+    return Status::OK();
+  }
+
   Status Truncate(uint64_t size) override {
     if (!env_->Tick()) return Status::IOError(name_ + ": simulated power failure");
     DMCOW_RETURN_IF_ERROR(env_->FaultFor(env_->ops(), name_, size > node_->current.size()));

@@ -1013,12 +1013,14 @@ std::vector<Case> Qcow2Cases() {
   add("data-file-missing", data_file_image([](Bytes*) {}), Status::Code::kNotFound,
       "could not open external data file 'disk.data'");
 
-  // Backing chain loop: the image names itself as its backing file.
+  // Backing chain loop: the image names itself as its backing file; found by
+  // identity before any table is loaded (tests/chain_bound_test.cc has the
+  // other shapes).
   add("backing-loop",
       with(Qcow2Spec{}, [](Qcow2Spec* s) { s->backing = "backing-loop.qcow2"; s->backing_format = "qcow2"; }), kCorrupt,
-      "backing chain is deeper than 64 images");
+      "backing file '/img/backing-loop.qcow2' creates an infinite loop");
   add("backing-loop-probed", with(Qcow2Spec{}, [](Qcow2Spec* s) { s->backing = "backing-loop-probed.qcow2"; }), kCorrupt,
-      "backing chain is deeper than 64 images");
+      "backing file '/img/backing-loop-probed.qcow2' creates an infinite loop");
   return c;
 }
 
@@ -1091,7 +1093,8 @@ std::vector<Case> Qcow1Cases() {
   add("v1-compressed-size-0", Mutate(base, [&](Bytes* b) { Put64(b, q.l2_offset + 8, (1ULL << 63) | q.compressed_offset); }),
       kCorrupt, "compressed cluster at host offset 0x4000")
       .stage = Stage::kRead;
-  add("v1-backing-loop", BuildQcow1("v1-backing-loop.qcow").file, kCorrupt, "backing chain is deeper than 64 images");
+  add("v1-backing-loop", BuildQcow1("v1-backing-loop.qcow").file, kCorrupt,
+      "backing file '/img/v1-backing-loop.qcow' creates an infinite loop");
   return c;
 }
 

@@ -123,6 +123,14 @@ class PosixFile final : public File {
     return Status::OK();
   }
 
+  Status Identity(FileIdentity* id) override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return ErrnoStatus(name_, "stat", errno);
+    id->device = static_cast<uint64_t>(st.st_dev);
+    id->inode = static_cast<uint64_t>(st.st_ino);
+    return Status::OK();
+  }
+
   uint64_t AllocatedBytes() override {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return 0;

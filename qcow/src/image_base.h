@@ -20,6 +20,18 @@ class ImageBase : public Image {
 
   void SetBacking(std::unique_ptr<Image> backing) { backing_ = std::move(backing); }
 
+  // The second step of opening, run by OpenImage once the whole backing chain
+  // has been resolved, so that a loop, a missing backing file or a chain too
+  // deep costs no table memory: loads the tables the header sizes and
+  // prepares a writable image. *chain_table_bytes is the memory the chain's
+  // tables hold so far; the image adds its own, refusing to pass
+  // options.max_chain_table_bytes.
+  virtual Status LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) {
+    (void)options;
+    (void)chain_table_bytes;
+    return Status::OK();
+  }
+
  protected:
   explicit ImageBase(std::unique_ptr<File> file) : file_(std::move(file)) {}
 

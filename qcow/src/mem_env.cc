@@ -65,6 +65,13 @@ class MemFile final : public File {
     return node_->data.size();
   }
 
+  // The node is the inode: paths linked to one node share it.
+  Status Identity(FileIdentity* id) override {
+    id->device = 0;
+    id->inode = reinterpret_cast<uintptr_t>(node_.get());
+    return Status::OK();
+  }
+
  private:
   Status Resize(std::vector<uint8_t>* data, uint64_t size) {
     try {
@@ -135,6 +142,14 @@ bool MemEnv::GetFile(const std::string& path, std::vector<uint8_t>* bytes) const
   }
   std::lock_guard<std::mutex> lock(node->mu);
   *bytes = node->data;
+  return true;
+}
+
+bool MemEnv::LinkFile(const std::string& existing, const std::string& path) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = files_.find(existing);
+  if (it == files_.end()) return false;
+  files_[path] = it->second;
   return true;
 }
 

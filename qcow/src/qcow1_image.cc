@@ -79,10 +79,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
     img->info_.full_backing_filename = ResolveRelativeTo(name, backing);
   }
 
-  std::vector<uint8_t> raw(l1_entries * 8);
-  DMCOW_RETURN_IF_ERROR(img->file_->ReadExact(l1_offset, raw.size(), raw.data(), "L1 table"));
-  img->l1_.resize(l1_entries);
-  for (uint64_t i = 0; i < l1_entries; i++) img->l1_[i] = LoadBE64(&raw[i * 8]);
+  img->l1_entries_ = l1_entries;
 
   const uint64_t cluster_size = 1ULL << img->cluster_bits_;
   img->info_.format = "qcow";
@@ -92,8 +89,14 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   size_t slice = static_cast<size_t>(std::min<uint64_t>(4096, 8ULL << img->l2_bits_));
   img->l2_cache_ = std::make_unique<TableCache>(img->file_.get(), slice, options.l2_cache_bytes);
   img->compressed_ = std::make_unique<CompressedClusterReader>(img->file_.get(), cluster_size, CompressionType::kDeflate);
-  if (options.writable) DMCOW_RETURN_IF_ERROR(img->PrepareForWriting(options));
   *image = std::move(img);
+  return Status::OK();
+}
+
+Status Qcow1Image::LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) {
+  DMCOW_RETURN_IF_ERROR(
+      l1_.Load(file_.get(), l1_offset_, l1_entries_, "L1 table", chain_table_bytes, options.max_chain_table_bytes));
+  if (options.writable) DMCOW_RETURN_IF_ERROR(PrepareForWriting(options));
   return Status::OK();
 }
 

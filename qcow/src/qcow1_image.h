@@ -9,6 +9,7 @@
 #include <set>
 #include <vector>
 
+#include "l1_table.h"
 #include "l2_cache.h"
 #include "table_image.h"
 
@@ -45,7 +46,9 @@ inline uint64_t EncodeCompressed(uint64_t offset, uint64_t bytes, uint32_t clust
 
 class Qcow1Image final : public TableImage {
  public:
+  // Opens `file` as qcow up to its L1 table (LoadTables loads it).
   static Status Open(std::unique_ptr<File> file, const OpenOptions& options, std::unique_ptr<Image>* image);
+  Status LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) override;
 
   // Write side (see qcow1_write.cc for the ordering rules).
   ~Qcow1Image() override;
@@ -106,7 +109,8 @@ class Qcow1Image final : public TableImage {
   uint32_t l2_bits_ = 0;
   uint64_t l1_offset_ = 0;
   uint64_t header_end_ = 0;  // end of the header and the backing file name
-  std::vector<uint64_t> l1_;
+  uint64_t l1_entries_ = 0;  // from the header, checked against the file
+  L1Table l1_;
   std::unique_ptr<TableCache> l2_cache_;
   uint64_t file_size_ = 0;  // at open
 

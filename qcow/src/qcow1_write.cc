@@ -62,7 +62,8 @@ Status Qcow1Image::PrepareForWriting(const OpenOptions& options) {
   // the end of the file. Tables whose offsets overflow can never be read
   // (lookups refuse them) and are left out.
   file_end_ = size;
-  for (uint64_t l2 : l1_) {
+  for (uint64_t i = 0; i < l1_.size(); i++) {
+    const uint64_t l2 = l1_[i];
     if (l2 == 0) continue;
     uint64_t table_end;
     if (!CheckedAdd(l2, l2_table_bytes(), &table_end) || table_end > static_cast<uint64_t>(INT64_MAX)) continue;
@@ -137,7 +138,7 @@ Status Qcow1Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
   static const std::vector<uint8_t> zeros(8ULL << kMaxL2Bits, 0);
   DMCOW_RETURN_IF_ERROR(WriteFile(fresh, zeros.data(), table_bytes));
   l2_tables_.insert(std::upper_bound(l2_tables_.begin(), l2_tables_.end(), fresh), fresh);
-  l1_[l1_index] = fresh;
+  l1_.Set(l1_index, fresh);
   dirty_l1_.insert(l1_index);
   *l2_offset = fresh;
   return Status::OK();
@@ -390,7 +391,7 @@ Status Qcow1Image::MakeEmpty() {
   const std::vector<uint8_t> zeros(l1_.size() * 8, 0);
   DMCOW_RETURN_IF_ERROR(file_->Write(l1_offset_, zeros.data(), zeros.size()));
   DMCOW_RETURN_IF_ERROR(file_->Sync());
-  std::fill(l1_.begin(), l1_.end(), 0);
+  l1_.Clear();
   l2_tables_.clear();
   // Cached slices of the dropped tables must not be found again when new
   // tables are appended at the same offsets.

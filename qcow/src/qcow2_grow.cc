@@ -55,7 +55,7 @@ Status Qcow2Image::Grow(uint64_t new_size) {
     }
     header_.l1_table_offset = fresh;
     header_.l1_size = static_cast<uint32_t>(l1_needed);
-    l1_.resize(l1_needed, 0);
+    l1_.Resize(l1_needed);
   }
   if (header_.HasDataFile()) {
     uint64_t data_size = 0;

@@ -70,17 +70,22 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
   img->l2_cache_ = std::make_unique<TableCache>(img->file_.get(), slice, options.l2_cache_bytes);
   img->compressed_ = std::make_unique<CompressedClusterReader>(
       img->file_.get(), h.cluster_size, h.compression_type == 1 ? CompressionType::kZstd : CompressionType::kDeflate);
-  DMCOW_RETURN_IF_ERROR(img->LoadL1(options, snapshot));
-  if (options.writable) {
-    if (!snapshot.empty()) return Status::InvalidArgument(name + ": a snapshot view cannot be opened for writing");
-    DMCOW_RETURN_IF_ERROR(img->PrepareForWriting(options));
+  if (options.writable && !snapshot.empty()) {
+    return Status::InvalidArgument(name + ": a snapshot view cannot be opened for writing");
   }
+  img->snapshot_ = snapshot;
   *image = std::move(img);
   return Status::OK();
 }
 
-Status Qcow2Image::LoadL1(const OpenOptions& options, const std::string& snapshot) {
-  (void)options;
+Status Qcow2Image::LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) {
+  DMCOW_RETURN_IF_ERROR(LoadL1(options, chain_table_bytes));
+  if (options.writable) DMCOW_RETURN_IF_ERROR(PrepareForWriting(options));
+  return Status::OK();
+}
+
+Status Qcow2Image::LoadL1(const OpenOptions& options, uint64_t* chain_table_bytes) {
+  const std::string& snapshot = snapshot_;
   const Qcow2Header& h = header_;
   uint64_t l1_offset = h.l1_table_offset;
   uint64_t l1_entries = h.l1_size;
@@ -102,12 +107,9 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, const std::string& snapsho
     }
     DMCOW_RETURN_IF_ERROR(ValidateL1Table(h, filename(), what.c_str(), l1_offset, l1_entries, info_.virtual_size));
   }
-  // Bounded by kMaxL1Bytes and known to lie inside the file.
-  std::vector<uint8_t> raw(l1_entries * 8);
-  DMCOW_RETURN_IF_ERROR(file_->ReadExact(l1_offset, raw.size(), raw.data(), "L1 table"));
-  l1_.resize(l1_entries);
-  for (uint64_t i = 0; i < l1_entries; i++) l1_[i] = LoadBE64(&raw[i * 8]);
-  return Status::OK();
+  // Bounded by kMaxL1Bytes and known to lie inside the file; held as sparse
+  // as it really is.
+  return l1_.Load(file_.get(), l1_offset, l1_entries, "L1 table", chain_table_bytes, options.max_chain_table_bytes);
 }
 
 Status Qcow2Image::L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const {

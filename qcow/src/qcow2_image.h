@@ -11,6 +11,7 @@
 #include "table_image.h"
 #include <set>
 
+#include "l1_table.h"
 #include "l2_cache.h"
 #include "qcow2_refcounts.h"
 #include "qcow2_header.h"
@@ -19,8 +20,9 @@ namespace dmcow {
 
 class Qcow2Image final : public TableImage {
  public:
-  // Opens `file` as qcow2; with a non-empty `snapshot` (id or name), the view
-  // is that internal snapshot's content.
+  // Opens `file` as qcow2 up to its tables (LoadTables loads them); with a
+  // non-empty `snapshot` (id or name), the view is that internal snapshot's
+  // content.
   static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string& snapshot,
                      std::unique_ptr<Image>* image);
 
@@ -48,7 +50,8 @@ class Qcow2Image final : public TableImage {
  private:
   explicit Qcow2Image(std::unique_ptr<File> file);
 
-  Status LoadL1(const OpenOptions& options, const std::string& snapshot);
+  Status LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) override;
+  Status LoadL1(const OpenOptions& options, uint64_t* chain_table_bytes);
 
   Status Lookup(uint64_t offset, uint64_t max_len, Mapping* m) override;
 
@@ -88,7 +91,8 @@ class Qcow2Image final : public TableImage {
   Qcow2Header header_;
   File* data_file() const override { return data_file_ ? data_file_.get() : file_.get(); }
   std::unique_ptr<File> data_file_;   // external data file, if the image has one
-  std::vector<uint64_t> l1_;          // active (or snapshot) L1, host byte order
+  std::string snapshot_;              // the snapshot viewed; empty: the active state
+  L1Table l1_;                        // active (or snapshot) L1, host byte order
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;

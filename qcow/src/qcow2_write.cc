@@ -134,7 +134,7 @@ Status Qcow2Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
     uint64_t refcount;
     DMCOW_RETURN_IF_ERROR(refcounts_->Get(old / header_.cluster_size, &refcount));
     if (refcount == 1) {  // not shared after all: only the flag was missing
-      l1_[l1_index] = old | kCopied;
+      l1_.Set(l1_index, old | kCopied);
       dirty_l1_.insert(l1_index);
       *l2_offset = old;
       return Status::OK();
@@ -153,7 +153,7 @@ Status Qcow2Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
     DMCOW_RETURN_IF_ERROR(l2_cache_->Modify(fresh + s, "L2 table", [&](std::vector<uint64_t>& w) { w = *shared; }));
   }
   if (old != 0) refcounts_->FreeLater(old, header_.cluster_size);
-  l1_[l1_index] = fresh | kCopied;
+  l1_.Set(l1_index, fresh | kCopied);
   dirty_l1_.insert(l1_index);
   *l2_offset = fresh;
   return Status::OK();
@@ -486,7 +486,7 @@ Status Qcow2Image::MakeEmpty() {
       }
       refcounts_->FreeLater(l2_offset, cs);
     }
-    l1_[i] = 0;
+    l1_.Set(i, 0);
     dirty_l1_.insert(i);
   }
   return FlushLocked();

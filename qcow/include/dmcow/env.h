@@ -18,6 +18,15 @@
 
 namespace dmcow {
 
+// Which stored file a File reads: two paths naming one file (a symbolic
+// link, a hard link, "dir/../img") give equal identities. Backing chains use
+// it to find loops before they load any table.
+struct FileIdentity {
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  friend bool operator==(const FileIdentity&, const FileIdentity&) = default;
+};
+
 class File {
  public:
   File() = default;
@@ -57,6 +66,13 @@ class File {
     *is_data = true;
     *len = max_len;
     return Status::OK();
+  }
+
+  // The identity of the stored file (st_dev/st_ino of the open descriptor).
+  // NotSupported where the Env cannot tell; callers then compare names.
+  virtual Status Identity(FileIdentity* id) {
+    (void)id;
+    return Status::NotSupported(name() + ": the file's identity is not known");
   }
 
   // Reads exactly `len` bytes; a short read is a Corrupt error naming `what`

@@ -27,7 +27,10 @@ struct OpenOptions {
   size_t refcount_cache_bytes = 256 << 10;  // bound on cached refcount blocks (writable qcow2)
   bool open_backing = true;      // false: unallocated ranges read as zeros (qemu-img -u style)
   size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain
-  int max_chain_depth = 64;      // longer backing chains are refused (loops, hostile chains)
+  int max_chain_depth = 64;      // longer backing chains are refused (hostile chains; loops are found at once)
+  // Bound on the memory the L1 tables of all images in a chain hold together
+  // (each holds what its table really names: see docs/format-rules.md).
+  uint64_t max_chain_table_bytes = uint64_t{256} << 20;
   Env* env = nullptr;            // nullptr: Env::Default()
 };
 

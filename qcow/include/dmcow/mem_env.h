@@ -43,6 +43,10 @@ class MemEnv final : public Env {
   // The content of `path`; false if there is no such file.
   bool GetFile(const std::string& path, std::vector<uint8_t>* bytes) const;
 
+  // Makes `path` name the same file as `existing` (a hard link: one content,
+  // one File::Identity); false if `existing` does not exist.
+  bool LinkFile(const std::string& existing, const std::string& path);
+
   // Removes `path`; false if there was no such file. Open Files keep the
   // bytes they had (like an unlinked inode).
   bool DeleteFile(const std::string& path);

@@ -217,6 +217,7 @@ TEST_CASE_METHOD(OverlapTest, "Image::Write refuses to overwrite metadata", "[ov
         CheckMessage(s.message(), d);
         // Sticky: nothing more is written, by a later write or the flush.
         CHECK_FALSE(image->Write(3 * kMiB, buf.data(), buf.size()).ok());
+        CHECK_FALSE(image->WriteZeroes(0, layout_.cluster_size).ok());
         CHECK_FALSE(image->Flush().ok());
       }
       CheckRefused(before);

@@ -258,6 +258,7 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
 
 Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
   static const std::vector<uint8_t> zeros(1 << 20, 0);
+  DMCOW_RETURN_IF_ERROR(overlap_->failure());  // its table edits would never be written: say so now
   const uint64_t cs = header_.cluster_size;
   const uint64_t end = offset + len;
   // Parts of clusters: zeros are written as data (a discard leaves them).

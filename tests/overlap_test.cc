@@ -11,6 +11,7 @@
 // corrupt bit, which `qemu-img info` must show; and both `dmcow-img check -r
 // all` and `qemu-img check -r all` must then leave an image qemu-img check
 // calls clean.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <functional>
@@ -310,6 +311,54 @@ TEST_CASE_METHOD(OverlapTest, "The block-device calls refuse metadata clusters",
         CHECK_FALSE(image->Flush().ok());
       }
       CheckRefused(pristine_);
+    }
+  }
+}
+
+TEST_CASE_METHOD(OverlapTest, "Snapshot and bitmap structures are protected too", "[overlap]") {
+  SKIP_WITHOUT_QEMU();
+  // Two clusters written, a snapshot taken, cluster 0 written again (a new
+  // active L2 table, entry 0 COPIED), a persistent bitmap added.
+  MustRun("cd '" + tmp_.path() + "' && qemu-img create -f qcow2 snap.qcow2 4M >/dev/null && "
+          "qemu-io -c 'write -P 1 0 128k' snap.qcow2 >/dev/null && qemu-img snapshot -c s1 snap.qcow2 && "
+          "qemu-io -c 'write -P 2 0 64k' snap.qcow2 >/dev/null && qemu-img bitmap --add snap.qcow2 b1");
+  const std::vector<uint8_t> made = ReadWholeFile(tmp_ / "snap.qcow2");
+  const Layout l = ReadLayout(made);
+  const uint64_t snapshot_table = BE64(made, 64);
+  const uint64_t snapshot_l1 = BE64(made, snapshot_table);
+  uint64_t bitmap_directory = 0;
+  for (uint64_t at = BE32(made, 100); BE32(made, at) != 0; at += 8 + ((BE32(made, at + 4) + 7) & ~7u)) {
+    if (BE32(made, at) == 0x23852875) bitmap_directory = BE64(made, at + 8 + 16);
+  }
+  REQUIRE(bitmap_directory != 0);
+  const uint64_t bitmap_table = BE64(made, bitmap_directory);
+  const std::vector<std::pair<uint64_t, const char*>> targets = {
+      {snapshot_table, "the snapshot table"},
+      {snapshot_l1, "a snapshot's L1 table"},
+      {bitmap_directory, "the bitmap directory"},
+      {bitmap_table, "a bitmap table"},
+  };
+  for (const auto& [target, structure] : targets) {
+    DYNAMIC_SECTION(structure) {
+      std::vector<uint8_t> f = made;
+      PointL2(f, l, target);
+      WriteWholeFile(tmp_ / "snap.qcow2", f);
+      {
+        std::unique_ptr<Image> image = MustOpenWritable(tmp_ / "snap.qcow2");
+        const std::vector<uint8_t> buf(l.cluster_size, 0xab);
+        Status s = image->Write(0, buf.data(), buf.size());
+        INFO(s.ToString());
+        REQUIRE_FALSE(s.ok());
+        CHECK(s.message().find(std::string("overlaps ") + structure) != std::string::npos);
+        CHECK(s.message().find("image marked corrupt") != std::string::npos);
+      }
+      const std::vector<uint8_t> after = ReadWholeFile(tmp_ / "snap.qcow2");
+      // qemu-img ends the file with the bitmap directory: compare what there is.
+      const uint64_t n = std::min<uint64_t>(l.cluster_size, f.size() - target);
+      const bool target_unchanged =
+          after.size() >= target + n && std::equal(f.begin() + target, f.begin() + target + n, after.begin() + target);
+      CHECK(target_unchanged);
+      CHECK(Run("qemu-img info -U --output=json '" + (tmp_ / "snap.qcow2") + "' 2>/dev/null | grep -q '\"corrupt\": true'") == 0);
     }
   }
 }

@@ -83,6 +83,7 @@ Status TableCache::Flush() {
   std::sort(dirty.begin(), dirty.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<uint8_t> raw(slice_bytes_);
   for (const auto& [offset, slice] : dirty) {
+    if (write_check_) DMCOW_RETURN_IF_ERROR(write_check_(offset, raw.size()));
     for (size_t i = 0; i < slice->size(); i++) StoreBE64(&raw[i * 8], (*slice)[i]);
     DMCOW_RETURN_IF_ERROR(file_->Write(offset, raw.data(), raw.size()));
   }

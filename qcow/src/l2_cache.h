@@ -19,6 +19,7 @@
 #define DMCOW_QCOW_L2_CACHE_H_
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -64,6 +65,10 @@ class TableCache {
   // clean. Does nothing (no sync) when no slice is dirty.
   Status Flush();
 
+  // Called with each slice's range before Flush writes it; an error
+  // stops the write (qcow2's overlap check: qcow2_overlap.h).
+  void set_write_check(std::function<Status(uint64_t offset, uint64_t bytes)> check) { write_check_ = std::move(check); }
+
   size_t dirty_count();
 
  private:
@@ -84,6 +89,7 @@ class TableCache {
   LruList lru_;  // front = most recently used
   std::unordered_map<uint64_t, LruList::iterator> index_;
   size_t dirty_ = 0;
+  std::function<Status(uint64_t, uint64_t)> write_check_;
 };
 
 }  // namespace dmcow

@@ -50,6 +50,10 @@ Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
         out->exclusive = false;
       }
     }
+    // An exclusive cluster becomes a writable linear segment: never metadata.
+    if (out->exclusive && writable_) {
+      DMCOW_RETURN_IF_ERROR(CheckDataWrite(out->host_offset, h.cluster_size, "in-place cluster for the device"));
+    }
   }
   return Status::OK();
 }
@@ -65,6 +69,7 @@ Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_of
   if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
   DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * header_.cluster_size, "cluster fill"));
   return CopyGuestClustersLocked(first, count, host_offset, data_file());
 }
 
@@ -76,6 +81,7 @@ Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_of
     return Status::InvalidArgument(filename() + ": linking guest clusters to unaligned host offset " + Hex(host_offset));
   }
   std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * cs, "cluster link"));
   for (uint64_t i = 0; i < count; i++) {
     uint64_t old = 0, old_bitmap = 0;
     DMCOW_RETURN_IF_ERROR(GetL2Entry(first + i, &old, &old_bitmap));

@@ -42,6 +42,7 @@ Status Qcow2Image::Grow(uint64_t new_size) {
     DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(clusters, &fresh));
     std::vector<uint8_t> raw(clusters * cs, 0);
     for (uint64_t i = 0; i < l1_.size(); i++) StoreBE64(&raw[i * 8], l1_[i]);
+    DMCOW_RETURN_IF_ERROR(overlap_->CheckWrite(fresh, raw.size(), 0, "L1 table write"));
     DMCOW_RETURN_IF_ERROR(file_->Write(fresh, raw.data(), raw.size()));
     DMCOW_RETURN_IF_ERROR(file_->Sync());
     DMCOW_RETURN_IF_ERROR(refcounts_->Flush());
@@ -53,6 +54,8 @@ Status Qcow2Image::Grow(uint64_t new_size) {
     if (header_.l1_table_offset != 0 && header_.l1_size != 0) {
       refcounts_->FreeLater(header_.l1_table_offset, uint64_t{header_.l1_size} * 8);
     }
+    overlap_->Remove(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, Qcow2Metadata::kActiveL1);
+    overlap_->Add(fresh, bytes, Qcow2Metadata::kActiveL1);
     header_.l1_table_offset = fresh;
     header_.l1_size = static_cast<uint32_t>(l1_needed);
     l1_.Resize(l1_needed);

@@ -13,6 +13,7 @@
 
 #include "l1_table.h"
 #include "l2_cache.h"
+#include "qcow2_overlap.h"
 #include "qcow2_refcounts.h"
 #include "qcow2_header.h"
 
@@ -88,6 +89,15 @@ class Qcow2Image final : public TableImage {
   // block-device calls all stop there). REQUIRES: cluster within the L1 table.
   Status CheckZeroFlagAllowed(uint64_t cluster, uint64_t entry) const;
 
+  // The overlap check (qcow2_overlap.h, which states the rule; both defined
+  // in qcow2_overlap.cc). LoadOverlapGuard builds the metadata map once the
+  // refcounts are loaded and hooks it into the caches and the allocator.
+  Status LoadOverlapGuard();
+  // Before guest data reaches [host_offset, host_offset + bytes) of the data
+  // file, or the daemon is told it may write there: a Corrupt status (image
+  // marked corrupt) when that range holds metadata. `what` names the write.
+  Status CheckDataWrite(uint64_t host_offset, uint64_t bytes, const char* what);
+
   Qcow2Header header_;
   File* data_file() const override { return data_file_ ? data_file_.get() : file_.get(); }
   std::unique_ptr<File> data_file_;   // external data file, if the image has one
@@ -96,6 +106,7 @@ class Qcow2Image final : public TableImage {
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;
+  std::unique_ptr<Qcow2OverlapGuard> overlap_;  // set when writable_; outlives refcounts_, which uses it
   std::unique_ptr<Qcow2Refcounts> refcounts_;
   std::set<uint64_t> dirty_l1_;       // L1 indices changed since the last flush
   // Where the next compressed cluster may start (0: in a new cluster). Only

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "qcow2_overlap.h"
 #include "util.h"
 
 namespace dmcow {
@@ -150,11 +151,13 @@ Status Qcow2Refcounts::Allocate(uint64_t count, uint64_t* host_offset) {
       blocks_room = uncovered.size();
       continue;
     }
+    if (overlap_) DMCOW_RETURN_IF_ERROR(overlap_->CheckAllocation(start * cluster_size_, uncovered.size() + count));
     for (size_t i = 0; i < uncovered.size(); i++) {
       const uint64_t offset = (start + i) * cluster_size_;
       for (uint64_t s = 0; s < cluster_size_; s += blocks_.slice_bytes()) blocks_.InsertZeroed(offset + s);
       table_[uncovered[i]] = offset;
       dirty_table_entries_.insert(uncovered[i]);
+      if (overlap_) overlap_->Add(offset, cluster_size_, Qcow2Metadata::kRefcountBlock);
     }
     const uint64_t data = start + uncovered.size();
     for (uint64_t c = start; c < data + count; c++) DMCOW_RETURN_IF_ERROR(Adjust(c, 1));
@@ -189,11 +192,13 @@ Status Qcow2Refcounts::GrowTable(uint64_t min_entries) {
   }
   const uint64_t old_offset = header_->refcount_table_offset;
   const uint64_t old_clusters = header_->refcount_table_clusters;
+  if (overlap_) DMCOW_RETURN_IF_ERROR(overlap_->CheckAllocation(start * cluster_size_, new_blocks + table_clusters));
   table_.resize(entries, 0);
   for (uint64_t i = 0; i < new_blocks; i++) {
     const uint64_t offset = (start + i) * cluster_size_;
     for (uint64_t s = 0; s < cluster_size_; s += blocks_.slice_bytes()) blocks_.InsertZeroed(offset + s);
     table_[uncovered[i]] = offset;
+    if (overlap_) overlap_->Add(offset, cluster_size_, Qcow2Metadata::kRefcountBlock);
   }
   for (uint64_t c = start; c < start + new_blocks + table_clusters; c++) DMCOW_RETURN_IF_ERROR(Adjust(c, 1));
 
@@ -212,6 +217,10 @@ Status Qcow2Refcounts::GrowTable(uint64_t min_entries) {
   header_->refcount_table_offset = table_offset;
   header_->refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   dirty_table_entries_.clear();
+  if (overlap_) {
+    overlap_->Remove(old_offset, old_clusters * cluster_size_, Qcow2Metadata::kRefcountTable);
+    overlap_->Add(table_offset, table_clusters * cluster_size_, Qcow2Metadata::kRefcountTable);
+  }
   FreeLater(old_offset, old_clusters * cluster_size_);
   return Status::OK();
 }
@@ -254,9 +263,14 @@ Status Qcow2Refcounts::Flush() {
       ready.assign(dirty_table_entries_.begin(), dirty_table_entries_.end());
     }
     for (uint64_t index : ready) {
+      const uint64_t offset = header_->refcount_table_offset + index * 8;
+      if (overlap_) {
+        DMCOW_RETURN_IF_ERROR(overlap_->CheckWrite(offset, 8, Qcow2MetadataBit(Qcow2Metadata::kRefcountTable),
+                                                   "refcount table write"));
+      }
       uint8_t raw[8];
       StoreBE64(raw, table_[index]);
-      DMCOW_RETURN_IF_ERROR(file_->Write(header_->refcount_table_offset + index * 8, raw, sizeof(raw)));
+      DMCOW_RETURN_IF_ERROR(file_->Write(offset, raw, sizeof(raw)));
     }
     DMCOW_RETURN_IF_ERROR(file_->Sync());
     for (uint64_t index : ready) dirty_table_entries_.erase(index);

@@ -21,12 +21,19 @@
 
 namespace dmcow {
 
+class Qcow2OverlapGuard;
+
 class Qcow2Refcounts {
  public:
   Qcow2Refcounts(File* file, Qcow2Header* header, size_t cache_bytes);
 
   // Reads the refcount table; validates its entries.
   Status Load();
+  // Refcount block offsets (0: none), as loaded and since allocated.
+  const std::vector<uint64_t>& table() const { return table_; }
+  // From now on allocations, new refcount structures and refcount writes go
+  // through `guard` (qcow2_overlap.h; defined in qcow2_overlap.cc).
+  void set_overlap_guard(Qcow2OverlapGuard* guard);
 
   Status Get(uint64_t cluster, uint64_t* refcount);
   uint64_t max_refcount() const { return max_refcount_; }
@@ -81,6 +88,7 @@ class Qcow2Refcounts {
   TableCache blocks_;
   std::vector<uint64_t> table_;
   std::set<uint64_t> dirty_table_entries_;
+  Qcow2OverlapGuard* overlap_ = nullptr;  // null: unchecked (repair)
   std::vector<std::pair<uint64_t, uint64_t>> pending_frees_;  // (first cluster, count)
   uint64_t free_hint_ = 0;    // no free cluster below this index
   uint64_t end_cluster_ = 0;  // past every allocated cluster and the file's end

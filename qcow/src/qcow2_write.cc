@@ -92,6 +92,7 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   }
   refcounts_ = std::make_unique<Qcow2Refcounts>(file_.get(), &header_, options.refcount_cache_bytes);
   DMCOW_RETURN_IF_ERROR(refcounts_->Load());
+  DMCOW_RETURN_IF_ERROR(LoadOverlapGuard());
   max_dirty_slices_ = std::max<size_t>(8, l2_cache_->capacity_slices() / 2);
   lazy_refcounts_ = h.version >= 3 && (h.compatible_features & kCompatLazyRefcounts);
   writable_ = true;
@@ -153,6 +154,8 @@ Status Qcow2Image::EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) {
     DMCOW_RETURN_IF_ERROR(l2_cache_->Modify(fresh + s, "L2 table", [&](std::vector<uint64_t>& w) { w = *shared; }));
   }
   if (old != 0) refcounts_->FreeLater(old, header_.cluster_size);
+  if (old != 0) overlap_->Remove(old, header_.cluster_size, Qcow2Metadata::kActiveL2);  // the snapshot's now
+  overlap_->Add(fresh, header_.cluster_size, Qcow2Metadata::kActiveL2);
   l1_.Set(l1_index, fresh | kCopied);
   dirty_l1_.insert(l1_index);
   *l2_offset = fresh;
@@ -208,6 +211,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     if (WritableInPlace(entry, bitmap)) {
       const uint64_t host = header_.HasDataFile() && (entry & kOffsetMask) == 0 ? 0 : entry & kOffsetMask;
       const size_t n = static_cast<size_t>(std::min<uint64_t>(len, cs - in_cluster));
+      DMCOW_RETURN_IF_ERROR(CheckDataWrite(host + in_cluster, n, "write"));
       DMCOW_RETURN_IF_ERROR(data_file()->Write(host + in_cluster, buf, n));
       offset += n;
       buf += n;
@@ -253,6 +257,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     } else {
       DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(count, &host));
     }
+    DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, count * cs, "write"));
     DMCOW_RETURN_IF_ERROR(data_file()->Write(host, whole ? buf : run.data(), count * cs));
     for (uint64_t i = 0; i < count; i++) {
       ReleaseClusterOf(old_entries[i]);
@@ -275,6 +280,7 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
 
 Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
   static const std::vector<uint8_t> zeros(1 << 20, 0);
+  DMCOW_RETURN_IF_ERROR(overlap_->failure());  // its table edits would never be written: say so now
   const uint64_t cs = header_.cluster_size;
   const uint64_t end = offset + len;
   // Parts of clusters: zeros are written as data (a discard leaves them).
@@ -385,6 +391,7 @@ Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
   DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
   uint64_t host;
   DMCOW_RETURN_IF_ERROR(AllocateCompressedBytes(len, &host));
+  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, len, "compressed write"));
   DMCOW_RETURN_IF_ERROR(file_->Write(host, payload, len));
   ReleaseClusterOf(entry);
   DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster, EncodeCompressed(host, len, header_.cluster_bits), 0));
@@ -410,6 +417,7 @@ Status Qcow2Image::FlushLocked(bool closing) {
   const bool lazy = lazy_refcounts_ && !closing &&
                     refcounts_->dirty_slices() < max_dirty_slices_ / 2;
   const bool tables_dirty = l2_cache_->dirty_count() > 0 || !dirty_l1_.empty();
+  DMCOW_RETURN_IF_ERROR(overlap_->failure());  // after an overlap, nothing more is written
   DMCOW_RETURN_IF_ERROR(data_file()->Sync());
   if (lazy && tables_dirty && refcounts_->dirty() && !(header_.incompatible_features & kIncompatDirty)) {
     DMCOW_RETURN_IF_ERROR(SetDirtyBit(true));
@@ -418,6 +426,8 @@ Status Qcow2Image::FlushLocked(bool closing) {
   DMCOW_RETURN_IF_ERROR(l2_cache_->Flush());
   if (!dirty_l1_.empty()) {
     for (uint64_t index : dirty_l1_) {
+      DMCOW_RETURN_IF_ERROR(overlap_->CheckWrite(header_.l1_table_offset + index * 8, 8,
+                                                 Qcow2MetadataBit(Qcow2Metadata::kActiveL1), "L1 table write"));
       uint8_t raw[8];
       StoreBE64(raw, l1_[index]);
       DMCOW_RETURN_IF_ERROR(file_->Write(header_.l1_table_offset + index * 8, raw, sizeof(raw)));
@@ -485,6 +495,7 @@ Status Qcow2Image::MakeEmpty() {
         }
       }
       refcounts_->FreeLater(l2_offset, cs);
+      overlap_->Remove(l2_offset, cs, Qcow2Metadata::kActiveL2);
     }
     l1_.Set(i, 0);
     dirty_l1_.insert(i);

@@ -40,6 +40,7 @@ class FailStopFile final : public File {
   Status GetAllocation(uint64_t offset, uint64_t max_len, bool* is_data, uint64_t* len) override {
     return file_->GetAllocation(offset, max_len, is_data, len);
   }
+  Status Identity(FileIdentity* id) override { return file_->Identity(id); }
 
  private:
   // The error every write returns once one has failed; OK before that.

@@ -32,6 +32,15 @@ uint64_t CrashSampleDivisor() {
 }
 uint64_t CrashEdge() { return CrashSampleDivisor() / 3; }
 
+// The states judged at each crash point: one seeded random mix of the
+// pending writes, or (DMCOW_CRASH_STATES=1, scripts/crash-replay.sh) every
+// state CrashEnv::CrashStates lists.
+std::vector<CrashEnv::State> StatesToCheck(const CrashEnv& env, const std::string& path, std::mt19937_64& rng) {
+  const char* all = std::getenv("DMCOW_CRASH_STATES");
+  if (all && *all == '1') return env.CrashStates(path, rng(), 2);
+  return {CrashEnv::State{"one random mix of the pending writes", env.CrashedContent(path, rng)}};
+}
+
 struct Op {
   int kind;  // 0 write, 1 zero, 2 discard, 3 flush, 4 compressed cluster
   uint64_t offset, length;
@@ -195,38 +204,41 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
           if (shape.backing) env.PutFile(dir / "base.qcow2", base_bytes);
           Outcome outcome = RunUntilCrash(&env, path, initial, ops, shape.cluster, zero_representable);
           std::mt19937_64 rng(seed * 1000003 + k);
-          WriteWholeFile(dir / "crashed.qcow2", env.CrashedContent(path, rng));
-          INFO(shape.name << " seed " << seed << " crash after " << k << " of " << total << " writes/syncs");
-          std::string out;
-          if (Run("qemu-img info --output=json '" + dir / "crashed.qcow2" + "' | grep -q '\"dirty-flag\": true'") == 0) {
-            REQUIRE(std::string(shape.options).find("lazy_refcounts=on") != std::string::npos);
-            lazy_repairs++;
-            // A writable open repairs it, as QEMU's does.
-            OpenOptions rw;
-            rw.writable = true;
-            std::unique_ptr<Image> repaired;
-            Status st = OpenImage(dir / "crashed.qcow2", rw, &repaired);
-            INFO(st.ToString());
-            REQUIRE(st.ok());
-            REQUIRE(!repaired->info().dirty);
-          }
-          int rc = Run("cd '" + dir.path() + "' && qemu-img check crashed.qcow2", &out);
-          INFO("qemu-img check:\n" << out);
-          REQUIRE((rc == 0 || rc == 3));  // clean, or leaked clusters only
-          REQUIRE(out.find("ERROR") == std::string::npos);
+          for (CrashEnv::State& state : StatesToCheck(env, path, rng)) {
+            WriteWholeFile(dir / "crashed.qcow2", state.bytes);
+            INFO(shape.name << " seed " << seed << " crash after " << k << " of " << total
+                            << " writes/syncs; state: " << state.label);
+            std::string out;
+            if (Run("qemu-img info --output=json '" + dir / "crashed.qcow2" + "' | grep -q '\"dirty-flag\": true'") == 0) {
+              REQUIRE(std::string(shape.options).find("lazy_refcounts=on") != std::string::npos);
+              lazy_repairs++;
+              // A writable open repairs it, as QEMU's does.
+              OpenOptions rw;
+              rw.writable = true;
+              std::unique_ptr<Image> repaired;
+              Status st = OpenImage(dir / "crashed.qcow2", rw, &repaired);
+              INFO(st.ToString());
+              REQUIRE(st.ok());
+              REQUIRE(!repaired->info().dirty);
+            }
+            int rc = Run("cd '" + dir.path() + "' && qemu-img check crashed.qcow2", &out);
+            INFO("qemu-img check:\n" << out);
+            REQUIRE((rc == 0 || rc == 3));  // clean, or leaked clusters only
+            REQUIRE(out.find("ERROR") == std::string::npos);
 
-          OpenOptions options;
-          std::unique_ptr<Image> crashed;
-          REQUIRE(OpenImage(dir / "crashed.qcow2", options, &crashed).ok());
-          std::vector<uint8_t> got(initial.size());
-          REQUIRE(crashed->Read(0, got.data(), got.size()).ok());
-          size_t bad = got.size();
-          for (size_t i = 0; i < got.size() && bad == got.size(); i++) {
-            if (!outcome.touched[i] && got[i] != outcome.flushed[i]) bad = i;
+            OpenOptions options;
+            std::unique_ptr<Image> crashed;
+            REQUIRE(OpenImage(dir / "crashed.qcow2", options, &crashed).ok());
+            std::vector<uint8_t> got(initial.size());
+            REQUIRE(crashed->Read(0, got.data(), got.size()).ok());
+            size_t bad = got.size();
+            for (size_t i = 0; i < got.size() && bad == got.size(); i++) {
+              if (!outcome.touched[i] && got[i] != outcome.flushed[i]) bad = i;
+            }
+            INFO("first flushed byte lost at guest offset " << bad);
+            REQUIRE(bad == got.size());
+            checked++;
           }
-          INFO("first flushed byte lost at guest offset " << bad);
-          REQUIRE(bad == got.size());
-          checked++;
         }
       }
       // The lazy shape did leave dirty images, and they were repaired.

@@ -12,11 +12,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <string>
 #include <vector>
 
@@ -24,52 +22,9 @@
 
 #include "dmcow/image.h"
 #include "dmcow/mem_env.h"
+#include "heap_peak.h"
 #include "test_util.h"
 
-// ---------------------------------------------------------------------------
-// Allocation accounting for this test binary, as in malformed_image_test.cc:
-// each open asserts its peak heap use.
-// ---------------------------------------------------------------------------
-namespace {
-std::atomic<size_t> g_live_bytes{0};
-std::atomic<size_t> g_peak_bytes{0};
-constexpr size_t kAllocHeader = 16;  // keeps max_align_t alignment
-
-void* CountedAlloc(size_t n) {
-  void* p = std::malloc(n + kAllocHeader);
-  if (!p) return nullptr;
-  *static_cast<size_t*>(p) = n;
-  size_t live = g_live_bytes.fetch_add(n) + n;
-  size_t peak = g_peak_bytes.load();
-  while (live > peak && !g_peak_bytes.compare_exchange_weak(peak, live)) {
-  }
-  return static_cast<char*>(p) + kAllocHeader;
-}
-
-void CountedFree(void* p) {
-  if (!p) return;
-  char* base = static_cast<char*>(p) - kAllocHeader;
-  g_live_bytes.fetch_sub(*reinterpret_cast<size_t*>(base));
-  std::free(base);
-}
-
-void* CountedNew(size_t n) {
-  void* p = CountedAlloc(n);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(size_t n) { return CountedNew(n); }
-void* operator new[](size_t n) { return CountedNew(n); }
-void* operator new(size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
-void* operator new[](size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
-void operator delete(void* p) noexcept { CountedFree(p); }
-void operator delete[](void* p) noexcept { CountedFree(p); }
-void operator delete(void* p, size_t) noexcept { CountedFree(p); }
-void operator delete[](void* p, size_t) noexcept { CountedFree(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
 
 using namespace dmcow;
 using namespace dmcow_test;
@@ -163,12 +118,11 @@ struct Measured {
 
 Measured OpenMeasured(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image) {
   Measured m;
-  const size_t baseline = g_live_bytes.load();
-  g_peak_bytes.store(baseline);
+  ResetHeapPeak();
   auto start = std::chrono::steady_clock::now();
   m.status = OpenImage(path, options, image);
   m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  m.peak_heap = g_peak_bytes.load() - baseline;
+  m.peak_heap = HeapPeakSinceReset();
   return m;
 }
 

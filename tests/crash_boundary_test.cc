@@ -101,11 +101,7 @@ struct Outcome {
 Outcome RunUntilCrash(CrashEnv* env, const std::string& path, uint64_t size, const std::vector<Step>& steps) {
   Outcome out{std::vector<uint8_t>(size, 0), std::vector<bool>(size, false)};
   std::vector<uint8_t> current = out.flushed;
-  OpenOptions options;
-  options.env = env;
-  options.writable = true;
-  options.l2_cache_bytes = 16 << 10;
-  options.refcount_cache_bytes = 8 << 10;
+  const OpenOptions options = CrashTestOptions(env);
   std::unique_ptr<Image> image;
   Status s = OpenImage(path, options, &image);
   if (!s.ok()) {

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "dmcow/env.h"
+#include "dmcow/image.h"
 
 namespace dmcow_test {
 
@@ -88,6 +89,17 @@ class CrashEnv final : public dmcow::Env {
   Fault fault_ = Fault::kEio;
   std::map<std::string, std::shared_ptr<Node>> nodes_;
 };
+
+// Options for a writable open through a crash or fault environment: small
+// caches, so that metadata is written (and crash points fall) often.
+inline dmcow::OpenOptions CrashTestOptions(dmcow::Env* env) {
+  dmcow::OpenOptions options;
+  options.env = env;
+  options.writable = true;
+  options.l2_cache_bytes = 16 << 10;
+  options.refcount_cache_bytes = 8 << 10;
+  return options;
+}
 
 // qemu-img check's verdict on crashed images, remembered by content: many
 // crash points leave the same bytes, and each check is a process.

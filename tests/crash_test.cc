@@ -82,11 +82,7 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, const std::vector<
                       const std::vector<Op>& ops, uint64_t cluster, bool zero_representable) {
   Outcome out{initial, std::vector<bool>(initial.size(), false)};
   std::vector<uint8_t> current = initial;
-  OpenOptions options;
-  options.env = env;
-  options.writable = true;
-  options.l2_cache_bytes = 16 << 10;
-  options.refcount_cache_bytes = 8 << 10;
+  const OpenOptions options = CrashTestOptions(env);
   std::unique_ptr<Image> image;
   Status opened = OpenImage(path, options, &image);
   if (!opened.ok()) {

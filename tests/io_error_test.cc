@@ -56,11 +56,7 @@ Outcome RunSteps(CrashEnv* env, const std::string& path, const std::vector<Step>
   const uint64_t size = 1 << 20;
   Outcome out{std::vector<uint8_t>(size, 0), std::vector<bool>(size, false)};
   std::vector<uint8_t> current = out.acked;
-  OpenOptions options;
-  options.env = env;
-  options.writable = true;
-  options.l2_cache_bytes = 16 << 10;
-  options.refcount_cache_bytes = 8 << 10;
+  const OpenOptions options = CrashTestOptions(env);
   std::unique_ptr<Image> image;
   if (!OpenImage(path, options, &image).ok()) {
     out.failed = true;

@@ -81,11 +81,7 @@ TEST_CASE("MakeEmpty: a crash at any point leaves no corruption and only old or 
       const std::vector<uint8_t> snap = shape.snapshot ? ReadAll(path, "s1") : std::vector<uint8_t>();
 
       auto run = [&](CrashEnv* env) {
-        OpenOptions options;
-        options.env = env;
-        options.writable = true;
-        options.l2_cache_bytes = 16 << 10;
-        options.refcount_cache_bytes = 8 << 10;
+        const OpenOptions options = CrashTestOptions(env);
         std::unique_ptr<Image> image;
         Status s = OpenImage(path, options, &image);
         if (s.ok()) s = image->MakeEmpty();

@@ -9,13 +9,11 @@
 #include <zlib.h>
 
 #include <algorithm>
-#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -23,52 +21,9 @@
 
 #include "dmcow/image.h"
 #include "dmcow/mem_env.h"
+#include "heap_peak.h"
 #include "test_util.h"
 
-// ---------------------------------------------------------------------------
-// Allocation accounting for this test binary: every operator new/delete is
-// counted so each malformed case can assert its peak heap use.
-// ---------------------------------------------------------------------------
-namespace {
-std::atomic<size_t> g_live_bytes{0};
-std::atomic<size_t> g_peak_bytes{0};
-constexpr size_t kAllocHeader = 16;  // keeps max_align_t alignment
-
-void* CountedAlloc(size_t n) {
-  void* p = std::malloc(n + kAllocHeader);
-  if (!p) return nullptr;
-  *static_cast<size_t*>(p) = n;
-  size_t live = g_live_bytes.fetch_add(n) + n;
-  size_t peak = g_peak_bytes.load();
-  while (live > peak && !g_peak_bytes.compare_exchange_weak(peak, live)) {
-  }
-  return static_cast<char*>(p) + kAllocHeader;
-}
-
-void CountedFree(void* p) {
-  if (!p) return;
-  char* base = static_cast<char*>(p) - kAllocHeader;
-  g_live_bytes.fetch_sub(*reinterpret_cast<size_t*>(base));
-  std::free(base);
-}
-
-void* CountedNew(size_t n) {
-  void* p = CountedAlloc(n);
-  if (!p) throw std::bad_alloc();
-  return p;
-}
-}  // namespace
-
-void* operator new(size_t n) { return CountedNew(n); }
-void* operator new[](size_t n) { return CountedNew(n); }
-void* operator new(size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
-void* operator new[](size_t n, const std::nothrow_t&) noexcept { return CountedAlloc(n); }
-void operator delete(void* p) noexcept { CountedFree(p); }
-void operator delete[](void* p) noexcept { CountedFree(p); }
-void operator delete(void* p, size_t) noexcept { CountedFree(p); }
-void operator delete[](void* p, size_t) noexcept { CountedFree(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { CountedFree(p); }
 
 using namespace dmcow;
 using namespace dmcow_test;
@@ -503,12 +458,11 @@ void RunOne(const Case& c, const std::string& format, Status::Code code, const s
   const std::string path = "/img/" + c.name;
   env.PutFile(path, c.bytes);
   for (const auto& [name, bytes] : c.extra_files) env.PutFile("/img/" + name, bytes);
-  const size_t baseline = g_live_bytes.load();
-  g_peak_bytes.store(baseline);
+  ResetHeapPeak();
   auto start = std::chrono::steady_clock::now();
   Outcome o = OpenAndReadAll(&env, path, format, c.snapshot);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  size_t peak = g_peak_bytes.load() - baseline;
+  size_t peak = HeapPeakSinceReset();
   INFO("case " << c.name << " format '" << format << "': " << seconds << " s, peak heap " << peak << " bytes");
   CHECK(seconds < kMaxSeconds);
   CHECK(peak < kMaxPeakBytes);

@@ -31,13 +31,13 @@
 //  (7) Whatever a pointer names is durable before the pointer: a new
 //      refcount block before the refcount-table entry naming it
 //      (Qcow2Refcounts::Flush syncs between the two, and writes a block's
-//      entry only once the entry of the block holding its own refcount is
-//      durable), a new refcount table
-//      and its blocks before the header fields naming it (GrowTable), a
-//      grown L1 table and its refcounts before the header's l1_size and
-//      l1_table_offset (qcow2_grow.cc), and (3) for L2 tables. Without the
-//      sync, a crash could keep a table entry whose block never arrived, and
-//      the block's zeros would become the refcounts of live clusters.
+//      entry only once the entry of the block holding the new block's own
+//      refcount is durable); a new refcount table and its blocks before the
+//      header fields naming it (GrowTable); a grown L1 table and its
+//      refcounts before the header's l1_size and l1_table_offset
+//      (qcow2_grow.cc); and (3) for L2 tables. Without the sync, a crash
+//      could keep a table entry whose block never arrived, and the block's
+//      zeros would become the refcounts of live clusters.
 //  (8) Metadata counts as written only once a sync that followed its write
 //      succeeded: caches mark slices clean and the L1 forgets dirty entries
 //      after that sync, never before. And the first failed write, zeroing,

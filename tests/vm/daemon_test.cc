@@ -319,13 +319,19 @@ std::string LastReload(const Daemon& d) {
   return log.substr(at, log.find('\n', at) - at);
 }
 
+// How many reloads dmcowd has logged.
+int ReloadsLogged(const std::string& log) {
+  int n = 0;
+  for (size_t at = 0; (at = log.find("reload: ", at)) != std::string::npos; at++) n++;
+  return n;
+}
+
 // Waits until dmcowd logged more than `count` reloads.
 int WaitReloads(const Daemon& d, int count, int timeout_ms) {
   auto t0 = Clock::now();
   for (;;) {
     std::string log = d.Log();
-    int n = 0;
-    for (size_t at = 0; (at = log.find("reload: ", at)) != std::string::npos; at++) n++;
+    const int n = ReloadsLogged(log);
     if (n > count) return n;
     CHECK(MsSince(t0) < timeout_ms, "no reload within %d ms: %s", timeout_ms, Tail(log).c_str());
     SleepMs(50);
@@ -482,6 +488,80 @@ void TestKilledMidWrite() {
   close(fd);
   std::fprintf(stderr, "killed_mid_write: %d writes after the flush, %d sectors show them\n", done.load(), changed);
   CHECK(d2.Stop() == 0, "dmcowd exit");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
+// Issue 14's report, run many times: a flushed 64 KiB write at 2 MiB, a
+// writer of 64 KiB blocks from 19 MiB, SIGKILL at a different moment each
+// round while table reloads (every second, each with a suspend) may be in
+// progress, then a new dmcowd on the same COW: the flushed write reads back
+// in every round, and so does everything else flushed before the kill.
+void TestKilledRepeatedly() {
+  const std::string name = "dc-rekill", base = "/tmp/rk-base.img", cow = "/tmp/rk-cow.img";
+  const uint32_t cs = 128;  // 64 KiB chunks
+  const uint64_t sectors = 32 * 2048;  // 32 MiB
+  const uint64_t at = 2 * 2048, writer_from = 19 * 2048;
+  WriteBaseFile(base, sectors);
+  const int rounds = 8;
+  for (int round = 0; round < rounds; round++) {
+    unlink(cow.c_str());
+    Model m(sectors);
+    Daemon d(name, {"--chunk-size", "64K", "--reload-interval", "1", base, cow});
+    d.Start();
+    int fd = OpenDev(name);
+    CHECK(WriteTag(fd, &m, at, cs, 7 + round) == 0, "round %d: write at 2 MiB", round);
+    CHECK(fdatasync(fd) == 0, "round %d: flush: %s", round, strerror(errno));
+    // Some scattered flushed writes too, so reloads have runs to fold.
+    std::mt19937_64 rng(round);
+    for (int i = 0; i < 12; i++) {
+      const uint64_t sector = (rng() % (writer_from / cs - 1)) * cs;
+      if (sector != at) CHECK(WriteTag(fd, &m, sector, cs, 100 + i) == 0, "round %d: write %d", round, i);
+    }
+    CHECK(fdatasync(fd) == 0, "round %d: flush: %s", round, strerror(errno));
+    const Model flushed = m;
+    Verify(name, flushed);
+
+    std::atomic<int> written{0};
+    std::thread writer([&] {
+      for (uint64_t s = writer_from; s + cs <= sectors; s += cs) {
+        Buf buf(cs * kSector);
+        for (uint64_t k = 0; k < cs * kWords; k++) buf.words()[k] = TagWord(900, s + k / kWords, k % kWords);
+        if (pwrite(fd, buf.data(), cs * kSector, s * kSector) != static_cast<ssize_t>(cs * kSector)) return;
+        written++;
+        if (s + 2 * cs > sectors) s = writer_from - cs;  // round again until the daemon dies
+      }
+    });
+    SleepMs(150 + 180 * round);  // from before the first reload to after several
+    d.Kill();
+    writer.join();
+    close(fd);
+    for (int i = 0; i < 50 && DeviceExists(name); i++) {
+      Run({kDmsetup, "remove", "-f", name, "--noudevsync", "--verifyudev"});
+      if (DeviceExists(name)) SleepMs(100);
+    }
+    CHECK(!DeviceExists(name), "round %d: cannot remove %s", round, name.c_str());
+    for (int i = 0; i < 50 && (LoopsOn(base) || LoopsOn(cow)); i++) SleepMs(100);
+
+    Daemon d2(name, {"--reload-interval", "1", base, cow});
+    d2.Start();
+    fd = OpenDev(name);
+    Buf buf(kSector);
+    for (uint64_t s = 0; s < writer_from; s++) {
+      CHECK(pread(fd, buf.data(), kSector, s * kSector) == kSector, "round %d: read %llu", round,
+            (unsigned long long)s);
+      const uint64_t* want = &flushed.data[s * kWords];
+      CHECK(std::equal(want, want + kWords, buf.words()),
+            "round %d (killed after %d writer blocks): sector %llu lost its flushed content: %016llx, want %016llx",
+            round, written.load(), (unsigned long long)s, (unsigned long long)buf.words()[0],
+            (unsigned long long)want[0]);
+    }
+    close(fd);
+    CHECK(d2.Stop() == 0, "round %d: dmcowd exit", round);
+    std::fprintf(stderr, "killed_repeatedly: round %d killed after %d writer blocks and %d reloads\n", round,
+                 written.load(), ReloadsLogged(d.Log()));
+  }
   CheckBaseFile(base, sectors);
   unlink(cow.c_str());
   unlink(base.c_str());
@@ -700,6 +780,7 @@ const TestCase kTests[] = {
     {"daemon_filesystem", TestFilesystem},
     {"daemon_mount", TestMount},
     {"daemon_killed_mid_write", TestKilledMidWrite},
+    {"daemon_killed_repeatedly", TestKilledRepeatedly},
     {"daemon_reload_scattered", TestReloadScattered},
 };
 

@@ -501,7 +501,7 @@ void TestKilledMidWrite() {
 void TestKilledRepeatedly() {
   const std::string name = "dc-rekill", base = "/tmp/rk-base.img", cow = "/tmp/rk-cow.img";
   const uint32_t cs = 128;  // 64 KiB chunks
-  const uint64_t sectors = 32 * 2048;  // 32 MiB
+  const uint64_t sectors = 64 * 2048;  // 64 MiB: the writer's 45 MiB outlast every kill moment below
   const uint64_t at = 2 * 2048, writer_from = 19 * 2048;
   WriteBaseFile(base, sectors);
   const int rounds = 8;
@@ -523,19 +523,22 @@ void TestKilledRepeatedly() {
     const Model flushed = m;
     Verify(name, flushed);
 
+    // Sequential 64 KiB blocks, each a new chunk (a MAP_WRITE to the
+    // daemon), until one fails or the end.
     std::atomic<int> written{0};
     std::thread writer([&] {
+      Buf buf(cs * kSector);
       for (uint64_t s = writer_from; s + cs <= sectors; s += cs) {
-        Buf buf(cs * kSector);
         for (uint64_t k = 0; k < cs * kWords; k++) buf.words()[k] = TagWord(900, s + k / kWords, k % kWords);
         if (pwrite(fd, buf.data(), cs * kSector, s * kSector) != static_cast<ssize_t>(cs * kSector)) return;
         written++;
-        if (s + 2 * cs > sectors) s = writer_from - cs;  // round again until the daemon dies
       }
     });
-    SleepMs(150 + 180 * round);  // from before the first reload to after several
+    SleepMs(100 + 80 * round);  // mid-write, at a different moment each round
+    std::fprintf(stderr, "killed_repeatedly: round %d: kill after %d writer blocks\n", round, written.load());
     d.Kill();
     writer.join();
+    std::fprintf(stderr, "killed_repeatedly: round %d: writer stopped\n", round);
     close(fd);
     for (int i = 0; i < 50 && DeviceExists(name); i++) {
       Run({kDmsetup, "remove", "-f", name, "--noudevsync", "--verifyudev"});
@@ -546,6 +549,7 @@ void TestKilledRepeatedly() {
 
     Daemon d2(name, {"--reload-interval", "1", base, cow});
     d2.Start();
+    std::fprintf(stderr, "killed_repeatedly: round %d: restarted\n", round);
     fd = OpenDev(name);
     Buf buf(kSector);
     for (uint64_t s = 0; s < writer_from; s++) {

@@ -563,7 +563,7 @@ void TestKilledRepeatedly() {
     }
     close(fd);
     CHECK(d2.Stop() == 0, "round %d: dmcowd exit", round);
-    std::fprintf(stderr, "killed_repeatedly: round %d killed after %d writer blocks and %d reloads\n", round,
+    std::fprintf(stderr, "killed_repeatedly: round %d killed after %d writer blocks; %d reloads logged so far\n", round,
                  written.load(), ReloadsLogged(d.Log()));
   }
   CheckBaseFile(base, sectors);

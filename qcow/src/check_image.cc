@@ -5,6 +5,7 @@
 
 #include "check_internal.h"
 #include "dmcow/check.h"
+#include "dmcow/fail_stop_file.h"
 #include "qcow2_check.h"
 #include "qcow2_metadata_tables.h"
 #include "util.h"
@@ -100,6 +101,8 @@ Status CheckImage(const std::string& path, const CheckOptions& options, CheckRes
   std::unique_ptr<File> file;
   DMCOW_RETURN_IF_ERROR(env->OpenFile(
       path, options.repair == RepairMode::kNone ? OpenMode::kReadOnly : OpenMode::kReadWrite, &file));
+  // A repair is a writer too: rule (8) of qcow2_write.cc.
+  if (options.repair != RepairMode::kNone) file = std::make_unique<FailStopFile>(std::move(file));
   return CheckImageFile(file.get(), options, result);
 }
 

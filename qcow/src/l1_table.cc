@@ -31,7 +31,7 @@ void L1Table::Clear() {
 }
 
 Status L1Table::Load(File* file, uint64_t offset, uint64_t entries, const char* what, uint64_t* chain_bytes,
-                     uint64_t max_chain_bytes) {
+                     uint64_t max_chain_bytes, bool skip_holes) {
   auto charge = [&](uint64_t bytes) {
     if (*chain_bytes + bytes > max_chain_bytes) {
       return Status::NotSupported(file->name() + ": " + what + " would take the tables of the backing chain past " +
@@ -54,7 +54,7 @@ Status L1Table::Load(File* file, uint64_t offset, uint64_t entries, const char* 
     const uint64_t left = (entries - i) * 8;
     bool is_data = true;
     uint64_t run = left;
-    DMCOW_RETURN_IF_ERROR(file->GetAllocation(offset + i * 8, left, &is_data, &run));
+    if (skip_holes) DMCOW_RETURN_IF_ERROR(file->GetAllocation(offset + i * 8, left, &is_data, &run));
     if (!is_data && run >= 8) {  // a hole reads as zeros: nothing to hold
       i += std::min(run, left) / 8;
       continue;

@@ -50,8 +50,11 @@ class L1Table {
   // `file` (known to lie inside it), skipping holes of a sparse file. The
   // memory it takes is added to *chain_bytes; passing `max_chain_bytes` is a
   // NotSupported error naming the file and `what` (e.g. "active L1 table").
+  // With `skip_holes`, ranges the file system reports as holes are not
+  // read; a writable open reads them anyway, so that a file system whose
+  // SEEK_HOLE errs can never make a live entry look empty to a writer.
   Status Load(File* file, uint64_t offset, uint64_t entries, const char* what, uint64_t* chain_bytes,
-              uint64_t max_chain_bytes);
+              uint64_t max_chain_bytes, bool skip_holes);
 
  private:
   using Chunk = std::array<uint64_t, kChunkEntries>;

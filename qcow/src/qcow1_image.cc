@@ -95,7 +95,8 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
 
 Status Qcow1Image::LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) {
   DMCOW_RETURN_IF_ERROR(
-      l1_.Load(file_.get(), l1_offset_, l1_entries_, "L1 table", chain_table_bytes, options.max_chain_table_bytes));
+      l1_.Load(file_.get(), l1_offset_, l1_entries_, "L1 table", chain_table_bytes, options.max_chain_table_bytes,
+               /*skip_holes=*/!options.writable));
   if (options.writable) DMCOW_RETURN_IF_ERROR(PrepareForWriting(options));
   return Status::OK();
 }

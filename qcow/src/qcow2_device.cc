@@ -61,16 +61,16 @@ Status Qcow2Image::DescribeCluster(uint64_t cluster, ClusterPlace* out) {
 Status Qcow2Image::ReserveClusters(uint64_t count, uint64_t* host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::ReserveClusters(count, host_offset);
   if (count == 0 || count > 1024) return Status::InvalidArgument(filename() + ": reserving " + std::to_string(count) + " clusters");
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  return refcounts_->Allocate(count, host_offset);
+  return WriteStep([&] { return refcounts_->Allocate(count, host_offset); });
 }
 
 Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
   DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * header_.cluster_size, "cluster fill"));
-  return CopyGuestClustersLocked(first, count, host_offset, data_file());
+  return WriteStep([&]() -> Status {
+    DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * header_.cluster_size, "cluster fill"));
+    return CopyGuestClustersLocked(first, count, host_offset, data_file());
+  });
 }
 
 Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
@@ -80,23 +80,25 @@ Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_of
   if (host_offset & (cs - 1)) {
     return Status::InvalidArgument(filename() + ": linking guest clusters to unaligned host offset " + Hex(host_offset));
   }
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * cs, "cluster link"));
-  for (uint64_t i = 0; i < count; i++) {
-    uint64_t old = 0, old_bitmap = 0;
-    DMCOW_RETURN_IF_ERROR(GetL2Entry(first + i, &old, &old_bitmap));
-    ReleaseClusterOf(old);
-    DMCOW_RETURN_IF_ERROR(
-        SetL2Entry(first + i, (host_offset + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
-  }
-  return MaybeFlush();
+  return WriteStep([&]() -> Status {
+    DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * cs, "cluster link"));
+    for (uint64_t i = 0; i < count; i++) {
+      uint64_t old = 0, old_bitmap = 0;
+      DMCOW_RETURN_IF_ERROR(GetL2Entry(first + i, &old, &old_bitmap));
+      DMCOW_RETURN_IF_ERROR(
+          SetL2Entry(first + i, (host_offset + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
+      ReleaseClusterOf(old);  // after: a failed SetL2Entry must not free a cluster still mapped
+    }
+    return MaybeFlush();
+  });
 }
 
 Status Qcow2Image::UnreserveClusters(uint64_t count, uint64_t host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::UnreserveClusters(count, host_offset);
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  refcounts_->FreeLater(host_offset, count * header_.cluster_size);
-  return Status::OK();
+  return WriteStep([&] {
+    refcounts_->FreeLater(host_offset, count * header_.cluster_size);
+    return Status::OK();
+  });
 }
 
 uint64_t Qcow2Image::AllocationEnd() const { return refcounts_ ? refcounts_->allocation_end() : 0; }

@@ -28,13 +28,18 @@ Status Qcow2Image::Grow(uint64_t new_size) {
   if (new_size % 512 != 0) return Status::InvalidArgument(name + ": the new size must be a multiple of 512");
   if (new_size > static_cast<uint64_t>(INT64_MAX)) return Status::InvalidArgument(name + ": the new size is too large");
   if (!info_.snapshots.empty()) return Status::NotSupported(name + ": can't resize an image which has snapshots");
+  if (DivRoundUp(new_size, header_.cluster_size * header_.l2_entries) > kMaxL1Bytes / 8) {
+    return Status::InvalidArgument(name + ": the new size needs too large an L1 table");
+  }
+  return WriteStep([&] { return GrowLocked(new_size); });
+}
 
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+Status Qcow2Image::GrowLocked(uint64_t new_size) {
+  const uint64_t old_size = info_.virtual_size;
   DMCOW_RETURN_IF_ERROR(FlushLocked());  // nothing pending refers to the old L1 table's place
 
   const uint64_t cs = header_.cluster_size;
-  const uint64_t l1_needed = DivRoundUp(new_size, cs * header_.l2_entries);
-  if (l1_needed > kMaxL1Bytes / 8) return Status::InvalidArgument(name + ": the new size needs too large an L1 table");
+  const uint64_t l1_needed = DivRoundUp(new_size, cs * header_.l2_entries);  // bounded by Grow
   if (l1_needed > l1_.size()) {
     const uint64_t bytes = l1_needed * 8;
     const uint64_t clusters = DivRoundUp(bytes, cs);

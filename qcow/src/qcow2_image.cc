@@ -109,7 +109,8 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, uint64_t* chain_table_byte
   }
   // Bounded by kMaxL1Bytes and known to lie inside the file; held as sparse
   // as it really is.
-  return l1_.Load(file_.get(), l1_offset, l1_entries, "L1 table", chain_table_bytes, options.max_chain_table_bytes);
+  return l1_.Load(file_.get(), l1_offset, l1_entries, "L1 table", chain_table_bytes, options.max_chain_table_bytes,
+                  /*skip_holes=*/!options.writable);
 }
 
 Status Qcow2Image::L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const {

@@ -60,9 +60,26 @@ class Qcow2Image final : public TableImage {
   // L2 entry (and bitmap for extended L2), shortening *len to the part that
   // shares a state (a subcluster run).
   Status PrepareForWriting(const OpenOptions& options);
+  // Runs one step of a writing call (Write, Flush, the device calls...)
+  // under rw_mu_ held exclusively. The first step that fails stops writing
+  // through this open (rule 9 of qcow2_write.cc): every later step, and the
+  // closing flush, fail without touching the file.
+  template <typename Step>
+  Status WriteStep(Step&& step) {
+    std::unique_lock<std::shared_mutex> lock(rw_mu_);
+    if (!stopped_.ok()) {
+      return Status::IOError(filename() + ": no more writes through this open after an earlier failure: " +
+                             stopped_.ToString());
+    }
+    Status s = step();
+    if (!s.ok()) stopped_ = s;
+    return s;
+  }
   // REQUIRES for the *Locked helpers and those below: rw_mu_ held exclusively.
   Status WriteLocked(uint64_t offset, const uint8_t* buf, size_t len);
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard);
+  Status MakeEmptyLocked();
+  Status GrowLocked(uint64_t new_size);
   Status FlushLocked(bool closing = false);
   // Writes the header's dirty bit (incompatible feature 0) and syncs.
   Status SetDirtyBit(bool dirty);
@@ -106,6 +123,7 @@ class Qcow2Image final : public TableImage {
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;
+  Status stopped_;  // the failure that stopped writing (WriteStep); GUARDED_BY(rw_mu_)
   std::unique_ptr<Qcow2OverlapGuard> overlap_;  // set when writable_; outlives refcounts_, which uses it
   std::unique_ptr<Qcow2Refcounts> refcounts_;
   std::set<uint64_t> dirty_l1_;       // L1 indices changed since the last flush

@@ -45,8 +45,16 @@
 //      (FailStopFile): every later write, sync and flush fails with the
 //      first error, so nothing is acknowledged after the kernel may have
 //      dropped the failed pages (a second fdatasync after EIO reports
-//      success on Linux). Reopening, once the cause is fixed, starts over
-//      from what is on disk.
+//      success on Linux). Those pages may still be readable in the page
+//      cache after the error, so a reopen in the same boot is not proof of
+//      what is on disk: after the cause is fixed, `check -r all` (or a
+//      reboot first) is what to trust.
+//  (9) A writing call that fails half way stops writing through that open
+//      (Qcow2Image::WriteStep): a read error or a hostile entry met after
+//      the caches changed leaves them half made (a refcount block entry
+//      without its count, frees queued for clusters still mapped), and no
+//      later call, flush or close may write them. Frees are queued only
+//      after the entry that stopped mapping the cluster is in the cache.
 // Consequences: a crash at any point leaves an image that references only
 // allocated, fully written clusters; it may leak clusters (refcount without
 // reference), which `check -r leaks` reclaims. Writes not yet flushed may be
@@ -100,10 +108,9 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
 }
 
 Qcow2Image::~Qcow2Image() {
-  if (writable_) {
-    std::unique_lock<std::shared_mutex> lock(rw_mu_);
-    (void)FlushLocked(/*closing=*/true);  // best effort: callers that care call Flush and check it
-  }
+  // Best effort: callers that care call Flush and check it. After a failed
+  // step nothing is written (WriteStep).
+  if (writable_) (void)WriteStep([&] { return FlushLocked(/*closing=*/true); });
 }
 
 Status Qcow2Image::GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap) {
@@ -260,8 +267,8 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, count * cs, "write"));
     DMCOW_RETURN_IF_ERROR(data_file()->Write(host, whole ? buf : run.data(), count * cs));
     for (uint64_t i = 0; i < count; i++) {
-      ReleaseClusterOf(old_entries[i]);
       DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster + i, (host + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
+      ReleaseClusterOf(old_entries[i]);  // after: a failed SetL2Entry must not free a cluster still mapped
     }
     offset += n;
     buf += n;
@@ -274,8 +281,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
 Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
   if (!writable_) return Image::Write(offset, buf, len);
   DMCOW_RETURN_IF_ERROR(CheckWriteRange(offset, len));
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  return WriteLocked(offset, static_cast<const uint8_t*>(buf), len);
+  return WriteStep([&] { return WriteLocked(offset, static_cast<const uint8_t*>(buf), len); });
 }
 
 Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
@@ -321,8 +327,8 @@ Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
       new_entry = kZeroFlag;
     }
     if (entry == new_entry && bitmap == new_bitmap) continue;
-    ReleaseClusterOf(entry);
     DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster, new_entry, new_bitmap));
+    ReleaseClusterOf(entry);
     DMCOW_RETURN_IF_ERROR(MaybeFlush());
   }
   return partial(std::min(last_full, end), end);
@@ -334,8 +340,7 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len) {
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": zero write past the virtual size");
   }
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  return ZeroLocked(offset, len, /*discard=*/false);
+  return WriteStep([&] { return ZeroLocked(offset, len, /*discard=*/false); });
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
@@ -344,8 +349,7 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": discard past the virtual size");
   }
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  return ZeroLocked(offset, len, /*discard=*/true);
+  return WriteStep([&] { return ZeroLocked(offset, len, /*discard=*/true); });
 }
 
 Status Qcow2Image::AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) {
@@ -385,17 +389,18 @@ Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
                                    " bytes at guest offset " + Hex(offset) +
                                    " (needs a cluster-aligned offset and less than one cluster of payload)");
   }
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  const uint64_t cluster = offset >> header_.cluster_bits;
-  uint64_t entry, bitmap;
-  DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
-  uint64_t host;
-  DMCOW_RETURN_IF_ERROR(AllocateCompressedBytes(len, &host));
-  DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, len, "compressed write"));
-  DMCOW_RETURN_IF_ERROR(file_->Write(host, payload, len));
-  ReleaseClusterOf(entry);
-  DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster, EncodeCompressed(host, len, header_.cluster_bits), 0));
-  return MaybeFlush();
+  return WriteStep([&]() -> Status {
+    const uint64_t cluster = offset >> header_.cluster_bits;
+    uint64_t entry, bitmap;
+    DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
+    uint64_t host;
+    DMCOW_RETURN_IF_ERROR(AllocateCompressedBytes(len, &host));
+    DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, len, "compressed write"));
+    DMCOW_RETURN_IF_ERROR(file_->Write(host, payload, len));
+    DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster, EncodeCompressed(host, len, header_.cluster_bits), 0));
+    ReleaseClusterOf(entry);  // only once nothing maps it: a failed SetL2Entry must not free a live cluster
+    return MaybeFlush();
+  });
 }
 
 Status Qcow2Image::SetDirtyBit(bool dirty) {
@@ -449,8 +454,7 @@ Status Qcow2Image::FlushLocked(bool closing) {
 
 Status Qcow2Image::Flush() {
   if (!writable_) return Status::OK();
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
-  return FlushLocked();
+  return WriteStep([&] { return FlushLocked(); });
 }
 
 // Empties the active layer (qemu's bdrv_make_empty) by dropping whole L2
@@ -467,7 +471,10 @@ Status Qcow2Image::MakeEmpty() {
     return Status::NotSupported(filename() + ": cannot empty an image whose external data file must stay a "
                                 "faithful raw image (data_file_raw)");
   }
-  std::unique_lock<std::shared_mutex> lock(rw_mu_);
+  return WriteStep([&] { return MakeEmptyLocked(); });
+}
+
+Status Qcow2Image::MakeEmptyLocked() {
   DMCOW_RETURN_IF_ERROR(FlushLocked());
   const uint64_t cs = header_.cluster_size;
   const uint64_t clusters = (info_.virtual_size + cs - 1) >> header_.cluster_bits;

@@ -23,6 +23,7 @@ class CrashFile final : public dmcow::File {
   const std::string& name() const override { return name_; }
 
   Status Read(uint64_t offset, size_t len, void* buf, size_t* bytes_read) override {
+    if (!env_->ReadTick()) return Status::IOError(name_ + ": Input/output error (injected read)");
     const auto& data = node_->current;
     size_t n = offset >= data.size() ? 0 : std::min<size_t>(len, data.size() - offset);
     if (n) std::memcpy(buf, data.data() + offset, n);

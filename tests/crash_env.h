@@ -14,7 +14,8 @@
 //    once.
 //  - CrashedContent() builds one seeded random state, as before.
 //
-// InjectFault makes one call fail without a power failure, as a disk or
+// InjectReadFault fails one Read. InjectFault makes one call fail without a
+// power failure, as a disk or
 // file system can: kEio fails that call (a failed Sync also loses the
 // file's pending changes while reads still see them, and the next Sync
 // succeeds, as Linux reports a writeback error once); kEnospc fails that
@@ -44,6 +45,13 @@ class CrashEnv final : public dmcow::Env {
     fault_at_ = at_op;
     fault_ = fault;
   }
+  // Makes the `at_read`-th Read (counted across all files, from 1) fail
+  // with EIO, once: a transient read error in the middle of a change.
+  void InjectReadFault(uint64_t at_read) { read_fault_at_ = at_read; }
+  // Counts one Read; false for the one an injected fault fails.
+  bool ReadTick() { return ++reads_ != read_fault_at_; }
+  uint64_t reads() const { return reads_; }
+
   // The error the call counted as `op` gets from an injected fault (OK if
   // none). `grows`: a Write past the file's end.
   dmcow::Status FaultFor(uint64_t op, const std::string& name, bool grows) const;
@@ -86,6 +94,8 @@ class CrashEnv final : public dmcow::Env {
   const uint64_t crash_after_;
   uint64_t ops_ = 0;
   uint64_t fault_at_ = UINT64_MAX;
+  uint64_t reads_ = 0;
+  uint64_t read_fault_at_ = 0;
   Fault fault_ = Fault::kEio;
   std::map<std::string, std::shared_ptr<Node>> nodes_;
 };

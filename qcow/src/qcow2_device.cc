@@ -67,10 +67,12 @@ Status Qcow2Image::ReserveClusters(uint64_t count, uint64_t* host_offset) {
 Status Qcow2Image::FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) {
   if (!writable_ || header_.HasDataFile()) return Image::FillClusters(first, count, host_offset);
   DMCOW_RETURN_IF_ERROR(CheckClusterRange(first, count, "filling"));
-  return WriteStep([&]() -> Status {
-    DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * header_.cluster_size, "cluster fill"));
-    return CopyGuestClustersLocked(first, count, host_offset, data_file());
-  });
+  return WriteStep(
+      [&]() -> Status {
+        DMCOW_RETURN_IF_ERROR(CheckDataWrite(host_offset, count * header_.cluster_size, "cluster fill"));
+        return CopyGuestClustersLocked(first, count, host_offset, data_file());
+      },
+      OnFailure::kKeepGoing);
 }
 
 Status Qcow2Image::LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) {

@@ -63,16 +63,17 @@ class Qcow2Image final : public TableImage {
   // Runs one step of a writing call (Write, Flush, the device calls...)
   // under rw_mu_ held exclusively. The first step that fails stops writing
   // through this open (rule 9 of qcow2_write.cc): every later step, and the
-  // closing flush, fail without touching the file.
+  // closing flush, fail without touching the file. A step that changes no
+  // metadata (kKeepGoing: FillClusters, which only writes into reserved
+  // clusters nothing maps yet) is refused after a stop but does not cause
+  // one; its I/O errors stop writing at the file (FailStopFile).
+  enum class OnFailure { kStop, kKeepGoing };
   template <typename Step>
-  Status WriteStep(Step&& step) {
+  Status WriteStep(Step&& step, OnFailure on_failure = OnFailure::kStop) {
     std::unique_lock<std::shared_mutex> lock(rw_mu_);
-    if (!stopped_.ok()) {
-      return Status::IOError(filename() + ": no more writes through this open after an earlier failure: " +
-                             stopped_.ToString());
-    }
+    if (!stopped_.ok()) return stopped_.WithMessage(stopped_.message() + " (no more writes through this open since)");
     Status s = step();
-    if (!s.ok()) stopped_ = s;
+    if (!s.ok() && on_failure == OnFailure::kStop) stopped_ = s;
     return s;
   }
   // REQUIRES for the *Locked helpers and those below: rw_mu_ held exclusively.

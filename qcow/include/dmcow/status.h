@@ -44,6 +44,8 @@ class Status {
   bool IsNotFound() const { return code_ == Code::kNotFound; }
   bool IsBusy() const { return code_ == Code::kBusy; }
   const std::string& message() const { return message_; }
+  // The same kind of failure with another message (context added).
+  Status WithMessage(std::string msg) const { return Status(code_, std::move(msg)); }
 
   // "OK" or the message; messages are written to be shown to a user as they are.
   std::string ToString() const { return ok() ? std::string("OK") : message_; }

@@ -145,13 +145,6 @@ class Images {
   TempDir tmp_;
 };
 
-#define SKIP_WITHOUT_QEMU()                                 \
-  do {                                                      \
-    if (!HaveQemuImg()) {                                   \
-      WARN("qemu-img/qemu-io not installed: test skipped"); \
-      return;                                               \
-    }                                                       \
-  } while (0)
 
 std::vector<Damage> Damages() {
   // Guest cluster indexes in plain.qcow2: 0-15 data (pattern 1), 64-65

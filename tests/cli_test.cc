@@ -110,13 +110,6 @@ class Images {
   TempDir tmp_;
 };
 
-#define SKIP_WITHOUT_QEMU()                                   \
-  do {                                                        \
-    if (!HaveQemuImg()) {                                     \
-      WARN("qemu-img/qemu-io not installed: test skipped");   \
-      return;                                                 \
-    }                                                         \
-  } while (0)
 
 // Runs the same command line through both tools; stdout and exit code must match.
 void CheckSame(const std::string& args) {

@@ -184,13 +184,6 @@ void CheckContent(dmcow::Image* image, dmcow::Image* backing, uint64_t offset, u
   CHECK(got == want);
 }
 
-#define SKIP_WITHOUT_QEMU()                                 \
-  do {                                                      \
-    if (!HaveQemuImg()) {                                   \
-      WARN("qemu-img/qemu-io not installed: test skipped"); \
-      return;                                               \
-    }                                                       \
-  } while (0)
 
 }  // namespace
 

@@ -36,13 +36,6 @@ constexpr uint64_t kCopied = 1ULL << 63;
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kUnallocatedGuest = 2 * kMiB + 64 * 1024;  // qemu-io writes even clusters only
 
-#define SKIP_WITHOUT_QEMU()                                 \
-  do {                                                      \
-    if (!HaveQemuImg()) {                                   \
-      WARN("qemu-img/qemu-io not installed: test skipped"); \
-      return;                                               \
-    }                                                       \
-  } while (0)
 
 uint64_t BE64(const std::vector<uint8_t>& b, uint64_t at) {
   uint64_t v = 0;

@@ -37,6 +37,16 @@ void MustRun(const std::string& command);
 
 bool HaveQemuImg();
 
+// In a test case that needs the QEMU tools: returns from it, with a warning,
+// where they are not installed (scripts/test.sh installs them).
+#define SKIP_WITHOUT_QEMU()                                 \
+  do {                                                      \
+    if (!dmcow_test::HaveQemuImg()) {                       \
+      WARN("qemu-img/qemu-io not installed: test skipped"); \
+      return;                                               \
+    }                                                       \
+  } while (0)
+
 std::vector<uint8_t> ReadWholeFile(const std::string& path);
 void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 

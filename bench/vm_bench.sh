@@ -78,9 +78,12 @@ vm_packages vm_bench.sh
 vm_kernel
 vm_build_kmod "$OUT"
 
-g++ -std=c++20 -O2 -Wall -Wextra -Werror -static -pthread -o "$OUT/blkio" "$SRC/bench/vm/blkio.cc"
 DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
 [ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
+# blkio is built static by CMake with the VM test programs (tests/vm/CMakeLists.txt).
+BLKIO=${DMCOW_VM_BIN:-$(dirname "$DMCOWD")/../tests/vm}/blkio
+[ -x "$BLKIO" ] || die "no $BLKIO (run scripts/build.sh)"
+cp "$BLKIO" "$OUT/blkio"
 
 DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
 [ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
@@ -119,12 +122,10 @@ if [ ! -s "$SPARSE" ] && case ",$BENCH_GROUPS," in *,qattach,*) true ;; *) false
 fi
 [ -s "$SPARSE" ] || SPARSE=$EMPTY	# qattach not wanted: any disk will do
 
-vm_initramfs_begin "$OUT/initramfs"
+vm_initramfs_begin "$OUT/initramfs" "$SRC/bench/vm/init.sh"
 cp "$OUT/blkio" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$DMCOW_IMG" "$(command -v qemu-img)" "$R/bin/"
 mkdir -p "$R/qcow"
 cp "$EMPTY" "$R/qcow/empty.qcow2"
-cp "$SRC/bench/vm/init.sh" "$R/init"
-chmod 755 "$R/init"
 vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$DMCOW_IMG" "$(command -v qemu-img)"
 vm_modules $VM_MODS_DM dm-bufio:drivers/md/dm-bufio dm-snapshot:drivers/md/dm-snapshot
 vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"

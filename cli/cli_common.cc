@@ -1,5 +1,7 @@
 #include "cli_common.h"
 
+#include <getopt.h>
+
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -8,11 +10,16 @@
 
 #include <CLI/CLI.hpp>
 
+#include "image_options.h"
+#include "locking_env.h"
+
 namespace dmcow::cli {
 
 void PrintError(const std::string& msg) {
   std::fflush(stdout);
   std::fprintf(stderr, "%s: %s\n", kProgName, msg.c_str());
+  // A lock refusal's second line, as qemu-img prints it (locking_env.h).
+  if (std::string hint = LockingEnv::TakeHint(); !hint.empty()) std::fprintf(stderr, "%s\n", hint.c_str());
 }
 
 int UsageError(const std::string& msg) {
@@ -38,13 +45,20 @@ std::string SizeToStr(uint64_t val) {
 
 static int64_t SuffixMul(char c) {
   switch (c) {
-    case 'B': case 'b': return 1;
-    case 'K': case 'k': return int64_t{1} << 10;
-    case 'M': case 'm': return int64_t{1} << 20;
-    case 'G': case 'g': return int64_t{1} << 30;
-    case 'T': case 't': return int64_t{1} << 40;
-    case 'P': case 'p': return int64_t{1} << 50;
-    case 'E': case 'e': return int64_t{1} << 60;
+    case 'B':
+    case 'b': return 1;
+    case 'K':
+    case 'k': return int64_t{1} << 10;
+    case 'M':
+    case 'm': return int64_t{1} << 20;
+    case 'G':
+    case 'g': return int64_t{1} << 30;
+    case 'T':
+    case 't': return int64_t{1} << 40;
+    case 'P':
+    case 'p': return int64_t{1} << 50;
+    case 'E':
+    case 'e': return int64_t{1} << 60;
     default: return -1;
   }
 }
@@ -101,10 +115,38 @@ std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
   } catch (const CLI::CallForHelp&) {
     std::fputs(app.help().c_str(), stdout);
     return 0;
+  } catch (const CLI::ExtrasError& e) {
+    // An option the command does not have (e.g. -U on commit): getopt's words, as qemu-img.
+    for (const std::string& arg : app.remaining()) {
+      if (arg.size() > 1 && arg[0] == '-') return UsageError("unrecognized option '" + arg + "'");
+    }
+    return UsageError(e.what());
   } catch (const CLI::ParseError& e) {
     return UsageError(e.what());
   }
   return std::nullopt;
+}
+
+std::optional<int> ParseGetopt(int argc, char** argv, const char* optstring, const struct ::option* long_options,
+                               const std::function<std::optional<int>(int c, const char* optarg)>& on_option,
+                               std::vector<std::string>* operands) {
+  optind = 0;  // a full reset of GNU getopt
+  opterr = 0;
+  for (;;) {
+    const int c = getopt_long(argc, argv, optstring, long_options, nullptr);
+    if (c == -1) break;
+    if (c == ':') return UsageError(std::string("missing argument for option '") + argv[optind - 1] + "'");
+    if (c == '?') return UsageError(std::string("unrecognized option '") + argv[optind - 1] + "'");
+    if (std::optional<int> rc = on_option(c, optarg)) return rc;
+  }
+  operands->assign(argv + optind, argv + argc);
+  return std::nullopt;
+}
+
+void AddImageArguments(CLI::App& app, bool* force_share, bool* image_opts, std::vector<std::string>* files) {
+  app.add_flag("-U,--force-share", *force_share, kForceShareHelp);
+  app.add_flag("--image-opts", *image_opts, "FILE is an option list: driver=qcow2,file.filename=F[,backing=null]");
+  app.add_option("FILE", *files, "Image file");
 }
 
 bool ParseOutputFormat(const std::string& value, bool* json) {
@@ -119,11 +161,32 @@ bool ParseOutputFormat(const std::string& value, bool* json) {
   return true;
 }
 
-Status OpenImageOrReport(const std::string& path, const OpenOptions& options,
+Status OpenImageOrReport(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image) {
+  return OpenImageOrReport(path, path, options, image);
+}
+
+Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image) {
   Status s = OpenImage(path, options, image);
-  if (!s.ok()) PrintError("Could not open '" + path + "': " + s.ToString());
+  if (!s.ok()) PrintError("Could not open '" + shown + "': " + s.ToString());
   return s;
+}
+
+bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, OpenOptions* options) {
+  if (!image_opts) {
+    *path = arg;
+    return true;
+  }
+  std::string error = ParseImageOpts(arg, path, options);
+  if (error.empty()) return true;
+  PrintError("Could not open '" + arg + "': " + error);
+  return false;
+}
+
+bool ImageOptsWithFormat(bool image_opts, const std::string& format) {
+  if (!image_opts || format.empty()) return false;
+  PrintError("--image-opts and --format are mutually exclusive");
+  return true;
 }
 
 void Progress::Advance(float delta) { Update(current_ + delta); }
@@ -134,8 +197,7 @@ void Progress::Update(float current) {
   if (current > 100) current = 100;
   current_ = current;
   if (!enabled_) return;
-  if (current > last_print_ + min_skip_ || current < last_print_ - min_skip_ || current == 0 ||
-      current == 100) {
+  if (current > last_print_ + min_skip_ || current < last_print_ - min_skip_ || current == 0 || current == 100) {
     last_print_ = current;
     std::printf("    (%3.2f/100%%)\r", current);
     std::fflush(stdout);

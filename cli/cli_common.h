@@ -4,9 +4,11 @@
 #define DMCOW_CLI_CLI_COMMON_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "dmcow/image.h"
 
@@ -14,16 +16,40 @@ namespace CLI {
 class App;
 }
 
+struct option;  // <getopt.h>
+
 namespace dmcow::cli {
 
 inline constexpr const char kProgName[] = "dmcow-img";
 
-// Each command takes its own argv, argv[0] being the command name.
-int CmdInfo(int argc, char** argv);
-int CmdMap(int argc, char** argv);
-int CmdConvert(int argc, char** argv);
-int CmdCompare(int argc, char** argv);
-int CmdChecksum(int argc, char** argv);
+// -U / --force-share, on the commands where qemu-img accepts it (those that
+// only read the image); locks: locking_env.h.
+inline constexpr const char kForceShareHelp[] =
+    "Open the image in shared mode: read it even while another process (a QEMU) writes it";
+
+// The commands (main.cc dispatches to them). Each takes its own argv,
+// argv[0] being the command name, and returns the exit status.
+int CmdInfo(int argc, char** argv);      // info: what the image is (cmd_info.cc)
+int CmdMap(int argc, char** argv);       // map: where its data lies (cmd_map.cc)
+int CmdCreate(int argc, char** argv);    // create: makes an image (cmd_create.cc)
+int CmdCommit(int argc, char** argv);    // commit: writes an overlay into its backing file (cmd_commit.cc)
+int CmdConvert(int argc, char** argv);   // convert: copies images into a new one (cmd_convert.cc)
+int CmdCheck(int argc, char** argv);     // check: checks, and repairs, an image (cmd_check.cc)
+int CmdCompare(int argc, char** argv);   // compare: are two images' contents equal (cmd_compare.cc)
+int CmdChecksum(int argc, char** argv);  // checksum: SHA-256 of the guest-visible content (cmd_checksum.cc)
+
+// Every command has one shape (issue 16): an options struct Args that a
+// parse step fills from the command line, returning an exit code when the
+// command ends there (help, a bad command line: its message printed), and
+// a run step that does the work and returns the exit status. Each Cmd*
+// function is this, with its command's own two steps.
+template <typename Args>
+int ParseAndRun(int argc, char** argv, std::optional<int> (*parse)(int argc, char** argv, Args* args),
+                int (*run)(const Args& args)) {
+  Args args;
+  if (std::optional<int> rc = parse(argc, argv, &args)) return *rc;
+  return run(args);
+}
 
 // "dmcow-img: <msg>" on stderr.
 void PrintError(const std::string& msg);
@@ -42,12 +68,46 @@ bool ParseSize(const std::string& text, uint64_t* out);
 // nullopt when parsing succeeded.
 std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv);
 
+// Reads argv as qemu-img's own getopt_long loop does, for the commands
+// whose command line CLI11 cannot read as qemu-img does (create and
+// convert): GNU getopt_long(argc, argv, optstring, long_options), with
+// optstring beginning with ':' as qemu-img's do. Options and operands in
+// any order, "--" ending the options, values glued or apart, flags glued
+// together, long options by an unambiguous prefix, the first error in
+// command-line order reported, naming argv[optind - 1] as qemu-img does:
+// "unrecognized option '...'" or "missing argument for option '...'"
+// (UsageError's words, exit 1). Each option goes to on_option(c, optarg)
+// in command-line order (optarg null for a flag); an exit code it returns
+// stops the scan (-h, a bad value). Otherwise *operands gets the
+// non-option arguments, in order, and nullopt is returned.
+std::optional<int> ParseGetopt(int argc, char** argv, const char* optstring, const struct ::option* long_options,
+                               const std::function<std::optional<int>(int c, const char* optarg)>& on_option,
+                               std::vector<std::string>* operands);
+
+// The last arguments of info, map, check and checksum, in this order:
+// -U/--force-share, --image-opts and the FILE operands.
+void AddImageArguments(CLI::App& app, bool* force_share, bool* image_opts, std::vector<std::string>* files);
+
 // Checks the value of --output; prints qemu's message on a bad one.
 bool ParseOutputFormat(const std::string& value, bool* json);
 
 // Opens an image; on failure prints "Could not open 'PATH': <message>".
-Status OpenImageOrReport(const std::string& path, const OpenOptions& options,
+Status OpenImageOrReport(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
+
+// Opens an image named on the command line as `shown` (a file name, or an
+// --image-opts list) and stored at `path`; on failure prints
+// "Could not open 'SHOWN': <message>".
+Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image);
+
+// An image argument: with image_opts, `arg` is an --image-opts list
+// (image_options.h ParseImageOpts) giving *path, the format and whether to
+// open the backing file; else *path = arg. False, with qemu-img's message
+// printed, for a bad list.
+bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, OpenOptions* options);
+
+// "--image-opts and --format are mutually exclusive", as qemu-img; true if so.
+bool ImageOptsWithFormat(bool image_opts, const std::string& format);
 
 // qemu-img's progress line "    (12.34/100%)\r" (util/qemu-progress.c).
 class Progress {

@@ -7,6 +7,7 @@
 // What the check finds is printed to stderr as it goes, as qemu-img does.
 // Beyond qemu-img: qcow (version 1) images are checked too.
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,7 +15,7 @@
 
 #include "cli_common.h"
 #include "dmcow/check.h"
-#include "dmcow/image_lock.h"
+#include "locking_env.h"
 #include "qemu_json.h"
 
 namespace dmcow::cli {
@@ -47,14 +48,16 @@ void PrintHuman(const CheckResult& r) {
     std::printf("No errors were found on the image.\n");
   } else {
     if (r.corruptions) {
-      std::printf("\n%llu errors were found on the image.\n"
-                  "Data may be corrupted, or further writes to the image may corrupt it.\n",
-                  static_cast<unsigned long long>(r.corruptions));
+      std::printf(
+          "\n%llu errors were found on the image.\n"
+          "Data may be corrupted, or further writes to the image may corrupt it.\n",
+          static_cast<unsigned long long>(r.corruptions));
     }
     if (r.leaks) {
-      std::printf("\n%llu leaked clusters were found on the image.\n"
-                  "This means waste of disk space, but no harm to data.\n",
-                  static_cast<unsigned long long>(r.leaks));
+      std::printf(
+          "\n%llu leaked clusters were found on the image.\n"
+          "This means waste of disk space, but no harm to data.\n",
+          static_cast<unsigned long long>(r.leaks));
     }
     if (r.check_errors) {
       std::printf("\n%llu internal errors have occurred during the check.\n",
@@ -74,37 +77,53 @@ void PrintHuman(const CheckResult& r) {
   }
 }
 
-}  // namespace
+// check's command line, as ParseCheck reads it.
+struct CheckArgs {
+  std::string format;              // -f, --format
+  std::string repair;              // -r, --repair
+  std::string output;              // --output
+  std::string cache;               // -T
+  bool quiet = false;              // -q
+  bool force_share = false;        // -U, --force-share
+  bool image_opts = false;         // --image-opts
+  std::vector<std::string> files;  // FILE
+};
 
-int CmdCheck(int argc, char** argv) {
+// Reads check's command line into *args (CLI11, ParseCommandLine): an exit
+// code when the command ends there (--help, a bad command line).
+std::optional<int> ParseCheck(int argc, char** argv, CheckArgs* args) {
   CLI::App app{"Check FILE for consistency, and optionally repair it.", "dmcow-img check"};
-  std::string format, repair, output, cache;
-  std::vector<std::string> files;
-  bool quiet = false, force_share = false;
-  app.add_option("-f,--format", format, "Image format (qcow2, qcow, raw); probed if omitted");
-  app.add_option("-r,--repair", repair, "Repair: 'leaks' (leaked clusters) or 'all' (everything it can)");
-  app.add_option("--output", output, "Output format: human (default) or json");
-  app.add_option("-T", cache, "Cache mode (accepted for compatibility, ignored)");
-  app.add_flag("-q", quiet, "Quiet: print nothing on stdout");
-  app.add_flag("-U,--force-share", force_share, "Open the image in shared mode (accepted, ignored)");
-  app.add_option("FILE", files, "Image file");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
+  app.add_option("-f,--format", args->format, "Image format (qcow2, qcow, raw); probed if omitted");
+  app.add_option("-r,--repair", args->repair, "Repair: 'leaks' (leaked clusters) or 'all' (everything it can)");
+  app.add_option("--output", args->output, "Output format: human (default) or json");
+  app.add_option("-T", args->cache, "Cache mode (accepted for compatibility, ignored)");
+  app.add_flag("-q", args->quiet, "Quiet: print nothing on stdout");
+  AddImageArguments(app, &args->force_share, &args->image_opts, &args->files);
+  return ParseCommandLine(app, argc, argv);
+}
 
+// Runs check as args says; returns the exit code.
+int RunCheck(const CheckArgs& args) {
   CheckOptions options;
-  options.format = format;
-  if (!repair.empty()) {
-    if (repair == "leaks") {
+  options.format = args.format;
+  if (!args.repair.empty()) {
+    if (args.repair == "leaks") {
       options.repair = RepairMode::kLeaks;
-    } else if (repair == "all") {
+    } else if (args.repair == "all") {
       options.repair = RepairMode::kAll;
     } else {
-      return UsageError("Unknown option value for -r (expecting 'leaks' or 'all'): " + repair);
+      return UsageError("Unknown option value for -r (expecting 'leaks' or 'all'): " + args.repair);
     }
   }
-  if (files.size() != 1) return UsageError("Expecting one image file name");
-  const std::string& filename = files[0];
+  if (args.files.size() != 1) return UsageError("Expecting one image file name");
+  if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
+  const std::string& shown = args.files[0];  // as given: a name or an --image-opts list
+  std::string filename;
+  OpenOptions parsed;
+  if (!ImageArgument(shown, args.image_opts, &filename, &parsed)) return 1;
+  if (args.image_opts) options.format = parsed.format;  // the check reads no backing file
   bool json = false;
-  if (!output.empty() && !ParseOutputFormat(output, &json)) return 1;
+  if (!args.output.empty() && !ParseOutputFormat(args.output, &json)) return 1;
 
   // Findings go to stderr as they are made; the result keeps none.
   options.max_findings = 0;
@@ -112,21 +131,20 @@ int CmdCheck(int argc, char** argv) {
     std::fflush(stdout);
     std::fprintf(stderr, "%s\n", f.message.c_str());
   };
-  // A repair writes: like qemu-img check -r, refuse an image another process
-  // has open (QEMU-compatible lock, held until the repair is done). A plain
-  // check reads without locking, as with -U.
-  std::unique_ptr<ImageLock> lock;
-  if (options.repair != RepairMode::kNone) {
-    Status ls = ImageLock::Acquire(filename, ImageLock::Mode::kReadWrite, &lock);
-    if (!ls.ok() && !ls.IsNotFound()) {  // a missing file: reported by the check as before
-      PrintError("Could not open '" + filename + "': " + ls.ToString());
-      return 1;
-    }
+  // Locked as qemu-img check locks it (locking_env.h): a repair writes and
+  // refuses an image another process has open; a plain check reads, and
+  // refuses one another process writes, unless -U. As in qemu-img, -U is
+  // for reading only.
+  if (args.force_share && options.repair != RepairMode::kNone) {
+    PrintError("Could not open '" + shown + "': force-share=on can only be used with read-only images");
+    return 1;
   }
+  LockingEnv env(Env::Default(), {filename, LockingEnv::ReadMode(args.force_share)});
+  options.env = &env;
   CheckResult result;
   Status s = CheckImage(filename, options, &result);
   if (!s.ok() && !result.opened) {
-    PrintError("Could not open '" + filename + "': " + s.ToString());
+    PrintError("Could not open '" + shown + "': " + s.ToString());
     return 1;
   }
   if (s.IsNotSupported()) {
@@ -137,14 +155,15 @@ int CmdCheck(int argc, char** argv) {
     PrintError("Check failed: " + s.ToString());
     return 1;
   }
-  if (!quiet) {
+  if (!args.quiet) {
     if (result.corruptions_fixed || result.leaks_fixed) {
       if (!json) {
-        std::printf("The following inconsistencies were found and repaired:\n\n"
-                    "    %llu leaked clusters\n    %llu corruptions\n\n"
-                    "Double checking the fixed image now...\n",
-                    static_cast<unsigned long long>(result.leaks_fixed),
-                    static_cast<unsigned long long>(result.corruptions_fixed));
+        std::printf(
+            "The following inconsistencies were found and repaired:\n\n"
+            "    %llu leaked clusters\n    %llu corruptions\n\n"
+            "Double checking the fixed image now...\n",
+            static_cast<unsigned long long>(result.leaks_fixed),
+            static_cast<unsigned long long>(result.corruptions_fixed));
       }
     }
     if (json) {
@@ -161,5 +180,9 @@ int CmdCheck(int argc, char** argv) {
   if (result.leaks) return 3;
   return 0;
 }
+
+}  // namespace
+
+int CmdCheck(int argc, char** argv) { return ParseAndRun(argc, argv, ParseCheck, RunCheck); }
 
 }  // namespace dmcow::cli

@@ -18,12 +18,14 @@
 // (not with -q), -p progress, errors as one line on stderr and exit 1.
 #include <climits>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
+#include "locking_env.h"
 
 namespace dmcow::cli {
 namespace {
@@ -172,47 +174,66 @@ bool ValidCacheMode(const std::string& mode) {
          mode == "writethrough";
 }
 
-}  // namespace
+// commit's command line, as ParseCommit reads it.
+struct CommitArgs {
+  std::string format;               // -f
+  std::string cache = "writeback";  // -t
+  std::string base_name;            // -b
+  std::string rate;                 // -r
+  bool drop = false;                // -d
+  bool progress_flag = false;       // -p
+  bool quiet = false;               // -q
+  std::vector<std::string> files;   // FILE
+};
 
-int CmdCommit(int argc, char** argv) {
+// Reads commit's command line into *args (CLI11, ParseCommandLine): an exit
+// code when the command ends there (--help, a bad command line).
+std::optional<int> ParseCommit(int argc, char** argv, CommitArgs* args) {
   CLI::App app{"Commit the changes recorded in FILE in its base image.", "dmcow-img commit"};
-  std::string format, cache = "writeback", base_name, rate;
-  std::vector<std::string> files;
-  bool drop = false, progress_flag = false, quiet = false;
-  app.add_option("-f", format, "Format of FILE; probed if omitted");
-  app.add_option("-t", cache, "Cache mode for FILE and the base (accepted for compatibility)");
-  app.add_option("-b", base_name, "Image in FILE's backing chain to commit into (implies -d)");
-  app.add_option("-r", rate, "Rate limit in bytes per second (accepted, not applied)");
-  app.add_flag("-d", drop, "Leave FILE as it is after committing");
-  app.add_flag("-p", progress_flag, "Show progress");
-  app.add_flag("-q", quiet, "Quiet mode (no progress, no message)");
-  app.add_option("FILE", files, "The image to commit");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
+  app.add_option("-f", args->format, "Format of FILE; probed if omitted");
+  app.add_option("-t", args->cache, "Cache mode for FILE and the base (accepted for compatibility)");
+  app.add_option("-b", args->base_name, "Image in FILE's backing chain to commit into (implies -d)");
+  app.add_option("-r", args->rate, "Rate limit in bytes per second (accepted, not applied)");
+  app.add_flag("-d", args->drop, "Leave FILE as it is after committing");
+  app.add_flag("-p", args->progress_flag, "Show progress");
+  app.add_flag("-q", args->quiet, "Quiet mode (no progress, no message)");
+  app.add_option("FILE", args->files, "The image to commit");
+  return ParseCommandLine(app, argc, argv);
+}
 
-  if (!rate.empty()) {
+// Runs commit as args says; returns the exit code.
+int RunCommit(const CommitArgs& args) {
+  if (!args.rate.empty()) {
     uint64_t limit;
-    if (!ParseSize(rate, &limit)) {
+    if (!ParseSize(args.rate, &limit)) {
       PrintError("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for");
       PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
       return 1;
     }
   }
-  if (files.size() != 1) return UsageError("Expecting one image file name");
-  if (!ValidCacheMode(cache)) {
-    PrintError("Invalid cache option: " + cache);
+  if (args.files.size() != 1) return UsageError("Expecting one image file name");
+  if (!ValidCacheMode(args.cache)) {
+    PrintError("Invalid cache option: " + args.cache);
     return 1;
   }
-  if (!base_name.empty()) drop = true;  // as in qemu-img: -b implies -d
-  const std::string& filename = files[0];
+  const bool drop = args.drop || !args.base_name.empty();  // as in qemu-img: -b implies -d
+  const std::string& filename = args.files[0];
+
+  // Locks as qemu-img commit takes them (locking_env.h): FILE read-write,
+  // even with -d (qemu-img opens it so), the chain below read-only, and
+  // BASE raised to read-write on the same open file description when it is
+  // opened for writing below. No -U: qemu-img commit has none.
+  LockingEnv env(Env::Default(), {filename, ImageLock::Mode::kReadOnly, /*top_read_write=*/true});
 
   // FILE is written only to empty it; with -d it is only read.
   OpenOptions options;
-  options.format = format;
+  options.format = args.format;
   options.writable = !drop;
+  options.env = &env;
   std::unique_ptr<Image> top;
   if (!OpenImageOrReport(filename, options, &top).ok()) return 1;
 
-  Progress progress(progress_flag && !quiet, 1.0f);
+  Progress progress(args.progress_flag && !args.quiet, 1.0f);
   progress.Set(0);
   auto fail = [&](const std::string& msg) {
     progress.End();
@@ -222,9 +243,11 @@ int CmdCommit(int argc, char** argv) {
 
   Image* base_in_chain;
   int depth = 1;
-  if (!base_name.empty()) {
-    base_in_chain = FindBackingImage(top.get(), base_name, &depth);
-    if (base_in_chain == nullptr) return fail("Did not find '" + base_name + "' in the backing chain of '" + filename + "'");
+  if (!args.base_name.empty()) {
+    base_in_chain = FindBackingImage(top.get(), args.base_name, &depth);
+    if (base_in_chain == nullptr) {
+      return fail("Did not find '" + args.base_name + "' in the backing chain of '" + filename + "'");
+    }
   } else {
     base_in_chain = top->backing();
     if (base_in_chain == nullptr) return fail("Image does not have a backing file");
@@ -235,9 +258,11 @@ int CmdCommit(int argc, char** argv) {
   OpenOptions base_options;
   base_options.format = base_in_chain->info().format;
   base_options.writable = true;
+  base_options.env = &env;
   const std::string base_file = base_in_chain->filename();
   std::unique_ptr<Image> base;
   Status s = OpenImage(base_file, base_options, &base);
+  if (s.IsBusy()) return fail(s.ToString());  // qemu-img's words alone, as it prints them
   if (!s.ok()) return fail("Could not open '" + base_file + "' for writing: " + s.ToString());
 
   // As qemu-img's commit job: a shorter base is grown to FILE's size first.
@@ -263,8 +288,12 @@ int CmdCommit(int argc, char** argv) {
 
   progress.Set(100);
   progress.End();
-  if (!quiet) std::printf("Image committed.\n");
+  if (!args.quiet) std::printf("Image committed.\n");
   return 0;
 }
+
+}  // namespace
+
+int CmdCommit(int argc, char** argv) { return ParseAndRun(argc, argv, ParseCommit, RunCommit); }
 
 }  // namespace dmcow::cli

@@ -5,12 +5,14 @@
 #include <cstdio>
 #include <cstring>
 #include <future>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
+#include "locking_env.h"
 
 namespace dmcow::cli {
 namespace {
@@ -138,40 +140,68 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
   return 0;
 }
 
-}  // namespace
+// compare's command line, as ParseCompare reads it.
+struct CompareArgs {
+  std::string fmt1;                // -f
+  std::string fmt2;                // -F
+  bool strict = false;             // -s
+  bool progress_flag = false;      // -p
+  bool quiet = false;              // -q
+  bool force_share = false;        // -U, --force-share
+  bool image_opts = false;         // --image-opts
+  std::vector<std::string> files;  // FILE1 FILE2
+};
 
-int CmdCompare(int argc, char** argv) {
+// Reads compare's command line into *args (CLI11, ParseCommandLine): an exit
+// code when the command ends there (--help, a bad command line).
+std::optional<int> ParseCompare(int argc, char** argv, CompareArgs* args) {
   CLI::App app{"Check if two images have the same content.", "dmcow-img compare"};
-  std::string fmt1, fmt2;
-  std::vector<std::string> files;
-  bool strict = false, progress_flag = false, quiet = false, force_share = false;
-  app.add_option("-f", fmt1, "Format of FILE1; probed if omitted");
-  app.add_option("-F", fmt2, "Format of FILE2; probed if omitted");
-  app.add_flag("-s", strict, "Strict mode: fail on different size or block status");
-  app.add_flag("-p", progress_flag, "Show progress");
-  app.add_flag("-q", quiet, "Quiet mode (no progress)");
-  app.add_flag("-U,--force-share", force_share, "Open the images in shared mode (always the case)");
-  app.add_option("FILES", files, "FILE1 FILE2");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
-  if (files.size() != 2) return UsageError("Expecting two image file names");
+  app.add_option("-f", args->fmt1, "Format of FILE1; probed if omitted");
+  app.add_option("-F", args->fmt2, "Format of FILE2; probed if omitted");
+  app.add_flag("-s", args->strict, "Strict mode: fail on different size or block status");
+  app.add_flag("-p", args->progress_flag, "Show progress");
+  app.add_flag("-q", args->quiet, "Quiet mode (no progress)");
+  app.add_flag("-U,--force-share", args->force_share, kForceShareHelp);
+  app.add_flag("--image-opts", args->image_opts,
+               "FILE1 and FILE2 are option lists: driver=qcow2,file.filename=F[,backing=null]");
+  app.add_option("FILES", args->files, "FILE1 FILE2");
+  return ParseCommandLine(app, argc, argv);
+}
 
-  g_quiet = quiet;
-  Progress progress(progress_flag && !quiet, 2.0f);
-  Side a{files[0]}, b{files[1]};
-  int rc = 2;
+// Runs compare as args says; returns the exit code.
+int RunCompare(const CompareArgs& args) {
+  if (args.files.size() != 2) return UsageError("Expecting two image file names");
+  if (ImageOptsWithFormat(args.image_opts, args.fmt1 + args.fmt2)) return 1;
+
+  g_quiet = args.quiet;
+  Progress progress(args.progress_flag && !args.quiet, 2.0f);
   OpenOptions o1, o2;
-  o1.format = fmt1;
-  o2.format = fmt2;
-  if (OpenImageOrReport(a.name, o1, &a.image).ok() && OpenImageOrReport(b.name, o2, &b.image).ok()) {
+  o1.format = args.fmt1;
+  o2.format = args.fmt2;
+  std::string path1, path2;
+  if (!ImageArgument(args.files[0], args.image_opts, &path1, &o1) ||
+      !ImageArgument(args.files[1], args.image_opts, &path2, &o2)) {
+    return 2;
+  }
+  LockingEnv env1(Env::Default(), {path1, LockingEnv::ReadMode(args.force_share)});
+  LockingEnv env2(Env::Default(), {path2, LockingEnv::ReadMode(args.force_share)});
+  o1.env = &env1;
+  o2.env = &env2;
+  Side a{args.files[0]}, b{args.files[1]};
+  int rc = 2;
+  if (OpenImageOrReport(a.name, path1, o1, &a.image).ok() && OpenImageOrReport(b.name, path2, o2, &b.image).ok()) {
     a.size = a.image->virtual_size();
     b.size = b.image->virtual_size();
     a.buf.resize(kBufSize);
     b.buf.resize(kBufSize);
-    rc = Compare(a, b, strict, progress);
+    rc = Compare(a, b, args.strict, progress);
   }
   progress.End();
   return rc;
 }
 
-}  // namespace dmcow::cli
+}  // namespace
 
+int CmdCompare(int argc, char** argv) { return ParseAndRun(argc, argv, ParseCompare, RunCompare); }
+
+}  // namespace dmcow::cli

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,6 +27,7 @@
 #include "dmcow/compress.h"
 #include "dmcow/create.h"
 #include "image_options.h"
+#include "locking_env.h"
 #include "no_sync_env.h"
 
 namespace dmcow::cli {
@@ -77,14 +79,15 @@ bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string*
   return false;
 }
 
-
 void PrintUsage() {
-  std::printf("usage: %s convert [-c] [-p] [-q] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT]\n"
-              "         [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] SRC... DST\n\n"
-              "Convert (and concatenate) the images SRC into DST of format FMT (raw by default, qcow or\n"
-              "qcow2). -c compresses clusters (-o compression_level=1..9, zlib's scale; zstd with\n"
-              "-o compression_type=zstd). The same sources and options always give a byte-identical DST.\n",
-              kProgName);
+  std::printf(
+      "usage: %s convert [-c] [-p] [-q] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT]\n"
+      "         [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] [--image-opts] SRC... DST\n\n"
+      "Convert (and concatenate) the images SRC into DST of format FMT (raw by default, qcow or\n"
+      "qcow2). -c compresses clusters (-o compression_level=1..9, zlib's scale; zstd with\n"
+      "-o compression_type=zstd). The same sources and options always give a byte-identical DST.\n"
+      "--image-opts: each SRC is an option list, driver=qcow2,file.filename=F[,backing=null].\n",
+      kProgName);
 }
 
 bool IsBlockDevice(const std::string& path) {
@@ -92,148 +95,184 @@ bool IsBlockDevice(const std::string& path) {
   return stat(path.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
 }
 
-}  // namespace
+// convert's command line, as ParseConvert reads it.
+struct ConvertArgs {
+  std::string fmt;                   // -f
+  std::string out_fmt = "raw";       // -O
+  std::string options;               // the -o lists, joined (AppendOptionList)
+  std::string backing;               // -B, -b
+  std::string backing_fmt;           // -F
+  std::string snapshot;              // -l
+  std::string cache = "unsafe";      // -t
+  bool compress = false;             // -c
+  bool progress = false;             // -p
+  bool quiet = false;                // -q
+  bool skip_create = false;          // -n
+  bool target_is_zero = false;       // --target-is-zero
+  bool image_opts = false;           // --image-opts
+  bool force_share = false;          // -U, --force-share
+  uint64_t min_sparse = 4096;        // -S
+  int coroutines = 0;                // -m; 0: not given
+  std::vector<std::string> sources;  // SRC...
+  std::string dst;                   // DST
+  OptList out_options;               // -O's options (FindFormat)
+};
 
-int CmdConvert(int argc, char** argv) {
-  std::string fmt, out_fmt = "raw", options, backing, backing_fmt, snapshot, cache = "unsafe";
-  bool compress = false, progress_flag = false, quiet = false, skip_create = false, target_is_zero = false;
-  uint64_t min_sparse = 4096;
-  int coroutines = 0;
-  enum { kOptTargetIsZero = 256 };
+// Reads convert's command line into *args as qemu-img convert reads it
+// (getopt: ParseGetopt says why not CLI11). Returns an exit code when the
+// command ends here: 0 after -h or "-o help", 1 after a bad command line
+// (message printed).
+std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
+  enum { kOptTargetIsZero = 256, kOptImageOpts };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
+                                        {"image-opts", no_argument, nullptr, kOptImageOpts},
                                         {nullptr, 0, nullptr, 0}};
-  optind = 0;
-  opterr = 0;
-  for (;;) {
-    int c = getopt_long(argc, argv, ":hf:O:B:b:F:Cco:l:S:pt:T:qnm:WUr:", kLong, nullptr);
-    if (c == -1) break;
+  std::vector<std::string> files;
+  auto on_option = [&](int c, const char* arg) -> std::optional<int> {
     switch (c) {
-      case ':':
-        return UsageError(std::string("missing argument for option '") + argv[optind - 1] + "'");
-      case '?':
-        return UsageError(std::string("unrecognized option '") + argv[optind - 1] + "'");
-      case 'h':
-        PrintUsage();
-        return 0;
-      case 'f': fmt = optarg; break;
-      case 'O': out_fmt = optarg; break;
+      case 'h': PrintUsage(); return 0;
+      case 'f': args->fmt = arg; break;
+      case 'O': args->out_fmt = arg; break;
       case 'B':
-      case 'b': backing = optarg; break;
-      case 'F': backing_fmt = optarg; break;
-      case 'c': compress = true; break;
+      case 'b': args->backing = arg; break;
+      case 'F': args->backing_fmt = arg; break;
+      case 'c': args->compress = true; break;
       case 'o':
-        if (!IsValidOptionList(optarg)) {
-          PrintError(std::string("Invalid option list: ") + optarg);
-          return 1;
-        }
-        options = options.empty() ? std::string(optarg) : options + "," + optarg;
+        if (!AppendOptionList(arg, &args->options)) return 1;
         break;
-      case 'l': snapshot = optarg; break;
+      case 'l': args->snapshot = arg; break;
       case 'S':
-        if (!ParseSize(optarg, &min_sparse)) {
+        if (!ParseSize(arg, &args->min_sparse)) {
           PrintError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for");
           PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
           return 1;
         }
-        if (min_sparse % kSector != 0 || min_sparse > kMaxSparse) {
-          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
-                     "16777216. Select 0 to disable sparse detection (fully allocates output).");
+        if (args->min_sparse % kSector != 0 || args->min_sparse > kMaxSparse) {
+          PrintError(
+              "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+              "16777216. Select 0 to disable sparse detection (fully allocates output).");
           return 1;
         }
         break;
-      case 'p': progress_flag = true; break;
-      case 't': cache = optarg; break;
-      case 'q': quiet = true; break;
-      case 'n': skip_create = true; break;
+      case 'p': args->progress = true; break;
+      case 't': args->cache = arg; break;
+      case 'q': args->quiet = true; break;
+      case 'n': args->skip_create = true; break;
       case 'm': {
         uint64_t m = 0;
-        if (!ParseNumber(optarg, &m) || m < 1 || m > kMaxCoroutines) {
+        if (!ParseNumber(arg, &m) || m < 1 || m > kMaxCoroutines) {
           PrintError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
           return 1;
         }
-        coroutines = static_cast<int>(m);
+        args->coroutines = static_cast<int>(m);
         break;
       }
-      case kOptTargetIsZero: target_is_zero = true; break;
-      default: break;  // -C, -W, -U, -T, -r: accepted; our writes are ordered and never throttled
+      case kOptTargetIsZero: args->target_is_zero = true; break;
+      case kOptImageOpts: args->image_opts = true; break;
+      case 'U': args->force_share = true; break;  // the sources only, as in qemu-img
+      default: break;  // -C, -W, -T, -r: accepted; our writes are ordered and never throttled
     }
-  }
+    return std::nullopt;
+  };
+  if (auto rc = ParseGetopt(argc, argv, ":hf:O:B:b:F:Cco:l:S:pt:T:qnm:WUr:", kLong, on_option, &files)) return rc;
+
+  const std::string& cache = args->cache;
   if (cache != "unsafe" && cache != "writeback" && cache != "none" && cache != "directsync" &&
       cache != "writethrough") {
     PrintError("Invalid cache option: " + cache);
     return 1;
   }
-  std::vector<std::string> files(argv + optind, argv + argc);
-  OptList list;
-  if (!FindFormat(out_fmt, &list)) {
-    PrintError("Unknown file format '" + out_fmt + "'");
+  if (!FindFormat(args->out_fmt, &args->out_options)) {
+    PrintError("Unknown file format '" + args->out_fmt + "'");
     return 1;
   }
-  if (!options.empty() && HasHelpOption(options)) {
-    return PrintOptionHelp(files.empty() ? nullptr : files.back().c_str(), out_fmt);
+  if (!args->options.empty() && HasHelpOption(args->options)) {
+    return PrintOptionHelp(files.empty() ? nullptr : files.back().c_str(), args->out_fmt);
   }
   if (files.size() < 2) return UsageError("Must specify image file name");
-  const std::string dst = files.back();
+  args->dst = files.back();
   files.pop_back();
-  if (target_is_zero && !skip_create) {
+  args->sources = std::move(files);
+  return std::nullopt;
+}
+
+// Converts as args says; returns the exit code.
+int RunConvert(const ConvertArgs& args) {
+  const std::string& dst = args.dst;
+  if (args.target_is_zero && !args.skip_create) {
     PrintError("--target-is-zero requires use of -n flag");
     return 1;
   }
-  if (skip_create && !options.empty()) {
+  if (args.skip_create && !args.options.empty()) {
     PrintError("-o has no effect when skipping image creation");
     return 1;
   }
-  if (compress && out_fmt == "raw") {
+  if (args.compress && args.out_fmt == "raw") {
     PrintError("Compression not supported for this file format");
     return 1;
   }
-  if (!snapshot.empty() && files.size() > 1) {
+  if (!args.snapshot.empty() && args.sources.size() > 1) {
     PrintError("No support for concatenating multiple snapshot");
     return 1;
   }
-  if (!backing.empty() && files.size() > 1) {
+  if (!args.backing.empty() && args.sources.size() > 1) {
     PrintError("Having a backing file for the target makes no sense when concatenating multiple input images");
     return 1;
   }
   const std::vector<OptDesc> extra = {
       {"compression_level", OptType::kNumber, nullptr, "Level for -c: 1-9 (zlib scale), 1-19 for zstd", false}};
   OptionSet set;
-  if (std::string error = ParseOptionList(list, extra, options, &set); !error.empty()) {
+  if (std::string error = ParseOptionList(args.out_options, extra, args.options, &set); !error.empty()) {
     PrintError(error);
     return 1;
   }
 
+  // Locks as qemu-img convert takes them (locking_env.h): each source
+  // read-only (force-share with -U); the target read-write while it is
+  // created (its backing file only read for its size, force-share) and
+  // while it is written (its backing file read-only, -U or not).
+  std::vector<std::unique_ptr<LockingEnv>> source_envs;
+  LockingEnv create_env(Env::Default(), {dst, ImageLock::Mode::kReadOnlyShared});
+  LockingEnv target_env(Env::Default(), {dst, ImageLock::Mode::kReadOnly});
+
   // Sources.
   std::vector<std::unique_ptr<Image>> sources;
   uint64_t total_size = 0;
-  for (const std::string& name : files) {
+  if (ImageOptsWithFormat(args.image_opts, args.fmt)) return 1;
+  for (const std::string& name : args.sources) {
     OpenOptions oo;
-    oo.format = fmt;
+    oo.format = args.fmt;
+    std::string path;  // --image-opts: the sources are option lists; the target stays a name
+    if (!ImageArgument(name, args.image_opts, &path, &oo)) return 1;
+    source_envs.push_back(
+        std::make_unique<LockingEnv>(Env::Default(), LockingEnv::Policy{path, LockingEnv::ReadMode(args.force_share)}));
+    oo.env = source_envs.back().get();
     std::unique_ptr<Image> src;
-    if (!OpenImageOrReport(name, oo, &src).ok()) return 1;
-    if (!snapshot.empty()) {
-      if (!ResolveSnapshot(snapshot, src->info(), &oo.snapshot)) return 1;
+    if (!OpenImageOrReport(name, path, oo, &src).ok()) return 1;
+    if (!args.snapshot.empty()) {
+      if (!ResolveSnapshot(args.snapshot, src->info(), &oo.snapshot)) return 1;
       src.reset();
-      if (!OpenImageOrReport(name, oo, &src).ok()) return 1;
+      if (!OpenImageOrReport(name, path, oo, &src).ok()) return 1;
     }
     total_size += src->virtual_size();
     sources.push_back(std::move(src));
   }
 
   // Target.
-  NoSyncEnv unsafe_env(Env::Default());
-  Env* env = cache == "unsafe" ? static_cast<Env*>(&unsafe_env) : Env::Default();
-  const bool device = out_fmt == "raw" && IsBlockDevice(dst);
-  if (!skip_create && !device) {
+  NoSyncEnv unsafe_create_env(&create_env), unsafe_env(&target_env);
+  const bool unsafe = args.cache == "unsafe";
+  Env* env = unsafe ? static_cast<Env*>(&unsafe_env) : &target_env;
+  const bool device = args.out_fmt == "raw" && IsBlockDevice(dst);
+  if (!args.skip_create && !device) {
     CreateOptions co;
-    co.format = out_fmt;
+    co.format = args.out_fmt;
     co.size = total_size;
-    co.env = env;
+    co.env = unsafe ? static_cast<Env*>(&unsafe_create_env) : &create_env;
     FillCreateOptions(set, &co);
-    if (!backing.empty()) co.backing_file = backing;
-    if (!backing_fmt.empty()) co.backing_fmt = backing_fmt;
+    if (!args.backing.empty()) co.backing_file = args.backing;
+    if (!args.backing_fmt.empty()) co.backing_fmt = args.backing_fmt;
     if (!co.backing_file.empty() && co.backing_fmt.empty()) {
       PrintError("Use of backing file requires explicit backing format");
       PrintError("Could not open '" + dst + "': Could not open '" + dst + "': No such file or directory");
@@ -243,12 +282,12 @@ int CmdConvert(int argc, char** argv) {
     if (!st.ok()) {
       std::string msg = st.message();
       if (msg.rfind(dst + ": ", 0) == 0) msg = msg.substr(dst.size() + 2);
-      PrintError(dst + ": error while converting " + out_fmt + ": " + msg);
+      PrintError(dst + ": error while converting " + args.out_fmt + ": " + msg);
       return 1;
     }
   }
   OpenOptions to;
-  to.format = out_fmt;
+  to.format = args.out_fmt;
   to.writable = true;
   to.env = env;
   std::unique_ptr<Image> target;
@@ -262,9 +301,9 @@ int CmdConvert(int argc, char** argv) {
   ConvertSettings cs;
   for (auto& src : sources) cs.sources.push_back(src.get());
   cs.target = target.get();
-  cs.ordered_writes = out_fmt != "raw";
-  cs.cluster_size = out_fmt == "raw" ? kSector : target->info().cluster_size;
-  cs.compress = compress;
+  cs.ordered_writes = args.out_fmt != "raw";
+  cs.cluster_size = args.out_fmt == "raw" ? kSector : target->info().cluster_size;
+  cs.compress = args.compress;
   cs.compression.type = target->info().compression_type.empty() ? "zlib" : target->info().compression_type;
   if (auto it = set.find("compression_level"); it != set.end()) {
     cs.compression.level = static_cast<int>(std::min<uint64_t>(it->second.number, 1000));
@@ -274,12 +313,12 @@ int CmdConvert(int argc, char** argv) {
     PrintError(st.ToString());
     return 1;
   }
-  cs.min_sparse = device && !skip_create ? 0 : min_sparse;
-  cs.zero_init = skip_create ? target_is_zero : !device && target->backing() == nullptr;
-  cs.top_layer_only = !backing.empty();
+  cs.min_sparse = device && !args.skip_create ? 0 : args.min_sparse;
+  cs.zero_init = args.skip_create ? args.target_is_zero : !device && target->backing() == nullptr;
+  cs.top_layer_only = !args.backing.empty();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  cs.threads = std::min(coroutines > 0 ? coroutines : kMaxCoroutines, cores);
-  Progress progress(progress_flag && !quiet, 1.0f);
+  cs.threads = std::min(args.coroutines > 0 ? args.coroutines : kMaxCoroutines, cores);
+  Progress progress(args.progress && !args.quiet, 1.0f);
   cs.progress = &progress;
 
   progress.Set(0);
@@ -290,5 +329,9 @@ int CmdConvert(int argc, char** argv) {
   if (!ok) PrintError(error);
   return ok ? 0 : 1;
 }
+
+}  // namespace
+
+int CmdConvert(int argc, char** argv) { return ParseAndRun(argc, argv, ParseConvert, RunConvert); }
 
 }  // namespace dmcow::cli

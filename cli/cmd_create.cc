@@ -17,93 +17,90 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "cli_common.h"
 #include "dmcow/create.h"
 #include "image_options.h"
+#include "locking_env.h"
 
 namespace dmcow::cli {
 namespace {
 
 void PrintUsage() {
-  std::printf("usage: %s create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] [-u] [-q] FILE [SIZE]\n\n"
-              "Create the image FILE of format FMT (raw by default, qcow or qcow2) and size SIZE\n"
-              "(suffixes k, M, G, T, P, E; taken from BACKING_FILE if omitted).\n"
-              "'-o help' lists the options of FMT. -u does not open BACKING_FILE (then -F and SIZE\n"
-              "are required). -q prints nothing on success.\n",
-              kProgName);
+  std::printf(
+      "usage: %s create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] [-u] [-q] FILE [SIZE]\n\n"
+      "Create the image FILE of format FMT (raw by default, qcow or qcow2) and size SIZE\n"
+      "(suffixes k, M, G, T, P, E; taken from BACKING_FILE if omitted).\n"
+      "'-o help' lists the options of FMT. -u does not open BACKING_FILE (then -F and SIZE\n"
+      "are required). -q prints nothing on success.\n",
+      kProgName);
 }
 
-}  // namespace
+// create's command line, as ParseCreate reads it.
+struct CreateArgs {
+  std::string fmt = "raw";                   // -f
+  std::string options;                       // the -o lists, joined (AppendOptionList)
+  std::optional<std::string> base_filename;  // -b
+  std::optional<std::string> base_fmt;       // -F
+  bool quiet = false;                        // -q
+  bool no_backing = false;                   // -u
+  std::string filename;                      // FILE
+  std::optional<uint64_t> size;              // SIZE
+};
 
-int CmdCreate(int argc, char** argv) {
-  std::string fmt = "raw", options, base_filename, base_fmt;
-  bool have_base = false, have_base_fmt = false, quiet = false, no_backing = false;
+// Reads create's command line into *args as qemu-img create reads it
+// (getopt: ParseGetopt says why not CLI11). Returns an exit code when the
+// command ends here: 0 after -h or "-o help", 1 after a bad command line
+// (message printed).
+std::optional<int> ParseCreate(int argc, char** argv, CreateArgs* args) {
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'}, {nullptr, 0, nullptr, 0}};
-  optind = 0;  // full reset of GNU getopt
-  opterr = 0;
-  for (;;) {
-    int c = getopt_long(argc, argv, ":F:b:f:ho:qu", kLong, nullptr);
-    if (c == -1) break;
+  std::vector<std::string> operands;
+  auto on_option = [&](int c, const char* arg) -> std::optional<int> {
     switch (c) {
-      case ':':
-        return UsageError(std::string("missing argument for option '") + argv[optind - 1] + "'");
-      case '?':
-        return UsageError(std::string("unrecognized option '") + argv[optind - 1] + "'");
-      case 'h':
-        PrintUsage();
-        return 0;
-      case 'F':
-        base_fmt = optarg;
-        have_base_fmt = true;
-        break;
-      case 'b':
-        base_filename = optarg;
-        have_base = true;
-        break;
-      case 'f':
-        fmt = optarg;
-        break;
+      case 'h': PrintUsage(); return 0;
+      case 'F': args->base_fmt = arg; break;
+      case 'b': args->base_filename = arg; break;
+      case 'f': args->fmt = arg; break;
       case 'o':
-        if (!IsValidOptionList(optarg)) {
-          PrintError(std::string("Invalid option list: ") + optarg);
-          return 1;
-        }
-        options = options.empty() ? std::string(optarg) : options + "," + optarg;
+        if (!AppendOptionList(arg, &args->options)) return 1;
         break;
-      case 'q':
-        quiet = true;
-        break;
-      case 'u':
-        no_backing = true;
-        break;
+      case 'q': args->quiet = true; break;
+      case 'u': args->no_backing = true; break;
     }
-  }
+    return std::nullopt;
+  };
+  if (auto rc = ParseGetopt(argc, argv, ":F:b:f:ho:qu", kLong, on_option, &operands)) return rc;
 
-  const char* filename_or_null = optind < argc ? argv[optind] : nullptr;
-  if (!options.empty() && HasHelpOption(options)) return PrintOptionHelp(filename_or_null, fmt);
-  if (optind >= argc) return UsageError("Expecting image file name");
-  const std::string filename = argv[optind++];
-
-  bool have_size_arg = false;
-  uint64_t size_arg = 0;
-  if (optind < argc) {
-    std::string text = argv[optind++];
-    if (!ParseSize(text, &size_arg)) {
+  const char* filename_or_null = operands.empty() ? nullptr : operands[0].c_str();
+  if (!args->options.empty() && HasHelpOption(args->options)) return PrintOptionHelp(filename_or_null, args->fmt);
+  if (operands.empty()) return UsageError("Expecting image file name");
+  args->filename = operands[0];
+  if (operands.size() > 1) {
+    const std::string& text = operands[1];
+    uint64_t size = 0;
+    if (!ParseSize(text, &size)) {
       if (LooksLikeSize(text)) {
         PrintError("Invalid image size specified. Must be between 0 and 9223372036854775807.");
       } else {
-        PrintError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
-                   "megabytes, gigabytes, terabytes, petabytes and exabytes.");
+        PrintError(
+            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
+            "megabytes, gigabytes, terabytes, petabytes and exabytes.");
       }
       return 1;
     }
-    have_size_arg = true;
+    args->size = size;
   }
-  if (optind != argc) return UsageError(std::string("Unexpected argument: ") + argv[optind]);
+  if (operands.size() > 2) return UsageError("Unexpected argument: " + operands[2]);
+  return std::nullopt;
+}
 
+// Makes the image args describes; returns the exit code.
+int RunCreate(const CreateArgs& args) {
+  const std::string& filename = args.filename;
+  const std::string& fmt = args.fmt;
   auto fail = [&](const std::string& msg) {
     PrintError(filename + ": " + msg);
     return 1;
@@ -113,28 +110,33 @@ int CmdCreate(int argc, char** argv) {
 
   // -o, as qemu_opts_do_parse: names and value types; the last value wins.
   OptionSet set;
-  if (std::string error = ParseOptionList(list, {}, options, &set); !error.empty()) return fail(error);
+  if (std::string error = ParseOptionList(list, {}, args.options, &set); !error.empty()) return fail(error);
   // bdrv_img_create: the size once, then -b and -F over -o.
   if (set.count("size")) {
-    if (have_size_arg) return fail("The image size must be specified only once");
-  } else if (have_size_arg) {
-    set["size"] = SetOption{std::to_string(size_arg), size_arg};
+    if (args.size) return fail("The image size must be specified only once");
+  } else if (args.size) {
+    set["size"] = SetOption{std::to_string(*args.size), *args.size};
   }
-  if (have_base) {
+  if (args.base_filename) {
     if (fmt == "raw") return fail("Backing file not supported for file format 'raw'");
-    set["backing_file"] = SetOption{base_filename, 0};
+    set["backing_file"] = SetOption{*args.base_filename, 0};
   }
-  if (have_base_fmt) {
+  if (args.base_fmt) {
     if (fmt == "raw") return fail("Backing file format not supported for file format 'raw'");
-    set["backing_fmt"] = SetOption{base_fmt, 0};
+    set["backing_fmt"] = SetOption{*args.base_fmt, 0};
   }
   if (set.count("backing_file") && set["backing_file"].raw.empty()) {
     return fail("Expected backing file name, got empty string");
   }
 
+  // The image is locked as qemu-img create locks it (locking_env.h): a file
+  // another process has open is refused before it is emptied. The backing
+  // file is only read for its size, as qemu-img does with force-share.
+  LockingEnv env(Env::Default(), {filename, ImageLock::Mode::kReadOnlyShared});
   CreateOptions co;
   co.format = fmt;
-  co.open_backing = !no_backing;
+  co.open_backing = !args.no_backing;
+  co.env = &env;
   if (set.count("size")) co.size = set["size"].number;
   FillCreateOptions(set, &co);
 
@@ -145,7 +147,7 @@ int CmdCreate(int argc, char** argv) {
   }
   if (!set.count("size")) set["size"] = SetOption{std::to_string(co.size), co.size};
 
-  if (!quiet) {
+  if (!args.quiet) {
     std::string line = "Formatting '" + filename + "', fmt=" + fmt + " ";
     const char* sep = "";
     for (const OptDesc* d = list.begin; d != list.end; d++) {
@@ -183,5 +185,9 @@ int CmdCreate(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace
+
+int CmdCreate(int argc, char** argv) { return ParseAndRun(argc, argv, ParseCreate, RunCreate); }
 
 }  // namespace dmcow::cli

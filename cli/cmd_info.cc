@@ -4,6 +4,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <ctime>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
+#include "locking_env.h"
 #include "qemu_json.h"
 
 namespace dmcow::cli {
@@ -118,8 +120,8 @@ std::string SnapshotLine(const SnapshotInfo& sn) {
 void PrintHuman(const Image& image) {
   const ImageInfo& info = image.info();
   std::printf("image: %s\nfile format: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s\n",
-              image.filename().c_str(), info.format.c_str(), SizeToStr(info.virtual_size).c_str(),
-              info.virtual_size, SizeToStr(image.AllocatedFileBytes()).c_str());
+              image.filename().c_str(), info.format.c_str(), SizeToStr(info.virtual_size).c_str(), info.virtual_size,
+              SizeToStr(image.AllocatedFileBytes()).c_str());
   if (info.encrypted) std::printf("encrypted: yes\n");
   if (info.cluster_size != 0) std::printf("cluster_size: %" PRIu64 "\n", info.cluster_size);
   if (info.dirty) std::printf("cleanly shut down: no\n");
@@ -144,32 +146,48 @@ void PrintHuman(const Image& image) {
   }
 }
 
-}  // namespace
+// info's command line, as ParseInfo reads it.
+struct InfoArgs {
+  std::string format;              // -f, --format
+  std::string output = "human";    // --output
+  bool chain = false;              // --backing-chain
+  bool force_share = false;        // -U, --force-share
+  bool image_opts = false;         // --image-opts
+  std::vector<std::string> files;  // FILE
+};
 
-int CmdInfo(int argc, char** argv) {
+// Reads info's command line into *args (CLI11, ParseCommandLine): an exit
+// code when the command ends there (--help, a bad command line).
+std::optional<int> ParseInfo(int argc, char** argv, InfoArgs* args) {
   CLI::App app{"Give information about the disk image FILE.", "dmcow-img info"};
-  std::string format, output = "human";
-  std::vector<std::string> files;
-  bool chain = false, force_share = false;
-  app.add_option("-f,--format", format, "Image format (raw, qcow, qcow2); probed if omitted");
-  app.add_option("--output", output, "human or json");
-  app.add_flag("--backing-chain", chain, "Show every image of the backing chain");
-  app.add_flag("-U,--force-share", force_share, "Open the image in shared mode (always the case)");
-  app.add_option("FILE", files, "Image file");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
+  app.add_option("-f,--format", args->format, "Image format (raw, qcow, qcow2); probed if omitted");
+  app.add_option("--output", args->output, "human or json");
+  app.add_flag("--backing-chain", args->chain, "Show every image of the backing chain");
+  AddImageArguments(app, &args->force_share, &args->image_opts, &args->files);
+  return ParseCommandLine(app, argc, argv);
+}
+
+// Runs info as args says; returns the exit code.
+int RunInfo(const InfoArgs& args) {
   bool json = false;
-  if (!ParseOutputFormat(output, &json)) return 1;
-  if (files.size() != 1) return UsageError("Expecting one image file name");
+  if (!ParseOutputFormat(args.output, &json)) return 1;
+  if (args.files.size() != 1) return UsageError("Expecting one image file name");
+  if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
+  std::string top_path;
+  OpenOptions top_options;
+  if (!ImageArgument(args.files[0], args.image_opts, &top_path, &top_options)) return 1;
+  std::string format = args.image_opts ? top_options.format : args.format;  // of the image opened next
 
   // Like qemu-img, every image is opened on its own, without its backing
   // file, following the resolved backing file name from one to the next.
   // A loop is found by the file's identity as well as by its name: names
   // alone miss a hard link, and "./img" resolved from "dir/img" gives a new
   // name ("dir/./img", "dir/././img", ...) at every step of the same loop.
+  std::vector<std::unique_ptr<LockingEnv>> envs;  // one per image: each is the one named, as in qemu-img
   std::vector<std::unique_ptr<Image>> images;
   std::set<std::string> seen;
   std::vector<FileIdentity> seen_files;
-  std::string filename = files[0];
+  std::string filename = top_path;
   while (!filename.empty()) {
     FileIdentity id;
     std::unique_ptr<File> file;
@@ -181,18 +199,35 @@ int CmdInfo(int argc, char** argv) {
       return 1;
     }
     if (has_id) seen_files.push_back(id);
+    envs.push_back(std::make_unique<LockingEnv>(Env::Default(),
+                                                LockingEnv::Policy{filename, LockingEnv::ReadMode(args.force_share)}));
     OpenOptions options;
     options.format = format;
     options.open_backing = false;
+    options.open_data_file = false;  // as qemu-img info: only its name is shown
+    options.env = envs.back().get();
     std::unique_ptr<Image> image;
-    if (!OpenImageOrReport(filename, options, &image).ok()) return 1;
+    Status s = OpenImage(filename, options, &image);
+    if (!s.ok()) {
+      std::string msg = s.ToString();
+      // A backing file refused for what it is (a FIFO, a socket, a
+      // character device) is named with the image that names it, as the
+      // other commands do; a missing one keeps qemu-img's wording.
+      if (!images.empty() && msg.find(", not a regular file or block device") != std::string::npos) {
+        const std::string prefix = filename + ": ";
+        msg = images.back()->filename() + ": could not open backing file '" + filename +
+              "': " + (msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg);
+      }
+      PrintError("Could not open '" + (images.empty() ? args.files[0] : filename) + "': " + msg);
+      return 1;
+    }
     const ImageInfo& info = image->info();
     filename.clear();
     format.clear();
-    if (chain && !info.backing_filename.empty()) {
+    if (args.chain && !info.backing_filename.empty()) {
       if (info.full_backing_filename.empty()) {
-        PrintError("Could not determine absolute backing filename, but backing filename '" +
-                   info.backing_filename + "' present");
+        PrintError("Could not determine absolute backing filename, but backing filename '" + info.backing_filename +
+                   "' present");
         return 1;
       }
       filename = info.full_backing_filename;
@@ -203,7 +238,7 @@ int CmdInfo(int argc, char** argv) {
 
   if (json) {
     Json out;
-    if (chain) {
+    if (args.chain) {
       out = Json::array();
       for (const auto& image : images) out.push_back(ImageInfoJson(*image));
     } else {
@@ -218,5 +253,9 @@ int CmdInfo(int argc, char** argv) {
   }
   return 0;
 }
+
+}  // namespace
+
+int CmdInfo(int argc, char** argv) { return ParseAndRun(argc, argv, ParseInfo, RunInfo); }
 
 }  // namespace dmcow::cli

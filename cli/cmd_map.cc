@@ -2,20 +2,22 @@
 // entry_mergeable and dump_map_entry).
 #include <cinttypes>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
+#include "locking_env.h"
 
 namespace dmcow::cli {
 namespace {
 
 bool Mergeable(const MapExtent& curr, const MapExtent& next) {
   if (curr.length == 0) return false;
-  if (curr.zero != next.zero || curr.data != next.data || curr.depth != next.depth ||
-      curr.present != next.present || curr.has_offset != next.has_offset) {
+  if (curr.zero != next.zero || curr.data != next.data || curr.depth != next.depth || curr.present != next.present ||
+      curr.has_offset != next.has_offset) {
     return false;
   }
   // qemu names the file only when the offset is valid.
@@ -47,7 +49,8 @@ bool DumpEntry(bool json, const MapExtent& e, MapExtent* next) {
     }
     return true;
   }
-  std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, \"present\": %s,"
+  std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
+              ", \"depth\": %d, \"present\": %s,"
               " \"zero\": %s, \"data\": %s",
               e.start, e.length, e.depth, e.present ? "true" : "false", e.zero ? "true" : "false",
               e.data ? "true" : "false");
@@ -57,22 +60,33 @@ bool DumpEntry(bool json, const MapExtent& e, MapExtent* next) {
   return true;
 }
 
-}  // namespace
+// map's command line, as ParseMap reads it.
+struct MapArgs {
+  std::string format;              // -f, --format
+  std::string output = "human";    // --output
+  std::string start_text;          // -s, --start-offset
+  std::string length_text;         // -l, --max-length
+  bool force_share = false;        // -U, --force-share
+  bool image_opts = false;         // --image-opts
+  std::vector<std::string> files;  // FILE
+};
 
-int CmdMap(int argc, char** argv) {
+// Reads map's command line into *args (CLI11, ParseCommandLine): an exit
+// code when the command ends there (--help, a bad command line).
+std::optional<int> ParseMap(int argc, char** argv, MapArgs* args) {
   CLI::App app{"Dump the metadata of image FILE and its backing file chain.", "dmcow-img map"};
-  std::string format, output = "human", start_text, length_text;
-  std::vector<std::string> files;
-  bool force_share = false;
-  app.add_option("-f,--format", format, "Image format (raw, qcow, qcow2); probed if omitted");
-  app.add_option("--output", output, "human or json");
-  app.add_option("-s,--start-offset", start_text, "First guest offset to map");
-  app.add_option("-l,--max-length", length_text, "Map at most this many bytes");
-  app.add_flag("-U,--force-share", force_share, "Open the image in shared mode (always the case)");
-  app.add_option("FILE", files, "Image file");
-  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
+  app.add_option("-f,--format", args->format, "Image format (raw, qcow, qcow2); probed if omitted");
+  app.add_option("--output", args->output, "human or json");
+  app.add_option("-s,--start-offset", args->start_text, "First guest offset to map");
+  app.add_option("-l,--max-length", args->length_text, "Map at most this many bytes");
+  AddImageArguments(app, &args->force_share, &args->image_opts, &args->files);
+  return ParseCommandLine(app, argc, argv);
+}
+
+// Runs map as args says; returns the exit code.
+int RunMap(const MapArgs& args) {
   bool json = false;
-  if (!ParseOutputFormat(output, &json)) return 1;
+  if (!ParseOutputFormat(args.output, &json)) return 1;
   auto size_error = [](const char* what) {
     PrintError(std::string("Invalid ") + what + " specified. You may use k, M, G, T, P or E suffixes for");
     PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
@@ -81,17 +95,22 @@ int CmdMap(int argc, char** argv) {
   uint64_t start_offset = 0;
   bool has_max_length = false;
   uint64_t max_length = 0;
-  if (!start_text.empty() && !ParseSize(start_text, &start_offset)) return size_error("start offset");
-  if (!length_text.empty()) {
-    if (!ParseSize(length_text, &max_length)) return size_error("max length");
+  if (!args.start_text.empty() && !ParseSize(args.start_text, &start_offset)) return size_error("start offset");
+  if (!args.length_text.empty()) {
+    if (!ParseSize(args.length_text, &max_length)) return size_error("max length");
     has_max_length = true;
   }
-  if (files.size() != 1) return UsageError("Expecting one image file name");
+  if (args.files.size() != 1) return UsageError("Expecting one image file name");
 
+  if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
   OpenOptions options;
-  options.format = format;
+  options.format = args.format;
+  std::string path;
+  if (!ImageArgument(args.files[0], args.image_opts, &path, &options)) return 1;
+  LockingEnv env(Env::Default(), {path, LockingEnv::ReadMode(args.force_share)});
+  options.env = &env;
   std::unique_ptr<Image> image;
-  if (!OpenImageOrReport(files[0], options, &image).ok()) return 1;
+  if (!OpenImageOrReport(args.files[0], path, options, &image).ok()) return 1;
 
   if (json) {
     std::putchar('[');
@@ -108,8 +127,7 @@ int CmdMap(int argc, char** argv) {
     MapExtent next;
     Status s = GetMapExtent(image.get(), offset, length - offset, &next);
     if (s.ok() && (next.length == 0 || next.start != offset)) {
-      s = Status::Corrupt("GetMapExtent returned an empty or misplaced extent at offset " +
-                          std::to_string(offset));
+      s = Status::Corrupt("GetMapExtent returned an empty or misplaced extent at offset " + std::to_string(offset));
     }
     if (!s.ok()) {
       PrintError("Could not read file metadata: " + s.ToString());
@@ -126,5 +144,9 @@ int CmdMap(int argc, char** argv) {
   if (json) std::puts("]");
   return 0;
 }
+
+}  // namespace
+
+int CmdMap(int argc, char** argv) { return ParseAndRun(argc, argv, ParseMap, RunMap); }
 
 }  // namespace dmcow::cli

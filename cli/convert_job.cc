@@ -64,9 +64,7 @@ void ConvertJob::Worker() {
         continue;
       }
       std::unique_lock<std::mutex> lock(mu_);
-      applied_.wait(lock, [&] {
-        return failed_.load() || parked_.size() < kMaxParked || index == next_to_apply_;
-      });
+      applied_.wait(lock, [&] { return failed_.load() || parked_.size() < kMaxParked || index == next_to_apply_; });
       if (failed_.load()) break;
       parked_.emplace(index, std::move(p));
       if (applying_) continue;  // the current applier will reach it
@@ -123,10 +121,10 @@ bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* ou
         LayerExtent e;
         st = src->GetLayerStatus(in_src, max_len, &e);
         len = e.length;
-        state = e.state == ClusterState::kZero ? State::kZero
+        state = e.state == ClusterState::kZero          ? State::kZero
                 : e.state != ClusterState::kUnallocated ? State::kData
-                : src->backing() ? State::kSkip
-                                 : State::kZero;
+                : src->backing()                        ? State::kSkip
+                                                        : State::kZero;
       } else {
         MapExtent e;
         st = GetMapExtent(src, in_src, max_len, &e);
@@ -334,12 +332,8 @@ bool ConvertJob::Apply(const std::vector<Op>& ops, const uint8_t* buf) {
   for (const Op& op : ops) {
     Status st;
     switch (op.kind) {
-      case Kind::kData:
-        st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length));
-        break;
-      case Kind::kZero:
-        st = s_.target->WriteZeroes(op.offset, op.length);
-        break;
+      case Kind::kData: st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length)); break;
+      case Kind::kZero: st = s_.target->WriteZeroes(op.offset, op.length); break;
       case Kind::kCompressed:
         st = s_.target->WriteCompressedCluster(op.offset, op.payload.data(), op.payload.size());
         break;

@@ -26,15 +26,15 @@
 namespace dmcow::cli {
 
 struct ConvertSettings {
-  std::vector<Image*> sources;     // concatenated in this order
-  Image* target = nullptr;         // opened writable; at least the sources' total size
-  bool ordered_writes = true;      // false: writes may land in any order (raw targets)
-  uint64_t cluster_size = 512;     // target's allocation unit; zero runs are aligned to it
-  bool compress = false;           // -c: whole clusters, stored compressed
+  std::vector<Image*> sources;  // concatenated in this order
+  Image* target = nullptr;      // opened writable; at least the sources' total size
+  bool ordered_writes = true;   // false: writes may land in any order (raw targets)
+  uint64_t cluster_size = 512;  // target's allocation unit; zero runs are aligned to it
+  bool compress = false;        // -c: whole clusters, stored compressed
   CompressionSettings compression;
-  uint64_t min_sparse = 4096;      // -S; 0: write everything as data (fully allocate)
-  bool zero_init = true;           // the target reads zeros where nothing is written
-  bool top_layer_only = false;     // -B: ranges the sources' top layers leave unallocated stay so
+  uint64_t min_sparse = 4096;   // -S; 0: write everything as data (fully allocate)
+  bool zero_init = true;        // the target reads zeros where nothing is written
+  bool top_layer_only = false;  // -B: ranges the sources' top layers leave unallocated stay so
   int threads = 2;
   Progress* progress = nullptr;
 };
@@ -53,8 +53,8 @@ class ConvertJob {
     Kind kind;
     uint64_t offset;
     uint64_t length;
-    size_t buf_offset = 0;          // kData: where in the chunk buffer
-    std::vector<uint8_t> payload;   // kCompressed
+    size_t buf_offset = 0;         // kData: where in the chunk buffer
+    std::vector<uint8_t> payload;  // kCompressed
   };
   enum class State { kData, kZero, kSkip };
   struct Extent {
@@ -77,11 +77,10 @@ class ConvertJob {
   bool ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len);
   void PlanCompressed(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
                       std::vector<Op>* ops);
-  bool PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
-                 std::vector<Op>* ops);
+  bool PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf, std::vector<Op>* ops);
   // Plans [from, to) of a chunk read into `buf`: data, except zero runs.
-  void PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const std::vector<char>* known_zero,
-                    const uint8_t* buf, std::vector<Op>* ops);
+  void PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const std::vector<char>* known_zero, const uint8_t* buf,
+                    std::vector<Op>* ops);
   // Data at [offset, offset+length) of the chunk starting at `start`,
   // merged with the previous op when contiguous.
   void AddData(uint64_t start, uint64_t offset, uint64_t length, std::vector<Op>* ops) const;
@@ -95,10 +94,10 @@ class ConvertJob {
   uint64_t chunk_count_ = 0;
   std::atomic<uint64_t> next_chunk_{0};
   std::atomic<bool> failed_{false};
-  std::mutex mu_;                  // guards the members below
+  std::mutex mu_;  // guards the members below
   std::condition_variable applied_;
   uint64_t next_to_apply_ = 0;
-  bool applying_ = false;          // a worker is applying parked chunks
+  bool applying_ = false;  // a worker is applying parked chunks
   std::map<uint64_t, Planned> parked_;
   std::vector<std::vector<uint8_t>> spare_buffers_;
   std::string error_;

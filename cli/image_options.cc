@@ -65,10 +65,14 @@ const OptDesc kRawOpts[] = {
 }  // namespace
 
 bool FindFormat(const std::string& fmt, OptList* list) {
-  if (fmt == "qcow2") *list = {std::begin(kQcow2Opts), std::end(kQcow2Opts)};
-  else if (fmt == "qcow") *list = {std::begin(kQcowOpts), std::end(kQcowOpts)};
-  else if (fmt == "raw") *list = {std::begin(kRawOpts), std::end(kRawOpts)};
-  else return false;
+  if (fmt == "qcow2")
+    *list = {std::begin(kQcow2Opts), std::end(kQcow2Opts)};
+  else if (fmt == "qcow")
+    *list = {std::begin(kQcowOpts), std::end(kQcowOpts)};
+  else if (fmt == "raw")
+    *list = {std::begin(kRawOpts), std::end(kRawOpts)};
+  else
+    return false;
   return true;
 }
 
@@ -100,7 +104,8 @@ int PrintOptionHelp(const char* filename, const std::string& fmt) {
                                     [](const OptDesc* d) { return std::strcmp(d->name, "preallocation") == 0; });
     if (!has_prealloc) opts.push_back(&kProtoPrealloc);
   }
-  std::sort(opts.begin(), opts.end(), [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
+  std::sort(opts.begin(), opts.end(),
+            [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
   if (filename) {
     std::printf("Supported options:\n");
   } else {
@@ -113,8 +118,9 @@ int PrintOptionHelp(const char* filename, const std::string& fmt) {
     std::printf("%s\n", line.c_str());
   }
   if (!filename) {
-    std::printf("\nThe protocol level may support further options.\n"
-                "Specify the target filename to include those options.\n");
+    std::printf(
+        "\nThe protocol level may support further options.\n"
+        "Specify the target filename to include those options.\n");
   }
   return 0;
 }
@@ -126,6 +132,15 @@ bool IsValidOptionList(const char* s) {
   size_t i = len;
   while (i > 0 && s[i - 1] == ',') i--;
   return (len - i) % 2 == 0;
+}
+
+bool AppendOptionList(const char* list, std::string* options) {
+  if (!IsValidOptionList(list)) {
+    PrintError(std::string("Invalid option list: ") + list);
+    return false;
+  }
+  *options = options->empty() ? std::string(list) : *options + "," + list;
+  return true;
 }
 
 // Splits "a=1,b=x,,y" into {a,1},{b,"x,y"}; a name without '=' gets "on".
@@ -236,8 +251,7 @@ std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& ext
       case OptType::kNumber:
         if (!ParseNumber(value, &opt.number)) return "Parameter '" + name + "' expects a number";
         break;
-      case OptType::kString:
-        break;
+      case OptType::kString: break;
     }
     (*set)[name] = opt;
   }
@@ -267,6 +281,63 @@ void FillCreateOptions(const OptionSet& set, CreateOptions* co) {
     const uint64_t bits = it->second.number;
     co->refcount_bits = bits > 0xffffffffULL ? 3 : static_cast<uint32_t>(bits);  // 3: any invalid width
   }
+}
+
+std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenOptions* options) {
+  if (opts.empty()) return "Must specify either driver or file";
+  std::string driver, file, file_driver, backing;
+  bool has_file = false, has_backing = false;
+  std::vector<std::pair<std::string, std::string>> unknown;
+  const auto list = SplitOptions(opts);
+  // As qemu's parser: a first item without '=' is the value of "file".
+  const bool implied_file = opts.substr(0, opts.find(',')).find('=') == std::string::npos;
+  for (size_t i = 0; i < list.size(); i++) {
+    auto [name, value] = list[i];
+    if (i == 0 && implied_file) {
+      value = name;
+      name = "file";
+    }
+    if (name == "driver")
+      driver = value;
+    else if (name == "file.filename")
+      file = value, has_file = true;
+    else if (name == "file.driver")
+      file_driver = value;
+    else if (name == "backing")
+      backing = value, has_backing = true;
+    else
+      unknown.emplace_back(name, value);
+  }
+  for (const auto& [name, value] : unknown) {
+    // "file=NAME" names a block node; qemu-img has none to name.
+    if (name == "file") {
+      if (has_file) return "Cannot reference an existing block device with additional options or a new filename";
+      return "Cannot find device='" + value + "' nor node-name='" + value + "'";
+    }
+  }
+  if (!driver.empty() && driver != "raw" && driver != "qcow" && driver != "qcow2") {
+    static const char* const kQemuFormats[] = {"vmdk", "vdi",   "vpc",   "vhdx", "qed",         "parallels", "luks",
+                                               "dmg",  "cloop", "bochs", "file", "host_device", "nbd"};
+    for (const char* known : kQemuFormats) {
+      if (driver == known) return "unsupported image format '" + driver + "'";
+    }
+    return "Unknown driver '" + driver + "'";
+  }
+  if (!file_driver.empty() && file_driver != "file") return "unsupported protocol driver '" + file_driver + "'";
+  for (const auto& [name, value] : unknown) {
+    if (name.rfind("file.", 0) == 0) return "Block protocol 'file' doesn't support the option '" + name.substr(5) + "'";
+    if (driver.empty()) return "Invalid parameter '" + name + "'";
+    return "Block format '" + driver + "' does not support the option '" + name + "'";
+  }
+  if (!has_file) return "A block device must be specified for \"file\"";
+  if (file.empty()) return "The 'file' block driver requires a file name";
+  if (has_backing && !backing.empty() && backing != "null") {
+    return "Could not open backing file: Cannot find device='" + backing + "' nor node-name='" + backing + "'";
+  }
+  *filename = file;
+  options->format = driver;
+  if (has_backing) options->open_backing = false;
+  return "";
 }
 
 }  // namespace dmcow::cli

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dmcow/create.h"
+#include "dmcow/image.h"
 
 namespace dmcow::cli {
 
@@ -21,7 +22,7 @@ struct OptDesc {
   OptType type;
   const char* def;  // printed when not set; nullptr: not printed
   const char* help;
-  bool protocol;    // file-posix's option, listed in help only with a FILE
+  bool protocol;  // file-posix's option, listed in help only with a FILE
 };
 
 struct OptList {
@@ -30,8 +31,8 @@ struct OptList {
 };
 
 struct SetOption {
-  std::string raw;     // as given
-  uint64_t number = 0; // parsed, for size and number options
+  std::string raw;      // as given
+  uint64_t number = 0;  // parsed, for size and number options
 };
 using OptionSet = std::map<std::string, SetOption>;
 
@@ -43,6 +44,12 @@ int PrintOptionHelp(const char* filename, const std::string& fmt);
 
 // qemu-img's is_valid_option_list.
 bool IsValidOptionList(const char* s);
+
+// One -o of create or convert, as qemu-img's accumulate_options: `list`
+// is appended to *options (a ',' between), so that repeated -o options
+// combine and a later value of a name wins. False, with qemu-img's
+// "Invalid option list" printed, if `list` is not a valid list.
+bool AppendOptionList(const char* list, std::string* options);
 
 // Splits "a=1,b=x,,y" into {a,1},{b,"x,y"}; a name without '=' gets "on".
 std::vector<std::pair<std::string, std::string>> SplitOptions(const std::string& list);
@@ -65,6 +72,16 @@ std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& ext
 
 // Copies the format options in `set` into *co (size excluded).
 void FillCreateOptions(const OptionSet& set, CreateOptions* co);
+
+// qemu-img's --image-opts: an image named by options instead of a file
+// name, e.g. "driver=qcow2,file.filename=vm.qcow2,backing=null". Accepted:
+// driver (raw, qcow, qcow2; probed if absent), file.filename, file.driver
+// (file), and backing: "null" or "" (qemu-img's deprecated spelling of
+// null; its own "null" is a JSON null) open the image without its backing
+// file, so unallocated clusters read as zeros. Sets *filename and the
+// format and open_backing of *options; returns "" or, for a bad list,
+// qemu-img's message (without the "Could not open" prefix).
+std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenOptions* options);
 
 }  // namespace dmcow::cli
 

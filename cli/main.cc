@@ -8,11 +8,6 @@
 #include "cli_common.h"
 
 namespace dmcow::cli {
-
-int CmdCreate(int argc, char** argv);  // cmd_create.cc
-int CmdCommit(int argc, char** argv);  // cmd_commit.cc
-int CmdCheck(int argc, char** argv);   // cmd_check.cc
-
 namespace {
 
 struct Command {
@@ -26,7 +21,9 @@ const Command kCommands[] = {
     {"map", CmdMap, "map [-f FMT] [--output human|json] [--start-offset OFF] [--max-length LEN] [-U] FILE"},
     {"create", CmdCreate, "create [-f FMT] [-o OPTIONS] [-b BACKING_FILE [-F BACKING_FMT]] [-u] [-q] FILE [SIZE]"},
     {"commit", CmdCommit, "commit [-f FMT] [-t CACHE] [-b BASE] [-r RATE] [-d] [-p] [-q] FILE"},
-    {"convert", CmdConvert, "convert [-c] [-p] [-q] [-n] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT] [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] SRC... DST"},
+    {"convert", CmdConvert,
+     "convert [-c] [-p] [-q] [-n] [-U] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT] [-l SNAPSHOT] [-S SIZE] [-m "
+     "N] [-t CACHE] [--target-is-zero] SRC... DST"},
     {"check", CmdCheck, "check [-f FMT] [-r leaks|all] [--output human|json] [-q] [-U] FILE"},
     {"compare", CmdCompare, "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2"},
     {"checksum", CmdChecksum, "checksum [-f FMT] [-l SNAPSHOT] [-U] FILE"},
@@ -38,8 +35,9 @@ void PrintHelp() {
   for (const Command& c : kCommands) std::printf("  %s\n", c.summary);
   std::printf("\n'%s COMMAND --help' describes the options of COMMAND.\n", kProgName);
   std::printf("compare exits with 0 (identical), 1 (different), 2 (open error), 3 or 4 (I/O error).\n");
-  std::printf("check exits with 0 (consistent), 1 (check not completed), 2 (corrupted), 3 (leaks only),\n"
-              "63 (format cannot be checked).\n");
+  std::printf(
+      "check exits with 0 (consistent), 1 (check not completed), 2 (corrupted), 3 (leaks only),\n"
+      "63 (format cannot be checked).\n");
 }
 
 int Run(int argc, char** argv) {

@@ -100,15 +100,9 @@ std::string ScalarToString(const Json& v) {
   char buf[32];
   switch (v.type()) {
     case Json::value_t::boolean: return v.get<bool>() ? "true" : "false";
-    case Json::value_t::number_integer:
-      std::snprintf(buf, sizeof(buf), "%" PRId64, v.get<int64_t>());
-      return buf;
-    case Json::value_t::number_unsigned:
-      std::snprintf(buf, sizeof(buf), "%" PRIu64, v.get<uint64_t>());
-      return buf;
-    case Json::value_t::number_float:
-      std::snprintf(buf, sizeof(buf), "%.17g", v.get<double>());
-      return buf;
+    case Json::value_t::number_integer: std::snprintf(buf, sizeof(buf), "%" PRId64, v.get<int64_t>()); return buf;
+    case Json::value_t::number_unsigned: std::snprintf(buf, sizeof(buf), "%" PRIu64, v.get<uint64_t>()); return buf;
+    case Json::value_t::number_float: std::snprintf(buf, sizeof(buf), "%.17g", v.get<double>()); return buf;
     case Json::value_t::null: return "null";
     default: return v.get<std::string>();
   }

@@ -40,6 +40,8 @@ static size_t dmcow_collect(struct dmcow_shared *sh, u64 *seqs, size_t max)
 	struct dmcow_pending *p, *tmp;
 	size_t n = 0;
 
+	lockdep_assert_held(&sh->lock);
+
 	if (sh->daemon == DMCOW_DAEMON_HELLO) {
 		memset(msg, 0, sizeof(*msg));
 		sh->hello_seq = ++sh->next_seq;

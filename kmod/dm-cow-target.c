@@ -38,6 +38,18 @@ module_param_named(max_requests, dmcow_max_requests, uint, 0644);
 MODULE_PARM_DESC(max_requests,
 		 "Outstanding MAP requests per ident; further bios wait in order");
 
+/*
+ * The kernel's store keeps one entry per chunk.  RW mappings are the
+ * daemon's to fold into linear segments and invalidate; answers it can give
+ * again (dmcow_kind_cached()) would pile up whatever is read - a full read
+ * of a large sparse device pins ~9 bytes per chunk - so at most this many of
+ * them are kept, and older ones are dropped to make room for new ones.
+ */
+unsigned int dmcow_cache_chunks = 65536;
+module_param_named(cache_chunks, dmcow_cache_chunks, uint, 0644);
+MODULE_PARM_DESC(cache_chunks,
+		 "Mappings per ident the daemon can be asked for again (BASE; ZERO with read_to_daemon) kept at most");
+
 DECLARE_DM_KCOPYD_THROTTLE_WITH_MODULE_PARM(kcopyd_throttle,
 	"A percentage of time allocated for copying chunks to cow_dev");
 
@@ -86,9 +98,8 @@ static inline void *dmcow_map_pack(const struct dmcow_map *m)
 	return xa_mk_value(((unsigned long)m->sector << 3) | m->kind);
 }
 
-static struct dmcow_map dmcow_map_get(struct dmcow_shared *sh, u64 chunk)
+static struct dmcow_map dmcow_map_unpack(void *entry)
 {
-	void *entry = xa_load(&sh->mappings, chunk);
 	struct dmcow_map m = { .kind = DMCOW_MK_NONE, .sector = 0 };
 
 	if (xa_is_value(entry)) {
@@ -98,6 +109,31 @@ static struct dmcow_map dmcow_map_get(struct dmcow_shared *sh, u64 chunk)
 		m.sector = v >> 3;
 	}
 	return m;
+}
+
+static struct dmcow_map dmcow_map_get(struct dmcow_shared *sh, u64 chunk)
+{
+	return dmcow_map_unpack(xa_load(&sh->mappings, chunk));
+}
+
+/*
+ * Mappings the kernel may forget on its own, because without one the chunk
+ * behaves the same or asks again: BASE (reads go to base_dev either way, and
+ * a fill copies from there either way), and with read_to_daemon ZERO (reads
+ * ask the daemon, who answers again; docs/abi.md makes the daemon answer RW,
+ * whose fill would now copy from base_dev, only where base_dev holds the
+ * chunk's data).  RW and RO mappings are the daemon's to invalidate.
+ */
+static bool dmcow_kind_cached(struct dmcow_shared *sh, u32 kind)
+{
+	return kind == DMCOW_MK_BASE ||
+	       (kind == DMCOW_MK_ZERO &&
+		(sh->features & DMCOW_FEATURE_READ_TO_DAEMON));
+}
+
+static u64 dmcow_cache_max(void)
+{
+	return max(READ_ONCE(dmcow_cache_chunks), 1U);
 }
 
 static inline bool dmcow_map_equal(const struct dmcow_map *a,
@@ -118,9 +154,12 @@ static int dmcow_map_set(struct dmcow_shared *sh, u64 chunk,
 	lockdep_assert_held(&sh->lock);
 
 	if (m->kind == DMCOW_MK_NONE) {
-		old = xa_erase(&sh->mappings, chunk);
-		if (xa_is_value(old))
+		old = xa_erase(&sh->mappings, chunk);	/* clears its marks */
+		if (xa_is_value(old)) {
 			sh->nr_mapped--;
+			if (dmcow_kind_cached(sh, dmcow_map_unpack(old).kind))
+				sh->nr_cached--;
+		}
 		return 0;
 	}
 
@@ -133,6 +172,14 @@ static int dmcow_map_set(struct dmcow_shared *sh, u64 chunk,
 	}
 	if (!xa_is_value(old))
 		sh->nr_mapped++;
+	else if (dmcow_kind_cached(sh, dmcow_map_unpack(old).kind))
+		sh->nr_cached--;
+	if (dmcow_kind_cached(sh, m->kind)) {
+		xa_set_mark(&sh->mappings, chunk, DMCOW_XA_CACHED);
+		sh->nr_cached++;
+	} else {
+		xa_clear_mark(&sh->mappings, chunk, DMCOW_XA_CACHED);
+	}
 	return 0;
 }
 
@@ -191,6 +238,8 @@ static void dmcow_unlock_chunk(struct dmcow_pending *p)
 static void dmcow_queue_request(struct dmcow_shared *sh,
 				struct dmcow_pending *p)
 {
+	lockdep_assert_held(&sh->lock);
+
 	p->seq = ++sh->next_seq;
 	p->req_state = DMCOW_REQ_QUEUED;
 	hash_add(sh->seq_hash, &p->seq_node, p->seq);
@@ -212,6 +261,8 @@ static void dmcow_end_request(struct dmcow_pending *p)
 static void dmcow_pending_put_locked(struct dmcow_shared *sh,
 				     struct dmcow_pending *p)
 {
+	lockdep_assert_held(&sh->lock);
+
 	if (p->req_state != DMCOW_REQ_NONE || p->lock_state != DMCOW_LOCK_NONE)
 		return;
 	if (p->counted) {
@@ -309,6 +360,8 @@ static int dmcow_request_locked(struct dmcow_shared *sh, struct bio *bio,
 				u64 chunk, bool write)
 {
 	struct dmcow_pending *p;
+
+	lockdep_assert_held(&sh->lock);
 
 	if (sh->daemon == DMCOW_DAEMON_NONE)
 		return DM_MAPIO_KILL;
@@ -420,11 +473,13 @@ remapped:
  * Move the bios of targets in a noflush suspend from @from to @to.
  * NOTE: Must be called with sh->lock held.
  */
-static void dmcow_take_requeued(struct bio_list *from, struct bio_list *to)
+static void dmcow_take_requeued(struct dmcow_shared *sh, struct bio_list *from,
+				struct bio_list *to)
 {
 	struct bio_list keep;
 	struct bio *bio;
 
+	lockdep_assert_held(&sh->lock);
 	bio_list_init(&keep);
 	while ((bio = bio_list_pop(from))) {
 		if (dmcow_pb(bio)->t->requeue)
@@ -612,6 +667,8 @@ static void dmcow_queue_flush(struct dmcow_shared *sh, struct bio *bio)
  */
 bool dmcow_flush_ready(struct dmcow_shared *sh, struct dmcow_pending *p)
 {
+	lockdep_assert_held(&sh->lock);
+
 	return !sh->fills_in_flight && p->flush_gen == sh->fill_gen;
 }
 
@@ -671,7 +728,7 @@ static void dmcow_flush_work(struct work_struct *work)
 	bio_list_init(&requeue);
 	spin_lock_irqsave(&sh->lock, flags);
 	if (p)
-		dmcow_take_requeued(&p->bios, &requeue);
+		dmcow_take_requeued(sh, &p->bios, &requeue);
 	if (p && bio_list_empty(&p->bios)) {
 		kmem_cache_free(dmcow_pending_cache, p);
 		p = NULL;
@@ -755,6 +812,8 @@ static void dmcow_apply_chunk(struct dmcow_shared *sh, u64 chunk,
 	struct dmcow_pending *p = dmcow_chunk_lookup(sh, chunk);
 	struct dmcow_map cur = dmcow_map_get(sh, chunk);
 
+	lockdep_assert_held(&sh->lock);
+
 	/* A fill to the same place is in progress: nothing to do. */
 	if (p && p->lock_state == DMCOW_LOCK_FILL)
 		return;
@@ -805,6 +864,104 @@ static struct dmcow_map dmcow_extent_map(struct dmcow_shared *sh,
 	return m;
 }
 
+/*
+ * Drop up to @want cached mappings (dmcow_kind_cached()), going round the
+ * chunk space from where the last sweep stopped: a clock hand, so no age is
+ * kept per entry, and a reader going through the device in order loses its
+ * oldest mappings first.  Chunks that are locked keep theirs: a request or a
+ * fill in progress decided on it.  Each cached entry is visited at most
+ * once, DMCOW_APPLY_SLICE per lock hold.  Only reply processing (this
+ * context) adds cached entries, so none appear meanwhile.
+ */
+static void dmcow_cache_drop(struct dmcow_shared *sh, u64 want)
+{
+	static const struct dmcow_map none = { .kind = DMCOW_MK_NONE };
+	unsigned long index, flags;
+	u64 visits, dropped = 0;
+	unsigned int slice;
+	bool wrapped = false;
+
+	lockdep_assert_held(&sh->write_mutex);
+
+	spin_lock_irqsave(&sh->lock, flags);
+	visits = sh->nr_cached;
+	index = sh->drop_next;
+	for (slice = 1; visits && dropped < want; slice++) {
+		if (!xa_find(&sh->mappings, &index, ULONG_MAX,
+			     DMCOW_XA_CACHED)) {
+			if (wrapped)
+				break;
+			wrapped = true;
+			index = 0;
+			continue;
+		}
+		visits--;
+		if (!dmcow_chunk_lookup(sh, index)) {
+			dmcow_map_set(sh, index, &none);
+			dropped++;
+		}
+		index++;
+		if (!(slice % DMCOW_APPLY_SLICE)) {
+			spin_unlock_irqrestore(&sh->lock, flags);
+			cond_resched();
+			spin_lock_irqsave(&sh->lock, flags);
+		}
+	}
+	sh->drop_next = index;
+	sh->stat_dropped += dropped;
+	spin_unlock_irqrestore(&sh->lock, flags);
+}
+
+/*
+ * Room for a cached mapping of @*n chunks from @*first: drop older cached
+ * mappings so that at most cache_chunks remain with it.  A PUSH larger than
+ * the cache is refused.  A MAP reply is cut, if it must be, to the part from
+ * the requested chunk on (beyond that chunk the extent is an offer); it
+ * always maps that chunk, so the held bios go on.  Chunks that are locked
+ * keep their cached mappings: the cache exceeds its bound by at most those.
+ */
+static int dmcow_cache_room(struct dmcow_shared *sh,
+			    const struct dmcow_reply *rep, u64 *first, u64 *n)
+{
+	u64 max = dmcow_cache_max(), want = rep->chunk, cached, room;
+	struct dmcow_pending *req;
+	unsigned long flags;
+
+	lockdep_assert_held(&sh->write_mutex);
+
+	if (rep->kind == DMCOW_REP_PUSH && *n > max) {
+		DMERR_LIMIT("%s: push of %llu chunks from chunk %llu exceeds cache_chunks (%llu)",
+			    sh->ident, *n, *first, max);
+		return -E2BIG;
+	}
+
+	spin_lock_irqsave(&sh->lock, flags);
+	cached = sh->nr_cached;
+	if (rep->kind == DMCOW_REP_MAP) {
+		req = dmcow_seq_lookup(sh, rep->seq);
+		if (req && req->kind != DMCOW_REQ_FLUSH)
+			want = req->chunk;
+	}
+	spin_unlock_irqrestore(&sh->lock, flags);
+
+	if (cached + *n > max)
+		dmcow_cache_drop(sh, cached + *n - max);
+	if (rep->kind != DMCOW_REP_MAP || want < rep->chunk ||
+	    want - rep->chunk >= rep->nr_chunks)
+		return 0;	/* a bad MAP is refused by dmcow_apply() */
+
+	spin_lock_irqsave(&sh->lock, flags);
+	cached = sh->nr_cached;
+	spin_unlock_irqrestore(&sh->lock, flags);
+	room = cached < max ? max - cached : 0;
+	if (*n > room) {
+		*first = want;
+		*n = min(max_t(u64, room, 1),
+			 rep->chunk + rep->nr_chunks - want);
+	}
+	return 0;
+}
+
 /* MAP, PUSH or INVALIDATE; the extent was validated by the channel. */
 int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 {
@@ -816,7 +973,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 	LIST_HEAD(prealloc);
 	LIST_HEAD(fills);
 	unsigned long flags;
-	u64 i, end, n = rep->nr_chunks;
+	u64 i, end, first = rep->chunk, n = rep->nr_chunks;
 	struct bio *bio;
 	int r = 0;
 
@@ -824,6 +981,13 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 		to.kind = rep->map == DMCOW_MAP_FILLED_RW ? DMCOW_MK_RW : rep->map;
 		if (to.kind == DMCOW_MK_RW || to.kind == DMCOW_MK_RO)
 			to.sector = rep->cow_sector;
+	}
+	if (!invalidate && dmcow_kind_cached(sh, to.kind)) {
+		r = dmcow_cache_room(sh, rep, &first, &n);
+		if (r)
+			return r;
+		if (first != rep->chunk)
+			to = dmcow_extent_map(sh, &to, first - rep->chunk);
 	}
 
 	/* Allocate everything applying may need while we may still sleep. */
@@ -836,7 +1000,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 		list_add(&p->fill_node, &prealloc);
 	}
 	for (i = 0; !invalidate && i < n; i++) {
-		r = xa_reserve(&sh->mappings, rep->chunk + i, GFP_NOIO);
+		r = xa_reserve(&sh->mappings, first + i, GFP_NOIO);
 		if (r)
 			goto out;
 		if (!(i % DMCOW_APPLY_SLICE))
@@ -855,7 +1019,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 			req = dmcow_seq_lookup(sh, rep->seq);
 			if (!req || req->req_state != DMCOW_REQ_SENT ||
 			    req->kind == DMCOW_REQ_FLUSH ||
-			    req->chunk < rep->chunk || req->chunk - rep->chunk >= n)
+			    req->chunk < first || req->chunk - first >= n)
 				r = -EINVAL;
 			else if (req->kind == DMCOW_REQ_MAP_WRITE &&
 				 to.kind != DMCOW_MK_RW)
@@ -864,7 +1028,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 		for (; i < end && !r; i++) {
 			struct dmcow_map m = dmcow_extent_map(sh, &to, i);
 
-			p = dmcow_chunk_lookup(sh, rep->chunk + i);
+			p = dmcow_chunk_lookup(sh, first + i);
 			if (p && p->lock_state == DMCOW_LOCK_FILL &&
 			    !dmcow_map_equal(&p->fill_to, &m))
 				r = -EBUSY;
@@ -886,7 +1050,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 		for (; i < end; i++) {
 			struct dmcow_map m = dmcow_extent_map(sh, &to, i);
 
-			dmcow_apply_chunk(sh, rep->chunk + i, &m, fill,
+			dmcow_apply_chunk(sh, first + i, &m, fill,
 					  &prealloc, &fills, &release);
 		}
 		spin_unlock_irqrestore(&sh->lock, flags);
@@ -903,7 +1067,7 @@ int dmcow_apply(struct dmcow_shared *sh, const struct dmcow_reply *rep)
 out:
 	if (r && !invalidate)
 		for (i = 0; i < n; i++)
-			xa_release(&sh->mappings, rep->chunk + i);
+			xa_release(&sh->mappings, first + i);
 	list_for_each_entry_safe(p, tmp, &prealloc, fill_node)
 		kmem_cache_free(dmcow_pending_cache, p);
 	return r;
@@ -1419,12 +1583,12 @@ static void dmcow_presuspend(struct dm_target *ti)
 	t->requeue = true;
 	hash_for_each(sh->chunk_hash, bkt, p, chunk_node)
 		if (p->lock_state == DMCOW_LOCK_WAIT)
-			dmcow_take_requeued(&p->bios, &requeue);
+			dmcow_take_requeued(sh, &p->bios, &requeue);
 	hash_for_each(sh->seq_hash, bkt, p, seq_node)
 		if (p->kind == DMCOW_REQ_FLUSH)
-			dmcow_take_requeued(&p->bios, &requeue);
-	dmcow_take_requeued(&sh->flush_bios, &requeue);
-	dmcow_take_requeued(&sh->overflow, &requeue);
+			dmcow_take_requeued(sh, &p->bios, &requeue);
+	dmcow_take_requeued(sh, &sh->flush_bios, &requeue);
+	dmcow_take_requeued(sh, &sh->overflow, &requeue);
 	spin_unlock_irqrestore(&sh->lock, flags);
 
 	dmcow_fail_bios(&requeue, BLK_STS_DM_REQUEUE);
@@ -1455,6 +1619,7 @@ static const char *dmcow_daemon_name(enum dmcow_daemon_state state)
 /*
  * INFO: <mapped_chunks> <outstanding_requests> <requests> <copies>
  *       <zero_fills> <copies_skipped> <flush_acks> <errors> <daemon>
+ *       <cached_chunks> <cache_chunks> <dropped_chunks>
  */
 static void dmcow_status(struct dm_target *ti, status_type_t type,
 			 unsigned int status_flags, char *result,
@@ -1463,7 +1628,7 @@ static void dmcow_status(struct dm_target *ti, status_type_t type,
 	struct dmcow_target *t = ti->private;
 	struct dmcow_shared *sh = t->sh;
 	unsigned long long mapped, requests, copies, zero_fills, skipped;
-	unsigned long long flushes, errors;
+	unsigned long long flushes, errors, cached, dropped;
 	enum dmcow_daemon_state daemon;
 	unsigned int outstanding;
 	unsigned long flags;
@@ -1481,10 +1646,13 @@ static void dmcow_status(struct dm_target *ti, status_type_t type,
 		flushes = sh->stat_flushes;
 		errors = sh->stat_errors;
 		daemon = sh->daemon;
+		cached = sh->nr_cached;
+		dropped = sh->stat_dropped;
 		spin_unlock_irqrestore(&sh->lock, flags);
-		DMEMIT("%llu %u %llu %llu %llu %llu %llu %llu %s", mapped,
-		       outstanding, requests, copies, zero_fills, skipped,
-		       flushes, errors, dmcow_daemon_name(daemon));
+		DMEMIT("%llu %u %llu %llu %llu %llu %llu %llu %s %llu %llu %llu",
+		       mapped, outstanding, requests, copies, zero_fills,
+		       skipped, flushes, errors, dmcow_daemon_name(daemon),
+		       cached, dmcow_cache_max(), dropped);
 		break;
 
 	case STATUSTYPE_TABLE:

@@ -59,6 +59,12 @@ enum dmcow_mkind {
 	DMCOW_MK_BASE = DMCOW_MAP_BASE,
 };
 
+/*
+ * Store entries the kernel may drop on its own (dmcow_kind_cached()) carry
+ * this mark, so that a drop sweep finds them without walking pinned ones.
+ */
+#define DMCOW_XA_CACHED		XA_MARK_1
+
 /* A mapping: kind + cow_dev sector, packed into one xarray value entry. */
 struct dmcow_map {
 	u32 kind;			/* enum dmcow_mkind */
@@ -129,6 +135,9 @@ struct dmcow_shared {
 	spinlock_t lock;
 	struct xarray mappings;		/* chunk -> packed struct dmcow_map */
 	u64 nr_mapped;			/* entries in mappings */
+	u64 nr_cached;			/* of which marked DMCOW_XA_CACHED */
+	u64 drop_next;			/* chunk where the next drop sweep
+					 * starts; write_mutex */
 	DECLARE_HASHTABLE(seq_hash, DMCOW_HASH_BITS);
 	DECLARE_HASHTABLE(chunk_hash, DMCOW_HASH_BITS);
 	struct list_head send_queue;	/* QUEUED requests, FIFO */
@@ -175,10 +184,12 @@ struct dmcow_shared {
 	u64 stat_copies_skipped;
 	u64 stat_flushes;
 	u64 stat_errors;
+	u64 stat_dropped;		/* cached entries dropped to make room */
 };
 
 /* dm-cow-target.c */
 extern unsigned int dmcow_max_requests;
+extern unsigned int dmcow_cache_chunks;
 bool dmcow_shared_get_channel(struct dmcow_shared *sh);
 void dmcow_shared_put(struct dmcow_shared *sh);
 void dmcow_daemon_gone(struct dmcow_shared *sh);

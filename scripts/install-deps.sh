@@ -8,6 +8,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
+  # the formatting check (scripts/check-format.sh, run by scripts/test.sh)
+  clang-format
   zlib1g-dev libzstd-dev libssl-dev libisal-dev libdeflate-dev
   catch2 libcli11-dev nlohmann-json3-dev
   # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)

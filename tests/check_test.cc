@@ -27,11 +27,11 @@
 #include <string>
 #include <vector>
 
-#include "../qcow/src/reference_counts.h"
 #include "crash_env.h"
 #include "dmcow/check.h"
 #include "dmcow/image.h"
 #include "dmcow/mem_env.h"
+#include "qcow2/check/reference_counts.h"
 #include "test_util.h"
 
 using namespace dmcow;
@@ -39,30 +39,9 @@ using namespace dmcow_test;
 
 namespace {
 
-const char kDmcowImg[] = DMCOW_IMG_PATH;
 constexpr uint64_t kCopied = 1ULL << 63;
 constexpr uint64_t kCompressed = 1ULL << 62;
 constexpr uint64_t kMB = 1 << 20;
-
-struct Result {
-  int rc = -1;
-  std::string out;  // stdout only
-};
-
-Result Exec(const std::string& dir, const std::string& command) {
-  std::string full = "cd '" + dir + "' && " + command + " 2>/dev/null";
-  Result r;
-  FILE* pipe = popen(full.c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.out.append(buf, n);
-  int status = pclose(pipe);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string Ours() { return std::string("'") + kDmcowImg + "'"; }
 
 uint64_t Get64(const std::vector<uint8_t>& b, uint64_t off) {
   uint64_t v = 0;
@@ -84,7 +63,9 @@ struct Layout {
   uint64_t snapshots() const { return Get64(bytes, 64); }
   uint64_t l1_entry(uint64_t i) const { return l1() + 8 * i; }
   uint64_t l2(uint64_t i = 0) const { return Get64(bytes, l1_entry(i)) & 0x00fffffffffffe00ULL; }
-  uint64_t l2_entry(uint64_t guest_cluster, uint32_t entry_bytes = 8) const { return l2() + entry_bytes * guest_cluster; }
+  uint64_t l2_entry(uint64_t guest_cluster, uint32_t entry_bytes = 8) const {
+    return l2() + entry_bytes * guest_cluster;
+  }
   uint64_t data(uint64_t guest_cluster) const { return Get64(bytes, l2_entry(guest_cluster)) & 0x00fffffffffffe00ULL; }
   uint64_t refblock() const { return Get64(bytes, reftable()); }
   // 16-bit refcount entry of a host cluster (first refcount block).
@@ -145,7 +126,6 @@ class Images {
   TempDir tmp_;
 };
 
-
 std::vector<Damage> Damages() {
   // Guest cluster indexes in plain.qcow2: 0-15 data (pattern 1), 64-65
   // compressed, 128-129 data (pattern 2), 192 zero.
@@ -160,20 +140,31 @@ std::vector<Damage> Damages() {
        [](auto* b) { Put64(b, Layout(*b).l1_entry(0), Get64(*b, Layout(*b).l1_entry(0)) & ~kCopied); }},
       {"COPIED set on a compressed cluster", "plain.qcow2",
        [](auto* b) { Put64(b, Layout(*b).l2_entry(64), Get64(*b, Layout(*b).l2_entry(64)) | kCopied); }},
-      {"data cluster not aligned", "plain.qcow2",
+      {"data cluster not aligned",
+       "plain.qcow2",
        [](auto* b) { Put64(b, Layout(*b).l2_entry(1), Get64(*b, Layout(*b).l2_entry(1)) + 0x200); },
        {{64 << 10, 64 << 10}}},
-      {"L2 table not aligned", "plain.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), Get64(*b, Layout(*b).l1_entry(0)) + 0x200); }, {{0, all}}},
+      {"L2 table not aligned",
+       "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), Get64(*b, Layout(*b).l1_entry(0)) + 0x200); },
+       {{0, all}}},
       {"preallocated zero cluster not aligned", "plain.qcow2",
        [](auto* b) { Put64(b, Layout(*b).l2_entry(192), (Layout(*b).data(2) + 0x200) | 1); }},
-      {"data cluster past the end of the file", "plain.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).l2_entry(1), kCopied | 0x10000000); }, {{64 << 10, 64 << 10}}},
-      {"L2 table past the end of the file", "plain.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), kCopied | 0x10000000); }, {{0, all}}},
-      {"compressed data past the end of the file", "plain.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).l2_entry(65), kCompressed | 0x10000000); }, {{(4 * kMB) + (64 << 10), 64 << 10}}},
-      {"L1 entry with only flags", "plain.qcow2", [](auto* b) { Put64(b, Layout(*b).l1_entry(0), kCopied); },
+      {"data cluster past the end of the file",
+       "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l2_entry(1), kCopied | 0x10000000); },
+       {{64 << 10, 64 << 10}}},
+      {"L2 table past the end of the file",
+       "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), kCopied | 0x10000000); },
+       {{0, all}}},
+      {"compressed data past the end of the file",
+       "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l2_entry(65), kCompressed | 0x10000000); },
+       {{(4 * kMB) + (64 << 10), 64 << 10}}},
+      {"L1 entry with only flags",
+       "plain.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l1_entry(0), kCopied); },
        {{0, all}}},
       {"reserved bits in an L1 entry", "plain.qcow2",
        [](auto* b) { Put64(b, Layout(*b).l1_entry(0), Get64(*b, Layout(*b).l1_entry(0)) | (1ULL << 56)); }},
@@ -197,14 +188,16 @@ std::vector<Damage> Damages() {
        }},
       {"refcount too high", "plain.qcow2",
        [](auto* b) { (*b)[Layout(*b).refcount_entry(Layout(*b).data(3)) + 1] = 5; }},
-      {"refcount overflow (1-bit refcounts)", "rc1.qcow2",
-       [](auto* b) { Put64(b, Layout(*b).l2_entry(1), Get64(*b, Layout(*b).l2_entry(0))); }, {}, false},
+      {"refcount overflow (1-bit refcounts)",
+       "rc1.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l2_entry(1), Get64(*b, Layout(*b).l2_entry(0))); },
+       {},
+       false},
       {"snapshot entry incomplete (v3)", "snap.qcow2", [](auto* b) { Put32(b, Layout(*b).snapshots() + 36, 8); }},
       {"snapshot entry with too much extra data", "snap.qcow2",
        [](auto* b) { Put32(b, Layout(*b).snapshots() + 36, 2000); }},
       {"snapshot table past the end of the file", "snap.qcow2", [](auto* b) { Put64(b, 64, 0x10000000); }},
-      {"snapshot table offset not aligned", "snap.qcow2",
-       [](auto* b) { Put64(b, 64, Get64(*b, 64) + 8); }, {}, false},
+      {"snapshot table offset not aligned", "snap.qcow2", [](auto* b) { Put64(b, 64, Get64(*b, 64) + 8); }, {}, false},
       {"snapshot L1 table not aligned", "snap.qcow2",
        [](auto* b) { Put64(b, Layout(*b).snapshots(), Get64(*b, Layout(*b).snapshots()) + 0x200); }},
       {"L2 table over the refcount table", "plain.qcow2",
@@ -266,10 +259,10 @@ TEST_CASE("check agrees with qemu-img check on undamaged images", "[check][qemu]
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
   TempDir tmp;
-  for (const char* name : {"plain.qcow2", "snap.qcow2", "rc1.qcow2", "v2.qcow2", "el2.qcow2", "bitmap.qcow2",
-                           "raw.img"}) {
-    for (const char* args : {"check ", "check --output=json ", "check -q ", "check -r leaks --output json ",
-                             "check -r all "}) {
+  for (const char* name :
+       {"plain.qcow2", "snap.qcow2", "rc1.qcow2", "v2.qcow2", "el2.qcow2", "bitmap.qcow2", "raw.img"}) {
+    for (const char* args :
+         {"check ", "check --output=json ", "check -q ", "check -r leaks --output json ", "check -r all "}) {
       // Each tool on its own copy: a repair (or QEMU storing bitmaps when
       // it closes a writable image) changes the file.
       MustRun("cp '" + (img / name) + "' '" + (tmp / "q") + "' && cp '" + (img / name) + "' '" + (tmp / "o") + "'");
@@ -365,7 +358,8 @@ TEST_CASE("the encryption header of a LUKS image is counted, no key needed", "[c
   // "Unable to get accurate CPU usage"; hence the retries.)
   MustRun("cd '" + tmp.path() + "' && for i in 1 2 3 4 5; do qemu-img create -q -f qcow2 " + secret +
           "-o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100 luks.qcow2 16M >/dev/null 2>&1 "
-          "&& break; done && qemu-io " + secret +
+          "&& break; done && qemu-io " +
+          secret +
           "--image-opts driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=sec0 -c 'write -P 1 0 128k' "
           ">/dev/null");
   // Where the encryption header is: header extension 0x0537be77.
@@ -418,10 +412,10 @@ TEST_CASE("qcow (version 1) images are checked: bounds, alignment, overlaps", "[
   const uint64_t l2 = Get64(bytes, l1);
   const uint64_t e0 = Get64(bytes, l2);
   REQUIRE(e0 != 0);
-  Put64(&bytes, l2 + 8, e0 + 0x100);      // not sector aligned
-  Put64(&bytes, l2 + 16, 1ULL << 40);     // past the end of the file
-  Put64(&bytes, l2 + 24, e0);             // the same cluster twice
-  Put64(&bytes, l2 + 32, l2);             // over the L2 table itself
+  Put64(&bytes, l2 + 8, e0 + 0x100);   // not sector aligned
+  Put64(&bytes, l2 + 16, 1ULL << 40);  // past the end of the file
+  Put64(&bytes, l2 + 24, e0);          // the same cluster twice
+  Put64(&bytes, l2 + 32, l2);          // over the L2 table itself
   TempDir tmp;
   WriteWholeFile(tmp / "bad.qcow", bytes);
   CheckResult r;
@@ -495,7 +489,7 @@ TEST_CASE("a crash at any write or sync of a repair is finished by a second repa
           std::mt19937_64 rng(seed * 1000 + k);
           const std::string path = tmp / "crashed.qcow2";
           WriteWholeFile(path, env.CrashedContent("img", rng));
-          options.env = nullptr;
+          options.env = dmcow::Env::Default();
           Status s = CheckImage(path, options, &r);
           INFO("crash after " << k << " of " << ops << " writes/syncs, seed " << seed << ": " << s.ToString());
           REQUIRE(s.ok());

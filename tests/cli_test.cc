@@ -12,6 +12,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "test_util.h"
@@ -20,29 +21,6 @@ using namespace dmcow_test;
 using nlohmann::json;
 
 namespace {
-
-const char kDmcowImg[] = DMCOW_IMG_PATH;
-
-struct Result {
-  int rc = -1;
-  std::string out;  // stdout only
-};
-
-// Runs `command` in `dir` with /bin/sh; stderr is discarded.
-Result Exec(const std::string& dir, const std::string& command) {
-  std::string full = "cd '" + dir + "' && " + command + " 2>/dev/null";
-  Result r;
-  FILE* pipe = popen(full.c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.out.append(buf, n);
-  int status = pclose(pipe);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-std::string Ours() { return std::string("'") + kDmcowImg + "'"; }
 
 uint64_t AllocatedBytes(const std::string& path) {
   struct stat st;
@@ -61,10 +39,9 @@ class Images {
   std::string operator/(const std::string& name) const { return tmp_ / name; }
 
   // Every image, as a path relative to dir().
-  const std::vector<std::string> all = {
-      "raw.raw",     "empty.raw",    "base.qcow2",   "top.qcow2",  "v2.qcow2",      "comp.qcow2",
-      "zstd.qcow2",  "el2.qcow2",    "extdata.qcow2", "lazy.qcow2", "qcow1.qcow",   "short.qcow2",
-      "tall.qcow2",  "sub/rel.qcow2", "rawback.qcow2"};
+  const std::vector<std::string> all = {"raw.raw",    "empty.raw",   "base.qcow2", "top.qcow2",     "v2.qcow2",
+                                        "comp.qcow2", "zstd.qcow2",  "el2.qcow2",  "extdata.qcow2", "lazy.qcow2",
+                                        "qcow1.qcow", "short.qcow2", "tall.qcow2", "sub/rel.qcow2", "rawback.qcow2"};
   // Images with a backing file.
   const std::vector<std::string> chains = {"top.qcow2", "tall.qcow2", "sub/rel.qcow2", "rawback.qcow2"};
 
@@ -109,7 +86,6 @@ class Images {
 
   TempDir tmp_;
 };
-
 
 // Runs the same command line through both tools; stdout and exit code must match.
 void CheckSame(const std::string& args) {
@@ -195,19 +171,24 @@ TEST_CASE("convert -O raw is byte-identical to qemu-img's and sparse", "[cli]") 
 TEST_CASE("compare agrees with qemu-img", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
-  MustRun("cd '" + img.dir() + "' && qemu-img convert -O raw top.qcow2 top.raw"
+  MustRun("cd '" + img.dir() +
+          "' && qemu-img convert -O raw top.qcow2 top.raw"
           " && cp top.raw padded.raw && truncate -s 65M padded.raw"
           " && cp top.raw tail.raw && truncate -s 65M tail.raw"
           " && printf X | dd of=tail.raw bs=1 seek=67200000 conv=notrunc 2>/dev/null"
           " && cp top.raw flip.raw && printf X | dd of=flip.raw bs=1 seek=3000001 conv=notrunc 2>/dev/null"
           " && qemu-img create -f raw big.raw 65M");
   const char* pairs[] = {
-      "top.qcow2 top.raw",     "-s top.qcow2 top.raw", "base.qcow2 top.qcow2", "top.raw big.raw",
-      "raw.raw big.raw",       "-s top.raw big.raw",   "big.raw raw.raw",      "top.raw padded.raw",
-      "padded.raw top.qcow2",  "top.raw tail.raw",     "-s top.qcow2 top.qcow2", "top.raw flip.raw",
-      "comp.qcow2 base.qcow2", "-s comp.qcow2 base.qcow2", "-q top.raw flip.raw", "-f qcow2 -F raw top.qcow2 top.raw",
-      "tall.qcow2 short.qcow2", "raw.raw missing.raw", "-f qcow2 raw.raw raw.raw",
-      "top.raw",
+      "top.qcow2 top.raw",        "-s top.qcow2 top.raw",
+      "base.qcow2 top.qcow2",     "top.raw big.raw",
+      "raw.raw big.raw",          "-s top.raw big.raw",
+      "big.raw raw.raw",          "top.raw padded.raw",
+      "padded.raw top.qcow2",     "top.raw tail.raw",
+      "-s top.qcow2 top.qcow2",   "top.raw flip.raw",
+      "comp.qcow2 base.qcow2",    "-s comp.qcow2 base.qcow2",
+      "-q top.raw flip.raw",      "-f qcow2 -F raw top.qcow2 top.raw",
+      "tall.qcow2 short.qcow2",   "raw.raw missing.raw",
+      "-f qcow2 raw.raw raw.raw", "top.raw",
   };
   for (const char* p : pairs) CheckSame(std::string("compare ") + p);
   // Progress steps differ from qemu-img's (other chunking); the result does not.
@@ -227,7 +208,8 @@ TEST_CASE("checksum is sha256sum of the raw conversion", "[cli]") {
     CHECK(ours.out == Sha256OfFile(img / "theirs.out") + "  " + name + "\n");
   }
   // Same content in other formats, cluster sizes and chain shapes.
-  MustRun("cd '" + img.dir() + "' && qemu-img convert -O qcow2 -o cluster_size=4k top.qcow2 flat4k.qcow2"
+  MustRun("cd '" + img.dir() +
+          "' && qemu-img convert -O qcow2 -o cluster_size=4k top.qcow2 flat4k.qcow2"
           " && qemu-img convert -c -O qcow2 top.qcow2 flatc.qcow2 && qemu-img convert -O raw top.qcow2 top.raw");
   std::string expected = Sha256OfFile(img / "top.raw");
   for (const char* name : {"top.qcow2", "flat4k.qcow2", "flatc.qcow2", "top.raw"}) {
@@ -240,7 +222,8 @@ TEST_CASE("checksum is sha256sum of the raw conversion", "[cli]") {
 TEST_CASE("odd-size raw files are seen as qemu-img sees them", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
-  MustRun("cd '" + img.dir() + "' && head -c 1000001 /dev/urandom > odd.raw"
+  MustRun("cd '" + img.dir() +
+          "' && head -c 1000001 /dev/urandom > odd.raw"
           " && qemu-img create -f qcow2 -b odd.raw -F raw oddback.qcow2 2M >/dev/null");
   for (const char* name : {"odd.raw", "oddback.qcow2"}) {
     CheckSame(std::string("info --backing-chain --output=json ") + name);
@@ -298,13 +281,6 @@ void Patch(const std::string& path, F edit) {
   std::vector<uint8_t> b = ReadWholeFile(path);
   edit(&b);
   WriteWholeFile(path, b);
-}
-
-// Exit status and stderr of `command` run in `dir` (stdout discarded).
-Result ExecErr(const std::string& dir, const std::string& command) {
-  Result r;
-  r.rc = Run("{ cd '" + dir + "' && " + command + " 2>&1 >/dev/null; }", &r.out);
-  return r;
 }
 
 }  // namespace
@@ -392,8 +368,8 @@ TEST_CASE("images QEMU refuses, or sizes in whole sectors, are seen as qemu-img 
                             "check rawbit.qcow2", "compare rawbit.qcow2 rawbit.qcow2"}) {
       same(cmd, true);
     }
-    for (const char* cmd : {"info rawbit.qcow2", "convert -O raw rawbit.qcow2 out.raw", "map rawbit.qcow2",
-                            "checksum rawbit.qcow2"}) {
+    for (const char* cmd :
+         {"info rawbit.qcow2", "convert -O raw rawbit.qcow2 out.raw", "map rawbit.qcow2", "checksum rawbit.qcow2"}) {
       refused(cmd, "rawbit.qcow2", "data-file-raw (autoclear feature bit 1) is set");
     }
     CHECK(Exec(dir, "qemu-img info rawbit.qcow2").rc == 0);  // the knowing difference
@@ -403,8 +379,8 @@ TEST_CASE("images QEMU refuses, or sizes in whole sectors, are seen as qemu-img 
                             "check bmres.qcow2", "check -r all bmres.qcow2", "compare bmres.qcow2 bmres.qcow2"}) {
       same(cmd, true);
     }
-    for (const char* cmd : {"info bmres.qcow2", "convert -O raw bmres.qcow2 out.raw", "check bmres.qcow2",
-                            "checksum bmres.qcow2"}) {
+    for (const char* cmd :
+         {"info bmres.qcow2", "convert -O raw bmres.qcow2 out.raw", "check bmres.qcow2", "checksum bmres.qcow2"}) {
       refused(cmd, "bmres.qcow2", "bitmap 'bm0' has an invalid bitmap table entry");
     }
   }
@@ -427,5 +403,136 @@ TEST_CASE("images QEMU refuses, or sizes in whole sectors, are seen as qemu-img 
     same("compare odd.qcow2 odd.qcow", true);
     same("check odd.qcow2", true);
     same("check --output=json odd.qcow2", true);
+  }
+}
+
+// convert and create read their command lines as qemu-img 7.2 does (GNU
+// getopt_long): each line below runs through both tools, each in a fresh
+// directory holding a 1 MiB src.raw (both), and stdout, stderr (qemu-img's name
+// read as ours) and the exit status must be equal, byte for byte. Covered:
+// unknown options and missing arguments with getopt's naming of the
+// argument (argv[optind - 1]: "-qZ", "-qO", or the element before "-Zq"),
+// a value given to a long flag, the first error in command-line order
+// winning, -o lists (repeated, glued, ",," escapes, "help"), values glued
+// to their option and options glued together, options after the operands,
+// "--", unambiguous long-option prefixes, too few and too many operands.
+TEST_CASE("convert and create read bad command lines as qemu-img does (word for word)", "[cli]") {
+  SKIP_WITHOUT_QEMU();
+  // qemu-img's result and ours.
+  auto both = [](const std::string& args) {
+    TempDir theirs_dir, ours_dir;
+    MustRun("truncate -s 1M '" + (theirs_dir / "src.raw") + "' '" + (ours_dir / "src.raw") + "'");
+    return std::make_pair(Exec(theirs_dir, "qemu-img", args), Ours(ours_dir, args));
+  };
+  auto same = [&](const std::string& args) {
+    INFO("command: " << args);
+    auto [theirs, ours] = both(args);
+    theirs.err = ReplaceAll(theirs.err, "qemu-img", "dmcow-img");
+    CHECK(ours.out == theirs.out);
+    CHECK(ours.err == theirs.err);
+    CHECK(ours.rc == theirs.rc);
+  };
+  const char* const kConvert[] = {
+      // unknown options, missing arguments: getopt's words, naming argv[optind - 1]
+      "--bogus src.raw x.img",
+      "-Z src.raw x.img",
+      "-qZ src.raw x.img",
+      "-Zq src.raw x.img",
+      "src.raw -Zq x.img",
+      "-O",
+      "src.raw x.img -O",
+      "-qO",
+      "--target-is-zero=1 -n src.raw x.img",
+      "--help=x",
+      "-Zh src.raw x.img",
+      // the first error in command-line order is the one reported
+      "-O qcow2 -o , -Z src.raw x.img",
+      "-Z -o , src.raw x.img",
+      "-m 17 -Z src.raw x.img",
+      "-Z -m 17 src.raw x.img",
+      "-S 1000 -O qcow2 src.raw x.img",
+      // operands ("--" ends the options; too few: below)
+      "-O qcow2 -B src.raw src.raw src.raw x.img",
+      "--target-is-zero -- src.raw -n",
+      "-O qcow2 src.raw -- -x.img",
+      "-O qcow2 -o cluster_size=3k -- src.raw x.img",
+      "src.raw x.img -O qcow2 -o cluster_size=3k",
+      // -o: lists accumulate, the last value wins, help anywhere
+      "-O qcow2 -o nosuch=1 src.raw x.img",
+      "-O qcow2 -o , src.raw x.img",
+      "-O qcow2 -o -x src.raw x.img",
+      "-O qcow2 -o cluster_size=4k -o cluster_size=3k src.raw x.img",
+      "-O qcow2 -o cluster_size=3k -o cluster_size=4k src.raw x.img",
+      "-O qcow2 -o backing_file=c,,d,backing_fmt=raw -n src.raw x.img",
+      "-O qcow2 -o help",
+      "-O qcow2 -o cluster_size=4k -o help src.raw x.img",
+      "-o help",
+      "-n -O qcow2 -o cluster_size=4k src.raw x.img",
+      // glued values and options
+      "-Oqcow2 -ocluster_size=3k src.raw x.img",
+      "-qpOqcow2 -ocluster_size=3k src.raw x.img",
+      "-O -- src.raw x.img",
+      "-c src.raw x.img",
+      // long options by an unambiguous prefix
+      "--force -O qcow2 -o , src.raw x.img",
+      "--image-o -f raw src.raw x.img",
+  };
+  for (const char* args : kConvert) same(std::string("convert ") + args);
+  // Too few operands: qemu-img's message, which ours follows with its usage hint.
+  for (const char* args : {"convert", "convert -O qcow2 src.raw"}) {
+    INFO("command: " << args);
+    auto [theirs, ours] = both(args);
+    CHECK(theirs.err == "qemu-img: Must specify image file name\n");
+    CHECK(ours.err == "dmcow-img: Must specify image file name\nTry 'dmcow-img --help' for more information\n");
+    CHECK(ours.out == theirs.out);
+    CHECK(ours.rc == theirs.rc);
+  }
+  const char* const kCreate[] = {
+      "--bogus y.img 1M",
+      "-Z y.img",
+      "-qZ y.img 1M",
+      "-Zq y.img",
+      "y.img -Zq 1M",
+      "-f",
+      "-qf",
+      "y.img 1M -f",
+      "--help=x",
+      "-Zh",
+      "-o , -Z y.img",
+      "-Z -o , y.img",
+      "",
+      "-u",
+      "-q --",
+      "-- --",
+      "y.img 1M 2M",
+      "-f qcow2 y.img 1M extra",
+      "-f qcow2 -- -y.img 1M",
+      "y.img 1M -f qcow2 -o cluster_size=3k",
+      "-u -b -x.img -F raw -f qcow2 y.img 1M",
+      "-u -b -x.img -f qcow2 y.img 1M",
+      "-f qcow2 -o nosuch=1 y.img 1M",
+      "-o , y.img 1M",
+      "-o x -o y -f qcow2 y.img 1M",
+      "-o size=1M -o size=2M -f qcow2 y.img",
+      "-f qcow2 -u -b a,,b -F raw -o backing_file=c,,d y.img 1M",
+      "-f qcow2 -u -o backing_file=c,,d -F raw y.img 1M",
+      "-f qcow2 -b y.img -o backing_file=z.img y.img 1M",
+      "-f qcow2 -o help",
+      "-o help,cluster_size=3 -f qcow2",
+      "-f qcow2 -o cluster_size=4k -o help",
+      "-fqcow2 -qocluster_size=4k y.img 1M",
+      "-fqcow2 -ocluster_size=3k y.img 1M",
+  };
+  for (const char* args : kCreate) same(std::string("create ") + args);
+  // Help (-h, --help, a prefix of it, or -h before an unknown option): exit 0
+  // with a usage text on stdout; the texts differ (qemu-img prints its whole help).
+  for (const char* args : {"convert -h", "convert --help", "convert --he", "convert -hZ", "create -h", "create --help",
+                           "create --h", "create -hZ y.img"}) {
+    INFO("command: " << args);
+    auto [theirs, ours] = both(args);
+    CHECK(theirs.rc == 0);
+    CHECK(ours.rc == 0);
+    CHECK(!ours.out.empty());
+    CHECK(ours.err.empty());
   }
 }

@@ -28,24 +28,10 @@ using nlohmann::json;
 
 namespace {
 
-const char kDmcowImg[] = DMCOW_IMG_PATH;
-
-struct Outcome {
-  int rc = -1;
-  std::string out, err;
-};
-
-std::string ReadText(const std::string& path) {
-  std::vector<uint8_t> b = ReadWholeFile(path);
-  return std::string(b.begin(), b.end());
-}
-
 // Two copies of one chain: qemu-img works on q, dmcow-img on d.
 class Sides {
  public:
-  Sides() {
-    MustRun("mkdir -p '" + q() + "' '" + d() + "' '" + logs() + "'");
-  }
+  Sides() { MustRun("mkdir -p '" + q() + "' '" + d() + "' '" + logs() + "'"); }
   std::string q() const { return tmp_ / "qemu"; }
   std::string d() const { return tmp_ / "ours"; }
   std::string logs() const { return tmp_ / "logs"; }
@@ -58,19 +44,15 @@ class Sides {
     }
   }
 
-  Outcome Exec(const std::string& dir, const std::string& command) {
-    Outcome r;
-    r.rc = Run("{ cd '" + dir + "' && " + command + " >'" + logs() + "/out' 2>'" + logs() + "/err'; }");
-    r.out = ReadText(logs() + "/out");
-    r.err = ReadText(logs() + "/err");
-    return r;
+  SplitResult Exec(const std::string& dir, const std::string& command) {
+    return dmcow_test::Exec(dir, logs(), command);
   }
 
   // qemu-img commit ARGS in q, dmcow-img commit ARGS in d (after `pre`, a
   // shell prefix such as "cd sub && "); same status and stdout.
-  Outcome Commit(const std::string& args, const std::string& pre = "") {
-    Outcome theirs = Exec(q(), pre + "qemu-img commit " + args);
-    Outcome ours = Exec(d(), pre + "'" + kDmcowImg + "' commit " + args);
+  SplitResult Commit(const std::string& args, const std::string& pre = "") {
+    SplitResult theirs = Exec(q(), pre + "qemu-img commit " + args);
+    SplitResult ours = Exec(d(), pre + "'" + kDmcowImg + "' commit " + args);
     INFO("args: " << args << "\nqemu-img: rc " << theirs.rc << " out [" << theirs.out << "] err [" << theirs.err
                   << "]\ndmcow-img: rc " << ours.rc << " out [" << ours.out << "] err [" << ours.err << "]");
     CHECK(ours.rc == theirs.rc);
@@ -140,7 +122,7 @@ class Sides {
 
 bool Skip() {
   if (HaveQemuImg()) return false;
-  WARN("qemu-img/qemu-io not installed: commit_test skipped");
+  NoteSkipped("qemu-img/qemu-io not installed");
   return true;
 }
 
@@ -175,8 +157,7 @@ const std::string kQemuIo = "qemu-io";
 TEST_CASE("commit: raw base <- qcow2") {
   if (Skip()) return;
   Sides s;
-  s.Build({"qemu-img create -q -f raw base.raw 8M",
-           "qemu-io -f raw -c 'write -P 0x11 0 8M' base.raw",
+  s.Build({"qemu-img create -q -f raw base.raw 8M", "qemu-io -f raw -c 'write -P 0x11 0 8M' base.raw",
            "qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2",
            "qemu-io -c 'write -z 1M 128k' -c 'write -z 3000 5000'" + Scatter(1, 8) + " top.qcow2"});
   s.Commit("top.qcow2");
@@ -198,7 +179,8 @@ TEST_CASE("commit: qcow2 base <- qcow2, v2 and v3, zero clusters, compressed bas
                "qemu-img create -q -f qcow2 " + o + " -b base.qcow2 -F qcow2 top.qcow2",
                // Zero clusters over data, over compressed clusters, and data over zeros.
                "qemu-io -c 'write -z 1M 256k' -c 'write -z 4M 128k' -c 'write -P 0x21 10M 64k'"
-               " -c 'write -z 8M 64k' -c 'discard 2M 64k'" + Scatter(2, 16) + " top.qcow2"});
+               " -c 'write -z 8M 64k' -c 'discard 2M 64k'" +
+                   Scatter(2, 16) + " top.qcow2"});
       s.Commit("top.qcow2");
       s.ExpectSame("base.qcow2");
       s.ExpectSame("top.qcow2");
@@ -216,12 +198,9 @@ TEST_CASE("commit: cluster sizes 512 B and 2 MiB, extended L2") {
     const char* top_opts;
   };
   const Shape shapes[] = {
-      {"cluster_size=512", "cluster_size=512"},
-      {"cluster_size=2M", "cluster_size=2M"},
-      {"cluster_size=2M", "cluster_size=512"},
-      {"cluster_size=512", "cluster_size=2M"},
-      {"extended_l2=on", "extended_l2=on"},
-      {"extended_l2=on,cluster_size=2M", "extended_l2=on,cluster_size=128k"},
+      {"cluster_size=512", "cluster_size=512"}, {"cluster_size=2M", "cluster_size=2M"},
+      {"cluster_size=2M", "cluster_size=512"},  {"cluster_size=512", "cluster_size=2M"},
+      {"extended_l2=on", "extended_l2=on"},     {"extended_l2=on,cluster_size=2M", "extended_l2=on,cluster_size=128k"},
   };
   int seed = 10;
   for (const Shape& sh : shapes) {
@@ -248,13 +227,12 @@ TEST_CASE("commit: cluster sizes 512 B and 2 MiB, extended L2") {
 
 TEST_CASE("commit: depth-3 chain, -b to the bottom, and the default (immediate backing)") {
   if (Skip()) return;
-  const std::vector<std::string> chain = {
-      "qemu-img create -q -f qcow2 base.qcow2 8M",
-      "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
-      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2",
-      kQemuIo + Scatter(20, 8) + " mid.qcow2",
-      "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2",
-      kQemuIo + Scatter(21, 8) + " top.qcow2"};
+  const std::vector<std::string> chain = {"qemu-img create -q -f qcow2 base.qcow2 8M",
+                                          "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
+                                          "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2",
+                                          kQemuIo + Scatter(20, 8) + " mid.qcow2",
+                                          "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2",
+                                          kQemuIo + Scatter(21, 8) + " top.qcow2"};
   SECTION("-b base.qcow2 (implies -d)") {
     Sides s;
     s.Build(chain);
@@ -297,10 +275,8 @@ TEST_CASE("commit: depth-3 chain, -b to the bottom, and the default (immediate b
 TEST_CASE("commit: -d leaves the top as it was") {
   if (Skip()) return;
   Sides s;
-  s.Build({"qemu-img create -q -f qcow2 base.qcow2 8M",
-           "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
-           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
-           kQemuIo + Scatter(30, 8) + " top.qcow2",
+  s.Build({"qemu-img create -q -f qcow2 base.qcow2 8M", "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
+           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2", kQemuIo + Scatter(30, 8) + " top.qcow2",
            "cp top.qcow2 top-before.qcow2"});
   s.Commit("-d top.qcow2");
   s.ExpectSame("base.qcow2");
@@ -328,8 +304,7 @@ TEST_CASE("commit: a shorter base is grown") {
   }
   SECTION("a shorter qcow2 base over a longer backing file: the grown range reads as zeros") {
     Sides s;
-    s.Build({"qemu-img create -q -f qcow2 bottom.qcow2 4M",
-             "qemu-io -c 'write -P 0x11 0 4M' bottom.qcow2",
+    s.Build({"qemu-img create -q -f qcow2 bottom.qcow2 4M", "qemu-io -c 'write -P 0x11 0 4M' bottom.qcow2",
              "qemu-img create -q -f qcow2 -b bottom.qcow2 -F qcow2 base.qcow2 1M",
              "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 4M",
              "qemu-io -c 'write -P 0x22 2M 512' top.qcow2"});
@@ -341,8 +316,7 @@ TEST_CASE("commit: a shorter base is grown") {
   }
   SECTION("raw base of an odd size") {
     Sides s;
-    s.Build({"qemu-img create -q -f raw base.raw 1000",
-             "qemu-io -f raw -c 'write -P 0x11 0 512' base.raw",
+    s.Build({"qemu-img create -q -f raw base.raw 1000", "qemu-io -f raw -c 'write -P 0x11 0 512' base.raw",
              "qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 3M",
              "qemu-io -c 'write -P 0x22 2M 512' -c 'write -P 0x23 256 1024' top.qcow2"});
     s.Commit("top.qcow2");
@@ -353,8 +327,7 @@ TEST_CASE("commit: a shorter base is grown") {
   }
   SECTION("an intermediate layer shorter than the top: zeros past its end are committed") {
     Sides s;
-    s.Build({"qemu-img create -q -f qcow2 base.qcow2 4M",
-             "qemu-io -c 'write -P 0x11 0 4M' base.qcow2",
+    s.Build({"qemu-img create -q -f qcow2 base.qcow2 4M", "qemu-io -c 'write -P 0x11 0 4M' base.qcow2",
              "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 2M",
              "qemu-io -c 'write -P 0x33 1M 100k' mid.qcow2",
              "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 4M",
@@ -368,12 +341,9 @@ TEST_CASE("commit: a shorter base is grown") {
 TEST_CASE("commit: an overlay with an internal snapshot") {
   if (Skip()) return;
   Sides s;
-  s.Build({"qemu-img create -q -f qcow2 base.qcow2 8M",
-           "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
-           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
-           kQemuIo + Scatter(40, 8) + " top.qcow2",
-           "qemu-img snapshot -c s1 top.qcow2",
-           kQemuIo + Scatter(41, 8) + " top.qcow2"});
+  s.Build({"qemu-img create -q -f qcow2 base.qcow2 8M", "qemu-io -c 'write -P 0x11 0 8M' base.qcow2",
+           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2", kQemuIo + Scatter(40, 8) + " top.qcow2",
+           "qemu-img snapshot -c s1 top.qcow2", kQemuIo + Scatter(41, 8) + " top.qcow2"});
   s.Commit("top.qcow2");
   s.ExpectSame("base.qcow2");
   s.ExpectSame("top.qcow2");
@@ -403,11 +373,11 @@ TEST_CASE("commit: -q, -p, -t, -f") {
     s.Build(chain);
     // qemu-img prints 0% once per poll of its job: the count varies, so only
     // the shape is compared.
-    Outcome theirs = s.Exec(s.q(), "qemu-img commit -p top.qcow2");
-    Outcome ours = s.Exec(s.d(), std::string("'") + kDmcowImg + "' commit -p top.qcow2");
+    SplitResult theirs = s.Exec(s.q(), "qemu-img commit -p top.qcow2");
+    SplitResult ours = s.Exec(s.d(), std::string("'") + kDmcowImg + "' commit -p top.qcow2");
     const std::string start = "    (0.00/100%)\r";
     const std::string end = "    (100.00/100%)\r\nImage committed.\n";
-    for (const Outcome* o : {&theirs, &ours}) {
+    for (const SplitResult* o : {&theirs, &ours}) {
       INFO("output [" << o->out << "]");
       CHECK(o->rc == 0);
       CHECK(o->out.rfind(start, 0) == 0);
@@ -421,17 +391,15 @@ TEST_CASE("commit: -q, -p, -t, -f") {
 TEST_CASE("commit: errors") {
   if (Skip()) return;
   Sides s;
-  s.Build({"qemu-img create -q -f qcow2 alone.qcow2 1M",
-           "qemu-img create -q -f qcow2 base.qcow2 1M",
-           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
-           "qemu-img create -q -f qcow2 other.qcow2 1M",
+  s.Build({"qemu-img create -q -f qcow2 alone.qcow2 1M", "qemu-img create -q -f qcow2 base.qcow2 1M",
+           "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2", "qemu-img create -q -f qcow2 other.qcow2 1M",
            "qemu-io -c 'write -P 0x22 0 64k' top.qcow2"});
-  for (const char* args : {"alone.qcow2", "-p alone.qcow2", "-b other.qcow2 top.qcow2", "-b top.qcow2 top.qcow2",
-                           "-b nonexistent top.qcow2", "-p -b nope top.qcow2", "nonexistent.qcow2",
-                           "-p nonexistent.qcow2", "-f raw top.qcow2", "-t bogus top.qcow2", "-r abc top.qcow2",
-                           "", "top.qcow2 alone.qcow2"}) {
+  for (const char* args :
+       {"alone.qcow2", "-p alone.qcow2", "-b other.qcow2 top.qcow2", "-b top.qcow2 top.qcow2",
+        "-b nonexistent top.qcow2", "-p -b nope top.qcow2", "nonexistent.qcow2", "-p nonexistent.qcow2",
+        "-f raw top.qcow2", "-t bogus top.qcow2", "-r abc top.qcow2", "", "top.qcow2 alone.qcow2"}) {
     DYNAMIC_SECTION("commit " << args) {
-      Outcome o = s.Commit(args);
+      SplitResult o = s.Commit(args);
       CHECK(o.rc == 1);
     }
   }
@@ -468,7 +436,8 @@ TEST_CASE("commit: qcow (v1) layers") {
   SECTION("committing into a qcow base") {
     Sides s;
     s.Build({"qemu-img create -q -f qcow base.qcow 4M", "qemu-io -c 'write -P 0x11 0 4M' base.qcow",
-             "qemu-img create -q -f qcow2 -b base.qcow -F qcow top.qcow2", "qemu-io -c 'write -P 0x22 0 64k' top.qcow2"});
+             "qemu-img create -q -f qcow2 -b base.qcow -F qcow top.qcow2",
+             "qemu-io -c 'write -P 0x22 0 64k' top.qcow2"});
     s.Commit("top.qcow2");
     s.ExpectSame("base.qcow");
     s.ExpectSame("top.qcow2");

@@ -16,10 +16,6 @@ using namespace dmcow_test;
 
 namespace {
 
-const char kDmcowImg[] = DMCOW_IMG_PATH;
-
-std::string Ours() { return std::string("'") + kDmcowImg + "'"; }
-
 // Sources made once: raw files with data, zero runs and all-zero clusters
 // inside data; a qcow2 chain with zero clusters and discards; a compressed
 // qcow2; a qcow2 with an internal snapshot.
@@ -52,23 +48,26 @@ class Sources {
     const std::string d = "cd '" + dir_.path() + "' && ";
     MustRun(d + "qemu-img convert -O qcow2 src.raw base.qcow2");
     MustRun(d + "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2");
-    MustRun(d + "qemu-io -c 'write -P 0x5a 1M 300k' -c 'write -z 6M 1M' -c 'discard 9M 128k' "
-                "-c 'write -P 0x11 20M 64k' -c 'write -z 23M 64k' top.qcow2 >/dev/null");
+    MustRun(d +
+            "qemu-io -c 'write -P 0x5a 1M 300k' -c 'write -z 6M 1M' -c 'discard 9M 128k' "
+            "-c 'write -P 0x11 20M 64k' -c 'write -z 23M 64k' top.qcow2 >/dev/null");
     MustRun(d + "qemu-img convert -c -O qcow2 src.raw comp.qcow2");
-    MustRun(d + "cp base.qcow2 snap.qcow2 && qemu-img snapshot -c first snap.qcow2 && "
-                "qemu-io -c 'write -P 0x77 0 2M' snap.qcow2 >/dev/null");
+    MustRun(d +
+            "cp base.qcow2 snap.qcow2 && qemu-img snapshot -c first snap.qcow2 && "
+            "qemu-io -c 'write -P 0x77 0 2M' snap.qcow2 >/dev/null");
   }
   TempDir dir_;
 };
 
-int Exec(const std::string& command, std::string* out = nullptr) {
+// Runs `command` in the sources' directory (see Run).
+int InSources(const std::string& command, std::string* out = nullptr) {
   return Run("cd '" + Sources::Get().dir() + "' && " + command, out);
 }
 
 // Bytes qemu-img map reports as data (allocated in the top layer).
 uint64_t DataBytes(const std::string& image) {
   std::string out;
-  if (Exec("qemu-img map --output=json '" + image + "' 2>/dev/null", &out) != 0) return UINT64_MAX;
+  if (InSources("qemu-img map --output=json '" + image + "' 2>/dev/null", &out) != 0) return UINT64_MAX;
   uint64_t total = 0;
   for (const auto& e : nlohmann::json::parse(out)) {
     if (e["data"].get<bool>() && e["depth"].get<int>() == 0) total += e["length"].get<uint64_t>();
@@ -80,7 +79,7 @@ uint64_t FileSize(const std::string& path) { return ReadWholeFile(path).size(); 
 
 void ExpectClean(const std::string& image) {
   std::string out;
-  const int rc = Exec("qemu-img check '" + image + "' 2>&1", &out);
+  const int rc = InSources("qemu-img check '" + image + "' 2>&1", &out);
   INFO(out);
   CHECK(rc == 0);
 }
@@ -90,19 +89,19 @@ void ConvertBoth(const std::string& args, const std::string& srcs, bool compare_
   INFO("convert " << args << " " << srcs);
   const Sources& s = Sources::Get();
   std::string out;
-  REQUIRE(Exec("rm -f theirs.img ours.img ours2.img && qemu-img convert " + args + " " + srcs + " theirs.img 2>&1",
-               &out) == 0);
+  REQUIRE(InSources("rm -f theirs.img ours.img ours2.img && qemu-img convert " + args + " " + srcs + " theirs.img 2>&1",
+                    &out) == 0);
   INFO(out);
-  REQUIRE(Exec(Ours() + " convert " + args + " " + srcs + " ours.img 2>&1", &out) == 0);
+  REQUIRE(InSources(Ours() + " convert " + args + " " + srcs + " ours.img 2>&1", &out) == 0);
   if (args.find("-O qcow2") != std::string::npos) ExpectClean(s / "ours.img");
-  CHECK(Exec("qemu-img compare -q theirs.img ours.img") == 0);
+  CHECK(InSources("qemu-img compare -q theirs.img ours.img") == 0);
   // Reproducible, whatever the thread count.
-  REQUIRE(Exec(Ours() + " convert -m 1 " + args + " " + srcs + " ours2.img 2>&1", &out) == 0);
-  CHECK(Exec("cmp ours.img ours2.img") == 0);
+  REQUIRE(InSources(Ours() + " convert -m 1 " + args + " " + srcs + " ours2.img 2>&1", &out) == 0);
+  CHECK(InSources("cmp ours.img ours2.img") == 0);
   if (compare_allocation && DataBytes(s / "ours.img") > DataBytes(s / "theirs.img")) {
     std::string ours_map, theirs_map;
-    Exec("qemu-img map ours.img", &ours_map);
-    Exec("qemu-img map theirs.img", &theirs_map);
+    InSources("qemu-img map ours.img", &ours_map);
+    InSources("qemu-img map theirs.img", &theirs_map);
     FAIL_CHECK("more allocated than qemu-img's output\nours:\n" << ours_map << "theirs:\n" << theirs_map);
   }
 }
@@ -110,10 +109,7 @@ void ConvertBoth(const std::string& args, const std::string& srcs, bool compare_
 }  // namespace
 
 TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   const std::vector<std::string> shapes = {
       "-O qcow2",
       "-O qcow2 -o compat=0.10",
@@ -130,8 +126,8 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
       "-O qcow",
   };
   for (const std::string& shape : shapes) {
-    ConvertBoth(shape, "src.raw", shape.find("preallocation") == std::string::npos &&
-                                      shape.find("data_file") == std::string::npos);
+    ConvertBoth(shape, "src.raw",
+                shape.find("preallocation") == std::string::npos && shape.find("data_file") == std::string::npos);
   }
   // Subclusters: qemu-img leaves all-zero subclusters unallocated, we
   // allocate whole clusters: same content, more allocated.
@@ -148,14 +144,14 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
 }
 
 TEST_CASE("convert -c stores compressed clusters QEMU reads", "[convert]") {
-  if (!HaveQemuImg()) return;
+  SKIP_WITHOUT_QEMU();
   const Sources& s = Sources::Get();
-  for (std::string shape : {"-c -O qcow2", "-c -O qcow2 -o compression_type=zstd",
-                                   "-c -O qcow2 -o cluster_size=4k", "-c -O qcow2 -o cluster_size=512",
-                                   "-c -O qcow2 -o extended_l2=on", "-c -O qcow2 -o refcount_bits=1"}) {
+  for (std::string shape :
+       {"-c -O qcow2", "-c -O qcow2 -o compression_type=zstd", "-c -O qcow2 -o cluster_size=4k",
+        "-c -O qcow2 -o cluster_size=512", "-c -O qcow2 -o extended_l2=on", "-c -O qcow2 -o refcount_bits=1"}) {
     ConvertBoth(shape, "src.raw", false);
     std::string check;
-    REQUIRE(Exec("qemu-img check --output=json ours.img", &check) == 0);
+    REQUIRE(InSources("qemu-img check --output=json ours.img", &check) == 0);
     CHECK(nlohmann::json::parse(check).value("compressed-clusters", 0) > 100);
   }
   // qcow v1: qemu-img 7.2 exits 1 after `convert -c -O qcow` (its last,
@@ -163,10 +159,10 @@ TEST_CASE("convert -c stores compressed clusters QEMU reads", "[convert]") {
   // is compared with the source directly.
   for (std::string shape : {"-c -O qcow", "-c -O qcow -o compression_level=1"}) {
     INFO(shape);
-    REQUIRE(Exec("rm -f ours.img ours2.img && " + Ours() + " convert " + shape + " src.raw ours.img") == 0);
-    CHECK(Exec("qemu-img compare -q src.raw ours.img") == 0);
-    REQUIRE(Exec(Ours() + " convert -m 1 " + shape + " src.raw ours2.img") == 0);
-    CHECK(Exec("cmp ours.img ours2.img") == 0);
+    REQUIRE(InSources("rm -f ours.img ours2.img && " + Ours() + " convert " + shape + " src.raw ours.img") == 0);
+    CHECK(InSources("qemu-img compare -q src.raw ours.img") == 0);
+    REQUIRE(InSources(Ours() + " convert -m 1 " + shape + " src.raw ours2.img") == 0);
+    CHECK(InSources("cmp ours.img ours2.img") == 0);
     CHECK(FileSize(s / "ours.img") < FileSize(s / "src.raw") * 3 / 4);
   }
   // At QEMU's settings the output is as small as qemu-img's (within 1%).
@@ -174,51 +170,55 @@ TEST_CASE("convert -c stores compressed clusters QEMU reads", "[convert]") {
   CHECK(FileSize(s / "ours.img") <= FileSize(s / "theirs.img") * 101 / 100);
   // Other levels: igzip at 1-3, zlib above; QEMU reads them all.
   for (std::string level : {"1", "3", "9"}) {
-    REQUIRE(Exec(Ours() + " convert -c -O qcow2 -o compression_level=" + level + " src.raw ours.img") == 0);
+    REQUIRE(InSources(Ours() + " convert -c -O qcow2 -o compression_level=" + level + " src.raw ours.img") == 0);
     ExpectClean(s / "ours.img");
-    CHECK(Exec("qemu-img compare -q src.raw ours.img") == 0);
+    CHECK(InSources("qemu-img compare -q src.raw ours.img") == 0);
   }
 }
 
 TEST_CASE("convert -B, -n and --target-is-zero", "[convert]") {
-  if (!HaveQemuImg()) return;
+  SKIP_WITHOUT_QEMU();
   const Sources& s = Sources::Get();
   // -B: only the top layer is copied; the rest is left to the new backing.
   ConvertBoth("-O qcow2 -B base.qcow2 -F qcow2", "top.qcow2");
   CHECK(DataBytes(s / "ours.img") < (2u << 20));
-  CHECK(Exec("qemu-img compare -q top.qcow2 ours.img") == 0);
+  CHECK(InSources("qemu-img compare -q top.qcow2 ours.img") == 0);
 
   // -n into an existing image full of other data: every byte is replaced.
-  REQUIRE(Exec("rm -f ours.img && qemu-img create -q -f qcow2 ours.img 25167360 && "
-               "qemu-io -c 'write -P 0xee 0 25167360' ours.img >/dev/null") == 0);
-  REQUIRE(Exec(Ours() + " convert -n -O qcow2 top.qcow2 ours.img") == 0);
+  REQUIRE(InSources("rm -f ours.img && qemu-img create -q -f qcow2 ours.img 25167360 && "
+                    "qemu-io -c 'write -P 0xee 0 25167360' ours.img >/dev/null") == 0);
+  REQUIRE(InSources(Ours() + " convert -n -O qcow2 top.qcow2 ours.img") == 0);
   ExpectClean(s / "ours.img");
-  CHECK(Exec("qemu-img compare -q top.qcow2 ours.img") == 0);
+  CHECK(InSources("qemu-img compare -q top.qcow2 ours.img") == 0);
   // --target-is-zero on a fresh target: zero ranges need no writes.
-  REQUIRE(Exec("rm -f ours.img && qemu-img create -q -f qcow2 ours.img 25167360") == 0);
-  REQUIRE(Exec(Ours() + " convert -n --target-is-zero -O qcow2 src.raw ours.img") == 0);
+  REQUIRE(InSources("rm -f ours.img && qemu-img create -q -f qcow2 ours.img 25167360") == 0);
+  REQUIRE(InSources(Ours() + " convert -n --target-is-zero -O qcow2 src.raw ours.img") == 0);
   ExpectClean(s / "ours.img");
-  CHECK(Exec("qemu-img compare -q src.raw ours.img") == 0);
+  CHECK(InSources("qemu-img compare -q src.raw ours.img") == 0);
 }
 
 TEST_CASE("convert -p shows progress and bad command lines fail as in qemu-img", "[convert]") {
-  if (!HaveQemuImg()) return;
+  SKIP_WITHOUT_QEMU();
   std::string out;
-  REQUIRE(Exec(Ours() + " convert -p -O qcow2 src.raw ours.img", &out) == 0);
+  REQUIRE(InSources(Ours() + " convert -p -O qcow2 src.raw ours.img", &out) == 0);
   CHECK(out.find("(100.00/100%)") != std::string::npos);
   const std::vector<std::string> bad = {
-      "-c -O raw src.raw x.img",        "-m 17 -O qcow2 src.raw x.img",
-      "-S 1000 -O qcow2 src.raw x.img", "--target-is-zero -O qcow2 src.raw x.img",
-      "-O qcow2 missing.raw x.img",     "-O qcow2 -B base.qcow2 top.qcow2 x.img",
-      "-O qcow2 src.raw",               "-O qcow2 -o cluster_size=3k src.raw x.img",
+      "-c -O raw src.raw x.img",
+      "-m 17 -O qcow2 src.raw x.img",
+      "-S 1000 -O qcow2 src.raw x.img",
+      "--target-is-zero -O qcow2 src.raw x.img",
+      "-O qcow2 missing.raw x.img",
+      "-O qcow2 -B base.qcow2 top.qcow2 x.img",
+      "-O qcow2 src.raw",
+      "-O qcow2 -o cluster_size=3k src.raw x.img",
       "-O qcow2 -o nosuch=1 src.raw x.img",
   };
   for (const std::string& args : bad) {
     INFO(args);
-    const int theirs = Exec("rm -f x.img; qemu-img convert " + args + " >/dev/null 2>&1");
-    const int ours = Exec("rm -f x.img; " + Ours() + " convert " + args + " >/dev/null 2>&1");
+    const int theirs = InSources("rm -f x.img; qemu-img convert " + args + " >/dev/null 2>&1");
+    const int ours = InSources("rm -f x.img; " + Ours() + " convert " + args + " >/dev/null 2>&1");
     CHECK(theirs != 0);
     CHECK(ours == theirs);
   }
-  CHECK(Exec(Ours() + " convert -c -o compression_level=10 -O qcow2 src.raw x.img 2>/dev/null") == 1);
+  CHECK(InSources(Ours() + " convert -c -o compression_level=10 -O qcow2 src.raw x.img 2>/dev/null") == 1);
 }

@@ -2,7 +2,7 @@
 // block, a larger refcount table, new L2 tables and a larger L1 table, for
 // every refcount width, with 512-byte clusters so that each boundary comes
 // after a few dozen clusters. Rules (1)-(8) at the top of
-// qcow/src/qcow2_write.cc, checked at EVERY crash point (no sample) of each
+// qcow/src/qcow2/qcow2_write.cc, checked at EVERY crash point (no sample) of each
 // workload: the power fails after the k-th write, truncation or sync, and
 // each state CrashEnv::CrashStates lists (nothing, everything, each pending
 // change dropped alone, applied alone or torn, random mixes) is judged by
@@ -15,8 +15,8 @@
 // and 64, the table growth and the L1 growth, and 24 points of each other
 // width, with 2 random mixes per point; its sanitizer pass samples
 // DMCOW_CRASH_SAMPLE points per workload.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -144,12 +144,8 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, uint64_t size, con
 
 }  // namespace
 
-TEST_CASE("every crash point where metadata grows leaves no corruption and loses no flushed write",
-          "[qemu][crash]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+TEST_CASE("every crash point where metadata grows leaves no corruption and loses no flushed write", "[qemu][crash]") {
+  SKIP_WITHOUT_QEMU();
   const uint64_t random_subsets = EnvNumber("DMCOW_CRASH_RANDOM", 2);
   const bool full = EnvNumber("DMCOW_CRASH_FULL", 0) != 0;
   const uint64_t forced_sample = EnvNumber("DMCOW_CRASH_SAMPLE", 0);
@@ -178,8 +174,8 @@ TEST_CASE("every crash point where metadata grows leaves no corruption and loses
         points++;
         const std::string pending = env.DescribePending(path);
         for (CrashEnv::State& state : env.CrashStates(path, k * 7919 + 1, static_cast<int>(random_subsets))) {
-          INFO(w.name << ": crash after " << k << " of " << total << " writes/truncations/syncs; state: "
-                      << state.label << "; pending:\n"
+          INFO(w.name << ": crash after " << k << " of " << total << " writes/truncations/syncs; state: " << state.label
+                      << "; pending:\n"
                       << pending);
           states++;
           const std::string verdict = verdicts.Judge(state.bytes);

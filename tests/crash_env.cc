@@ -86,8 +86,8 @@ class CrashFile final : public dmcow::File {
 
 Status CrashEnv::FaultFor(uint64_t op, const std::string& name, bool grows) const {
   if (op == fault_at_) {
-    return Status::IOError(name + (fault_ == Fault::kEio ? ": Input/output error (injected)"
-                                                         : ": No space left on device (injected)"));
+    return Status::IOError(
+        name + (fault_ == Fault::kEio ? ": Input/output error (injected)" : ": No space left on device (injected)"));
   }
   if (fault_ == Fault::kEnospc && op > fault_at_ && grows) {
     return Status::IOError(name + ": No space left on device (injected)");

@@ -1,12 +1,12 @@
 // Crash simulation for the write path: the ordering rules at the top of
-// qcow/src/qcow2_write.cc, checked. For seeded operation sequences, the
+// qcow/src/qcow2/qcow2_write.cc, checked. For seeded operation sequences, the
 // power fails after the k-th write or sync, for every k (or a dense sample),
 // and the surviving disk is assembled with unsynced writes applied, dropped
 // or torn. The real qemu-img check must then find no corruption (leaks are
 // allowed), and every byte not written since the last completed flush must
 // hold its flushed value.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -92,7 +92,9 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, const std::vector<
   }
   for (const Op& op : ops) {
     Status s;
-    auto touch = [&](uint64_t from, uint64_t to) { std::fill(out.touched.begin() + from, out.touched.begin() + to, true); };
+    auto touch = [&](uint64_t from, uint64_t to) {
+      std::fill(out.touched.begin() + from, out.touched.begin() + to, true);
+    };
     if (op.kind == 0) {
       std::mt19937_64 rng(op.seed);
       std::vector<uint8_t> data(op.length);
@@ -123,7 +125,8 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, const std::vector<
     } else if (op.kind == 2) {
       touch(op.offset, op.offset + op.length);
       s = image->Discard(op.offset, op.length);
-      uint64_t first = (op.offset + cluster - 1) / cluster * cluster, last = (op.offset + op.length) / cluster * cluster;
+      uint64_t first = (op.offset + cluster - 1) / cluster * cluster,
+               last = (op.offset + op.length) / cluster * cluster;
       if (zero_representable && first < last) std::memset(current.data() + first, 0, last - first);
     } else {
       s = image->Flush();
@@ -144,10 +147,7 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, const std::vector<
 }  // namespace
 
 TEST_CASE("a crash at any point leaves no corruption and loses no flushed write", "[qemu][crash]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   struct Shape {
     const char* name;
     const char* options;
@@ -173,16 +173,18 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
                  " && qemu-io -c 'write -P 5 0 " + std::to_string(shape.size / 2) + "' base.qcow2 >/dev/null && " +
                  "qemu-img create -q -f qcow2 -o " + shape.options + " -b base.qcow2 -F qcow2 img.qcow2";
       } else {
-        setup += "qemu-img create -q -f qcow2 -o " + std::string(shape.options) + " img.qcow2 " +
-                 std::to_string(shape.size);
+        setup +=
+            "qemu-img create -q -f qcow2 -o " + std::string(shape.options) + " img.qcow2 " + std::to_string(shape.size);
       }
       MustRun(setup);
       MustRun("cd '" + dir.path() + "' && qemu-img convert -O raw img.qcow2 initial.raw");
       const std::vector<uint8_t> image_bytes = ReadWholeFile(dir / "img.qcow2");
-      const std::vector<uint8_t> base_bytes = shape.backing ? ReadWholeFile(dir / "base.qcow2") : std::vector<uint8_t>();
+      const std::vector<uint8_t> base_bytes =
+          shape.backing ? ReadWholeFile(dir / "base.qcow2") : std::vector<uint8_t>();
       const std::vector<uint8_t> initial = ReadWholeFile(dir / "initial.raw");
       const std::string path = dir / "img.qcow2";
-      const bool zero_representable = std::string(shape.options).find("compat=0.10") == std::string::npos || !shape.backing;
+      const bool zero_representable =
+          std::string(shape.options).find("compat=0.10") == std::string::npos || !shape.backing;
 
       for (uint64_t seed = 1; seed <= 4; seed++) {
         const std::vector<Op> ops = MakeOps(seed * 77 + shape.size, shape.size, shape.cluster, 30);
@@ -205,7 +207,8 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
             INFO(shape.name << " seed " << seed << " crash after " << k << " of " << total
                             << " writes/syncs; state: " << state.label);
             std::string out;
-            if (Run("qemu-img info --output=json '" + dir / "crashed.qcow2" + "' | grep -q '\"dirty-flag\": true'") == 0) {
+            if (Run("qemu-img info --output=json '" + dir / "crashed.qcow2" + "' | grep -q '\"dirty-flag\": true'") ==
+                0) {
               REQUIRE(std::string(shape.options).find("lazy_refcounts=on") != std::string::npos);
               lazy_repairs++;
               // A writable open repairs it, as QEMU's does.
@@ -245,15 +248,12 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
   CHECK(checked > 0);
 }
 
-// qcow v1 (ordering rules at the top of qcow/src/qcow1_write.cc). qemu-img
+// qcow v1 (ordering rules at the top of qcow/src/qcow1/qcow1_write.cc). qemu-img
 // check does not support qcow, so QEMU's verdict is that it can open and
 // read the whole crashed image (convert -O raw); that read must hold every
 // flushed byte, and the engine must read exactly what QEMU reads.
 TEST_CASE("qcow v1: a crash at any point loses no flushed write and QEMU still reads the image", "[qemu][crash]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   struct Shape {
     const char* name;
     const char* setup;  // run in the temp dir; makes img.qcow (and base.qcow)
@@ -304,7 +304,8 @@ TEST_CASE("qcow v1: a crash at any point loses no flushed write and QEMU still r
           WriteWholeFile(dir / "crashed.qcow", env.CrashedContent(path, rng));
           INFO(shape.name << " seed " << seed << " crash after " << k << " of " << total << " writes/syncs");
           std::string out;
-          int rc = Run("cd '" + dir.path() + "' && rm -f crashed.raw && qemu-img convert -f qcow -O raw crashed.qcow crashed.raw",
+          int rc = Run("cd '" + dir.path() +
+                           "' && rm -f crashed.raw && qemu-img convert -f qcow -O raw crashed.qcow crashed.raw",
                        &out);
           INFO("qemu-img convert: " << out);
           REQUIRE(rc == 0);

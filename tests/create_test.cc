@@ -31,27 +31,6 @@ using nlohmann::json;
 
 namespace {
 
-const char kDmcowImg[] = DMCOW_IMG_PATH;
-
-struct Outcome {
-  int rc = -1;
-  std::string out, err;
-};
-
-std::string ReadText(const std::string& path) {
-  std::vector<uint8_t> b = ReadWholeFile(path);
-  return std::string(b.begin(), b.end());
-}
-
-// Runs `command` in `dir`, stdout and stderr kept apart (in `logs`).
-Outcome Exec(const std::string& dir, const std::string& logs, const std::string& command) {
-  Outcome r;
-  r.rc = Run("{ cd '" + dir + "' && " + command + " >'" + logs + "/out' 2>'" + logs + "/err'; }");
-  r.out = ReadText(logs + "/out");
-  r.err = ReadText(logs + "/err");
-  return r;
-}
-
 std::vector<std::string> ListFiles(const std::string& dir) {
   std::string out;
   Run("ls -1 '" + dir + "'", &out);
@@ -86,7 +65,7 @@ const char* const kBackingScript[] = {
 };
 
 struct Case {
-  const char* args;           // after "create"; the image is always "img"
+  const char* args;              // after "create"; the image is always "img"
   bool backing_missing = false;  // -u with a backing file that does not exist
 };
 
@@ -184,7 +163,6 @@ void CheckContent(dmcow::Image* image, dmcow::Image* backing, uint64_t offset, u
   CHECK(got == want);
 }
 
-
 }  // namespace
 
 TEST_CASE("create matches qemu-img create byte for byte", "[create]") {
@@ -194,8 +172,8 @@ TEST_CASE("create matches qemu-img create byte for byte", "[create]") {
   for (const Case& c : kCases) {
     fx.Clean();
     INFO("create " << c.args);
-    Outcome theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + c.args);
-    Outcome mine = Exec(fx.o(), fx.logs(), ours + " create " + c.args);
+    SplitResult theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + c.args);
+    SplitResult mine = Exec(fx.o(), fx.logs(), ours + " create " + c.args);
     REQUIRE(theirs.rc == 0);
     CHECK(mine.rc == 0);
     CHECK(mine.out == theirs.out);
@@ -262,12 +240,12 @@ TEST_CASE("create refuses bad options as qemu-img does", "[create]") {
   CreateFixture fx;
   const std::string ours = std::string("'") + kDmcowImg + "'";
   const char* const kBad[] = {
-      "-f qcow2 img",                                      // no size, no backing
-      "-f qcow2 -b base.qcow2 img",                        // backing without format
-      "-f qcow2 -u -b missing.qcow2 img 1M",               // same, not opened
-      "-f qcow2 -u -b missing.qcow2 -F qcow2 img",         // -u and no size
-      "-f qcow2 -b missing.qcow2 -F qcow2 img 1M",         // backing does not exist
-      "-f qcow2 -b img -F qcow2 img",                      // backing is the image
+      "-f qcow2 img",                               // no size, no backing
+      "-f qcow2 -b base.qcow2 img",                 // backing without format
+      "-f qcow2 -u -b missing.qcow2 img 1M",        // same, not opened
+      "-f qcow2 -u -b missing.qcow2 -F qcow2 img",  // -u and no size
+      "-f qcow2 -b missing.qcow2 -F qcow2 img 1M",  // backing does not exist
+      "-f qcow2 -b img -F qcow2 img",               // backing is the image
       "-f qcow2 -b '' -F raw img 1M",
       "-f qcow2 -o foo=bar img 1M",
       "-f qcow2 -o cluster_size=3000 img 1M",
@@ -312,8 +290,8 @@ TEST_CASE("create refuses bad options as qemu-img does", "[create]") {
   for (const char* args : kBad) {
     fx.Clean();
     INFO("create " << args);
-    Outcome theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + args);
-    Outcome mine = Exec(fx.o(), fx.logs(), ours + " create " + args);
+    SplitResult theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + args);
+    SplitResult mine = Exec(fx.o(), fx.logs(), ours + " create " + args);
     CHECK(theirs.rc == 1);
     CHECK(mine.rc == 1);
     CHECK(mine.out == theirs.out);  // the "Formatting" line when qemu-img prints it too
@@ -340,8 +318,8 @@ TEST_CASE("create -o help lists qemu-img's options", "[create]") {
   for (const char* args : {"-o help", "-f qcow2 -o help", "-f qcow -o help", "-f raw -o help img",
                            "-f qcow2 -o '?' img", "-f qcow -o help img", "-f qcow2 -o cluster_size=4k,help"}) {
     INFO("create " << args);
-    Outcome theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + args);
-    Outcome mine = Exec(fx.o(), fx.logs(), ours + " create " + args);
+    SplitResult theirs = Exec(fx.q(), fx.logs(), std::string("qemu-img create ") + args);
+    SplitResult mine = Exec(fx.o(), fx.logs(), ours + " create " + args);
     CHECK(mine.rc == theirs.rc);
     CHECK(mine.out == theirs.out);
   }

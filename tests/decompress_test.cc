@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "../qcow/src/decompress.h"
+#include "image/decompress.h"
 #include "test_util.h"
 
 using namespace dmcow;

@@ -1,12 +1,12 @@
-// Filling reserved clusters for the block-device calls (Image::FillClusters)
+// Filling reserved clusters for the block-device calls (DeviceImage::FillClusters)
 // when the guest content reads zeros: the clusters are zeroed by
 // File::WriteZeroes, a fallocate where the file system has one, never
 // left holding what the host bytes held before. Also File::WriteZeroes itself
 // on a POSIX file and through the default (written zeros) path.
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstring>
 
 #include "dmcow/env.h"
@@ -98,10 +98,7 @@ TEST_CASE("File::WriteZeroes: zeros in range, neighbours kept, no data written, 
 }
 
 TEST_CASE("FillClusters: clusters reading zeros are zeroed without a copy, the rest copied", "[qemu][device]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   const std::string base = dir / "base.raw", img = dir / "img.qcow2", top = dir / "top.qcow2";
   // img: guest cluster 1 a zero cluster, 2 data (0x5a), the rest unallocated, no backing.
@@ -115,9 +112,9 @@ TEST_CASE("FillClusters: clusters reading zeros are zeroed without a copy, the r
     AppendGarbage(img, 8 * kCluster);
     std::unique_ptr<Image> image = MustOpenWritable(img);
     uint64_t host = 0;
-    REQUIRE(image->ReserveClusters(3, &host).ok());
+    REQUIRE(Device(image)->ReserveClusters(3, &host).ok());
     // Guest clusters 0 (unallocated), 1 (zero), 2 (data) into fresh host clusters.
-    REQUIRE(image->FillClusters(0, 3, host).ok());
+    REQUIRE(Device(image)->FillClusters(0, 3, host).ok());
     std::unique_ptr<File> f;
     REQUIRE(Env::Default()->OpenFile(img, OpenMode::kReadOnly, &f).ok());
     const bool holes = IsHole(f.get(), host, 2 * kCluster);
@@ -128,22 +125,23 @@ TEST_CASE("FillClusters: clusters reading zeros are zeroed without a copy, the r
     CHECK(AllBytes(raw, host + 2 * kCluster, kCluster, 0x5a));
     if (ZeroesWithoutWriting(dir.path())) CHECK(holes);  // zeroed by fallocate, not written
     // Linked, the image is what QEMU expects: same content, clean.
-    REQUIRE(image->LinkClusters(0, 3, host).ok());
+    REQUIRE(Device(image)->LinkClusters(0, 3, host).ok());
     REQUIRE(image->Flush().ok());
     image.reset();
     MustRun("qemu-img check -q '" + img + "'");
-    MustRun("qemu-io -c 'read -P 0 0 128k' -c 'read -P 0x5a 128k 64k' -c 'read -P 0 192k 832k' '" + img + "' >/dev/null");
+    MustRun("qemu-io -c 'read -P 0 0 128k' -c 'read -P 0x5a 128k 64k' -c 'read -P 0 192k 832k' '" + img +
+            "' >/dev/null");
   }
 
   SECTION("over a backing file: unallocated clusters are copied from it") {
     AppendGarbage(top, 4 * kCluster);
     std::unique_ptr<Image> image = MustOpenWritable(top);
     uint64_t host = 0;
-    REQUIRE(image->ReserveClusters(1, &host).ok());
-    REQUIRE(image->FillClusters(3, 1, host).ok());
+    REQUIRE(Device(image)->ReserveClusters(1, &host).ok());
+    REQUIRE(Device(image)->FillClusters(3, 1, host).ok());
     std::vector<uint8_t> raw = ReadWholeFile(top);
     CHECK(AllBytes(raw, host, kCluster, 0x33));
-    REQUIRE(image->LinkClusters(3, 1, host).ok());
+    REQUIRE(Device(image)->LinkClusters(3, 1, host).ok());
     REQUIRE(image->Flush().ok());
     image.reset();
     MustRun("qemu-img check -q '" + top + "'");
@@ -152,22 +150,19 @@ TEST_CASE("FillClusters: clusters reading zeros are zeroed without a copy, the r
 }
 
 TEST_CASE("DescribeCluster: data clusters past the end of the file are not mapped in place", "[qemu][device]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   const std::string img = dir / "cut.qcow2";
   MustRun("qemu-img create -q -f qcow2 '" + img + "' 1M");
   MustRun("qemu-io -c 'write -P 0x77 0 64k' -c 'write -P 0x78 64k 64k' '" + img + "' >/dev/null");
-  Image::ClusterPlace second;
+  DeviceImage::ClusterPlace second;
   {
     std::unique_ptr<Image> image = MustOpenWritable(img);
-    Image::ClusterPlace p;
-    REQUIRE(image->DescribeCluster(0, &p).ok());
+    DeviceImage::ClusterPlace p;
+    REQUIRE(Device(image)->DescribeCluster(0, &p).ok());
     REQUIRE(p.state == ClusterState::kData);
     CHECK(p.exclusive);
-    REQUIRE(image->DescribeCluster(1, &second).ok());
+    REQUIRE(Device(image)->DescribeCluster(1, &second).ok());
   }
   // The file cut in the middle of guest cluster 1's data (a torn copy): it
   // reads as zeros past the end, as in QEMU, which no linear mapping onto the
@@ -178,12 +173,12 @@ TEST_CASE("DescribeCluster: data clusters past the end of the file are not mappe
     options.writable = writable;
     std::unique_ptr<Image> image;
     REQUIRE(OpenImage(img, options, &image).ok());
-    Image::ClusterPlace p;
-    REQUIRE(image->DescribeCluster(1, &p).ok());
+    DeviceImage::ClusterPlace p;
+    REQUIRE(Device(image)->DescribeCluster(1, &p).ok());
     CHECK(p.state == ClusterState::kData);
     CHECK(p.partial);
     CHECK_FALSE(p.exclusive);
-    REQUIRE(image->DescribeCluster(0, &p).ok());
+    REQUIRE(Device(image)->DescribeCluster(0, &p).ok());
     CHECK_FALSE(p.partial);
     std::vector<uint8_t> buf(kCluster);
     REQUIRE(image->Read(kCluster, buf.data(), buf.size()).ok());

@@ -2,8 +2,8 @@
 // fixtures/regenerate.sh) read through the engine and compared with what
 // qemu-img recorded in fixtures/manifest.json: content hash, snapshot
 // hashes, info fields and block status. Needs no QEMU at test time.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <fstream>
 #include <nlohmann/json.hpp>
 

@@ -1,4 +1,4 @@
-// I/O errors while writing (rule 8 at the top of qcow/src/qcow2_write.cc):
+// I/O errors while writing (rule 8 at the top of qcow/src/qcow2/qcow2_write.cc):
 // EIO and ENOSPC injected at each write, truncation and sync of a workload
 // in turn, through CrashEnv. A failed sync also loses the file's pending
 // writes while the next sync reports success, as Linux does. Then:
@@ -8,8 +8,8 @@
 //    every byte of the last flush that did report success reads back.
 // And the command line: a convert that runs out of file size fails with
 // exit 1 and the error, leaving an image qemu-img check accepts.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <random>
 
@@ -46,9 +46,9 @@ std::vector<Step> MakeSteps(uint64_t seed) {
 }
 
 struct Outcome {
-  std::vector<uint8_t> acked;  // content as of the last flush that reported success
-  std::vector<bool> touched;   // bytes written after it
-  bool failed = false;         // some call failed
+  std::vector<uint8_t> acked;   // content as of the last flush that reported success
+  std::vector<bool> touched;    // bytes written after it
+  bool failed = false;          // some call failed
   int acked_after_failure = 0;  // writes and flushes that reported success after a failure
 };
 
@@ -119,10 +119,7 @@ uint64_t CheckAfterCrash(const CrashEnv& env, const std::string& path, const Out
 }  // namespace
 
 TEST_CASE("after an I/O error nothing more is acknowledged and the image stays consistent", "[qemu][ioerror]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   const std::string path = dir / "img.qcow2";
   MustRun("qemu-img create -q -f qcow2 -o refcount_bits=64,cluster_size=512 '" + path + "' 1M");
@@ -156,13 +153,10 @@ TEST_CASE("after an I/O error nothing more is acknowledged and the image stays c
 
 // A read that fails in the middle of a change (a refcount block read while
 // new blocks are being placed, an L2 slice while a cluster is relinked)
-// leaves the caches half made: rule 9 of qcow2_write.cc, nothing of them may
-// reach the disk, not at a later flush nor at close.
+// leaves the caches half made: rule 9 of qcow/src/qcow2/qcow2_write.cc,
+// nothing of them may reach the disk, not at a later flush nor at close.
 TEST_CASE("after a read error half way through a change nothing more is written", "[qemu][ioerror]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   const std::string path = dir / "img.qcow2";
   // Every cluster allocated and shared with a snapshot: each write copies
@@ -195,19 +189,17 @@ TEST_CASE("after a read error half way through a change nothing more is written"
 }
 
 TEST_CASE("a convert that runs out of space fails with the error and leaves a consistent image", "[qemu][ioerror]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   MustRun("head -c 4M /dev/urandom > '" + dir / "src.raw" + "'");
   MustRun("qemu-img create -q -f qcow2 '" + dir / "dst.qcow2" + "' 4M");
   // A file-size limit stands in for a full file system: writes past it fail
   // (EFBIG) as they would with ENOSPC, and the engine must not go on.
   std::string out;
-  const int rc = Run("cd '" + dir.path() + "' && trap '' XFSZ && ulimit -f 2048 && '" DMCOW_IMG_PATH
-                                 "' convert -n -O qcow2 src.raw dst.qcow2",
-                                 &out);
+  const int rc =
+      Run("cd '" + dir.path() +
+              "' && trap '' XFSZ && ulimit -f 2048 && '" DMCOW_IMG_PATH "' convert -n -O qcow2 src.raw dst.qcow2",
+          &out);
   INFO(out);
   CHECK(rc == 1);
   CHECK(out.find("dst.qcow2") != std::string::npos);

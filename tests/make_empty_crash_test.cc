@@ -43,10 +43,7 @@ void ExpectNoCorruption(const TempDir& dir) {
 }  // namespace
 
 TEST_CASE("MakeEmpty: a crash at any point leaves no corruption and only old or emptied content", "[qemu][crash]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   struct Shape {
     const char* name;
     const char* options;
@@ -64,13 +61,14 @@ TEST_CASE("MakeEmpty: a crash at any point leaves no corruption and only old or 
     DYNAMIC_SECTION(shape.name) {
       std::string setup = "cd '" + dir.path() + "' && rm -f img.qcow2 base.qcow2 crashed.qcow2 && " +
                           "qemu-img create -q -f qcow2 base.qcow2 2M && " +
-                          "qemu-io -c 'write -P 5 0 2M' base.qcow2 >/dev/null && " +
-                          "qemu-img create -q -f qcow2 -o " + shape.options + " -b base.qcow2 -F qcow2 img.qcow2 && " +
+                          "qemu-io -c 'write -P 5 0 2M' base.qcow2 >/dev/null && " + "qemu-img create -q -f qcow2 -o " +
+                          shape.options + " -b base.qcow2 -F qcow2 img.qcow2 && " +
                           "qemu-io -c 'write -P 6 0 300k' -c 'write -z 400k 64k' -c 'write -c -P 7 1M 64k'" +
                           " -c 'write -P 8 1536k 100k' img.qcow2 >/dev/null";
       if (shape.snapshot) {
-        setup += " && qemu-img snapshot -c s1 img.qcow2 && qemu-io -c 'write -P 9 100k 200k' -c 'write -z 1M 8k'"
-                 " img.qcow2 >/dev/null";
+        setup +=
+            " && qemu-img snapshot -c s1 img.qcow2 && qemu-io -c 'write -P 9 100k 200k' -c 'write -z 1M 8k'"
+            " img.qcow2 >/dev/null";
       }
       MustRun(setup);
       const std::string path = dir / "img.qcow2";
@@ -119,10 +117,7 @@ TEST_CASE("MakeEmpty: a crash at any point leaves no corruption and only old or 
 }
 
 TEST_CASE("Grow: a crash at any point leaves the old or the new size, no corruption", "[qemu][crash]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   for (const char* options : {"cluster_size=512", "compat=0.10,cluster_size=4k"}) {
     DYNAMIC_SECTION(options) {

@@ -1,5 +1,5 @@
 // Damaged refcounts or L2 entries must not make a writer overwrite the image's
-// own metadata (issue 14; the rule: qcow/src/qcow2_overlap.h).
+// own metadata (issue 14; the rule: qcow/src/qcow2/qcow2_overlap.h).
 //
 // Each case starts from an image qemu-img and qemu-io made, patches bytes (a
 // refcount set to zero, so the allocator would hand out a table; an L2 entry
@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "../qcow/src/qcow2_overlap.h"
 #include "dmcow/image.h"
+#include "qcow2/qcow2_overlap.h"
 #include "test_util.h"
 
 using namespace dmcow;
@@ -29,13 +29,11 @@ using namespace dmcow_test;
 
 namespace {
 
-const char kDmcowImg[] = DMCOW_IMG_PATH;
 constexpr uint64_t kMiB = 1 << 20;
 constexpr uint64_t kDiskSize = 4 * kMiB;
 constexpr uint64_t kCopied = 1ULL << 63;
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kUnallocatedGuest = 2 * kMiB + 64 * 1024;  // qemu-io writes even clusters only
-
 
 uint64_t BE64(const std::vector<uint8_t>& b, uint64_t at) {
   uint64_t v = 0;
@@ -77,7 +75,8 @@ Layout ReadLayout(const std::vector<uint8_t>& f) {
 std::vector<uint8_t> Metadata(const std::vector<uint8_t>& f, const Layout& l) {
   std::vector<uint8_t> out(f.begin(), f.begin() + l.cluster_size);
   std::memset(out.data() + 72, 0, 8);
-  for (uint64_t at : {l.l1, l.reftable, l.refblock, l.l2}) out.insert(out.end(), f.begin() + at, f.begin() + at + l.cluster_size);
+  for (uint64_t at : {l.l1, l.reftable, l.refblock, l.l2})
+    out.insert(out.end(), f.begin() + at, f.begin() + at + l.cluster_size);
   return out;
 }
 
@@ -127,9 +126,13 @@ class OverlapTest {
   // written (for commit); data.raw: 4 MiB of random bytes (for convert).
   void MakeImages() {
     std::string writes;
-    for (uint64_t at = 0; at < kDiskSize; at += 128 * 1024) writes += " -c 'write -P 0x5a " + std::to_string(at) + " 64k'";
-    MustRun("cd '" + tmp_.path() + "' && qemu-img create -f qcow2 base.qcow2 4M >/dev/null && "
-            "qemu-io" + writes + " base.qcow2 >/dev/null && "
+    for (uint64_t at = 0; at < kDiskSize; at += 128 * 1024)
+      writes += " -c 'write -P 0x5a " + std::to_string(at) + " 64k'";
+    MustRun("cd '" + tmp_.path() +
+            "' && qemu-img create -f qcow2 base.qcow2 4M >/dev/null && "
+            "qemu-io" +
+            writes +
+            " base.qcow2 >/dev/null && "
             "qemu-img create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 >/dev/null && "
             "qemu-io -c 'write -P 0x77 0 4M' top.qcow2 >/dev/null");
     std::mt19937_64 rng(14);
@@ -269,10 +272,10 @@ TEST_CASE_METHOD(OverlapTest, "The block-device calls refuse metadata clusters",
         Status s;
         if (d.allocates) {
           uint64_t host = 0;
-          s = image->ReserveClusters(1, &host);
+          s = Device(image)->ReserveClusters(1, &host);
         } else {
-          Image::ClusterPlace place;
-          s = image->DescribeCluster(0, &place);
+          DeviceImage::ClusterPlace place;
+          s = Device(image)->DescribeCluster(0, &place);
         }
         REQUIRE_FALSE(s.ok());
         CHECK(s.IsCorrupt());
@@ -286,10 +289,10 @@ TEST_CASE_METHOD(OverlapTest, "The block-device calls refuse metadata clusters",
   const uint64_t unallocated_cluster = kUnallocatedGuest / layout_.cluster_size;
   const std::vector<std::pair<const char*, std::function<Status(Image*)>>> calls = {
       {"FillClusters onto the L1 table",
-       [&](Image* i) { return i->FillClusters(unallocated_cluster, 1, layout_.l1); }},
+       [&](Image* i) { return Device(i)->FillClusters(unallocated_cluster, 1, layout_.l1); }},
       {"LinkClusters onto the refcount table",
-       [&](Image* i) { return i->LinkClusters(unallocated_cluster, 1, layout_.reftable); }},
-      {"LinkClusters onto the header", [&](Image* i) { return i->LinkClusters(unallocated_cluster, 1, 0); }},
+       [&](Image* i) { return Device(i)->LinkClusters(unallocated_cluster, 1, layout_.reftable); }},
+      {"LinkClusters onto the header", [&](Image* i) { return Device(i)->LinkClusters(unallocated_cluster, 1, 0); }},
   };
   for (const auto& [name, call] : calls) {
     DYNAMIC_SECTION(name) {
@@ -312,7 +315,8 @@ TEST_CASE_METHOD(OverlapTest, "Snapshot and bitmap structures are protected too"
   SKIP_WITHOUT_QEMU();
   // Two clusters written, a snapshot taken, cluster 0 written again (a new
   // active L2 table, entry 0 COPIED), a persistent bitmap added.
-  MustRun("cd '" + tmp_.path() + "' && qemu-img create -f qcow2 snap.qcow2 4M >/dev/null && "
+  MustRun("cd '" + tmp_.path() +
+          "' && qemu-img create -f qcow2 snap.qcow2 4M >/dev/null && "
           "qemu-io -c 'write -P 1 0 128k' snap.qcow2 >/dev/null && qemu-img snapshot -c s1 snap.qcow2 && "
           "qemu-io -c 'write -P 2 0 64k' snap.qcow2 >/dev/null && qemu-img bitmap --add snap.qcow2 b1");
   const std::vector<uint8_t> made = ReadWholeFile(tmp_ / "snap.qcow2");
@@ -351,7 +355,8 @@ TEST_CASE_METHOD(OverlapTest, "Snapshot and bitmap structures are protected too"
       const bool target_unchanged =
           after.size() >= target + n && std::equal(f.begin() + target, f.begin() + target + n, after.begin() + target);
       CHECK(target_unchanged);
-      CHECK(Run("qemu-img info -U --output=json '" + (tmp_ / "snap.qcow2") + "' 2>/dev/null | grep -q '\"corrupt\": true'") == 0);
+      CHECK(Run("qemu-img info -U --output=json '" + (tmp_ / "snap.qcow2") +
+                "' 2>/dev/null | grep -q '\"corrupt\": true'") == 0);
     }
   }
 }
@@ -361,9 +366,9 @@ TEST_CASE("Qcow2MetadataMap: overlapping structures, removal, ignored kinds", "[
   uint64_t hit = 0;
   Qcow2Metadata kind;
   map.Add(0, 1, Qcow2Metadata::kHeader);
-  map.Add(3, 4, Qcow2Metadata::kActiveL1);    // clusters 3-6
-  map.Add(5, 1, Qcow2Metadata::kActiveL2);    // inside the L1 table (hostile)
-  map.Add(5, 1, Qcow2Metadata::kActiveL2);    // twice (two L1 entries)
+  map.Add(3, 4, Qcow2Metadata::kActiveL1);  // clusters 3-6
+  map.Add(5, 1, Qcow2Metadata::kActiveL2);  // inside the L1 table (hostile)
+  map.Add(5, 1, Qcow2Metadata::kActiveL2);  // twice (two L1 entries)
   CHECK_FALSE(map.Find(1, 2, 0, &hit, &kind));
   REQUIRE(map.Find(1, 3, 0, &hit, &kind));
   CHECK(hit == 3);

@@ -2,14 +2,14 @@
 // clusters stored through WriteCompressedCluster (QEMU must read them), the
 // payloads and calls such an image must refuse, hostile tables that a
 // write must not follow onto metadata, and the block-device calls
-// (qcow1_device.cc) on hostile tables and foreign offsets.
-#include <catch2/catch.hpp>
+// (qcow/src/qcow1/qcow1_device.cc) on hostile tables and foreign offsets.
 #include <algorithm>
+#include <atomic>
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <atomic>
 #include <thread>
 
 #include "dmcow/compress.h"
@@ -40,7 +40,8 @@ struct QemuQcow1 {
   uint64_t l1 = 0, l2 = 0, data = 0;
 };
 QemuQcow1 MakeQemuQcow1(const TempDir& dir) {
-  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow img.qcow 1G && "
+  MustRun("cd '" + dir.path() +
+          "' && qemu-img create -q -f qcow img.qcow 1G && "
           "qemu-io -t unsafe -f qcow -c 'write -P 1 0 4k' -c 'write -P 2 8k 4k' img.qcow >/dev/null");
   QemuQcow1 q;
   q.bytes = ReadWholeFile(dir / "img.qcow");
@@ -56,10 +57,7 @@ QemuQcow1 MakeQemuQcow1(const TempDir& dir) {
 }  // namespace
 
 TEST_CASE("qcow v1: clusters stored compressed by the engine are read by QEMU", "[qemu][qcow1]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   // 1 MiB and one sector: the last cluster is short, stored padded.
   const uint64_t size = (1 << 20) + 512, cs = 4096;
@@ -123,7 +121,8 @@ TEST_CASE("qcow v1: clusters stored compressed by the engine are read by QEMU", 
   int rc = Run("cd '" + dir.path() + "' && qemu-img compare -f raw -F qcow ref.raw img.qcow", &out);
   INFO("qemu-img compare: " << out);
   CHECK(rc == 0);
-  rc = Run("cd '" + dir.path() + "' && qemu-img convert -f qcow -O raw img.qcow back.raw && cmp ref.raw back.raw", &out);
+  rc =
+      Run("cd '" + dir.path() + "' && qemu-img convert -f qcow -O raw img.qcow back.raw && cmp ref.raw back.raw", &out);
   INFO("qemu-img convert, cmp: " << out);
   CHECK(rc == 0);
 
@@ -138,7 +137,8 @@ TEST_CASE("qcow v1: clusters stored compressed by the engine are read by QEMU", 
   REQUIRE(map.is_array());
   auto qemu_extent = [&](uint64_t guest) {
     for (const json& e : map) {
-      if (e["start"].get<uint64_t>() <= guest && guest < e["start"].get<uint64_t>() + e["length"].get<uint64_t>()) return e;
+      if (e["start"].get<uint64_t>() <= guest && guest < e["start"].get<uint64_t>() + e["length"].get<uint64_t>())
+        return e;
     }
     FAIL("qemu-img map does not cover " << guest);
     return json();
@@ -182,11 +182,14 @@ TEST_CASE("qcow v1: WriteCompressedCluster refuses what the image cannot hold", 
     CHECK(ro->WriteCompressedCluster(0, payload.data(), payload.size()).IsNotSupported());
   }
   std::unique_ptr<Image> image = MustOpenWritable(img);
-  CHECK(image->WriteCompressedCluster(512, payload.data(), payload.size()).code() == Status::Code::kInvalidArgument);  // not aligned
-  CHECK(image->WriteCompressedCluster(64 << 10, payload.data(), payload.size()).code() == Status::Code::kInvalidArgument);  // past the end
+  CHECK(image->WriteCompressedCluster(512, payload.data(), payload.size()).code() ==
+        Status::Code::kInvalidArgument);  // not aligned
+  CHECK(image->WriteCompressedCluster(64 << 10, payload.data(), payload.size()).code() ==
+        Status::Code::kInvalidArgument);  // past the end
   CHECK(image->WriteCompressedCluster(0, payload.data(), 0).code() == Status::Code::kInvalidArgument);
   std::vector<uint8_t> big(cs, 0);
-  CHECK(image->WriteCompressedCluster(0, big.data(), big.size()).code() == Status::Code::kInvalidArgument);  // not smaller than a cluster
+  CHECK(image->WriteCompressedCluster(0, big.data(), big.size()).code() ==
+        Status::Code::kInvalidArgument);  // not smaller than a cluster
   // qcow v1 holds raw deflate only: a zstd payload, or a deflate stream cut
   // short, would make a cluster no one can read.
   std::vector<uint8_t> zstd;
@@ -360,18 +363,18 @@ TEST_CASE("qcow v1: reads run alongside writes and see whole clusters", "[qcow1]
   REQUIRE(image->Flush().ok());
 }
 
-// The calls dmcowd's plugin makes (qcow1_device.cc) on hostile tables and
-// on offsets the image did not hand out.
+// The calls dmcowd's plugin makes (qcow/src/qcow1/qcow1_device.cc) on
+// hostile tables and on offsets the image did not hand out.
 TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1]") {
   TempDir dir;
   const QemuQcow1 q = MakeQemuQcow1(dir);
   const std::vector<uint8_t>& good = q.bytes;
   const uint64_t l1 = q.l1, l2 = q.l2, data = q.data;
   const std::string path = "/img/d.qcow";
-  using Place = Image::ClusterPlace;
+  using Place = DeviceImage::ClusterPlace;
   auto describe = [](Image* image, uint64_t cluster) {
     Place p;
-    Status s = image->DescribeCluster(cluster, &p);
+    Status s = Device(image)->DescribeCluster(cluster, &p);
     INFO(s.ToString());
     REQUIRE(s.ok());
     return p;
@@ -395,7 +398,7 @@ TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1
     CHECK(describe(image.get(), 5).state == ClusterState::kCompressed);
     CHECK(describe(image.get(), 200000).state == ClusterState::kUnallocated);  // no L2 table
     Place out;
-    CHECK(image->DescribeCluster((1ULL << 30) / 4096, &out).code() == Status::Code::kInvalidArgument);
+    CHECK(Device(image)->DescribeCluster((1ULL << 30) / 4096, &out).code() == Status::Code::kInvalidArgument);
   }
   SECTION("data over the L1 table or an L2 table is never writable in place") {
     for (uint64_t target : {uint64_t{1024}, l2}) {
@@ -419,14 +422,15 @@ TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1
     CHECK_FALSE(p.exclusive);
   }
   SECTION("misaligned, overflowing entries and tables are errors naming the file") {
-    const std::pair<uint64_t, uint64_t> bad[] = {{l2, data + 1}, {l2, 0x7ffffffffffffe00ULL}, {l1, 0xfffffffffffff000ULL}};
+    const std::pair<uint64_t, uint64_t> bad[] = {
+        {l2, data + 1}, {l2, 0x7ffffffffffffe00ULL}, {l1, 0xfffffffffffff000ULL}};
     for (const auto& [at, value] : bad) {
       std::vector<uint8_t> bytes = good;
       Store64(&bytes, at, value);
       MemEnv env;
       std::unique_ptr<Image> image = open(bytes, &env);
       Place p;
-      Status s = image->DescribeCluster(0, &p);
+      Status s = Device(image)->DescribeCluster(0, &p);
       INFO(s.ToString());
       CHECK(s.IsCorrupt());
       CHECK(s.message().find(path) != std::string::npos);
@@ -436,29 +440,29 @@ TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1
     MemEnv env;
     std::unique_ptr<Image> image = open(good, &env);
     uint64_t host = 0;
-    CHECK(image->ReserveClusters(0, &host).code() == Status::Code::kInvalidArgument);
-    CHECK(image->ReserveClusters(1025, &host).code() == Status::Code::kInvalidArgument);
-    REQUIRE(image->ReserveClusters(1, &host).ok());
+    CHECK(Device(image)->ReserveClusters(0, &host).code() == Status::Code::kInvalidArgument);
+    CHECK(Device(image)->ReserveClusters(1025, &host).code() == Status::Code::kInvalidArgument);
+    REQUIRE(Device(image)->ReserveClusters(1, &host).ok());
     CHECK(host % 4096 == 0);
     CHECK(host >= good.size());
-    CHECK(image->AllocationEnd() >= host + 4096);
+    CHECK(Device(image)->AllocationEnd() >= host + 4096);
     // Space the image did not append: existing data, the header, beyond the end.
     for (uint64_t foreign : std::vector<uint64_t>{data, 0, host + 4096, host + 512, 0xfffffffffffff000ULL}) {
       INFO("host offset " << foreign);
-      CHECK(image->FillClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
-      CHECK(image->LinkClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
+      CHECK(Device(image)->FillClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
+      CHECK(Device(image)->LinkClusters(2, 1, foreign).code() == Status::Code::kInvalidArgument);
     }
-    CHECK(image->LinkClusters((1ULL << 30) / 4096, 1, host).code() == Status::Code::kInvalidArgument);
-    CHECK(image->LinkClusters(0, 0, host).code() == Status::Code::kInvalidArgument);
+    CHECK(Device(image)->LinkClusters((1ULL << 30) / 4096, 1, host).code() == Status::Code::kInvalidArgument);
+    CHECK(Device(image)->LinkClusters(0, 0, host).code() == Status::Code::kInvalidArgument);
     // Guest cluster 2 (pattern 2) copied into the new cluster and linked.
-    REQUIRE(image->FillClusters(2, 1, host).ok());
-    REQUIRE(image->LinkClusters(2, 1, host).ok());
+    REQUIRE(Device(image)->FillClusters(2, 1, host).ok());
+    REQUIRE(Device(image)->LinkClusters(2, 1, host).ok());
     REQUIRE(image->Flush().ok());
     uint64_t spare = 0;
-    REQUIRE(image->ReserveClusters(2, &spare).ok());
+    REQUIRE(Device(image)->ReserveClusters(2, &spare).ok());
     CHECK(spare >= host + 4096);
-    CHECK(image->UnreserveClusters(2, spare).ok());  // dead space: nothing to give back
-    CHECK(image->UnreserveClusters(1, data).code() == Status::Code::kInvalidArgument);
+    CHECK(Device(image)->UnreserveClusters(2, spare).ok());  // dead space: nothing to give back
+    CHECK(Device(image)->UnreserveClusters(1, data).code() == Status::Code::kInvalidArgument);
     image.reset();
     OpenOptions options;
     options.env = &env;
@@ -470,6 +474,6 @@ TEST_CASE("qcow v1: device calls on hostile tables and foreign offsets", "[qcow1
     REQUIRE(image->Read(8192, got.data(), got.size()).ok());
     CHECK(std::count(got.begin(), got.end(), 2) == 4096);
     // Read-only: nothing to reserve.
-    CHECK(image->ReserveClusters(1, &spare).IsNotSupported());
+    CHECK(Device(image)->ReserveClusters(1, &spare).IsNotSupported());
   }
 }

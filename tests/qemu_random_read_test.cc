@@ -120,8 +120,8 @@ void VerifyAgainstQemu(const std::string& image, const std::string& snapshot, co
     REQUIRE(GetMapExtent(img.get(), off, UINT64_MAX, &e).ok());
     REQUIRE(e.length > 0);
     if (e.zero) {
-      bool all_zero = std::all_of(expected.begin() + off, expected.begin() + off + e.length,
-                                  [](uint8_t b) { return b == 0; });
+      bool all_zero =
+          std::all_of(expected.begin() + off, expected.begin() + off + e.length, [](uint8_t b) { return b == 0; });
       INFO("map says zero at " << off << " len " << e.length);
       REQUIRE(all_zero);
     }
@@ -146,10 +146,7 @@ struct Fixture {
 }  // namespace
 
 TEST_CASE("qcow2 images written by qemu-io read identically", "[qemu][qcow2]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img/qemu-io not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   struct Case {
     const char* name;
     const char* options;
@@ -174,7 +171,8 @@ TEST_CASE("qcow2 images written by qemu-io read identically", "[qemu][qcow2]") {
     for (uint64_t seed = 1; seed <= 2; seed++) {
       DYNAMIC_SECTION(c.name << " seed " << seed) {
         std::string img = f.dir / (std::string(c.name) + ".qcow2");
-        MustRun("qemu-img create -q -f qcow2 -o " + std::string(c.options) + " '" + img + "' " + std::to_string(c.size));
+        MustRun("qemu-img create -q -f qcow2 -o " + std::string(c.options) + " '" + img + "' " +
+                std::to_string(c.size));
         ApplyRandomOps(img, "qcow2", {c.size, c.cluster, c.compressed, true, 40}, seed * 1000 + 7, f.source);
         VerifyAgainstQemu(img, "", f.dir, seed);
       }
@@ -183,10 +181,7 @@ TEST_CASE("qcow2 images written by qemu-io read identically", "[qemu][qcow2]") {
 }
 
 TEST_CASE("backing chains read identically", "[qemu][chain]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img/qemu-io not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   Fixture f;
   const uint64_t mib = 1 << 20;
   SECTION("raw <- qcow2 <- qcow2, overlays larger than the base") {
@@ -196,7 +191,8 @@ TEST_CASE("backing chains read identically", "[qemu][chain]") {
     // Relative backing names, resolved against the overlay's directory.
     MustRun("cd '" + f.dir.path() + "' && qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2 12M");
     ApplyRandomOps(mid, "qcow2", {12 * mib, 65536, true, true, 30}, 12, f.source);
-    MustRun("cd '" + f.dir.path() + "' && qemu-img create -q -f qcow2 -o extended_l2=on -b mid.qcow2 -F qcow2 top.qcow2 16M");
+    MustRun("cd '" + f.dir.path() +
+            "' && qemu-img create -q -f qcow2 -o extended_l2=on -b mid.qcow2 -F qcow2 top.qcow2 16M");
     ApplyRandomOps(top, "qcow2", {16 * mib, 65536, true, true, 30}, 13, f.source);
     VerifyAgainstQemu(top, "", f.dir, 1);
   }
@@ -205,7 +201,8 @@ TEST_CASE("backing chains read identically", "[qemu][chain]") {
     MustRun("qemu-img create -q -f qcow '" + base + "' 8M");
     ApplyRandomOps(base, "qcow", {8 * mib, 4096, true, false, 30, 1}, 21, f.source);
     VerifyAgainstQemu(base, "", f.dir, 2);
-    MustRun("cd '" + f.dir.path() + "' && qemu-img create -q -f qcow2 -o compat=0.10 -b base.qcow -F qcow top.qcow2 8M");
+    MustRun("cd '" + f.dir.path() +
+            "' && qemu-img create -q -f qcow2 -o compat=0.10 -b base.qcow -F qcow top.qcow2 8M");
     ApplyRandomOps(top, "qcow2", {8 * mib, 65536, false, true, 30}, 22, f.source);
     VerifyAgainstQemu(top, "", f.dir, 3);
   }
@@ -220,10 +217,7 @@ TEST_CASE("backing chains read identically", "[qemu][chain]") {
 }
 
 TEST_CASE("internal snapshots read as point-in-time views", "[qemu][snapshot]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img/qemu-io not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   Fixture f;
   const uint64_t size = 16 << 20;
   std::string img = f.dir / "snap.qcow2";
@@ -239,16 +233,13 @@ TEST_CASE("internal snapshots read as point-in-time views", "[qemu][snapshot]") 
 }
 
 TEST_CASE("external data files read identically", "[qemu][datafile]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img/qemu-io not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   Fixture f;
   for (const char* raw_flag : {"off", "on"}) {
     DYNAMIC_SECTION("data_file_raw=" << raw_flag) {
       std::string img = f.dir / "ext.qcow2";
-      MustRun("cd '" + f.dir.path() + "' && qemu-img create -q -f qcow2 -o data_file=ext.data,data_file_raw=" +
-              raw_flag + " ext.qcow2 16M");
+      MustRun("cd '" + f.dir.path() +
+              "' && qemu-img create -q -f qcow2 -o data_file=ext.data,data_file_raw=" + raw_flag + " ext.qcow2 16M");
       ApplyRandomOps(img, "qcow2", {16 << 20, 65536, false, true, 40}, 51, f.source);
       VerifyAgainstQemu(img, "", f.dir, 8);
     }

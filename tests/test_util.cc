@@ -3,8 +3,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
 #include <zlib.h>
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -47,6 +47,63 @@ void MustRun(const std::string& command) {
 
 bool HaveQemuImg() { return Run("command -v qemu-img && command -v qemu-io") == 0; }
 
+namespace {
+int skipped_test_cases = 0;
+}  // namespace
+
+void NoteSkipped(const std::string& reason) {
+  WARN("skipped: " << reason);
+  ++skipped_test_cases;
+}
+
+int SkippedCount() { return skipped_test_cases; }
+
+Result Exec(const std::string& dir, const std::string& command) {
+  Result r;
+  r.rc = Run("{ cd '" + dir + "' && " + command + " 2>/dev/null; }", &r.out);
+  return r;
+}
+
+Result ExecErr(const std::string& dir, const std::string& command) {
+  Result r;
+  r.rc = Run("{ cd '" + dir + "' && " + command + " 2>&1 >/dev/null; }", &r.out);
+  return r;
+}
+
+namespace {
+
+// `command` run in `dir`, its stdout and stderr through the files `out` and
+// `err`. Grouped: Run appends its own 2>&1.
+SplitResult ExecThrough(const std::string& dir, const std::string& command, const std::string& out,
+                        const std::string& err) {
+  SplitResult r;
+  r.rc = Run("{ cd '" + dir + "' && " + command + " >'" + out + "' 2>'" + err + "'; }");
+  r.out = ReadText(out);
+  r.err = ReadText(err);
+  return r;
+}
+
+}  // namespace
+
+SplitResult Exec(const std::string& dir, const std::string& logs, const std::string& command) {
+  return ExecThrough(dir, command, logs + "/out", logs + "/err");
+}
+
+SplitResult Exec(const TempDir& dir, const std::string& tool, const std::string& args) {
+  return ExecThrough(dir.path(), "timeout 10 " + tool + " " + args, dir / ".stdout", dir / ".stderr");
+}
+
+std::string ReplaceAll(std::string text, const std::string& from, const std::string& to) {
+  for (size_t at = 0; (at = text.find(from, at)) != std::string::npos; at += to.size())
+    text.replace(at, from.size(), to);
+  return text;
+}
+
+std::string ReadText(const std::string& path) {
+  std::vector<uint8_t> b = ReadWholeFile(path);
+  return std::string(b.begin(), b.end());
+}
+
 std::vector<uint8_t> ReadWholeFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -88,12 +145,19 @@ std::string SourceDir() { return DMCOW_SOURCE_DIR; }
 std::unique_ptr<dmcow::Image> MustOpenWritable(const std::string& path, dmcow::Env* env) {
   dmcow::OpenOptions options;
   options.writable = true;
-  options.env = env;
+  if (env != nullptr) options.env = env;
   std::unique_ptr<dmcow::Image> image;
   dmcow::Status s = dmcow::OpenImage(path, options, &image);
   INFO(s.ToString());
   REQUIRE(s.ok());
   return image;
+}
+
+dmcow::DeviceImage* Device(dmcow::Image* image) {
+  dmcow::DeviceImage* device = image->AsDeviceImage();
+  INFO(image->filename() << " (" << image->info().format << ") has no block-device calls");
+  REQUIRE(device != nullptr);
+  return device;
 }
 
 std::vector<uint8_t> QemuDeflate(const std::vector<uint8_t>& in) {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dmcow/device_image.h"
 #include "dmcow/env.h"
 #include "dmcow/image.h"
 
@@ -37,15 +38,66 @@ void MustRun(const std::string& command);
 
 bool HaveQemuImg();
 
-// In a test case that needs the QEMU tools: returns from it, with a warning,
-// where they are not installed (scripts/test.sh installs them).
-#define SKIP_WITHOUT_QEMU()                                 \
-  do {                                                      \
-    if (!dmcow_test::HaveQemuImg()) {                       \
-      WARN("qemu-img/qemu-io not installed: test skipped"); \
-      return;                                               \
-    }                                                       \
+// Marks the running test case skipped, saying why, and returns from it. A
+// binary that skipped a test case and failed none exits 77 (tests/test_main.cc),
+// which CTest reports as skipped, never as passed; scripts/test.sh fails on
+// any skip, since it installs every tool the tests need.
+#define DMCOW_SKIP(reason)           \
+  do {                               \
+    dmcow_test::NoteSkipped(reason); \
+    return;                          \
   } while (0)
+
+// In a test case that needs the QEMU tools (scripts/install-deps.sh installs them).
+#define SKIP_WITHOUT_QEMU()                                                       \
+  do {                                                                            \
+    if (!dmcow_test::HaveQemuImg()) DMCOW_SKIP("qemu-img/qemu-io not installed"); \
+  } while (0)
+
+// What DMCOW_SKIP records: a warning in the test's output and a count.
+void NoteSkipped(const std::string& reason);
+int SkippedCount();
+
+// A command's exit status (-1 if it did not exit normally) and one stream.
+struct Result {
+  int rc = -1;
+  std::string out;
+};
+
+// Runs `command` in `dir` with /bin/sh: out is its stdout, stderr discarded.
+Result Exec(const std::string& dir, const std::string& command);
+
+// The same with out its stderr, stdout discarded.
+Result ExecErr(const std::string& dir, const std::string& command);
+
+// A command's exit status and both streams, kept apart.
+struct SplitResult {
+  int rc = -1;
+  std::string out, err;
+};
+
+// Runs `command` in `dir`; its streams pass through files in `logs`.
+SplitResult Exec(const std::string& dir, const std::string& logs, const std::string& command);
+
+// Runs `tool args` in `dir` under a 10 s timeout (a hang then fails the
+// test with exit 124 instead of hanging the suite); streams kept apart.
+SplitResult Exec(const TempDir& dir, const std::string& tool, const std::string& args);
+
+// A file's bytes as a string ("" if it cannot be read).
+std::string ReadText(const std::string& path);
+
+// `text` with every `from` replaced by `to` (e.g. one tool's name for the
+// other's in their messages).
+std::string ReplaceAll(std::string text, const std::string& from, const std::string& to);
+
+#ifdef DMCOW_IMG_PATH
+// The dmcow-img of this build (dmcow_test(... NEEDS_DMCOW_IMG)); Ours() is
+// its path quoted for /bin/sh.
+inline constexpr char kDmcowImg[] = DMCOW_IMG_PATH;
+inline std::string Ours() { return std::string("'") + kDmcowImg + "'"; }
+// dmcow-img `args` in `dir`, under the timeout.
+inline SplitResult Ours(const TempDir& dir, const std::string& args) { return Exec(dir, Ours(), args); }
+#endif
 
 std::vector<uint8_t> ReadWholeFile(const std::string& path);
 void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
@@ -63,6 +115,11 @@ std::string SourceDir();
 // Opens `path` for writing (through `env`, or POSIX files); a failure fails
 // the current test with the engine's message.
 std::unique_ptr<dmcow::Image> MustOpenWritable(const std::string& path, dmcow::Env* env = nullptr);
+
+// The block-device calls of a qcow2 or qcow v1 image
+// (Image::AsDeviceImage); an image without them (raw) fails the test.
+dmcow::DeviceImage* Device(dmcow::Image* image);
+inline dmcow::DeviceImage* Device(const std::unique_ptr<dmcow::Image>& image) { return Device(image.get()); }
 
 // Raw deflate with QEMU's 4 KiB window (windowBits -12, level 9), as
 // qemu-img convert -c stores a compressed cluster's data.

@@ -1,8 +1,8 @@
 // Seeded random operations applied to a raw reference file and, through the
 // engine, to qcow2 and qcow (v1) images of many shapes; afterwards the real
 // qemu-img must find the image clean and identical to the reference.
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <random>
 
@@ -122,7 +122,8 @@ void RunShape(const Shape& shape, uint64_t seed) {
     int rc = Run("cd '" + dir.path() + "' && qemu-img compare -f raw -F qcow ref.raw img.qcow2", &out);
     INFO("qemu-img compare: " << out);
     CHECK(rc == 0);
-    rc = Run("cd '" + dir.path() + "' && qemu-img convert -f qcow -O raw img.qcow2 back.raw && cmp ref.raw back.raw", &out);
+    rc = Run("cd '" + dir.path() + "' && qemu-img convert -f qcow -O raw img.qcow2 back.raw && cmp ref.raw back.raw",
+             &out);
     INFO("qemu-img convert, cmp: " << out);
     CHECK(rc == 0);
     return;
@@ -142,10 +143,7 @@ void RunShape(const Shape& shape, uint64_t seed) {
 }  // namespace
 
 TEST_CASE("random writes keep qcow2 images clean and equal to a raw reference", "[qemu][write]") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not installed: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   const Shape shapes[] = {
       {"v3-64k", "qemu-img create -q -f qcow2 img.qcow2 64M", 64 << 20, 65536, true, 300},
       {"v2-64k", "qemu-img create -q -f qcow2 -o compat=0.10 img.qcow2 64M", 64 << 20, 65536, true, 300},
@@ -155,13 +153,14 @@ TEST_CASE("random writes keep qcow2 images clean and equal to a raw reference", 
        true, 300},
       // 64-bit refcounts in 512-byte clusters: a block covers 32 KiB, so the
       // refcount table must grow many times.
-      {"refcount64-512", "qemu-img create -q -f qcow2 -o refcount_bits=64,cluster_size=512 img.qcow2 16M",
-       16 << 20, 512, true, 300},
+      {"refcount64-512", "qemu-img create -q -f qcow2 -o refcount_bits=64,cluster_size=512 img.qcow2 16M", 16 << 20,
+       512, true, 300},
       {"lazy-refcounts", "qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=16k img.qcow2 32M", 32 << 20,
        16384, true, 300},
       {"extended-l2", "qemu-img create -q -f qcow2 -o extended_l2=on img.qcow2 64M", 64 << 20, 65536, true, 300},
       {"compressed-base",
-       "head -c 24M /dev/urandom > r.raw && head -c 8M /dev/zero >> r.raw && qemu-img convert -c -O qcow2 r.raw img.qcow2",
+       "head -c 24M /dev/urandom > r.raw && head -c 8M /dev/zero >> r.raw && qemu-img convert -c -O qcow2 r.raw "
+       "img.qcow2",
        32 << 20, 65536, true, 300},
       {"over-backing",
        "qemu-img create -q -f qcow2 base.qcow2 48M && qemu-io -c 'write -P 7 0 40M' base.qcow2 >/dev/null && "
@@ -193,7 +192,8 @@ TEST_CASE("random writes keep qcow2 images clean and equal to a raw reference", 
        "qemu-img create -q -f qcow -b base.raw -F raw img.qcow2 24M",
        24 << 20, 512, false, 300, "qcow"},
       {"qcow1-over-qcow1",
-       "qemu-img create -q -f qcow base.qcow 24M && qemu-io -t unsafe -f qcow -c 'write -P 7 0 10M' -c 'write -P 8 12M 6M' "
+       "qemu-img create -q -f qcow base.qcow 24M && qemu-io -t unsafe -f qcow -c 'write -P 7 0 10M' -c 'write -P 8 12M "
+       "6M' "
        "base.qcow >/dev/null && qemu-img create -q -f qcow -b base.qcow -F qcow img.qcow2 24M",
        24 << 20, 512, false, 300, "qcow"},
       {"qcow1-compressed-base",

@@ -72,9 +72,18 @@ uint64_t ParseSize(const char* s) {
   uint64_t v = std::strtoull(s, &end, 10);
   if (errno || end == s) Fail(std::string("bad number ") + s);
   switch (*end) {
-    case 'K': v <<= 10; end++; break;
-    case 'M': v <<= 20; end++; break;
-    case 'G': v <<= 30; end++; break;
+    case 'K':
+      v <<= 10;
+      end++;
+      break;
+    case 'M':
+      v <<= 20;
+      end++;
+      break;
+    case 'G':
+      v <<= 30;
+      end++;
+      break;
     default: break;
   }
   if (*end) Fail(std::string("bad number ") + s);
@@ -98,7 +107,8 @@ int Fill(const char* path, uint64_t bytes, bool half) {
       }
     }
     const size_t n = std::min<uint64_t>(buf.size() * 8, bytes - at);
-    if (write(fd, buf.data(), n) != static_cast<ssize_t>(n)) Fail(std::string("write ") + path + ": " + strerror(errno));
+    if (write(fd, buf.data(), n) != static_cast<ssize_t>(n))
+      Fail(std::string("write ") + path + ": " + strerror(errno));
   }
   if (close(fd)) Fail(std::string("close ") + path);
   return 0;
@@ -120,7 +130,8 @@ int ScratchCost(const char* dir) {
   };
   for (bool scattered : {true, false}) {
     const int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0 || ftruncate(fd, kSlots * kChunk) != 0) Fail(std::string("scratch-cost: ") + dir + ": " + strerror(errno));
+    if (fd < 0 || ftruncate(fd, kSlots * kChunk) != 0)
+      Fail(std::string("scratch-cost: ") + dir + ": " + strerror(errno));
     const char* order = scattered ? "scattered" : "in-order";
     std::printf("SCRATCH-COST fresh-pages-%s %.1f\n", order, run(fd, scattered));
     std::printf("SCRATCH-COST existing-pages-%s %.1f\n", order, run(fd, scattered));
@@ -152,7 +163,10 @@ int main(int argc, char** argv) {
   if (argc == 4 && !strcmp(argv[1], "fill-half")) return Fill(argv[2], ParseSize(argv[3]), true);
   if (argc >= 3 && !strcmp(argv[1], "time")) return Time(argv + 2);
   if (argc == 3 && !strcmp(argv[1], "scratch-cost")) return ScratchCost(argv[2]);
-  if (argc < 4) Fail("usage: blkio fill|fill-half FILE BYTES | blkio time CMD... | blkio DEV read|write seq|rand|chunks-seq|chunks-rand [options]");
+  if (argc < 4)
+    Fail(
+        "usage: blkio fill|fill-half FILE BYTES | blkio time CMD... | blkio DEV read|write "
+        "seq|rand|chunks-seq|chunks-rand [options]");
   const std::string dev = argv[1], op = argv[2], pattern = argv[3];
   const bool write_op = op == "write";
   if (!write_op && op != "read") Fail("operation must be read or write, not " + op);
@@ -164,16 +178,26 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) Fail(a + " needs a value");
       return ParseSize(argv[++i]);
     };
-    if (a == "--bs") bs = value();
-    else if (a == "--threads") threads = value();
-    else if (a == "--offset") offset = value();
-    else if (a == "--size") size = value();
-    else if (a == "--ops") ops = value();
-    else if (a == "--passes") passes = value();
-    else if (a == "--chunk") chunk = value();
-    else if (a == "--seed") seed = value();
-    else if (a == "--fsync") fsync_end = true;
-    else Fail("unknown option " + a);
+    if (a == "--bs")
+      bs = value();
+    else if (a == "--threads")
+      threads = value();
+    else if (a == "--offset")
+      offset = value();
+    else if (a == "--size")
+      size = value();
+    else if (a == "--ops")
+      ops = value();
+    else if (a == "--passes")
+      passes = value();
+    else if (a == "--chunk")
+      chunk = value();
+    else if (a == "--seed")
+      seed = value();
+    else if (a == "--fsync")
+      fsync_end = true;
+    else
+      Fail("unknown option " + a);
   }
 
   const int fd = open(dev.c_str(), (write_op ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
@@ -181,8 +205,10 @@ int main(int argc, char** argv) {
   uint64_t dev_bytes = 0;
   struct stat st;
   if (fstat(fd, &st)) Fail("stat " + dev + ": " + strerror(errno));
-  if (S_ISREG(st.st_mode)) dev_bytes = st.st_size;  // a file: for trying blkio out
-  else if (ioctl(fd, BLKGETSIZE64, &dev_bytes)) Fail("BLKGETSIZE64 " + dev + ": " + strerror(errno));
+  if (S_ISREG(st.st_mode))
+    dev_bytes = st.st_size;  // a file: for trying blkio out
+  else if (ioctl(fd, BLKGETSIZE64, &dev_bytes))
+    Fail("BLKGETSIZE64 " + dev + ": " + strerror(errno));
   if (offset > dev_bytes) Fail("offset beyond the device");
   if (!size) size = dev_bytes - offset;
   if (offset + size > dev_bytes) Fail("region beyond the device");

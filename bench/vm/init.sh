@@ -16,13 +16,6 @@
 # (MB MiB, nothing allocated) in the initramfs, the compressed image on
 # /dev/vdb and the sparse 64 GiB image on /dev/vda (read-only virtio disks).
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /tmp /run /var/lock
-mount -t tmpfs -o size=85% tmpfs /tmp
-mount -t tmpfs tmpfs /run
 
 fail() {
 	echo "BENCH-FAIL $*"
@@ -30,12 +23,11 @@ fail() {
 	poweroff -f
 	exit 1
 }
+boot_failed() { fail "$@"; }
 info() { echo "BENCH-INFO $*"; }
 
-for m in $(cat /etc/modules); do	# load order written by vm_bench.sh (lib.sh vm_modules)
-	insmod /lib/modules/$m.ko || fail "insmod $m"
-done
-[ -e /dev/mapper/control ] || fail "no /dev/mapper/control"
+. /prologue.sh
+vm_prologue size=85%
 echo 5 > /proc/sys/kernel/printk
 echo
 echo "BENCH-BOOT ok"
@@ -73,7 +65,7 @@ daemon_start() {	# name reload-interval
 	/bin/dmcowd --name "$1" --chunk-size 64K --reload-interval "$2" "$BASE" "$COW" >/tmp/dmcowd.log 2>&1 &
 	DPID=$!
 	i=0
-	until [ -e "/dev/mapper/$1" ] && dmsetup status "$1" 2>/dev/null | grep -q ' ready$'; do
+	until [ -e "/dev/mapper/$1" ] && dmsetup status "$1" 2>/dev/null | grep -qE ' ready( |$)'; do
 		kill -0 "$DPID" 2>/dev/null || fail "dmcowd exited at start"
 		i=$((i + 1))
 		[ $i -lt 1500 ] || fail "dmcowd not ready after 30 s"

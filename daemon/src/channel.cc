@@ -1,4 +1,5 @@
 #include "channel.h"
+#include "dmcowd/replies.h"
 #include "sys_error.h"
 
 #include <fcntl.h>
@@ -6,8 +7,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 namespace dmcowd {
@@ -82,45 +83,30 @@ ssize_t Channel::Write(const dmcow_reply* replies, size_t n) {
   }
 }
 
-dmcow_reply MakeMapReply(uint64_t seq, const Mapping& m) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_MAP;
-  r.map = static_cast<uint32_t>(m.kind);
-  r.chunk = m.chunk;
-  r.nr_chunks = m.nr_chunks;
+namespace {
+
+// The mapping's cow_dev sector where its kind has a place there, else 0.
+uint64_t CowSectorOf(const Mapping& m) {
   const bool has_cow = m.kind == MapKind::kRW || m.kind == MapKind::kRO || m.kind == MapKind::kFilledRW;
-  r.cow_sector = has_cow ? m.cow_sector : 0;
-  return r;
+  return has_cow ? m.cow_sector : 0;
+}
+
+}  // namespace
+
+dmcow_reply MakeMapReply(uint64_t seq, const Mapping& m) {
+  return dmcow_replies::MapReply(seq, static_cast<uint32_t>(m.kind), m.chunk, m.nr_chunks, CowSectorOf(m));
 }
 
 dmcow_reply MakePush(const Mapping& m) {
-  dmcow_reply r = MakeMapReply(0, m);
-  r.kind = DMCOW_REP_PUSH;
-  return r;
+  return dmcow_replies::PushReply(static_cast<uint32_t>(m.kind), m.chunk, m.nr_chunks, CowSectorOf(m));
 }
 
 dmcow_reply MakeInvalidate(uint64_t chunk, uint64_t nr_chunks) {
-  dmcow_reply r{};
-  r.kind = DMCOW_REP_INVALIDATE;
-  r.chunk = chunk;
-  r.nr_chunks = nr_chunks;
-  return r;
+  return dmcow_replies::InvalidateReply(chunk, nr_chunks);
 }
 
-dmcow_reply MakeFlushAck(uint64_t seq) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_FLUSH_ACK;
-  return r;
-}
+dmcow_reply MakeFlushAck(uint64_t seq) { return dmcow_replies::FlushAck(seq); }
 
-dmcow_reply MakeError(uint64_t seq, int error) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_ERROR;
-  r.error = static_cast<uint32_t>(error);
-  return r;
-}
+dmcow_reply MakeError(uint64_t seq, int error) { return dmcow_replies::ErrorReply(seq, static_cast<uint32_t>(error)); }
 
 }  // namespace dmcowd

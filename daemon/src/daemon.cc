@@ -27,9 +27,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double MsSince(Clock::time_point t) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
-}
+double MsSince(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
 bool ValidIdent(const std::string& s) {
   if (s.empty() || s.size() > DMCOW_IDENT_MAX || s == "." || s == "..") return false;
@@ -117,7 +115,8 @@ Status Daemon::Start() {
   if (s.ok()) s = cow_.Open(spec_.cow_path, false);
   if (s.ok() && !spec_.direct_path.empty()) {
     s = direct_.Open(spec_.direct_path, true);  // for its devt
-    if (s.ok() && direct_.is_loop()) s = Status::InvalidArgument(spec_.direct_path + ": direct path is not a block device");
+    if (s.ok() && direct_.is_loop())
+      s = Status::InvalidArgument(spec_.direct_path + ": direct path is not a block device");
   }
   if (!s.ok()) return fail(s);
   devices_ = TableDevices{options_.ident, base_.devt(), cow_.devt(), spec_.chunk_sectors, spec_.read_to_daemon};
@@ -331,11 +330,12 @@ void Daemon::StopServing() {
   if (server_thread_.joinable()) server_thread_.join();
   if (server_) {
     const ServerStats& st = server_->stats();
-    LOG_INFO("served %llu batches: %llu map requests (%.1f ms in the plugin), %llu flushes, %llu errors, %llu refused replies",
-             static_cast<unsigned long long>(st.batches.load()), static_cast<unsigned long long>(st.maps.load()),
-             static_cast<double>(st.map_ns.load()) / 1e6,
-             static_cast<unsigned long long>(st.flushes.load()), static_cast<unsigned long long>(st.errors.load()),
-             static_cast<unsigned long long>(st.refused.load()));
+    LOG_INFO(
+        "served %llu batches: %llu map requests (%.1f ms in the plugin), %llu flushes, %llu errors, %llu refused "
+        "replies",
+        static_cast<unsigned long long>(st.batches.load()), static_cast<unsigned long long>(st.maps.load()),
+        static_cast<double>(st.map_ns.load()) / 1e6, static_cast<unsigned long long>(st.flushes.load()),
+        static_cast<unsigned long long>(st.errors.load()), static_cast<unsigned long long>(st.refused.load()));
   }
   server_.reset();
   if (server_done_fd_ >= 0) ::close(server_done_fd_);

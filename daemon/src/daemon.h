@@ -20,19 +20,19 @@
 namespace dmcowd {
 
 struct DaemonOptions {
-  std::string name;                 // /dev/mapper/NAME
-  std::string ident;                // channel ident; empty = name
-  int reload_interval_s = 10;       // 0: no periodic reloads
-  uint64_t max_targets = 65536;     // table size bound (<= kDmMaxTargets)
-  bool lock_memory = true;          // PR_SET_IO_FLUSHER + mlockall
+  std::string name;              // /dev/mapper/NAME
+  std::string ident;             // channel ident; empty = name
+  int reload_interval_s = 10;    // 0: no periodic reloads
+  uint64_t max_targets = 65536;  // table size bound (<= kDmMaxTargets)
+  bool lock_memory = true;       // PR_SET_IO_FLUSHER + mlockall
 };
 
 struct ReloadStats {
   uint64_t reloads = 0;
-  uint64_t targets = 0;             // in the current table
-  uint64_t linear_chunks = 0;       // chunks routed through linear segments
-  double last_ms = 0;               // whole reload
-  double last_suspended_ms = 0;     // suspend .. resume
+  uint64_t targets = 0;          // in the current table
+  uint64_t linear_chunks = 0;    // chunks routed through linear segments
+  double last_ms = 0;            // whole reload
+  double last_suspended_ms = 0;  // suspend .. resume
 };
 
 class Daemon {
@@ -78,11 +78,11 @@ class Daemon {
   Channel chan_;
   std::unique_ptr<Server> server_;
   std::thread server_thread_;
-  int server_done_fd_ = -1;         // eventfd: the serving thread ended
-  int reclaim_fd_ = -1;             // eventfd: the plugin wants a reclaim
+  int server_done_fd_ = -1;  // eventfd: the serving thread ended
+  int reclaim_fd_ = -1;      // eventfd: the plugin wants a reclaim
   bool created_ = false;
   bool plugin_open_ = false;
-  std::vector<Extent> linear_;      // chunks in linear segments now
+  std::vector<Extent> linear_;  // chunks in linear segments now
   uint64_t folded_generation_ = ~uint64_t{0};
   ReloadStats reload_stats_;
 };

@@ -1,7 +1,7 @@
 // dmcow-qcow: QEMU images as kernel block devices.
 //
-//   dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE
-//                                                       prints /dev/mapper/NAME
+//   dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]
+//                     [--scratch-max SIZE] IMAGE        prints /dev/mapper/NAME
 //   dmcow-qcow detach NAME
 //   dmcow-qcow list [--output human|json]
 //
@@ -13,6 +13,12 @@
 // stops the daemons top first; each flushes, removes its device and closes
 // its image clean (qemu-img check: no errors, no leaks; qcow v1, which
 // qemu-img cannot check: dmcow-img check finds no errors).
+//
+// Every file of the chain is opened once, here (chain_files.h: type checked
+// before it is opened, each backing name resolved once), and the daemons
+// inherit the descriptors (--opt image_fd=4, chainK=FD:NAME): they open no
+// file of the chain by name, their loop devices sit on these descriptors and
+// their QEMU locks on the same open file descriptions.
 #include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -32,13 +38,15 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "chain_files.h"
 #include "dm.h"
-#include "size_arg.h"
 #include "dmcow/image.h"
+#include "size_arg.h"
 
 namespace {
 
@@ -68,11 +76,6 @@ std::string FindDaemon() {
   return "dmcowd";  // from PATH
 }
 
-std::string AbsPath(const std::string& p) {
-  char buf[PATH_MAX];
-  return ::realpath(p.c_str(), buf) ? std::string(buf) : p;
-}
-
 bool ValidName(const std::string& s) {
   if (s.empty() || s.size() > 28 || s == "." || s == "..") return false;  // leaves room for -bN / -store
   for (char c : s) {
@@ -99,13 +102,66 @@ bool Alive(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
   std::string line;
   if (!std::getline(stat, line)) return true;  // no /proc: trust kill()
-  const size_t paren = line.rfind(')');  // the state follows "(comm)"
+  const size_t paren = line.rfind(')');        // the state follows "(comm)"
   return paren == std::string::npos || line.size() < paren + 3 || line[paren + 2] != 'Z';
 }
 
+// Which process a recorded pid meant: a pid alone names whatever process
+// has it now, and after the daemon died that may be any other process. So
+// attach records, with each daemon's pid, its start time (field 22 of
+// /proc/PID/stat, clock ticks since boot) and the boot it started in
+// (/proc/sys/kernel/random/boot_id); nothing is signalled unless both still
+// match. State files from before these fields carry no identity: their
+// daemons are never signalled (detach says so and stops).
+struct DaemonId {
+  pid_t pid = 0;
+  std::string start_time;  // decimal; empty: not recorded (older state file)
+  std::string boot_id;
+};
+
+std::string BootId() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  return id;
+}
+
+// Field 22 of /proc/PID/stat; false if there is no such (live) process.
+bool StartTime(pid_t pid, std::string* start_time) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (pid <= 0 || !std::getline(stat, line)) return false;
+  const size_t paren = line.rfind(')');  // comm may hold spaces and parentheses
+  if (paren == std::string::npos) return false;
+  std::istringstream fields(line.substr(paren + 1));
+  std::string field;
+  for (int i = 3; i <= 22; i++) {  // fields 3 (state) .. 22 (starttime)
+    if (!(fields >> field)) return false;
+    if (i == 3 && field == "Z") return false;  // exited, not yet reaped
+  }
+  *start_time = field;
+  return true;
+}
+
+enum class DaemonState {
+  kRunning,      // the very process attach started
+  kGone,         // exited, or its pid now belongs to another process
+  kUnconfirmed,  // a process has the pid; the record cannot tell whose it is
+};
+
+DaemonState State(const DaemonId& d) {
+  if (!Alive(d.pid)) return DaemonState::kGone;
+  if (d.start_time.empty()) return DaemonState::kUnconfirmed;
+  std::string now;
+  if (!StartTime(d.pid, &now)) return Alive(d.pid) ? DaemonState::kUnconfirmed : DaemonState::kGone;
+  if (now != d.start_time) return DaemonState::kGone;
+  if (!d.boot_id.empty() && d.boot_id != BootId()) return DaemonState::kGone;
+  return DaemonState::kRunning;
+}
+
 // Starts dmcowd and waits until it reports the device usable. On failure,
-// *error holds what the daemon said.
-bool StartDaemon(const std::vector<std::string>& args, pid_t* pid, std::string* error) {
+// *error holds what the daemon said. The daemon inherits `fds` as 4, 5...
+bool StartDaemon(const std::vector<std::string>& args, const std::vector<int>& fds, pid_t* pid, std::string* error) {
   int ready[2], err[2];
   if (::pipe2(ready, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
     *error = std::string("pipe: ") + std::strerror(errno);
@@ -122,7 +178,17 @@ bool StartDaemon(const std::vector<std::string>& args, pid_t* pid, std::string* 
     ::dup2(null_fd, 0);
     ::dup2(null_fd, 1);
     if (!std::getenv("DMCOW_QCOW_DAEMON_STDERR")) ::dup2(err[1], 2);
-    ::dup2(ready[1], 3);  // dup2 clears O_CLOEXEC on the copy
+    // Out of the way first (a source may sit where another goes), then into
+    // place: dup2 clears O_CLOEXEC on the copy; everything else closes at exec.
+    const int past = static_cast<int>(4 + fds.size());  // above every target
+    std::vector<int> from = {::fcntl(ready[1], F_DUPFD_CLOEXEC, past)};
+    for (int fd : fds) from.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, past));
+    for (size_t i = 0; i < from.size(); i++) {
+      if (from[i] < 0 || ::dup2(from[i], static_cast<int>(3 + i)) < 0) {
+        std::fprintf(stderr, "cannot pass descriptors to dmcowd: %s\n", std::strerror(errno));
+        ::_exit(126);
+      }
+    }
     std::vector<char*> argv;
     for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
@@ -137,8 +203,8 @@ bool StartDaemon(const std::vector<std::string>& args, pid_t* pid, std::string* 
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   for (bool ready_open = true, err_open = true; ready_open || err_open;) {
     pollfd p[2] = {{ready_open ? ready[0] : -1, POLLIN, 0}, {err_open ? err[0] : -1, POLLIN, 0}};
-    const int left = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                          deadline - std::chrono::steady_clock::now()).count());
+    const int left = static_cast<int>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count());
     if (left <= 0 || ::poll(p, 2, left) <= 0) {
       if (errno == EINTR) continue;
       said += "(no answer within 60 s)";
@@ -157,7 +223,8 @@ bool StartDaemon(const std::vector<std::string>& args, pid_t* pid, std::string* 
     }
     if (p[1].revents) {
       const ssize_t n = ::read(err[0], buf, sizeof(buf));
-      if (n > 0) said.append(buf, std::min<size_t>(static_cast<size_t>(n), 65536 - std::min<size_t>(said.size(), 65536)));
+      if (n > 0)
+        said.append(buf, std::min<size_t>(static_cast<size_t>(n), 65536 - std::min<size_t>(said.size(), 65536)));
       if (n <= 0) err_open = false;
     }
   }
@@ -174,10 +241,10 @@ bool StartDaemon(const std::vector<std::string>& args, pid_t* pid, std::string* 
   return true;
 }
 
-bool WaitGone(pid_t pid, int seconds) {
+bool WaitGone(const DaemonId& d, int seconds) {
   for (int i = 0; i < seconds * 20; i++) {
     int status;
-    if (::waitpid(pid, &status, WNOHANG) == pid || !Alive(pid)) return true;
+    if (::waitpid(d.pid, &status, WNOHANG) == d.pid || State(d) == DaemonState::kGone) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;
@@ -185,36 +252,136 @@ bool WaitGone(pid_t pid, int seconds) {
 
 std::string StatePath(const std::string& name) { return std::string(kStateDir) + "/" + name + ".json"; }
 
-bool ReadState(const std::string& name, json* out) {
+// One level of an attachment as recorded: its device name and its daemon.
+struct Level {
+  std::string name;
+  DaemonId daemon;
+};
+
+// The record attach writes for a level it started.
+json LevelRecord(const std::string& name, pid_t pid, const std::string& image) {
+  json level = {{"name", name}, {"pid", pid}, {"image", image}};
+  std::string start_time;
+  if (StartTime(pid, &start_time)) {
+    level["start_time"] = start_time;
+    level["boot_id"] = BootId();
+  }
+  return level;
+}
+
+// NAME.json: false with *error when it cannot be read or parsed; *missing
+// tells whether it does not exist at all.
+bool ReadState(const std::string& name, json* out, std::string* error = nullptr, bool* missing = nullptr) {
   std::ifstream in(StatePath(name));
-  if (!in) return false;
-  try {
-    *out = json::parse(in);
-  } catch (const std::exception&) {
+  if (missing) *missing = !in;
+  if (!in) {
+    if (error) *error = StatePath(name) + ": " + std::strerror(errno);
     return false;
   }
-  return out->is_object() && (*out)["levels"].is_array();
+  try {
+    *out = json::parse(in);
+  } catch (const std::exception& e) {
+    if (error) *error = StatePath(name) + ": not valid JSON (" + e.what() + ")";
+    return false;
+  }
+  if (!out->is_object() || !out->contains("levels") || !(*out)["levels"].is_array()) {
+    if (error) *error = StatePath(name) + ": no \"levels\" list";
+    return false;
+  }
+  return true;
+}
+
+// The levels of a state file, checked field by field: a damaged or edited
+// file must give a clear error, never a crash or a signal sent to a pid
+// read from garbage. Device names must be NAME or NAME-bN, as attach makes.
+bool ParseLevels(const std::string& name, const json& state, std::vector<Level>* levels, std::string* error) {
+  levels->clear();
+  const json& list = state["levels"];
+  if (list.empty()) {
+    *error = StatePath(name) + ": no levels recorded";
+    return false;
+  }
+  for (size_t i = 0; i < list.size(); i++) {
+    const json& l = list[i];
+    const std::string where = StatePath(name) + ": level " + std::to_string(i) + ": ";
+    if (!l.is_object()) {
+      *error = where + "not an object";
+      return false;
+    }
+    Level level;
+    if (!l.contains("name") || !l["name"].is_string()) {
+      *error = where + "no \"name\" string";
+      return false;
+    }
+    level.name = l["name"].get<std::string>();
+    const std::string want = i == 0 ? name : name + "-b" + std::to_string(i);
+    if (level.name != want && !(i > 0 && level.name.rfind(name + "-b", 0) == 0 && level.name.size() > name.size() + 2 &&
+                                level.name.find_first_not_of("0123456789", name.size() + 2) == std::string::npos)) {
+      *error = where + "device name '" + level.name + "' is not " + name + " or " + name + "-bN";
+      return false;
+    }
+    if (!l.contains("pid") || !l["pid"].is_number_integer() || l["pid"].get<int64_t>() <= 0 ||
+        l["pid"].get<int64_t>() > INT_MAX) {
+      *error = where + "no valid \"pid\"";
+      return false;
+    }
+    level.daemon.pid = static_cast<pid_t>(l["pid"].get<int64_t>());
+    if (l.contains("start_time")) {
+      const json& t = l["start_time"];
+      if (!t.is_string() || t.get<std::string>().empty() ||
+          t.get<std::string>().find_first_not_of("0123456789") != std::string::npos) {
+        *error = where + "\"start_time\" is not a decimal string";
+        return false;
+      }
+      level.daemon.start_time = t.get<std::string>();
+      if (l.contains("boot_id")) {
+        if (!l["boot_id"].is_string()) {
+          *error = where + "\"boot_id\" is not a string";
+          return false;
+        }
+        level.daemon.boot_id = l["boot_id"].get<std::string>();
+      }
+    }
+    levels->push_back(level);
+  }
+  return true;
+}
+
+// Removes what a dead daemon left of its level: the devices themselves
+// (loops go with them).
+bool RemoveDeadLevel(const std::string& name, std::string* error) {
+  for (const std::string& n : {name, name + "-store", name + "-base"}) {
+    bool busy = false;
+    if (!dmcowd::dm::Exists(n)) continue;
+    dmcow::Status s = dmcowd::dm::Remove(n, &busy);
+    if (!s.ok()) {
+      *error = busy ? "/dev/mapper/" + n + " (its daemon died) is in use; close it first" : s.ToString();
+      return false;
+    }
+  }
+  return true;
 }
 
 // Stops daemons in the given order (top first). Returns false if one
-// refused (device busy) or would not stop.
-bool StopLevels(const json& levels, std::string* error) {
-  for (const json& level : levels) {
-    const pid_t pid = level.value("pid", 0);
-    const std::string name = level.value("name", std::string());
-    const std::string dev = "/dev/mapper/" + name;
-    if (!Alive(pid)) {
-      // Its daemon died (killed): the kernel fails the device's I/O; what is
-      // left are the devices themselves, removed here (loops go with them).
-      for (const std::string& n : {name, name + "-store", name + "-base"}) {
-        bool busy = false;
-        if (!dmcowd::dm::Exists(n)) continue;
-        dmcow::Status s = dmcowd::dm::Remove(n, &busy);
-        if (!s.ok()) {
-          *error = busy ? "/dev/mapper/" + n + " (its daemon died) is in use; close it first" : s.ToString();
-          return false;
-        }
-      }
+// refused (device busy) or would not stop, or if a recorded pid cannot be
+// confirmed to be the daemon (then nothing is signalled).
+bool StopLevels(const std::vector<Level>& levels, std::string* error) {
+  // Confirm every level before stopping any: a half-stopped chain helps nobody.
+  for (const Level& level : levels) {
+    if (State(level.daemon) != DaemonState::kUnconfirmed) continue;
+    const std::string pid = std::to_string(level.daemon.pid);
+    *error = "/dev/mapper/" + level.name + ": process " + pid +
+             " is running, but the state file (from an older dmcow-qcow) does not record which process its "
+             "daemon was, so it was not signalled; if " +
+             pid + " is the daemon (see /proc/" + pid + "/cmdline), stop it (kill " + pid + ") and run detach again";
+    return false;
+  }
+  for (const Level& level : levels) {
+    const std::string dev = "/dev/mapper/" + level.name;
+    if (State(level.daemon) != DaemonState::kRunning) {
+      // Its daemon died (killed), whatever process has its pid now: the
+      // kernel fails the device's I/O; nothing is signalled.
+      if (!RemoveDeadLevel(level.name, error)) return false;
       continue;
     }
     // An open or mounted device cannot be removed: say so instead of waiting.
@@ -224,93 +391,133 @@ bool StopLevels(const json& levels, std::string* error) {
       return false;
     }
     if (fd >= 0) ::close(fd);
-    ::kill(pid, SIGTERM);
-    if (!WaitGone(pid, 120)) {
-      *error = "dmcowd " + std::to_string(pid) + " serving " + dev + " did not stop";
+    // Confirmed again right before the signal: the daemon may have died
+    // since the check above, and its pid been reused.
+    if (State(level.daemon) != DaemonState::kRunning) {
+      if (!RemoveDeadLevel(level.name, error)) return false;
+      continue;
+    }
+    ::kill(level.daemon.pid, SIGTERM);
+    if (!WaitGone(level.daemon, 120)) {
+      *error = "dmcowd " + std::to_string(level.daemon.pid) + " serving " + dev + " did not stop";
       return false;
     }
   }
   return true;
 }
 
+const char* const kAttachUsage =
+    "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
+    "                         [--scratch-max SIZE] IMAGE";
+
 int Attach(int argc, char** argv) {
   std::string name, scratch_max;
+  dmcowd::ChainPolicy policy;
+  policy.real_image_name = true;
   bool read_only = false;
+  enum { kNoBacking = 1000, kAllowDeviceBacking };
   static const option kLong[] = {{"name", required_argument, nullptr, 'n'},
                                  {"read-only", no_argument, nullptr, 'r'},
                                  {"scratch-max", required_argument, nullptr, 's'},
+                                 {"no-backing", no_argument, nullptr, kNoBacking},
+                                 {"allow-device-backing", no_argument, nullptr, kAllowDeviceBacking},
                                  {nullptr, 0, nullptr, 0}};
   int c;
   optind = 1;
   while ((c = getopt_long(argc, argv, "+n:r", kLong, nullptr)) != -1) {
     uint64_t bytes;
-    if (c == 'n') name = optarg;
-    else if (c == 'r') read_only = true;
-    else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes)) scratch_max = std::to_string(bytes);
-    else if (c == 's') return Fail(std::string("bad --scratch-max ") + optarg + " (a size: 512M, 2G, 0 for no limit)", 2);
-    else return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE", 2);
+    if (c == 'n')
+      name = optarg;
+    else if (c == 'r')
+      read_only = true;
+    else if (c == kNoBacking)
+      policy.follow_backing = false;
+    else if (c == kAllowDeviceBacking)
+      policy.allow_device_backing = true;
+    else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes))
+      scratch_max = std::to_string(bytes);
+    else if (c == 's')
+      return Fail(std::string("bad --scratch-max ") + optarg + " (a size: 512M, 2G, 0 for no limit)", 2);
+    else
+      return Fail(kAttachUsage, 2);
   }
-  if (optind + 1 != argc) return Fail("usage: dmcow-qcow attach [--name NAME] [--read-only] [--scratch-max SIZE] IMAGE", 2);
-  const std::string image = AbsPath(argv[optind]);
+  if (optind + 1 != argc) return Fail(kAttachUsage, 2);
+  if (!name.empty() && !ValidName(name)) return Fail("name '" + name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
+  policy.writable = !read_only;
+
+  // The chain, top first: each file opened once, here, and only what may be
+  // followed (chain_files.h); the daemons get these descriptors.
+  std::vector<dmcowd::ChainFile> chain;
+  if (dmcow::Status s = dmcowd::OpenChain(argv[optind], policy, &chain); !s.ok()) return Fail(s.ToString());
+  const std::string image = chain[0].name;
   if (name.empty()) name = DefaultName(image);
   if (!ValidName(name)) return Fail("name '" + name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
-
-  // The chain, top first, as the engine resolves it.
-  std::vector<std::pair<std::string, std::string>> chain;  // (path, format)
-  {
-    dmcow::OpenOptions o;
-    std::unique_ptr<dmcow::Image> top;
-    dmcow::Status s = dmcow::OpenImage(image, o, &top);
-    if (!s.ok()) return Fail(s.ToString());
-    for (dmcow::Image* i = top.get(); i; i = i->backing()) chain.emplace_back(AbsPath(i->filename()), i->info().format);
-  }
   auto served = [](const std::string& format) { return format == "qcow2" || format == "qcow"; };
-  if (!served(chain[0].second)) {
-    return Fail(image + ": is " + chain[0].second + "; attach serves qcow2 and qcow images (qemu-img convert -O qcow2 first)");
+  if (!served(chain[0].format)) {
+    return Fail(image + ": is " + chain[0].format +
+                "; attach serves qcow2 and qcow images (qemu-img convert -O qcow2 first)");
   }
   for (size_t i = 1; i < chain.size(); i++) {
-    if (!served(chain[i].second) && !(chain[i].second == "raw" && i + 1 == chain.size())) {
-      return Fail(chain[i].first + ": backing images must be qcow2 or qcow (or a raw file at the bottom), not " +
-                  chain[i].second);
+    if (!served(chain[i].format) && !(chain[i].format == "raw" && i + 1 == chain.size())) {
+      return Fail(chain[i].name + ": backing images must be qcow2 or qcow (or a raw file at the bottom), not " +
+                  chain[i].format);
     }
   }
   ::mkdir(kStateDir, 0755);
   json state;
-  if (ReadState(name, &state) && Alive(state["levels"][0].value("pid", 0))) {
-    return Fail(name + " is attached already (" + state.value("image", std::string()) + ")");
+  std::string ignored_error;
+  if (std::vector<Level> old; ReadState(name, &state) && ParseLevels(name, state, &old, &ignored_error) &&
+                              State(old[0].daemon) != DaemonState::kGone) {
+    const bool has_image = state.contains("image") && state["image"].is_string();
+    return Fail(name + " is attached already (" + (has_image ? state["image"].get<std::string>() : StatePath(name)) +
+                ")");
   }
 
   // Deepest qcow2 first; each level's base is the level below.
   const std::string daemon = FindDaemon();
   size_t qcow2_levels = chain.size();
-  if (chain.back().second == "raw") qcow2_levels--;
+  if (chain.back().format == "raw") qcow2_levels--;
   json levels = json::array();
-  std::string below;  // base of the next level up: a device, or the raw file
-  if (qcow2_levels < chain.size()) below = chain.back().first;
+  std::string below;  // base of the next level up: a device (a raw bottom is found through chainK)
   for (size_t i = qcow2_levels; i-- > 0;) {
     const std::string level_name = i == 0 ? name : name + "-b" + std::to_string(i);
-    std::vector<std::string> args = {daemon, "--plugin", "qcow2", "--name", level_name, "--opt", "name=" + level_name,
-                                     "--ready-fd", "3"};
+    std::vector<std::string> args = {daemon,  "--plugin",           "qcow2",      "--name", level_name,
+                                     "--opt", "name=" + level_name, "--ready-fd", "3"};
     if (std::getenv("DMCOW_QCOW_VERBOSE")) args.push_back("-v");
     if (i > 0 || read_only) args.insert(args.end(), {"--opt", "read_only=1"});
+    if (!policy.follow_backing) args.insert(args.end(), {"--opt", "no_backing=1"});
     if (!below.empty()) args.insert(args.end(), {"--opt", "backing=" + below});
     if (!scratch_max.empty()) args.insert(args.end(), {"--opt", "scratch_max=" + scratch_max});
-    args.push_back(chain[i].first);
+    // This level's image and every file below it, as descriptors 4, 5...
+    std::vector<int> fds = {chain[i].fd.get()};
+    args.insert(args.end(), {"--opt", "image_fd=4"});
+    for (size_t k = 1; i + k < chain.size(); k++) {
+      fds.push_back(chain[i + k].fd.get());
+      args.insert(args.end(), {"--opt", "chain" + std::to_string(k) + "=" + std::to_string(3 + fds.size()) + ":" +
+                                            chain[i + k].name});
+    }
+    args.push_back(chain[i].name);
     pid_t pid = 0;
     std::string error;
-    if (!StartDaemon(args, &pid, &error)) {
-      std::string ignored;
-      StopLevels(levels, &ignored);
-      return Fail("attaching " + chain[i].first + ": " + error);
+    if (!StartDaemon(args, fds, &pid, &error)) {
+      std::vector<Level> started;  // the records just made (LevelRecord), top first
+      for (const json& r : levels) {
+        started.push_back(
+            {r["name"].get<std::string>(),
+             {r["pid"].get<pid_t>(), r.value("start_time", std::string()), r.value("boot_id", std::string())}});
+      }
+      StopLevels(started, &ignored_error);
+      return Fail("attaching " + chain[i].name + ": " + error);
     }
-    levels.insert(levels.begin(), json{{"name", level_name}, {"pid", pid}, {"image", chain[i].first}});
+    levels.insert(levels.begin(), LevelRecord(level_name, pid, chain[i].name));
     below = "/dev/mapper/" + level_name;
   }
   const std::string device = "/dev/mapper/" + name;
   if (read_only) {
     const int fd = ::open(device.c_str(), O_RDONLY | O_CLOEXEC);
     int on = 1;
-    if (fd < 0 || ::ioctl(fd, BLKROSET, &on) != 0) std::fprintf(stderr, "dmcow-qcow: warning: %s: BLKROSET: %s\n", device.c_str(), std::strerror(errno));
+    if (fd < 0 || ::ioctl(fd, BLKROSET, &on) != 0)
+      std::fprintf(stderr, "dmcow-qcow: warning: %s: BLKROSET: %s\n", device.c_str(), std::strerror(errno));
     if (fd >= 0) ::close(fd);
   }
   state = json{{"name", name}, {"image", image}, {"device", device}, {"read_only", read_only}, {"levels", levels}};
@@ -333,9 +540,15 @@ int Detach(int argc, char** argv) {
   const std::string name = argv[1];
   if (!ValidName(name)) return Fail("name '" + name + "' is not valid", 2);
   json state;
-  if (!ReadState(name, &state)) return Fail(name + ": not attached (no " + StatePath(name) + ")");
   std::string error;
-  if (!StopLevels(state["levels"], &error)) return Fail(error);
+  bool missing = false;
+  if (!ReadState(name, &state, &error, &missing)) {
+    if (missing) return Fail(name + ": not attached (no " + StatePath(name) + ")");
+    return Fail("damaged state file, nothing was stopped: " + error);
+  }
+  std::vector<Level> levels;
+  if (!ParseLevels(name, state, &levels, &error)) return Fail("damaged state file, nothing was stopped: " + error);
+  if (!StopLevels(levels, &error)) return Fail(error);
   ::unlink(StatePath(name).c_str());
   return 0;
 }
@@ -350,13 +563,27 @@ int List(int argc, char** argv) {
     while (dirent* e = ::readdir(d)) {
       std::string f = e->d_name;
       if (f.size() < 6 || f.substr(f.size() - 5) != ".json") continue;
+      const std::string name = f.substr(0, f.size() - 5);
       json st;
-      if (!ReadState(f.substr(0, f.size() - 5), &st)) continue;
-      const pid_t pid = st["levels"].empty() ? 0 : st["levels"][0].value("pid", 0);
+      std::string error;
+      std::vector<Level> levels;
+      if (!ReadState(name, &st, &error) || !ParseLevels(name, st, &levels, &error)) {
+        all.push_back(json{{"name", name}, {"pid", 0}, {"state", "damaged state file: " + error}});
+        continue;
+      }
+      // What detach would find: the daemon attach started, or not.
       struct stat sb;
-      const bool dev = ::stat(st.value("device", std::string()).c_str(), &sb) == 0;
-      st["pid"] = pid;
-      st["state"] = Alive(pid) && dev ? "attached" : "stale (daemon gone)";
+      const bool dev = st.contains("device") && st["device"].is_string() &&
+                       ::stat(st["device"].get<std::string>().c_str(), &sb) == 0;
+      st["name"] = name;
+      st["pid"] = levels[0].daemon.pid;
+      switch (State(levels[0].daemon)) {
+        case DaemonState::kRunning: st["state"] = dev ? "attached" : "stale (device gone)"; break;
+        case DaemonState::kGone: st["state"] = "stale (daemon gone)"; break;
+        case DaemonState::kUnconfirmed:
+          st["state"] = "unknown (older state file: pid not confirmed as its daemon)";
+          break;
+      }
       all.push_back(st);
     }
     ::closedir(d);
@@ -367,17 +594,22 @@ int List(int argc, char** argv) {
     return 0;
   }
   std::printf("%-20s %-8s %-8s %-24s %s\n", "NAME", "PID", "MODE", "DEVICE", "IMAGE / STATE");
+  // Fields of a state file are printed only when they have the right type.
+  auto str = [](const json& st, const char* key) {
+    return st.contains(key) && st[key].is_string() ? st[key].get<std::string>() : std::string();
+  };
   for (const json& st : all) {
-    std::printf("%-20s %-8d %-8s %-24s %s (%s)\n", st.value("name", std::string()).c_str(), st.value("pid", 0),
-                st.value("read_only", false) ? "ro" : "rw", st.value("device", std::string()).c_str(),
-                st.value("image", std::string()).c_str(), st.value("state", std::string()).c_str());
+    const bool ro = st.contains("read_only") && st["read_only"].is_boolean() && st["read_only"].get<bool>();
+    std::printf("%-20s %-8d %-8s %-24s %s (%s)\n", str(st, "name").c_str(), st["pid"].get<int>(), ro ? "ro" : "rw",
+                str(st, "device").c_str(), str(st, "image").c_str(), str(st, "state").c_str());
   }
   return 0;
 }
 
 void Help() {
   std::printf(
-      "usage: dmcow-qcow attach [--name NAME] [--read-only] IMAGE\n"
+      "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
+      "                         [--scratch-max SIZE] IMAGE\n"
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
       "\n"
@@ -388,8 +620,21 @@ void Help() {
       "them; a flush of the device makes them durable. Backing qcow2/qcow images are attached\n"
       "read-only as NAME-b1, NAME-b2...; a raw backing file is read directly. The image\n"
       "is locked as QEMU locks images: a QEMU writing it refuses us, and QEMU refuses an\n"
-      "image attached read-write. --read-only attaches without ever writing the image\n"
-      "(it may belong to someone else); the device is then read-only.\n"
+      "image attached read-write, for as long as the device exists (even if its daemon\n"
+      "is killed). --read-only attaches without ever writing the image (it may belong\n"
+      "to someone else): no file is opened for writing, and the device is read-only.\n"
+      "\n"
+      "Files named inside an image are followed as qemu-img follows them, but each file\n"
+      "of the chain is opened once, here, and nothing else is used: the daemons, their\n"
+      "loop devices and the locks all get these open files, so a name swapped after\n"
+      "the open (a symbolic link, a directory) changes nothing. A backing file that is\n"
+      "not a regular file is refused, with the image and the file named: FIFOs,\n"
+      "sockets, character devices always (they are never opened), block devices unless\n"
+      "--allow-device-backing (backing images on LVM volumes). External data files are\n"
+      "not served. --no-backing attaches the image alone: its unallocated clusters read\n"
+      "zeros (a write to part of one fills the rest with zeros, not backing data).\n"
+      "Vet an image first with dmcow-img info --backing-chain.\n"
+      "\n"
       "Compressed and partly allocated clusters are decompressed once into an unlinked\n"
       "scratch file (in the image's directory, else /var/tmp) and read from there;\n"
       "--scratch-max bounds it per level (default 1G, 0: no bound): past it the oldest\n"

@@ -36,10 +36,11 @@ void Log(LogLevel level, const char* fmt, ...) {
   }
   static const char* const kPrefix[] = {"error: ", "warning: ", "", "debug: "};
   char line[1200];
-  n = std::snprintf(line, sizeof(line), "dmcowd[%d]: %s%s\n", static_cast<int>(getpid()), kPrefix[static_cast<int>(level)],
-                    buf);
+  n = std::snprintf(line, sizeof(line), "dmcowd[%d]: %s%s\n", static_cast<int>(getpid()),
+                    kPrefix[static_cast<int>(level)], buf);
   if (n > 0) {
-    ssize_t ignored = ::write(2, line, static_cast<size_t>(n) < sizeof(line) ? static_cast<size_t>(n) : sizeof(line) - 1);
+    ssize_t ignored =
+        ::write(2, line, static_cast<size_t>(n) < sizeof(line) ? static_cast<size_t>(n) : sizeof(line) - 1);
     (void)ignored;
   }
 }

@@ -16,9 +16,9 @@ void Log(LogLevel level, const char* fmt, ...) __attribute__((format(printf, 2, 
 
 }  // namespace dmcowd
 
-#define DMCOWD_LOG(level, ...)                                              \
-  do {                                                                      \
-    if (::dmcowd::LogEnabled(level)) ::dmcowd::Log(level, __VA_ARGS__);     \
+#define DMCOWD_LOG(level, ...)                                          \
+  do {                                                                  \
+    if (::dmcowd::LogEnabled(level)) ::dmcowd::Log(level, __VA_ARGS__); \
   } while (0)
 #define LOG_ERROR(...) DMCOWD_LOG(::dmcowd::LogLevel::kError, __VA_ARGS__)
 #define LOG_WARN(...) DMCOWD_LOG(::dmcowd::LogLevel::kWarning, __VA_ARGS__)

@@ -21,6 +21,21 @@ namespace {
 
 std::string DevT(dev_t d) { return std::to_string(major(d)) + ":" + std::to_string(minor(d)); }
 
+// LOOP_CONFIGURE's work in two steps, for kernels without it. Read-only
+// follows from the modes the file and the loop node were opened with.
+int SetFdAndStatus(int lfd, const loop_config& cfg) {
+  if (::ioctl(lfd, LOOP_SET_FD, cfg.fd) != 0) return -1;
+  loop_info64 info = cfg.info;
+  info.lo_flags &= LO_FLAGS_AUTOCLEAR;  // the flags LOOP_SET_STATUS64 may set
+  if (::ioctl(lfd, LOOP_SET_STATUS64, &info) != 0) {
+    const int e = errno;
+    ::ioctl(lfd, LOOP_CLR_FD, 0);
+    errno = e;
+    return -1;
+  }
+  return 0;
+}
+
 }  // namespace
 
 Status BlockDev::Open(const std::string& path, bool read_only) {
@@ -61,8 +76,10 @@ Status BlockDev::OpenFile(int file_fd, const std::string& label, bool read_only)
     int lfd = -1;
     for (int i = 0; i < 100 && lfd < 0; i++) {
       lfd = ::open(node.c_str(), mode | O_CLOEXEC);
-      if (lfd < 0 && errno == ENOENT) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      else if (lfd < 0) break;
+      if (lfd < 0 && errno == ENOENT)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      else if (lfd < 0)
+        break;
     }
     if (lfd < 0) {
       s = Errno(node + ": open", errno);
@@ -72,7 +89,9 @@ Status BlockDev::OpenFile(int file_fd, const std::string& label, bool read_only)
     cfg.fd = static_cast<uint32_t>(file_fd);
     cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
     std::strncpy(reinterpret_cast<char*>(cfg.info.lo_file_name), path.c_str(), LO_NAME_SIZE - 1);
-    if (::ioctl(lfd, LOOP_CONFIGURE, &cfg) == 0) {
+    int rc = ::ioctl(lfd, LOOP_CONFIGURE, &cfg);
+    if (rc != 0 && errno == EINVAL) rc = SetFdAndStatus(lfd, cfg);
+    if (rc == 0) {
       struct stat lst;
       ::fstat(lfd, &lst);
       fd_ = lfd;
@@ -90,6 +109,22 @@ Status BlockDev::OpenFile(int file_fd, const std::string& label, bool read_only)
   }
   ::close(ctl);
   return s;
+}
+
+Status BlockDev::Adopt(int fd, const std::string& label, bool read_only) {
+  Release();
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return Errno(label + ": stat", errno);
+  if (S_ISBLK(st.st_mode)) {
+    fd_ = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (fd_ < 0) return Errno(label + ": dup", errno);
+    devnode_ = label;
+    devt_ = DevT(st.st_rdev);
+    is_loop_ = false;
+    return Status::OK();
+  }
+  if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(label + ": neither a regular file nor a block device");
+  return OpenFile(fd, label, read_only);
 }
 
 Status BlockDev::SetCapacity() {

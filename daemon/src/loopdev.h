@@ -24,7 +24,13 @@ class BlockDev {
   Status Open(const std::string& path, bool read_only);
   // A loop device over an open file (kept by the loop; `file_fd` may be
   // closed afterwards); `label` names it in messages and the loop's info.
+  // LOOP_CONFIGURE, or LOOP_SET_FD + LOOP_SET_STATUS64 where the kernel
+  // lacks it (before 5.8: EINVAL).
   Status OpenFile(int file_fd, const std::string& label, bool read_only);
+  // A descriptor opened already (dmcow-qcow attach's open of a chain file):
+  // a block device is used as it is (its device number; `fd` is duplicated),
+  // a regular file gets a loop device over that very descriptor.
+  Status Adopt(int fd, const std::string& label, bool read_only);
   // Re-reads the backing file's size (after the file grew).
   Status SetCapacity();
   // Closes our fd: a loop device goes away when the dm table no longer

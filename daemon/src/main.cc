@@ -1,9 +1,9 @@
 // dmcowd: serves one dm-cow device (see daemon/DESIGN.md and `dmcowd --help`).
-#include <getopt.h>
 #include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <signal.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -42,8 +42,13 @@ void PrintHelp() {
       "        A qcow2 image (v2, v3) as a block device: writes land in the image with the\n"
       "        metadata QEMU writes (refcounts, L2, COPIED), durable at each flush; chunks\n"
       "        are clusters (4K for smaller clusters). Settings: read_only=1; backing=DEV\n"
-      "        (the backing chain's content as a device; raw backing files are found\n"
-      "        through the image); name=PREFIX (helper devices PREFIX-store, PREFIX-base);\n"
+      "        (the backing chain's content as a device; a raw backing file at the bottom\n"
+      "        of the chain is found through the image); image_fd=N and chainK=FD:NAME\n"
+      "        (the image and the K-th file below it, opened by the caller: IMAGE is\n"
+      "        then only a name, and no file of the chain is opened by name; without\n"
+      "        them IMAGE and its chain are opened once each, backing files only if\n"
+      "        regular files); no_backing=1 (the image alone, unallocated clusters read\n"
+      "        zeros); name=PREFIX (helper devices PREFIX-store, PREFIX-base);\n"
       "        scratch_dir=DIR (unlinked file for decompressed chunks; default the\n"
       "        image's directory). Use dmcow-qcow attach rather than this directly.\n"
       "\n"
@@ -134,7 +139,8 @@ int main(int argc, char** argv) {
         break;
       case kIdent: d.ident = optarg; break;
       case kChunk:
-        if (!ParseSizeArg(optarg, &v) || v > (uint64_t{1} << 40) || v % 512 || v / 512 > UINT32_MAX) return Usage(std::string("bad --chunk-size ") + optarg);
+        if (!ParseSizeArg(optarg, &v) || v > (uint64_t{1} << 40) || v % 512 || v / 512 > UINT32_MAX)
+          return Usage(std::string("bad --chunk-size ") + optarg);
         p.chunk_sectors = static_cast<uint32_t>(v / 512);
         break;
       case kFormat: p.format = true; break;
@@ -157,8 +163,7 @@ int main(int argc, char** argv) {
       case 'v': verbose++; break;
       case kSyslog: use_syslog = true; break;
       case 'h': PrintHelp(); return 0;
-      default:
-        return Usage(std::string("unknown or incomplete option ") + (optind > 0 ? argv[optind - 1] : ""));
+      default: return Usage(std::string("unknown or incomplete option ") + (optind > 0 ? argv[optind - 1] : ""));
     }
   }
   for (int i = optind; i < argc; i++) p.args.push_back(argv[i]);

@@ -98,7 +98,8 @@ void Server::Answer(const dmcow_request& req, dmcow_reply* rep, MapRequest* mreq
       }
       if (answer.error) {
         if (answer.error != ENOSPC || LogEnabled(LogLevel::kDebug))
-          LOG_WARN("chunk %llu: refused with %s", static_cast<unsigned long long>(req.chunk), std::strerror(answer.error));
+          LOG_WARN("chunk %llu: refused with %s", static_cast<unsigned long long>(req.chunk),
+                   std::strerror(answer.error));
         stats_.errors++;
         *rep = MakeError(req.seq, answer.error);
         return;
@@ -167,7 +168,9 @@ void Server::Refused(size_t i, int err) {
   dmcow_reply e = MakeError(r.seq, EIO);
   stats_.errors++;
   ssize_t w = sink_->Write(&e, 1);
-  if (w < 0) LOG_ERROR("error reply for seq %llu refused too: %s", static_cast<unsigned long long>(r.seq), std::strerror(static_cast<int>(-w)));
+  if (w < 0)
+    LOG_ERROR("error reply for seq %llu refused too: %s", static_cast<unsigned long long>(r.seq),
+              std::strerror(static_cast<int>(-w)));
 }
 
 }  // namespace dmcowd

@@ -25,10 +25,10 @@ namespace dmcowd {
 struct ServerStats {
   std::atomic<uint64_t> batches{0};
   std::atomic<uint64_t> maps{0};
-  std::atomic<uint64_t> map_ns{0};     // time inside Plugin::Map (where a request's cost is)
+  std::atomic<uint64_t> map_ns{0};  // time inside Plugin::Map (where a request's cost is)
   std::atomic<uint64_t> flushes{0};
-  std::atomic<uint64_t> errors{0};     // ERROR replies sent
-  std::atomic<uint64_t> refused{0};    // replies the kernel refused
+  std::atomic<uint64_t> errors{0};   // ERROR replies sent
+  std::atomic<uint64_t> refused{0};  // replies the kernel refused
 };
 
 class Server {

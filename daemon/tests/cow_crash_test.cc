@@ -15,13 +15,13 @@
 #include "crash_env.h"
 #include "dmcow/mem_env.h"
 
-using dmcowd::cow::CowStore;
 using dmcow_test::CrashEnv;
+using dmcowd::cow::CowStore;
 
 namespace {
 
-constexpr uint32_t kCs = 8;            // 4 KiB chunks, 8 sectors
-constexpr uint64_t kChunks = 150;      // a table of 3 sectors
+constexpr uint32_t kCs = 8;        // 4 KiB chunks, 8 sectors
+constexpr uint64_t kChunks = 150;  // a table of 3 sectors
 constexpr uint64_t kSectors = kChunks * kCs;
 
 // Sector `s` of a chunk's data for write `version`.

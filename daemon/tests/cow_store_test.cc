@@ -13,7 +13,7 @@ using dmcowd::cow::Header;
 
 namespace {
 
-constexpr uint32_t kCs = 8;  // 4 KiB chunks
+constexpr uint32_t kCs = 8;                        // 4 KiB chunks
 constexpr uint64_t kBaseSectors = 1000 * kCs + 3;  // the last chunk is short
 
 CowStore::Options Opts(uint64_t base_sectors = kBaseSectors) {
@@ -72,7 +72,7 @@ TEST_CASE("persisted mappings survive a reattach; undurable ones do not") {
   const uint64_t c = Decide(s.get(), 500, 2);
   CHECK(a != b);
   CHECK(Decide(s.get(), 3, 2) == a);  // asked again: the same place
-  REQUIRE(s->Persist(1).ok());         // batch 2's data is not vouched for yet
+  REQUIRE(s->Persist(1).ok());        // batch 2's data is not vouched for yet
   bool durable = false;
   Decide(s.get(), 3, 3, &durable);
   CHECK(durable);
@@ -221,6 +221,7 @@ TEST_CASE("attaching checks the base, the chunk size and the header") {
   SECTION("a data chunk mapped twice is corrupt") {
     Put64(&good, 4096 + 9 * 8, 1);
     env.PutFile("cow", good);
-    CHECK(TryOpen(&env, Opts()).message() == "cow: cow table: data chunk 0 is mapped twice (the second time by chunk 9)");
+    CHECK(TryOpen(&env, Opts()).message() ==
+          "cow: cow table: data chunk 0 is mapped twice (the second time by chunk 9)");
   }
 }

@@ -43,10 +43,7 @@ TEST_CASE("dmcow-qcow refuses images it cannot serve, naming the file") {
   std::string out;
   CHECK(Qcow("attach " + dir / "missing.qcow2", &out) == 1);
   CHECK(out.find("missing.qcow2") != std::string::npos);
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: the rest skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   MustRun("qemu-img create -q -f raw " + dir / "disk.raw" + " 1M");
   CHECK(Qcow("attach " + dir / "disk.raw", &out) == 1);
   CHECK(out.find("disk.raw: is raw; attach serves qcow2") != std::string::npos);
@@ -57,8 +54,10 @@ TEST_CASE("dmcow-qcow refuses images it cannot serve, naming the file") {
   CHECK(out.find("top.qcow2: backing format 'vmdk' is not supported") != std::string::npos);
   // Encrypted images (the header's crypt_method set to AES: no key
   // derivation, whose timing qemu-img's LUKS creation depends on).
-  MustRun("qemu-img create -q -f qcow2 " + dir / "enc.qcow2" + " 1M && printf '\\000\\000\\000\\001' | "
-          "dd of=" + dir / "enc.qcow2" + " bs=1 seek=32 conv=notrunc status=none");
+  MustRun("qemu-img create -q -f qcow2 " + dir / "enc.qcow2" +
+          " 1M && printf '\\000\\000\\000\\001' | "
+          "dd of=" +
+          dir / "enc.qcow2" + " bs=1 seek=32 conv=notrunc status=none");
   CHECK(Qcow("attach " + dir / "enc.qcow2", &out) == 1);
   CHECK(out.find("enc.qcow2: image is encrypted") != std::string::npos);
   CHECK(Qcow("detach nothere", &out) == 1);
@@ -83,4 +82,88 @@ TEST_CASE("dmcowd's qcow2 plugin refuses bad settings with exit 2") {
   CHECK(out.find("one argument, IMAGE") != std::string::npos);
   CHECK(Daemon("--plugin qcow2 --name t --ready-fd 1 " + img, &out) == 2);
   CHECK(out.find("bad --ready-fd") != std::string::npos);
+}
+
+// Files named inside an image (issue 15): attach opens each once, and only
+// what it may follow. A FIFO, a socket or a character device as backing
+// file, or as external data file, is refused at once with the image and the
+// file named (before anything is made: no kernel needed); a block device
+// too, unless --allow-device-backing, which lets nothing else in. `timeout`
+// turns a hang (a FIFO opened for reading) into a failure.
+TEST_CASE("dmcow-qcow refuses backing and data files that are not regular files, without blocking") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  std::string out;
+  const std::string top = dir / "top.qcow2", b = dir / "b";
+  MustRun("qemu-img create -q -f qcow2 -u -b b -F raw " + top + " 1M");
+  auto refused = [&](const std::string& opts, const std::string& type) {
+    INFO(opts + " / " + type);
+    CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach --name t " + opts + " " + top, &out) == 1);
+    CHECK(out.find(top + ": backing file '" + b + "' is " + type + ": attach follows only regular files") !=
+          std::string::npos);
+  };
+  MustRun("mkfifo " + b);
+  refused("", "a FIFO");
+  refused("--allow-device-backing", "a FIFO");
+  refused("--read-only", "a FIFO");
+  MustRun("rm " + b + " && ln -s /dev/null " + b);
+  refused("", "a character device");
+  refused("--allow-device-backing --read-only", "a character device");
+  MustRun("rm " + b + " && python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('" + b + "')\" || mkfifo " +
+          b);
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + top, &out) == 1);
+  CHECK(out.find(top + ": backing file '" + b + "' is a ") != std::string::npos);
+  // A block device, where the host has one.
+  std::string blk;
+  Run("find /dev -maxdepth 1 -type b 2>/dev/null | head -1 | tr -d '\\n'", &blk);
+  if (!blk.empty()) {
+    MustRun("rm -f " + b + " && ln -s " + blk + " " + b);
+    refused("", "a block device");
+    CHECK(out.find("(--allow-device-backing allows block devices)") != std::string::npos);
+  }
+  // --no-backing never looks at the backing file: attach gets as far as
+  // starting the daemon (here one that fails at once).
+  MustRun("rm -f " + b + " && mkfifo " + b);
+  CHECK(Run("DMCOWD=/bin/false timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach --no-backing " + top, &out) == 1);
+  CHECK(out.find("dmcowd exited before the device was ready") != std::string::npos);
+  // A missing backing file names both.
+  MustRun("rm " + b);
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + top, &out) == 1);
+  CHECK(out.find(top + ": could not open backing file '" + b + "'") != std::string::npos);
+  // An external data file that is a FIFO: refused by its type, never opened.
+  const std::string df = dir / "df.qcow2", data = dir / "data";
+  MustRun("qemu-img create -q -f qcow2 -o data_file=" + data + " " + df + " 1M && rm " + data + " && mkfifo " + data);
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + df, &out) == 1);
+  CHECK(out.find(df + ": external data file '" + data + "' is a FIFO") != std::string::npos);
+  // A loop through a symbolic link: refused by file identity.
+  MustRun("qemu-img create -q -f qcow2 -u -b l2.qcow2 -F qcow2 " + dir / "l1.qcow2" +
+          " 1M && "
+          "qemu-img create -q -f qcow2 -u -b l1-link -F qcow2 " +
+          dir / "l2.qcow2" + " 1M && ln -s l1.qcow2 " + dir / "l1-link");
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + dir / "l1.qcow2", &out) == 1);
+  CHECK(out.find("creates an infinite loop") != std::string::npos);
+  // The image itself may be a file or a block device, nothing else.
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + b + "-none", &out) == 1);
+  MustRun("mkfifo " + dir / "fifo.qcow2");
+  CHECK(Run("timeout 20 " + std::string(DMCOW_QCOW_PATH) + " attach " + dir / "fifo.qcow2", &out) == 1);
+  CHECK(out.find("fifo.qcow2: is a FIFO") != std::string::npos);
+}
+
+TEST_CASE("dmcow-qcow attach's new options and dmcowd's descriptor settings refuse bad input") {
+  TempDir dir;
+  std::string out;
+  CHECK(Qcow("attach --no-backing=1 x.qcow2", &out) == 2);
+  CHECK(Qcow("attach --allow-device-backing", &out) == 2);
+  CHECK(out.find("--allow-device-backing") != std::string::npos);  // the usage names the options
+  CHECK(out.find("--no-backing") != std::string::npos);
+  CHECK(Qcow("--help", &out) == 0);
+  CHECK(out.find("--allow-device-backing") != std::string::npos);
+  const std::string img = dir / "i.qcow2";
+  for (const char* bad : {"image_fd=x", "image_fd=1", "image_fd=", "no_backing=2", "chain1=5:/x", "chain0=5:/x"}) {
+    INFO(bad);
+    CHECK(Daemon(std::string("--plugin qcow2 --name t --opt ") + bad + " " + img, &out) == 2);
+  }
+  CHECK(Daemon("--plugin qcow2 --name t --opt image_fd=7 --opt chain1=8 " + img, &out) == 2);
+  CHECK(out.find("expected FD:NAME") != std::string::npos);
+  CHECK(Daemon("--plugin qcow2 --name t --opt image_fd=7 --opt chain1=8: " + img, &out) == 2);
 }

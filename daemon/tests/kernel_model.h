@@ -1,7 +1,8 @@
 // KernelModel: the dm-cow kernel target as docs/abi.md describes it
 // (mapping kinds, fills from the current data, whole-chunk writes skipping
-// the fill, extents), driving a Qcow2Mapper over the image file and an
-// in-memory scratch area; the base device is the backing chain's content.
+// the fill, extents, cached mappings dropped past a bound), driving a
+// Qcow2Mapper over the image file and an in-memory scratch area; the base
+// device is the backing chain's content.
 // Shared by the qcow2 plugin's host tests. I/O failures (a crashed CrashEnv)
 // come back as a non-OK Status; protocol violations fail the test.
 #ifndef DMCOWD_TESTS_KERNEL_MODEL_H_
@@ -43,7 +44,8 @@ class KernelModel : public dmcowd::CowSpace {
     // is linear, the rest is asked about at first access (read_to_daemon).
     for (size_t r = 0; r < stable.size(); r += 2) {
       const Extent& e = stable[r];
-      for (uint64_t i = 0; i < e.nr_chunks; i++) maps_[e.chunk + i] = {MapKind::kFilledRW, e.cow_sector + i * geo_.chunk_sectors};
+      for (uint64_t i = 0; i < e.nr_chunks; i++)
+        maps_[e.chunk + i] = {MapKind::kFilledRW, e.cow_sector + i * geo_.chunk_sectors};
     }
   }
 
@@ -65,7 +67,8 @@ class KernelModel : public dmcowd::CowSpace {
     while (len > 0) {
       const uint64_t chunk = off / chunk_bytes_, in = off % chunk_bytes_;
       const uint64_t n = std::min(len, chunk_bytes_ - in);
-      if (!maps_.count(chunk)) DMCOW_RETURN_IF_ERROR(Ask(chunk, false, false));
+      auto it = maps_.find(chunk);
+      if (it == maps_.end() || it->second.dropped) DMCOW_RETURN_IF_ERROR(Ask(chunk, false, false));
       DMCOW_RETURN_IF_ERROR(ReadChunk(chunk, in, buf, n));
       off += n, buf += n, len -= n;
     }
@@ -78,7 +81,8 @@ class KernelModel : public dmcowd::CowSpace {
       const uint64_t n = std::min(len, chunk_bytes_ - in);
       const uint64_t chunk_len = std::min(chunk_bytes_, dev_bytes_ - chunk * chunk_bytes_);
       auto it = maps_.find(chunk);
-      if (it == maps_.end() || (it->second.kind != MapKind::kRW && it->second.kind != MapKind::kFilledRW)) {
+      if (it == maps_.end() || it->second.dropped ||
+          (it->second.kind != MapKind::kRW && it->second.kind != MapKind::kFilledRW)) {
         DMCOW_RETURN_IF_ERROR(Ask(chunk, true, in == 0 && n == chunk_len));
       }
       const Map& m = maps_.at(chunk);
@@ -100,6 +104,7 @@ class KernelModel : public dmcowd::CowSpace {
   struct Map {
     MapKind kind;
     uint64_t sector;
+    bool dropped = false;  // by the kernel (DropCached); kept here to check RW answers
   };
 
   Status Ask(uint64_t chunk, bool write, bool full) {
@@ -113,10 +118,25 @@ class KernelModel : public dmcowd::CowSpace {
     if (write) REQUIRE((m.kind == MapKind::kRW || m.kind == MapKind::kFilledRW));
     if (m.kind == MapKind::kRW) {
       REQUIRE(m.nr_chunks == 1);
+      // The kernel may have dropped a ZERO or BASE mapping, and a
+      // whole-chunk write pushed back by a suspend leaves the fill to copy
+      // after all: the base device must hold what the chunk reads now
+      // (docs/abi.md, "Cached mappings").
+      auto mapped = maps_.find(chunk);
+      if (mapped != maps_.end() && mapped->second.kind == MapKind::kZero) {
+        const uint64_t n = std::min(chunk_bytes_, dev_bytes_ - chunk * chunk_bytes_);
+        std::vector<uint8_t> now(n), base(n);
+        DMCOW_RETURN_IF_ERROR(ReadChunk(chunk, 0, now.data(), n));
+        maps_[chunk] = {MapKind::kBase, 0};
+        DMCOW_RETURN_IF_ERROR(ReadChunk(chunk, 0, base.data(), n));
+        INFO("RW answer for chunk " << chunk << ", mapped ZERO, whose base data is not zeros");
+        REQUIRE(now == base);
+      }
       if (!full) {  // fill from the current data
         std::vector<uint8_t> cur(chunk_bytes_);
         const uint64_t n = std::min(chunk_bytes_, dev_bytes_ - chunk * chunk_bytes_);
-        if (!maps_.count(chunk)) maps_[chunk] = {MapKind::kBase, 0};
+        auto it = maps_.find(chunk);
+        if (it == maps_.end() || it->second.dropped) maps_[chunk] = {MapKind::kBase, 0};
         DMCOW_RETURN_IF_ERROR(ReadChunk(chunk, 0, cur.data(), n));
         DMCOW_RETURN_IF_ERROR(CowWrite(m.cow_sector * 512, cur.data(), n));
       }
@@ -126,7 +146,22 @@ class KernelModel : public dmcowd::CowSpace {
       maps_[m.chunk + i] = {m.kind == MapKind::kRW ? MapKind::kFilledRW : m.kind,
                             has_cow ? m.cow_sector + i * geo_.chunk_sectors : 0};
     }
+    DropCached(chunk);
     return Status::OK();
+  }
+
+  // Past kCacheChunks cached mappings (read_to_daemon: ZERO and BASE) the
+  // kernel drops older ones; here all but the one just asked about, so
+  // that every chunk read again is asked again.
+  void DropCached(uint64_t keep) {
+    static constexpr size_t kCacheChunks = 16;
+    auto cached = [](const Map& m) { return !m.dropped && (m.kind == MapKind::kZero || m.kind == MapKind::kBase); };
+    size_t n = 0;
+    for (const auto& [c, m] : maps_) n += cached(m);
+    if (n <= kCacheChunks) return;
+    for (auto& [c, m] : maps_) {
+      if (c != keep && cached(m)) m.dropped = true;
+    }
   }
 
   Status ReadChunk(uint64_t chunk, uint64_t in, uint8_t* buf, uint64_t n) {

@@ -19,8 +19,8 @@
 #include <random>
 #include <set>
 
-#include <catch2/catch.hpp>
 #include <sys/stat.h>
+#include <catch2/catch.hpp>
 #include "dmcow/image.h"
 #include "kernel_model.h"
 #include "qcow2/qcow2_mapper.h"
@@ -37,7 +37,7 @@ struct Shape {
   const char* name;
   std::string setup;  // shell commands run in the temp dir; must make img.qcow2 (img.qcow for v1)
   bool has_backing = false;
-  bool v1 = false;    // legacy qcow (version 1)
+  bool v1 = false;  // legacy qcow (version 1)
 };
 
 void Session(const std::string& path, bool has_backing, std::mt19937_64& rng, int ops, std::vector<uint8_t>* ref) {
@@ -90,62 +90,71 @@ void Session(const std::string& path, bool has_backing, std::mt19937_64& rng, in
 }  // namespace
 
 TEST_CASE("qcow2 plugin decisions keep qemu-made images consistent") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   const std::vector<Shape> shapes = {
       {"empty v3 64K", "qemu-img create -q -f qcow2 img.qcow2 8M"},
       {"empty v2 512-byte clusters", "qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=512 img.qcow2 3M"},
       {"2K clusters, data and zeros",
        "qemu-img create -q -f qcow2 -o cluster_size=2048 img.qcow2 4M && "
-       "qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -z 64k 64k' -c 'write -P 0x22 2050k 7k' img.qcow2 >/dev/null"},
+       "qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -z 64k 64k' -c 'write -P 0x22 2050k 7k' img.qcow2 "
+       ">/dev/null"},
       {"data, zero clusters, discards",
        "qemu-img create -q -f qcow2 img.qcow2 8M && "
-       "qemu-io -f qcow2 -c 'write -P 0x5a 0 3M' -c 'write -z 1M 512k' -c 'discard 2M 256k' -c 'write -P 7 5M 100k' img.qcow2 >/dev/null"},
+       "qemu-io -f qcow2 -c 'write -P 0x5a 0 3M' -c 'write -z 1M 512k' -c 'discard 2M 256k' -c 'write -P 7 5M 100k' "
+       "img.qcow2 >/dev/null"},
       {"zlib compressed",
-       "qemu-img create -q -f raw src.raw 8M && qemu-io -f raw -c 'write -P 0x33 0 2M' -c 'write -P 0x44 3M 1M' src.raw >/dev/null && "
+       "qemu-img create -q -f raw src.raw 8M && qemu-io -f raw -c 'write -P 0x33 0 2M' -c 'write -P 0x44 3M 1M' "
+       "src.raw >/dev/null && "
        "qemu-img convert -c -O qcow2 src.raw img.qcow2"},
       {"zstd compressed 4K clusters",
-       "qemu-img create -q -f raw src.raw 4M && qemu-io -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 2M 600k' src.raw >/dev/null && "
+       "qemu-img create -q -f raw src.raw 4M && qemu-io -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 2M 600k' "
+       "src.raw >/dev/null && "
        "qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=4096 src.raw img.qcow2"},
       {"internal snapshot (shared clusters)",
        "qemu-img create -q -f qcow2 img.qcow2 8M && qemu-io -f qcow2 -c 'write -P 1 0 4M' img.qcow2 >/dev/null && "
        "qemu-img snapshot -c snap img.qcow2 && qemu-io -f qcow2 -c 'write -P 2 1M 64k' img.qcow2 >/dev/null"},
       {"raw backing",
        "qemu-img create -q -f raw base.raw 6M && qemu-io -f raw -c 'write -P 0x77 0 6M' base.raw >/dev/null && "
-       "qemu-img create -q -f qcow2 -b base.raw -F raw img.qcow2 8M && qemu-io -f qcow2 -c 'write -P 9 1M 64k' img.qcow2 >/dev/null",
+       "qemu-img create -q -f qcow2 -b base.raw -F raw img.qcow2 8M && qemu-io -f qcow2 -c 'write -P 9 1M 64k' "
+       "img.qcow2 >/dev/null",
        true},
       {"qcow2 backing, extended L2 overlay with partial clusters",
        "qemu-img create -q -f qcow2 base.qcow2 8M && qemu-io -f qcow2 -c 'write -P 0x31 0 8M' base.qcow2 >/dev/null && "
        "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=128k img.qcow2 8M && "
-       "qemu-io -f qcow2 -c 'write -P 0x32 4k 4k' -c 'write -z 200k 8k' -c 'write -z 512k 256k' -c 'write -P 0x33 1M 256k' img.qcow2 >/dev/null",
+       "qemu-io -f qcow2 -c 'write -P 0x32 4k 4k' -c 'write -z 200k 8k' -c 'write -z 512k 256k' -c 'write -P 0x33 1M "
+       "256k' img.qcow2 >/dev/null",
        true},
       {"lazy refcounts",
-       "qemu-img create -q -f qcow2 -o lazy_refcounts=on img.qcow2 8M && qemu-io -f qcow2 -c 'write -P 3 0 1M' img.qcow2 >/dev/null"},
+       "qemu-img create -q -f qcow2 -o lazy_refcounts=on img.qcow2 8M && qemu-io -f qcow2 -c 'write -P 3 0 1M' "
+       "img.qcow2 >/dev/null"},
       // Legacy qcow v1: qemu-img makes 4 KiB clusters, 512-byte ones over a
       // backing file (chunks of 4 KiB hold 8), appended one by one at the end
       // of the file, often not 4 KiB aligned.
       {"qcow v1 empty", "qemu-img create -q -f qcow img.qcow 8M", false, true},
       {"qcow v1 data",
        "qemu-img create -q -f qcow img.qcow 8M && "
-       "qemu-io -f qcow -c 'write -P 0x11 0 1M' -c 'write -P 0x22 3073k 7k' -c 'write -P 0x23 6M 100k' img.qcow >/dev/null",
+       "qemu-io -f qcow -c 'write -P 0x11 0 1M' -c 'write -P 0x22 3073k 7k' -c 'write -P 0x23 6M 100k' img.qcow "
+       ">/dev/null",
        false, true},
       {"qcow v1 compressed",
-       "qemu-img create -q -f raw src.raw 8M && qemu-io -f raw -c 'write -P 0x33 0 2M' -c 'write -P 0x44 3M 1M' src.raw >/dev/null && "
+       "qemu-img create -q -f raw src.raw 8M && qemu-io -f raw -c 'write -P 0x33 0 2M' -c 'write -P 0x44 3M 1M' "
+       "src.raw >/dev/null && "
        // qemu-img 7.2 'convert -c -O qcow' writes everything, then exits 1
        // without a message (as fixtures/regenerate.sh notes): checked by compare.
        "(qemu-img convert -c -O qcow src.raw img.qcow || true) && qemu-img compare -q -F raw img.qcow src.raw",
        false, true},
       {"qcow v1 raw backing",
        "qemu-img create -q -f raw base.raw 6M && qemu-io -f raw -c 'write -P 0x77 0 6M' base.raw >/dev/null && "
-       "qemu-img create -q -f qcow -b base.raw -F raw img.qcow 8M && qemu-io -f qcow -c 'write -P 9 1M 64k' img.qcow >/dev/null",
+       "qemu-img create -q -f qcow -b base.raw -F raw img.qcow 8M && qemu-io -f qcow -c 'write -P 9 1M 64k' img.qcow "
+       ">/dev/null",
        true, true},
       {"qcow v1 over a qcow v1 backing",
        "qemu-img create -q -f raw src.raw 8M && qemu-io -f raw -c 'write -P 0x31 0 5M' src.raw >/dev/null && "
-       "(qemu-img convert -c -O qcow src.raw base.qcow || true) && qemu-img compare -q -F raw base.qcow src.raw && qemu-io -f qcow -c 'write -P 0x34 6M 1M' base.qcow >/dev/null && "
+       "(qemu-img convert -c -O qcow src.raw base.qcow || true) && qemu-img compare -q -F raw base.qcow src.raw && "
+       "qemu-io -f qcow -c 'write -P 0x34 6M 1M' base.qcow >/dev/null && "
        "qemu-img create -q -f qcow -b base.qcow -F qcow img.qcow 8M && "
-       "qemu-io -f qcow -c 'write -P 0x32 4k 4k' -c 'write -P 0x33 1025k 3k' -c 'write -P 0x35 7M 64k' img.qcow >/dev/null",
+       "qemu-io -f qcow -c 'write -P 0x32 4k 4k' -c 'write -P 0x33 1025k 3k' -c 'write -P 0x35 7M 64k' img.qcow "
+       ">/dev/null",
        true, true},
   };
   uint64_t seed = 1;
@@ -247,14 +256,12 @@ std::unique_ptr<dmcow::Image> CompressedImage(const TempDir& dir, const std::vec
 }  // namespace
 
 TEST_CASE("assembled chunks fill scratch in the order they are read, each once") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   // 64 chunks of 64 KiB, each compressed, each with its own content.
   std::string cmds;
-  for (int c = 0; c < 64; c++) cmds += " -c 'write -P " + std::to_string(c + 1) + " " + std::to_string(c * 64) + "k 40k'";
+  for (int c = 0; c < 64; c++)
+    cmds += " -c 'write -P " + std::to_string(c + 1) + " " + std::to_string(c * 64) + "k 40k'";
   MustRun("cd " + dir.path() + " && qemu-img create -q -f raw src.raw 4M && qemu-io -f raw" + cmds +
           " src.raw >/dev/null && qemu-img convert -c -O qcow2 src.raw img.qcow2");
   const std::vector<uint8_t> ref = ReadWholeFile(dir / "src.raw");
@@ -321,16 +328,14 @@ TEST_CASE("assembled chunks fill scratch in the order they are read, each once")
 }
 
 TEST_CASE("scratch over its budget is reclaimed, oldest first, and reused") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   // 512 chunks of 64 KiB, each compressible and unlike the others (no chunk
   // reads zeros, so a stale mapping onto a punched slot shows).
   constexpr uint64_t kChunks = 512, kChunkBytes = 65536;
   std::vector<uint8_t> ref(kChunks * kChunkBytes);
-  for (size_t i = 0; i < ref.size(); i++) ref[i] = static_cast<uint8_t>(i / kChunkBytes * 7 + 1 + (i % 97 == 0 ? i % 5 : 0));
+  for (size_t i = 0; i < ref.size(); i++)
+    ref[i] = static_cast<uint8_t>(i / kChunkBytes * 7 + 1 + (i % 97 == 0 ? i % 5 : 0));
   std::unique_ptr<dmcow::Image> image = CompressedImage(dir, ref);
   const dmcowd::Qcow2Geometry geo = Qcow2Mapper::GeometryFor(*image);
   REQUIRE(geo.chunks == kChunks);
@@ -414,10 +419,7 @@ TEST_CASE("scratch over its budget is reclaimed, oldest first, and reused") {
 }
 
 TEST_CASE("a chunk written after it was assembled leaves its run; its slot is reclaimed") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   constexpr uint64_t kChunks = 512, kChunkBytes = 65536;
   std::vector<uint8_t> ref(kChunks * kChunkBytes);
@@ -462,10 +464,7 @@ TEST_CASE("a chunk written after it was assembled leaves its run; its slot is re
 }
 
 TEST_CASE("a disk under twice the scratch budget is never reclaimed") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   TempDir dir;
   // 96 chunks, all compressed; a 64-slot budget would be passed, but the
   // disk is under twice it: scratch is bounded by the disk anyway.
@@ -482,4 +481,58 @@ TEST_CASE("a disk under twice the scratch budget is never reclaimed") {
   for (uint64_t c = 1; c < 96; c += 2) MapChunk(&mapper, c);
   REQUIRE(mapper.scratch_live_chunks() == 96);
   REQUIRE(!mapper.WantsReclaim());
+}
+
+TEST_CASE("a whole-chunk write answers RW only where the base device holds the chunk's data") {
+  SKIP_WITHOUT_QEMU();
+  // An RW answer leaves the fill to the kernel, which copies from the base
+  // device when it holds no mapping for the chunk (a ZERO or RO mapping it
+  // dropped, or never had), and does copy even for a whole-chunk write that
+  // a noflush suspend pushed back (docs/abi.md, "Cached mappings"). Over a
+  // backing file the base device holds the backing's data, so zero,
+  // compressed and snapshot-shared clusters must be filled here.
+  TempDir dir;
+  MustRun(
+      "cd " + dir.path() +
+      " && qemu-img create -q -f qcow2 base.qcow2 1M && qemu-io -f qcow2 -c 'write -P 0x31 0 1M' base.qcow2 >/dev/null"
+      " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 img.qcow2 1M"
+      " && qemu-io -f qcow2 -c 'write -z 0 64k' -c 'write -c -P 0x42 128k 64k' -c 'write -P 0x53 192k 64k'"
+      " img.qcow2 >/dev/null && qemu-img snapshot -c s1 img.qcow2");
+  dmcow::OpenOptions o;
+  o.writable = true;
+  std::unique_ptr<dmcow::Image> image;
+  REQUIRE(dmcow::OpenImage(dir / "img.qcow2", o, &image).ok());
+  const uint64_t scratch_sectors = Qcow2Mapper::GeometryFor(*image).scratch_sectors;
+  ScratchRecorder space(scratch_sectors * 512);
+  Qcow2Mapper mapper(image.get(), &space, true, true);
+  REQUIRE(mapper.Init().ok());
+  // A whole-chunk write to `chunk` (not read before: the kernel has no
+  // mapping); its kind, and the 64 KiB now at the place it names.
+  auto full_write = [&](uint64_t chunk, std::vector<uint8_t>* placed) {
+    dmcowd::MapRequest req;
+    req.chunk = chunk;
+    req.write = true;
+    req.full_chunk = true;
+    req.batch = 1;
+    dmcowd::Answer a;
+    REQUIRE(mapper.Map(req, &a).ok());
+    REQUIRE(a.error == 0);
+    REQUIRE(a.mapping.cow_sector >= scratch_sectors);
+    const std::vector<uint8_t> file = ReadWholeFile(dir / "img.qcow2");
+    const uint64_t at = (a.mapping.cow_sector - scratch_sectors) * 512;
+    placed->assign(64 << 10, 0xee);  // what a file too short for the chunk shows
+    if (at < file.size()) {
+      std::copy(file.begin() + at, file.begin() + std::min<uint64_t>(file.size(), at + placed->size()),
+                placed->begin());
+    }
+    return a.mapping.kind;
+  };
+  std::vector<uint8_t> placed;
+  REQUIRE(full_write(0, &placed) == dmcowd::MapKind::kFilledRW);  // zero cluster: zeroed here
+  CHECK(placed == std::vector<uint8_t>(64 << 10, 0));
+  REQUIRE(full_write(1, &placed) == dmcowd::MapKind::kRW);        // unallocated: the base device holds its data
+  REQUIRE(full_write(2, &placed) == dmcowd::MapKind::kFilledRW);  // compressed: decompressed here
+  CHECK(placed == std::vector<uint8_t>(64 << 10, 0x42));
+  REQUIRE(full_write(3, &placed) == dmcowd::MapKind::kFilledRW);  // shared with s1: copied here
+  CHECK(placed == std::vector<uint8_t>(64 << 10, 0x53));
 }

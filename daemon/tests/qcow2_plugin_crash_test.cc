@@ -50,8 +50,8 @@ std::vector<Op> MakeOps(uint64_t size, uint64_t seed, uint64_t max_len) {
 }
 
 struct Outcome {
-  std::vector<uint8_t> flushed;     // content as of the last completed flush
-  std::vector<bool> unsure;         // sectors written since that flush
+  std::vector<uint8_t> flushed;  // content as of the last completed flush
+  std::vector<bool> unsure;      // sectors written since that flush
 };
 
 // Runs `ops` until the power fails; what the device promised is in *out.
@@ -99,10 +99,7 @@ void RunOps(CrashEnv* env, const std::string& path, const std::vector<Op>& ops, 
 }  // namespace
 
 TEST_CASE("qcow2 plugin: a crash at any point leaves a consistent image with every flushed write") {
-  if (!HaveQemuImg()) {
-    WARN("qemu-img not found: skipped");
-    return;
-  }
+  SKIP_WITHOUT_QEMU();
   struct Shape {
     const char* name;
     std::string setup;

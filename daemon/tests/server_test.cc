@@ -75,7 +75,8 @@ TEST_CASE("a batch is answered in order with one write") {
   FakePlugin p;
   std::mutex mu;
   Server s(&k, &p, &mu);
-  dmcow_request reqs[] = {Req(1, DMCOW_REQ_MAP_WRITE, 5), Req(2, DMCOW_REQ_MAP_READ, 6), Req(3, DMCOW_REQ_MAP_WRITE, 7)};
+  dmcow_request reqs[] = {Req(1, DMCOW_REQ_MAP_WRITE, 5), Req(2, DMCOW_REQ_MAP_READ, 6),
+                          Req(3, DMCOW_REQ_MAP_WRITE, 7)};
   reqs[2].flags = DMCOW_REQ_F_FULL_CHUNK;
   REQUIRE(s.ProcessBatch(reqs, 3).ok());
   REQUIRE(k.calls == std::vector<size_t>{3});
@@ -114,7 +115,8 @@ TEST_CASE("a refused reply is retracted and answered with an error") {
   Server s(&k, &p, &mu);
   k.refuse_seq = 2;
   k.refusals = 2;  // the batch write, then the resend that learns the errno
-  dmcow_request reqs[] = {Req(1, DMCOW_REQ_MAP_WRITE, 1), Req(2, DMCOW_REQ_MAP_WRITE, 2), Req(3, DMCOW_REQ_MAP_WRITE, 3)};
+  dmcow_request reqs[] = {Req(1, DMCOW_REQ_MAP_WRITE, 1), Req(2, DMCOW_REQ_MAP_WRITE, 2),
+                          Req(3, DMCOW_REQ_MAP_WRITE, 3)};
   REQUIRE(s.ProcessBatch(reqs, 3).ok());
   CHECK(p.retracted == std::vector<uint64_t>{2});
   REQUIRE(k.applied.size() == 3);

@@ -16,7 +16,8 @@ constexpr uint32_t kCs = 128;
 bool Same(const std::vector<Extent>& a, const std::vector<Extent>& b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); i++) {
-    if (a[i].chunk != b[i].chunk || a[i].nr_chunks != b[i].nr_chunks || a[i].cow_sector != b[i].cow_sector) return false;
+    if (a[i].chunk != b[i].chunk || a[i].nr_chunks != b[i].nr_chunks || a[i].cow_sector != b[i].cow_sector)
+      return false;
   }
   return true;
 }

@@ -15,9 +15,15 @@ inline uint32_t LoadBE32(const uint8_t* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 inline uint64_t LoadBE64(const uint8_t* p) { return (uint64_t{LoadBE32(p)} << 32) | LoadBE32(p + 4); }
-inline void StoreBE16(uint8_t* p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+inline void StoreBE16(uint8_t* p, uint16_t v) {
+  p[0] = v >> 8;
+  p[1] = v & 0xff;
+}
 inline void StoreBE32(uint8_t* p, uint32_t v) {
-  p[0] = v >> 24; p[1] = (v >> 16) & 0xff; p[2] = (v >> 8) & 0xff; p[3] = v & 0xff;
+  p[0] = v >> 24;
+  p[1] = (v >> 16) & 0xff;
+  p[2] = (v >> 8) & 0xff;
+  p[3] = v & 0xff;
 }
 inline void StoreBE64(uint8_t* p, uint64_t v) {
   StoreBE32(p, static_cast<uint32_t>(v >> 32));
@@ -26,9 +32,7 @@ inline void StoreBE64(uint8_t* p, uint64_t v) {
 
 // a + b, false on overflow.
 inline bool CheckedAdd(uint64_t a, uint64_t b, uint64_t* sum) { return !__builtin_add_overflow(a, b, sum); }
-inline bool CheckedMul(uint64_t a, uint64_t b, uint64_t* product) {
-  return !__builtin_mul_overflow(a, b, product);
-}
+inline bool CheckedMul(uint64_t a, uint64_t b, uint64_t* product) { return !__builtin_mul_overflow(a, b, product); }
 
 inline uint64_t DivRoundUp(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 

@@ -2,19 +2,13 @@
 # /init of the demo VM (scripts/vm-demo.sh): attach a qcow2 image made by
 # qemu-img on the host, use it as a disk, detach, send it back.
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-for m in $(cat /etc/modules); do	# load order written by vm-demo.sh (lib.sh vm_modules)
-	insmod /lib/modules/$m.ko || { echo "DEMO-FAIL insmod $m"; poweroff -f; }
-done
+fail() { echo "DEMO-FAIL $*"; poweroff -f; }
+boot_failed() { fail "$@"; }
+. /prologue.sh
+vm_prologue
 echo 1 > /proc/sys/kernel/printk
 cd /demo
 step() { echo; echo "(vm) \$ $*"; "$@"; }
-fail() { echo "DEMO-FAIL $*"; poweroff -f; }
 dev=$(dmcow-qcow attach --name demo demo.qcow2) || fail "attach"
 echo "(vm) \$ dmcow-qcow attach --name demo demo.qcow2"
 echo "$dev"

@@ -343,15 +343,15 @@ int WaitReloads(const Daemon& d, int count, int timeout_ms) {
 // builds the same kind of table at once.
 void TestReloadScattered() {
   const std::string name = "dc-reload", base = "/tmp/rl-base.img", cow = "/tmp/rl-cow.img";
-  const uint32_t cs = 8;  // 4 KiB chunks
+  const uint32_t cs = 8;                // 4 KiB chunks
   const uint64_t sectors = 16384 * cs;  // 64 MiB
   const int max_targets = 4001;
   WriteBaseFile(base, sectors);
   unlink(cow.c_str());
   Model m(sectors);
   std::mt19937_64 rng(11);
-  Daemon d(name, {"--chunk-size", "4K", "--reload-interval", "1", "--max-targets", std::to_string(max_targets),
-                  base, cow});
+  Daemon d(name,
+           {"--chunk-size", "4K", "--reload-interval", "1", "--max-targets", std::to_string(max_targets), base, cow});
   d.Start();
   int fd = OpenDev(name);
   // Whole chunks in random order: each its own run in cow space.
@@ -500,7 +500,7 @@ void TestKilledMidWrite() {
 // in every round, and so does everything else flushed before the kill.
 void TestKilledRepeatedly() {
   const std::string name = "dc-rekill", base = "/tmp/rk-base.img", cow = "/tmp/rk-cow.img";
-  const uint32_t cs = 128;  // 64 KiB chunks
+  const uint32_t cs = 128;             // 64 KiB chunks
   const uint64_t sectors = 64 * 2048;  // 64 MiB: the writer's 45 MiB outlast every kill moment below
   const uint64_t at = 2 * 2048, writer_from = 19 * 2048;
   WriteBaseFile(base, sectors);
@@ -791,5 +791,6 @@ const TestCase kTests[] = {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return dmcow_vm::TestMain(argc, argv, "daemontest", kTests, sizeof(kTests) / sizeof(kTests[0]), "DMCOW_DAEMON_TEST_TIMEOUT", 120);
+  return dmcow_vm::TestMain(argc, argv, "daemontest", kTests, sizeof(kTests) / sizeof(kTests[0]),
+                            "DMCOW_DAEMON_TEST_TIMEOUT", 120);
 }

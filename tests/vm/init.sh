@@ -7,25 +7,12 @@
 #                                by this script)
 #   DMCOW-END <status>           all tests ran
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /tmp /run
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-echo "root:x:0:0:root:/:/bin/sh" >/etc/passwd	# bonnie++ -u root looks it up
-echo "root:x:0:" >/etc/group
-
-fail_boot() {
+boot_failed() {
 	echo "DMCOW-BOOT FAIL $*"
 	poweroff -f
 }
-
-for m in $(cat /etc/modules); do	# load order written by run.sh (lib.sh vm_modules)
-	insmod /lib/modules/$m.ko || fail_boot "insmod $m"
-done
-[ -e /dev/mapper/control ] || fail_boot "no /dev/mapper/control"
+. /prologue.sh
+vm_prologue
 # From here on warnings and worse reach the console (quiet hides them), so
 # a WARNING or BUG during a test shows up in the log that run.sh scans.
 echo 5 > /proc/sys/kernel/printk

@@ -55,13 +55,17 @@ vm_build_kmod() {
 }
 
 # ---- initramfs ----------------------------------------------------------------
-# vm_initramfs_begin DIR: a fresh tree with busybox and dmsetup; sets R.
+# vm_initramfs_begin DIR INIT: a fresh tree with busybox, dmsetup, the
+# shared first steps of every /init (prologue.sh) and INIT as /init; sets R.
 vm_initramfs_begin() {
 	R=$1
 	rm -rf "$R"
 	mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules}
 	cp /bin/busybox "$R/bin/busybox"
 	cp "$(command -v dmsetup)" "$R/sbin/dmsetup"
+	cp "$SRC/tests/vm/prologue.sh" "$R/prologue.sh"
+	cp "$2" "$R/init"
+	chmod 755 "$R/init"
 }
 
 # vm_copy_libs BINARY...: their shared libraries (and the loader), at their

@@ -12,7 +12,11 @@
 // (qcow v1, which qemu-img cannot check: "writev1", convert and compare
 // succeed, and dmcow-img check finds no errors).
 #include <fcntl.h>
+#include <linux/loop.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/fanotify.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -20,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -61,7 +66,8 @@ std::string Attach(const std::string& name, const std::string& image, bool read_
   const int st = Run(args, &out);
   if (st != 0) {
     std::string ls;
-    Run({"/bin/sh", "-c", "ls /dev/dm-cow; ls /sys/class/misc | grep cow; dmsetup ls; cat /proc/mounts | grep dev"}, &ls);
+    Run({"/bin/sh", "-c", "ls /dev/dm-cow; ls /sys/class/misc | grep cow; dmsetup ls; cat /proc/mounts | grep dev"},
+        &ls);
     out += " || " + ls;
   }
   CHECK(st == 0, "attach %s: exit %d: %s", image.c_str(), st, Tail(out, 1500).c_str());
@@ -255,7 +261,8 @@ void TestFilesystem() {
   mkdir("/tmp/qfs-mnt", 0755);
   CHECK(mount(dev.c_str(), "/tmp/qfs-mnt", "ext4", 0, nullptr) == 0, "mount %s: %s", dev.c_str(), strerror(errno));
   std::string out;
-  const int st = Run({"/sbin/bonnie++", "-d", "/tmp/qfs-mnt", "-s", "24", "-r", "12", "-n", "1", "-u", "root", "-x", "1", "-q"}, &out);
+  const int st = Run(
+      {"/sbin/bonnie++", "-d", "/tmp/qfs-mnt", "-s", "24", "-r", "12", "-n", "1", "-u", "root", "-x", "1", "-q"}, &out);
   CHECK(umount("/tmp/qfs-mnt") == 0, "umount: %s", strerror(errno));
   CHECK(st == 0, "bonnie++ on the attached image: exit %d: %s", st, Tail(out).c_str());
   CHECK(ReadText("/tmp/qfs-mnt/f0").empty(), "mount point not empty after umount");
@@ -415,13 +422,122 @@ void TestLock() {
   Detach("ql3");
 }
 
+// True while `pid` is a live process (not exited, not a zombie).
+bool ProcessLive(pid_t pid) {
+  const std::string stat = ReadText("/proc/" + std::to_string(pid) + "/stat");
+  const size_t paren = stat.rfind(')');
+  return paren != std::string::npos && stat.size() > paren + 2 && stat[paren + 2] != 'Z';
+}
+
+// Every "pid": N of a state file, top level first.
+std::vector<pid_t> StatePids(const std::string& text) {
+  std::vector<pid_t> pids;
+  for (size_t at = text.find("\"pid\":"); at != std::string::npos; at = text.find("\"pid\":", at + 1)) {
+    pids.push_back(static_cast<pid_t>(std::atoll(text.c_str() + at + 6)));
+  }
+  return pids;
+}
+
+// detach after the daemons died never signals whatever process has their
+// pid now. The daemons are SIGKILLed and an unrelated process is written
+// into the state file as the top daemon, as if the kernel had handed the
+// pid on: detach removes the dead daemons' devices, exits 0, and that
+// process lives on. State files with garbage or missing fields, or from
+// before the daemon's identity was recorded, give an error naming the file
+// and signal nothing.
+void TestDetachReusedPid() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/chain-top.qcow2";
+  Attach("qp", path);
+  {  // a second attach of the chain fails at its top (locked): the level it started below is stopped again
+    std::string out;
+    CHECK(Run({kQcow, "attach", "--name", "qp2", path}, &out) != 0, "second attach of %s succeeded", path.c_str());
+    for (int i = 0; i < 100 && access("/dev/mapper/qp2-b1", F_OK) == 0; i++) SleepMs(50);
+    CHECK(access("/dev/mapper/qp2-b1", F_OK) != 0, "a failed attach left /dev/mapper/qp2-b1: %s", Tail(out).c_str());
+  }
+  const std::string state_path = "/run/dmcow-qcow/qp.json";
+  const std::string state = ReadText(state_path);
+  const std::vector<pid_t> daemons = StatePids(state);
+  CHECK(daemons.size() == 2, "expected 2 levels (qp, qp-b1) in %s", state.c_str());
+  for (pid_t d : daemons) kill(d, SIGKILL);
+  for (int i = 0; i < 200 && (ProcessLive(daemons[0]) || ProcessLive(daemons[1])); i++) SleepMs(50);
+  CHECK(!ProcessLive(daemons[0]) && !ProcessLive(daemons[1]), "daemons still running after SIGKILL");
+
+  // The unrelated process: a child that waits for a signal. It keeps none
+  // of our descriptors (the harness reads our result pipe to its end), and
+  // dies with the test, whichever way the test ends.
+  const pid_t other = fork();
+  if (other == 0) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    for (;;) pause();
+  }
+  CHECK(other > 0, "fork");
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{other};
+  auto other_alive = [&] { return ProcessLive(other); };  // a zombie is dead; the reaper reaps it
+  const std::string top_pid = "\"pid\": " + std::to_string(daemons[0]);
+  const size_t at = state.find(top_pid);
+  CHECK(at != std::string::npos, "no '%s' in %s", top_pid.c_str(), state.c_str());
+  std::string reused = state;
+  reused.replace(at, top_pid.size(), "\"pid\": " + std::to_string(other));
+  WriteText(state_path, reused);
+
+  std::string out;
+  int st = Run({kQcow, "detach", "qp"}, &out);
+  const bool survived = other_alive();
+  CHECK(survived, "detach signalled pid %d, which was not the daemon (detach exit %d: %s)", (int)other, st,
+        Tail(out).c_str());
+  CHECK(st == 0, "detach of the dead daemons' devices: exit %d: %s", st, Tail(out).c_str());
+  for (const char* dev : {"/dev/mapper/qp", "/dev/mapper/qp-store", "/dev/mapper/qp-b1", "/dev/mapper/qp-b1-store"}) {
+    CHECK(access(dev, F_OK) != 0, "%s left behind by detach", dev);
+  }
+  CHECK(access(state_path.c_str(), F_OK) != 0, "state file left behind by detach");
+
+  // Damaged or old state files: exit 1, one line naming the damage (and
+  // the file), no crash, nothing signalled (the pid given is `other`'s).
+  const std::string pid = std::to_string(other);
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"garbage {", "damaged state file"},
+      {"{\"levels\": 5}", "damaged state file"},
+      {"{\"levels\": []}", "no levels recorded"},
+      {"{\"levels\": [{\"name\": \"qz\", \"pid\": \"" + pid + "\"}]}", "pid"},
+      {"{\"levels\": [{\"name\": \"qz\"}]}", "pid"},
+      {"{\"levels\": [{\"pid\": " + pid + "}]}", "name"},
+      {"{\"levels\": [{\"name\": \"../qz\", \"pid\": " + pid + "}]}", "qz-bN"},
+      {"{\"levels\": [{\"name\": \"qz\", \"pid\": " + pid + ", \"start_time\": 7}]}", "start_time"},
+      {"{\"levels\": [{\"name\": \"qz\", \"pid\": " + pid + ", \"start_time\": \"x1\"}]}", "start_time"},
+      // From before start times were recorded: the pid cannot be confirmed.
+      {"{\"name\": \"qz\", \"device\": \"/dev/mapper/qz\", \"levels\": [{\"name\": \"qz\", \"pid\": " + pid + "}]}",
+       "not signalled"},
+  };
+  for (const auto& [text, says] : bad) {
+    WriteText("/run/dmcow-qcow/qz.json", text);
+    st = Run({kQcow, "detach", "qz"}, &out);
+    const bool alive = other_alive();
+    CHECK(alive, "detach with state '%s' signalled pid %d: %s", text.c_str(), (int)other, Tail(out).c_str());
+    CHECK(st == 1 && out.find(says) != std::string::npos && out.find('\n') == out.size() - 1,
+          "detach with state '%s': exit %d, expected 1 and one line naming '%s': %s", text.c_str(), st, says.c_str(),
+          Tail(out).c_str());
+    st = Run({kQcow, "list"}, &out);
+    CHECK(st == 0 && out.find("qz ") != std::string::npos, "list with state '%s': exit %d: %s", text.c_str(), st,
+          Tail(out).c_str());
+  }
+  unlink("/run/dmcow-qcow/qz.json");
+}
+
 // --read-only works on an image nobody may write: here on a read-only
 // file system, where even root cannot (and scratch space goes elsewhere).
 void TestReadOnlyFs() {
   const std::string dir = "/tmp/qcow-ro";
   mkdir(dir.c_str(), 0755);
   Must({"/bin/mount", "-t", "tmpfs", "tmpfs", dir});
-  for (const char* f : {"zlib.qcow2", "chain-mid.qcow2", "chain-base.raw"}) CopyFile(std::string(kIn) + "/" + f, dir + "/" + f);
+  for (const char* f : {"zlib.qcow2", "chain-mid.qcow2", "chain-base.raw"})
+    CopyFile(std::string(kIn) + "/" + f, dir + "/" + f);
   Must({"/bin/mount", "-o", "remount,ro", dir});
   std::string error;
   const auto manifest = Manifest();
@@ -494,7 +610,9 @@ void TestScratchBudget() {
       const uint8_t* b = buf.bytes();
       if (n != 4096 || std::count(b, b + 4096, want) != 4096) {
         std::lock_guard<std::mutex> l(mu);
-        if (bad++ == 0) first_bad = Fmt("offset %llu: read %zd, byte 0 is %u, want %u", static_cast<unsigned long long>(off), n, b[0], want);
+        if (bad++ == 0)
+          first_bad =
+              Fmt("offset %llu: read %zd, byte 0 is %u, want %u", static_cast<unsigned long long>(off), n, b[0], want);
       }
     }
     close(fd);
@@ -514,14 +632,451 @@ void TestScratchBudget() {
               static_cast<unsigned long long>(after_order >> 10), static_cast<unsigned long long>(after_random >> 10));
 }
 
+// ---- files named by an image, one open per file (issue 15) --------------------
+
+// A refused attach leaves no device, helper device or state behind.
+void CheckNothingAttached(const std::string& name) {
+  for (const std::string& n :
+       {name, name + "-store", name + "-base", name + "-b1", name + "-b1-store", name + "-b1-base"}) {
+    CHECK(access(("/dev/mapper/" + n).c_str(), F_OK) != 0, "a refused attach left /dev/mapper/%s", n.c_str());
+  }
+  CHECK(access(("/run/dmcow-qcow/" + name + ".json").c_str(), F_OK) != 0, "a refused attach left its state");
+}
+
+// attach with a time limit: a file it must refuse must never block it.
+int AttachRun(const std::vector<std::string>& opts, std::string* out) {
+  std::vector<std::string> args = {"/bin/timeout", "20", kQcow, "attach"};
+  args.insert(args.end(), opts.begin(), opts.end());
+  return Run(args, out);
+}
+
+bool ProcessGone(pid_t pid) {
+  const std::string stat = ReadText("/proc/" + std::to_string(pid) + "/stat");
+  const size_t paren = stat.rfind(')');
+  return stat.empty() || (paren != std::string::npos && stat.size() > paren + 2 && stat[paren + 2] == 'Z');
+}
+
+// Every byte of [off, off + len) of the open device is `want`.
+void CheckBytes(int fd, uint64_t off, uint64_t len, uint8_t want, const std::string& what) {
+  std::vector<uint8_t> buf(65536);
+  for (uint64_t at = off; at < off + len;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), off + len - at));
+    CHECK(pread(fd, buf.data(), n, static_cast<off_t>(at)) == static_cast<ssize_t>(n), "%s: read at %llu", what.c_str(),
+          static_cast<unsigned long long>(at));
+    for (size_t i = 0; i < n; i++) {
+      CHECK(buf[i] == want, "%s: byte %llu is 0x%02x, want 0x%02x", what.c_str(),
+            static_cast<unsigned long long>(at + i), buf[i], want);
+    }
+    at += n;
+  }
+}
+
+// SIGKILL of the daemon leaves the device (its folded segments write the
+// image through the loop device): the QEMU lock must stay as long as that,
+// so QEMU (and a second attach) cannot open the image for writing under it.
+// The lock lives on the loop's own open file; detach removes the devices,
+// the loop lets the file go, and with it the lock.
+void TestLockAfterKill() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/v2.qcow2";
+  Attach("qlk", path);
+  const pid_t daemon = DaemonPid("qlk");
+  CHECK(kill(daemon, SIGKILL) == 0, "kill %d: %s", daemon, strerror(errno));
+  for (int i = 0; i < 200 && !ProcessGone(daemon); i++) SleepMs(50);
+  CHECK(ProcessGone(daemon), "dmcowd %d still runs after SIGKILL", daemon);
+  std::string out;
+  int st = Run({"/bin/qemu-io", "-f", "qcow2", "-c", "read 0 512", path}, &out);
+  CHECK(st != 0 && out.find("Failed to get \"write\" lock") != std::string::npos,
+        "qemu-io opened for writing an image whose device is still there (daemon killed): exit %d: %s", st,
+        Tail(out).c_str());
+  st = Run({kQcow, "attach", "--name", "qlk2", path}, &out);
+  CHECK(st != 0 && out.find("lock") != std::string::npos,
+        "a second read-write attach of it succeeded or failed without naming the lock: exit %d: %s", st,
+        Tail(out).c_str());
+  CheckNothingAttached("qlk2");
+  Detach("qlk");
+  for (int i = 0; i < 30; i++) {  // the loop device lets go of the file once the tables do
+    st = Run({"/bin/qemu-io", "-f", "qcow2", "-c", "read 0 512", path}, &out);
+    if (st == 0) break;
+    SleepMs(100);
+  }
+  CHECK(st == 0, "qemu-io still refused after detach: %s", Tail(out).c_str());
+}
+
+// Holds every opener of one file at its open (fanotify permission events)
+// and, at the first, runs `swap` while that opener waits: a name changed
+// between two opens, deterministically.
+class SwapAtFirstOpen {
+ public:
+  SwapAtFirstOpen(const std::string& file, std::function<void()> swap) : swap_(std::move(swap)) {
+    fan_ = fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY | O_LARGEFILE);
+    CHECK(fan_ >= 0, "fanotify_init: %s", strerror(errno));
+    CHECK(fanotify_mark(fan_, FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD, file.c_str()) == 0, "fanotify_mark %s: %s",
+          file.c_str(), strerror(errno));
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~SwapAtFirstOpen() {
+    stop_ = true;
+    thread_.join();
+    close(fan_);  // also allows whatever still waits
+  }
+  int opens() const { return opens_; }
+
+ private:
+  void Loop() {
+    while (!stop_) {
+      pollfd p{fan_, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      alignas(fanotify_event_metadata) char buf[4096];
+      ssize_t n = read(fan_, buf, sizeof(buf));
+      for (auto* m = reinterpret_cast<fanotify_event_metadata*>(buf); n > 0 && FAN_EVENT_OK(m, n);
+           m = FAN_EVENT_NEXT(m, n)) {
+        if (m->mask & FAN_OPEN_PERM) {
+          if (opens_++ == 0) swap_();
+          fanotify_response r{m->fd, FAN_ALLOW};
+          (void)!write(fan_, &r, sizeof(r));
+        }
+        if (m->fd >= 0) close(m->fd);
+      }
+    }
+  }
+  std::function<void()> swap_;
+  int fan_ = -1;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> opens_{0};
+  std::thread thread_;
+};
+
+// No name is resolved twice. The user who owns an image's directory swaps
+// it for a symbolic link to another directory (another image of the same
+// name) while attach opens the image: the opener waits on a fanotify
+// permission event meanwhile. The device must be the file attach opened:
+// its content, its loop device's file, and writes land in it, never in the
+// other file. Before one open per file, the daemon opened the path three
+// more times and served the other image.
+void TestOneOpen() {
+  const std::string dir = "/tmp/qcow-swap";
+  Run({"/bin/rm", "-rf", dir});
+  CHECK(mkdir(dir.c_str(), 0755) == 0 && mkdir((dir + "/d").c_str(), 0755) == 0 &&
+            mkdir((dir + "/evil").c_str(), 0755) == 0,
+        "mkdir %s", dir.c_str());
+  Must({"/bin/cp", std::string(kIn) + "/v2.qcow2", dir + "/d/img.qcow2"});
+  Must({"/bin/cp", std::string(kIn) + "/zlib.qcow2", dir + "/evil/img.qcow2"});
+  const std::string evil_sum = Sha256(dir + "/evil/img.qcow2");
+  const auto manifest = Manifest();
+  std::atomic<bool> swapped{false};
+  {
+    SwapAtFirstOpen watch(dir + "/d/img.qcow2", [&] {
+      swapped =
+          rename((dir + "/d").c_str(), (dir + "/d.orig").c_str()) == 0 && symlink("evil", (dir + "/d").c_str()) == 0;
+    });
+    const std::string dev = Attach("qso", dir + "/d/img.qcow2");
+    CHECK(watch.opens() >= 1 && swapped, "the directory was not swapped during the attach (%d opens)", watch.opens());
+    CHECK(Sha256(dev) == manifest.at("v2.qcow2"),
+          "the device serves another file than the one attach opened (a name resolved again after the swap)");
+    CHECK(CheckLinearOntoImage("qso", dir + "/d.orig/img.qcow2") > 0, "no linear target onto the image's loop");
+    const int fd = open(dev.c_str(), O_RDWR | O_CLOEXEC);
+    CHECK(fd >= 0, "open %s", dev.c_str());
+    std::vector<uint8_t> pattern(65536, 0x5a);
+    CHECK(pwrite(fd, pattern.data(), pattern.size(), 0) == static_cast<ssize_t>(pattern.size()) && fsync(fd) == 0,
+          "write through %s: %s", dev.c_str(), strerror(errno));
+    close(fd);
+    Detach("qso");
+  }
+  CHECK(Sha256(dir + "/evil/img.qcow2") == evil_sum, "the other image was written through the device");
+  const std::string dev = Attach("qso", dir + "/d.orig/img.qcow2", true);
+  const int fd = open(dev.c_str(), O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s", dev.c_str());
+  CheckBytes(fd, 0, 65536, 0x5a, "the image attach opened, after the write");
+  close(fd);
+  Detach("qso");
+  Run({"/bin/rm", "-rf", dir});
+}
+
+// A backing file that is not a regular file: a FIFO, a character device
+// (never opened, so never blocking), a block device: refused with the
+// image and the file named, nothing attached; --allow-device-backing lets
+// the block device in (LVM users), and it reads right; nothing lets the
+// others in.
+void TestOddBacking() {
+  FreshWork();
+  const std::string img = std::string(kWork) + "/odd.qcow2", base = std::string(kWork) + "/odd-base";
+  auto refused = [&](const std::vector<std::string>& opts, const char* type) {
+    std::vector<std::string> args = {"--name", "qod"};
+    args.insert(args.end(), opts.begin(), opts.end());
+    args.push_back(img);
+    std::string out;
+    const auto t0 = Clock::now();
+    const int st = AttachRun(args, &out);
+    CHECK(st == 1, "attach of an image whose backing file is %s: exit %d after %ld ms (want 1): %s", type, st,
+          MsSince(t0), Tail(out).c_str());
+    const std::string want = img + ": backing file '" + base + "' is " + type;
+    CHECK(out.find(want) != std::string::npos, "message does not say '%s': %s", want.c_str(), Tail(out).c_str());
+    CheckNothingAttached("qod");
+    return out;
+  };
+  CHECK(mkfifo(base.c_str(), 0644) == 0, "mkfifo: %s", strerror(errno));
+  refused({}, "a FIFO");
+  refused({"--allow-device-backing"}, "a FIFO");
+  unlink(base.c_str());
+  CHECK(symlink("/dev/null", base.c_str()) == 0, "symlink");
+  refused({"--allow-device-backing"}, "a character device");
+  // A block device: a loop device over a file of 0xb2.
+  const std::string raw = "/tmp/qcow-odd-dev.raw";
+  WriteText(raw, std::string(4 << 20, '\xb2'));
+  const int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+  const int n = ctl < 0 ? -1 : ioctl(ctl, LOOP_CTL_GET_FREE);
+  if (ctl >= 0) close(ctl);
+  CHECK(n >= 0, "no free loop device: %s", strerror(errno));
+  const std::string loop = "/dev/loop" + std::to_string(n);
+  const int lfd = open(loop.c_str(), O_RDWR | O_CLOEXEC), ffd = open(raw.c_str(), O_RDWR | O_CLOEXEC);
+  CHECK(lfd >= 0 && ffd >= 0 && ioctl(lfd, LOOP_SET_FD, ffd) == 0, "loop device over %s: %s", raw.c_str(),
+        strerror(errno));
+  close(ffd);
+  unlink(base.c_str());
+  CHECK(symlink(loop.c_str(), base.c_str()) == 0, "symlink");
+  const std::string said = refused({}, "a block device");
+  CHECK(said.find("--allow-device-backing") != std::string::npos, "the refusal does not name the option: %s",
+        said.c_str());
+  std::string out;
+  const int st = AttachRun({"--name", "qod", "--allow-device-backing", img}, &out);
+  CHECK(st == 0 && out == "/dev/mapper/qod\n", "attach --allow-device-backing: exit %d: %s", st, Tail(out).c_str());
+  const int fd = open("/dev/mapper/qod", O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "open /dev/mapper/qod");
+  CheckBytes(fd, 0, 65536, 0xa1, "the image's own cluster");
+  CheckBytes(fd, 65536, (4 << 20) - 65536, 0xb2, "the block device under it");
+  close(fd);
+  Detach("qod");
+  ioctl(lfd, LOOP_CLR_FD, 0);
+  close(lfd);
+  unlink(raw.c_str());
+}
+
+// --no-backing: the top image alone, its unallocated clusters read zeros
+// where the chain below holds data (chain-top.qcow2: 0x53 at 1536 KiB,
+// 1 MiB long, and the cluster at 7 MiB: 0x54 for 3 KiB, then the 0x51 qemu
+// copied from below; the rest is chain-mid's and chain-base's, 0x51 and
+// 0x52 everywhere), and no device for the levels below.
+void TestNoBacking() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/chain-top.qcow2";
+  std::string out;
+  const int st = AttachRun({"--name", "qnb", "--no-backing", path}, &out);
+  CHECK(st == 0 && out == "/dev/mapper/qnb\n", "attach --no-backing: exit %d: %s", st, Tail(out).c_str());
+  CHECK(access("/dev/mapper/qnb-b1", F_OK) != 0, "--no-backing attached the backing image too");
+  const int fd = open("/dev/mapper/qnb", O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "open /dev/mapper/qnb");
+  CheckBytes(fd, 0, 1536 << 10, 0, "unallocated, below 1536 KiB");
+  CheckBytes(fd, 1536 << 10, 1 << 20, 0x53, "the image's data");
+  CheckBytes(fd, 2560 << 10, (7 << 20) - (2560 << 10), 0, "unallocated, 2560 KiB to 7 MiB");
+  CheckBytes(fd, 7 << 20, 3 << 10, 0x54, "the image's data at 7 MiB");
+  // The rest of that cluster is the image's too: qemu-io copied the backing's 0x51 into it.
+  CheckBytes(fd, (7 << 20) + (3 << 10), 61 << 10, 0x51, "the rest of the image's cluster at 7 MiB");
+  CheckBytes(fd, (7 << 20) + (64 << 10), (1 << 20) - (64 << 10), 0, "unallocated, after 7 MiB + 64 KiB");
+  close(fd);
+  Detach("qnb");
+}
+
+// --read-only opens nothing for writing: each daemon's descriptors onto the
+// chain's files are read-only, so are the loop devices over them; a write to
+// the device fails; every file of the chain (image, qcow2 backing, raw
+// bottom) keeps its bytes, mtime and ctime. Bad command lines: exit 2,
+// nothing attached.
+void TestReadOnlyUntouched() {
+  FreshWork();
+  const std::vector<std::string> files = {std::string(kWork) + "/chain-top.qcow2",
+                                          std::string(kWork) + "/chain-mid.qcow2",
+                                          std::string(kWork) + "/chain-base.raw"};
+  std::vector<std::string> sums;
+  std::vector<struct stat> before(files.size());
+  for (size_t i = 0; i < files.size(); i++) {
+    sums.push_back(Sha256(files[i]));
+    CHECK(stat(files[i].c_str(), &before[i]) == 0, "stat %s", files[i].c_str());
+  }
+  std::string out;
+  int st = AttachRun({"--name", "qrd", "--read-only", files[0]}, &out);
+  CHECK(st == 0 && out == "/dev/mapper/qrd\n", "attach --read-only: exit %d: %s", st, Tail(out).c_str());
+  CHECK(Sha256("/dev/mapper/qrd") == Manifest().at("chain-top.qcow2"), "chain-top.qcow2 read-only reads wrong");
+  // Every daemon: no descriptor onto a file of the chain is open for writing.
+  const std::string state = ReadText("/run/dmcow-qcow/qrd.json");
+  int daemons = 0;
+  for (size_t at = state.find("\"pid\":"); at != std::string::npos; at = state.find("\"pid\":", at + 1)) {
+    const std::string fds = "/proc/" + std::to_string(std::atoll(state.c_str() + at + 6)) + "/fd";
+    daemons++;
+    std::string ls;
+    Run({"/bin/sh", "-c", "for f in " + fds + "/*; do echo \"${f##*/} $(readlink $f)\"; done"}, &ls);
+    std::istringstream in(ls);
+    std::string fd, target;
+    while (in >> fd && std::getline(in, target)) {
+      target.erase(0, target.find_first_not_of(' '));
+      if (std::find(files.begin(), files.end(), target) == files.end()) continue;
+      const std::string info = ReadText(fds.substr(0, fds.size() - 2) + "fdinfo/" + fd);
+      const size_t f = info.find("flags:");
+      CHECK(f != std::string::npos && (std::strtol(info.c_str() + f + 6, nullptr, 8) & O_ACCMODE) == O_RDONLY,
+            "a daemon has %s open for writing (fd %s): %s", target.c_str(), fd.c_str(), info.c_str());
+    }
+  }
+  CHECK(daemons == 2, "%d daemons for a chain of two qcow2 levels", daemons);
+  std::string loops;
+  Run({"/bin/sh", "-c",
+       "for l in /sys/block/loop*; do [ -f $l/loop/backing_file ] && echo \"$(cat $l/ro) $(cat "
+       "$l/loop/backing_file)\"; done"},
+      &loops);
+  for (const std::string& f : files) {
+    const size_t at = loops.find(" " + f + "\n");
+    CHECK(at == std::string::npos || (at > 0 && loops[at - 1] == '1'), "a loop device over %s is writable: %s",
+          f.c_str(), loops.c_str());
+  }
+  const int fd = open("/dev/mapper/qrd", O_WRONLY | O_DIRECT | O_CLOEXEC);
+  if (fd >= 0) {
+    Buf buf(4096);
+    memset(buf.data(), 0x77, 4096);
+    const ssize_t w = pwrite(fd, buf.data(), 4096, 0);
+    close(fd);
+    CHECK(w < 0, "a write to a read-only attached device succeeded");
+  }
+  Detach("qrd");
+  for (size_t i = 0; i < files.size(); i++) {
+    struct stat after;
+    CHECK(stat(files[i].c_str(), &after) == 0, "stat %s", files[i].c_str());
+    CHECK(Sha256(files[i]) == sums[i], "%s changed by a read-only attach", files[i].c_str());
+    CHECK(after.st_mtim.tv_sec == before[i].st_mtim.tv_sec && after.st_mtim.tv_nsec == before[i].st_mtim.tv_nsec &&
+              after.st_ctim.tv_sec == before[i].st_ctim.tv_sec && after.st_ctim.tv_nsec == before[i].st_ctim.tv_nsec,
+          "%s: mtime or ctime changed by a read-only attach", files[i].c_str());
+  }
+  // Bad command lines.
+  for (const std::vector<std::string>& bad :
+       std::vector<std::vector<std::string>>{{"--name", "qrd", "--bogus", files[0]},
+                                             {"--name", "qrd", "--no-backing=1", files[0]},
+                                             {"--name", "qrd", "--read-only"},
+                                             {"--name", "q/rd", "--read-only", files[0]}}) {
+    st = AttachRun(bad, &out);
+    CHECK(st == 2, "attach %s ...: exit %d (want 2): %s", bad[2].c_str(), st, Tail(out).c_str());
+    CHECK(out.find("dmcow-qcow: ") != std::string::npos, "no message: %s", out.c_str());
+    CheckNothingAttached("qrd");
+  }
+}
+
+// The kernel's mapping store of a dm-cow device ("dmsetup status": entries
+// first; with the bound, cached entries, their bound and those dropped are
+// appended after the daemon state).
+struct Store {
+  uint64_t mapped = 0, cached = 0, cache_max = 0, dropped = 0;
+  bool has_cache = false;
+};
+Store StoreOf(const std::string& name) {
+  std::string out;
+  CHECK(Run({"/sbin/dmsetup", "status", name}, &out) == 0, "dmsetup status %s: %s", name.c_str(), out.c_str());
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string start, len, type, daemon;
+    Store s;
+    uint64_t skip;
+    f >> start >> len >> type;
+    if (type != "cow") continue;
+    f >> s.mapped >> skip >> skip >> skip >> skip >> skip >> skip >> skip >> daemon;
+    CHECK(!f.fail(), "%s: status line '%s'", name.c_str(), line.c_str());
+    s.has_cache = static_cast<bool>(f >> s.cached >> s.cache_max >> s.dropped);
+    return s;
+  }
+  CHECK(false, "%s: no cow target in the status: %s", name.c_str(), out.c_str());
+  return Store();
+}
+
+// Kernel memory stays bounded whatever is read: a 16 GiB sparse qcow2 over a
+// 16 GiB sparse qcow2 backing (64 KiB clusters: 262,144 chunks each, 16 times
+// the VM's memory) read from end to end, 4 KiB at every MiB. Every read of an
+// unallocated chunk asks the daemon, which answers BASE (the top) or ZERO (the
+// backing) for up to 4,096 chunks; the kernel used to keep one entry per
+// chunk for good (~9 bytes each: 2.4 GiB for 16 TiB). Now each store holds at
+// most cache_chunks (65,536) such entries plus the few allocated chunks read
+// before a reload folded them, and drops older ones. The data read is right
+// at clusters far apart: the top's, the backing's, zero clusters in either.
+// Then writes under a tiny cache (below).
+void TestCacheBound() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/sparse-top.qcow2";
+  const uint64_t size = uint64_t{16} << 30, G = uint64_t{1} << 30;
+  const std::string dev = Attach("qs", path);
+  // qcow_inputs.sh: what each 64 KiB cluster reads.
+  auto expect = [&](uint64_t off) -> uint8_t {
+    const uint64_t c = off & ~uint64_t{0xffff};
+    if (c == 0) return 0xa1;
+    if (c == 5 * G) return 0xb1;
+    if (c == 10 * G) return 0xa2;
+    if (c == size - 65536) return 0xb2;
+    return 0;  // 6 GiB: the top's zero cluster over the backing's 0xa3
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  int fd = open(dev.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  CHECK(fd >= 0, "open %s", dev.c_str());
+  Buf buf(4096);
+  std::vector<uint64_t> offsets;
+  for (uint64_t off = 0; off < size; off += 1 << 20) offsets.push_back(off);
+  for (uint64_t off : {5 * G + 61440, 6 * G + 4096, 12 * G + 65536, size - 65536, size - 4096}) offsets.push_back(off);
+  for (uint64_t off : offsets) {
+    const ssize_t n = pread(fd, buf.data(), 4096, static_cast<off_t>(off));
+    const uint8_t* b = buf.bytes();
+    const uint8_t want = expect(off);
+    if (n != 4096 || std::count(b, b + 4096, want) != 4096) close(fd);
+    CHECK(n == 4096, "read at %llu: %zd (%s)", static_cast<unsigned long long>(off), n, strerror(errno));
+    CHECK(std::count(b, b + 4096, want) == 4096, "offset %llu: byte 0 is %#x, want %#x",
+          static_cast<unsigned long long>(off), b[0], want);
+  }
+  close(fd);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string param_path = "/sys/module/dm_cow/parameters/cache_chunks";
+  const std::string param = ReadText(param_path);
+  const uint64_t cache = param.empty() ? 65536 : std::stoull(param);  // the default
+  const uint64_t bound = cache + 64;
+  const Store stores[2] = {StoreOf("qs"), StoreOf("qs-b1")};
+  std::printf(
+      "read 16 GiB sparse at every MiB in %.1f s; entries in the kernel's store: qs %llu, qs-b1 %llu (bound %llu)\n",
+      secs, static_cast<unsigned long long>(stores[0].mapped), static_cast<unsigned long long>(stores[1].mapped),
+      static_cast<unsigned long long>(bound));
+  for (int i = 0; i < 2; i++) {
+    const Store& st = stores[i];
+    const char* name = i ? "qs-b1" : "qs";
+    CHECK(st.mapped <= bound, "%s: the kernel's store holds %llu entries after reading 16 GiB (bound %llu)", name,
+          static_cast<unsigned long long>(st.mapped), static_cast<unsigned long long>(bound));
+    CHECK(st.has_cache, "%s: no cache figures in the status", name);
+    CHECK(st.cached <= st.cache_max && st.cache_max == cache && st.dropped > 0, "%s: %llu cached of %llu, %llu dropped",
+          name, static_cast<unsigned long long>(st.cached), static_cast<unsigned long long>(st.cache_max),
+          static_cast<unsigned long long>(st.dropped));
+  }
+  Detach("qs");
+
+  // Seeded writes through the daemon while mappings are dropped all the
+  // time (a cache of 16 chunks), over an image with zero clusters over a
+  // backing file (extended L2, 128 KiB clusters): whole-chunk writes to
+  // those are zeroed by the daemon, never filled from the backing; the host
+  // checks the image with qemu-img check and compare.
+  struct Restore {
+    std::string path, value;
+    ~Restore() { WriteText(path, value); }
+  } restore{param_path, param};
+  WriteText(param_path, "16\n");
+  Must({"/bin/cp", std::string(kWork) + "/extl2.qcow2", std::string(kWork) + "/cache-extl2.qcow2"});
+  WriteSeeded("cache-extl2.qcow2", 15);
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
     {"qcow_filesystem", TestFilesystem},
     {"qcow_killed", TestKilled},
     {"qcow_lock", TestLock},
+    {"qcow_detach_reused_pid", TestDetachReusedPid},
     {"qcow_read_only_fs", TestReadOnlyFs},
     {"qcow_scratch_budget", TestScratchBudget},
+    {"qcow_lock_after_kill", TestLockAfterKill},
+    {"qcow_one_open", TestOneOpen},
+    {"qcow_odd_backing", TestOddBacking},
+    {"qcow_no_backing", TestNoBacking},
+    {"qcow_read_only_untouched", TestReadOnlyUntouched},
+    {"qcow_cache_bound", TestCacheBound},
 };
 
 }  // namespace

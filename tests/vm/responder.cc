@@ -22,9 +22,7 @@
 
 namespace dmcow {
 
-std::string ChannelPath(const std::string& ident) {
-  return std::string(DMCOW_DEV_DIR) + ident;
-}
+std::string ChannelPath(const std::string& ident) { return std::string(DMCOW_DEV_DIR) + ident; }
 
 Channel::~Channel() { Close(); }
 
@@ -68,8 +66,7 @@ ssize_t Channel::Write(const std::vector<dmcow_reply>& replies) {
   return WriteRaw(replies.data(), replies.size() * sizeof(dmcow_reply));
 }
 
-int Channel::Handshake(uint32_t version, dmcow_request* hello_out,
-                       int timeout_ms) {
+int Channel::Handshake(uint32_t version, dmcow_request* hello_out, int timeout_ms) {
   int r = Poll(timeout_ms);
   if (r <= 0) return r < 0 ? r : -ETIMEDOUT;
   std::vector<dmcow_request> reqs;
@@ -85,53 +82,8 @@ int Channel::Handshake(uint32_t version, dmcow_request* hello_out,
   return n < 0 ? static_cast<int>(n) : 0;
 }
 
-dmcow_reply MapReply(uint64_t seq, uint32_t map, uint64_t chunk,
-                     uint64_t nr_chunks, uint64_t cow_sector) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_MAP;
-  r.map = map;
-  r.chunk = chunk;
-  r.nr_chunks = nr_chunks;
-  r.cow_sector = cow_sector;
-  return r;
-}
-
-dmcow_reply PushReply(uint32_t map, uint64_t chunk, uint64_t nr_chunks,
-                      uint64_t cow_sector) {
-  dmcow_reply r = MapReply(0, map, chunk, nr_chunks, cow_sector);
-  r.kind = DMCOW_REP_PUSH;
-  return r;
-}
-
-dmcow_reply InvalidateReply(uint64_t chunk, uint64_t nr_chunks) {
-  dmcow_reply r{};
-  r.kind = DMCOW_REP_INVALIDATE;
-  r.chunk = chunk;
-  r.nr_chunks = nr_chunks;
-  return r;
-}
-
-dmcow_reply FlushAck(uint64_t seq) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_FLUSH_ACK;
-  return r;
-}
-
-dmcow_reply ErrorReply(uint64_t seq, uint32_t error) {
-  dmcow_reply r{};
-  r.seq = seq;
-  r.kind = DMCOW_REP_ERROR;
-  r.error = error;
-  return r;
-}
-
-Responder::Responder(std::string ident, uint32_t chunk_sectors,
-                     uint64_t first_cow_chunk)
-    : ident_(std::move(ident)),
-      chunk_sectors_(chunk_sectors),
-      next_cow_chunk_(first_cow_chunk) {}
+Responder::Responder(std::string ident, uint32_t chunk_sectors, uint64_t first_cow_chunk)
+    : ident_(std::move(ident)), chunk_sectors_(chunk_sectors), next_cow_chunk_(first_cow_chunk) {}
 
 Responder::~Responder() { Stop(); }
 
@@ -222,8 +174,7 @@ std::string Responder::Error() const {
   return error_;
 }
 
-void Responder::Handle(const dmcow_request& req,
-                       std::vector<dmcow_reply>* out) {
+void Responder::Handle(const dmcow_request& req, std::vector<dmcow_reply>* out) {
   Hook hook;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -241,9 +192,7 @@ void Responder::Handle(const dmcow_request& req,
       out->push_back(MapReply(req.seq, DMCOW_MAP_RW, req.chunk, 1, sector));
       break;
     }
-    case DMCOW_REQ_MAP_READ:
-      out->push_back(MapReply(req.seq, DMCOW_MAP_BASE, req.chunk, 1, 0));
-      break;
+    case DMCOW_REQ_MAP_READ: out->push_back(MapReply(req.seq, DMCOW_MAP_BASE, req.chunk, 1, 0)); break;
     case DMCOW_REQ_FLUSH: {
       std::lock_guard<std::mutex> l(mu_);
       if (hold_flushes_)
@@ -252,9 +201,7 @@ void Responder::Handle(const dmcow_request& req,
         out->push_back(FlushAck(req.seq));
       break;
     }
-    default:
-      out->push_back(ErrorReply(req.seq, EINVAL));
-      break;
+    default: out->push_back(ErrorReply(req.seq, EINVAL)); break;
   }
 }
 
@@ -266,8 +213,7 @@ void Responder::Run() {
     if (r <= 0) continue;
     r = chan_.Read(&reqs);
     if (r <= 0) continue;
-    if (reply_delay_ms_ > 0)
-      std::this_thread::sleep_for(std::chrono::milliseconds(reply_delay_ms_));
+    if (reply_delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(reply_delay_ms_));
     replies.clear();
     for (const auto& req : reqs) Handle(req, &replies);
     ssize_t n = chan_.Write(replies);
@@ -336,10 +282,8 @@ int main(int argc, char** argv) {
 
   dmcow::Responder resp(ident, chunk_sectors, first);
   if (flush_delay_ms > 0) {
-    resp.SetHook([flush_delay_ms](const dmcow_request& req,
-                                  std::vector<dmcow_reply>*) {
-      if (req.kind == DMCOW_REQ_FLUSH)
-        std::this_thread::sleep_for(std::chrono::milliseconds(flush_delay_ms));
+    resp.SetHook([flush_delay_ms](const dmcow_request& req, std::vector<dmcow_reply>*) {
+      if (req.kind == DMCOW_REQ_FLUSH) std::this_thread::sleep_for(std::chrono::milliseconds(flush_delay_ms));
       return false;
     });
   }

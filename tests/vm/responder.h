@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dm-cow-abi.h"
+#include "dmcowd/replies.h"
 
 namespace dmcow {
 
@@ -47,20 +48,18 @@ class Channel {
   ssize_t Write(const dmcow_reply& reply) { return WriteRaw(&reply, sizeof(reply)); }
 
   // Reads HELLO and answers it with `version`.  Returns 0 or -errno.
-  int Handshake(uint32_t version = DMCOW_ABI_VERSION,
-                dmcow_request* hello_out = nullptr, int timeout_ms = 5000);
+  int Handshake(uint32_t version = DMCOW_ABI_VERSION, dmcow_request* hello_out = nullptr, int timeout_ms = 5000);
 
  private:
   int fd_ = -1;
 };
 
-dmcow_reply MapReply(uint64_t seq, uint32_t map, uint64_t chunk,
-                     uint64_t nr_chunks, uint64_t cow_sector);
-dmcow_reply PushReply(uint32_t map, uint64_t chunk, uint64_t nr_chunks,
-                      uint64_t cow_sector);
-dmcow_reply InvalidateReply(uint64_t chunk, uint64_t nr_chunks);
-dmcow_reply FlushAck(uint64_t seq);
-dmcow_reply ErrorReply(uint64_t seq, uint32_t error);
+// The reply builders dmcowd uses too (daemon/include/dmcowd/replies.h).
+using dmcow_replies::ErrorReply;
+using dmcow_replies::FlushAck;
+using dmcow_replies::InvalidateReply;
+using dmcow_replies::MapReply;
+using dmcow_replies::PushReply;
 
 // Serves a channel from a thread.  Default policy: MAP_WRITE -> RW mapping at
 // the next free cow chunk, MAP_READ -> BASE, FLUSH -> FLUSH_ACK (unless
@@ -68,22 +67,20 @@ dmcow_reply ErrorReply(uint64_t seq, uint32_t error);
 class Responder {
  public:
   // A hook may answer a request itself: append replies and return true.
-  using Hook = std::function<bool(const dmcow_request&,
-                                  std::vector<dmcow_reply>*)>;
+  using Hook = std::function<bool(const dmcow_request&, std::vector<dmcow_reply>*)>;
 
-  Responder(std::string ident, uint32_t chunk_sectors,
-            uint64_t first_cow_chunk = 0);
+  Responder(std::string ident, uint32_t chunk_sectors, uint64_t first_cow_chunk = 0);
   ~Responder();
   Responder(const Responder&) = delete;
   Responder& operator=(const Responder&) = delete;
 
-  int Start();   // opens, handshakes, starts the thread; 0 or -errno
-  void Stop();   // stops the thread and closes the channel
+  int Start();  // opens, handshakes, starts the thread; 0 or -errno
+  void Stop();  // stops the thread and closes the channel
 
   void SetHook(Hook hook);
   void SetReplyDelayMs(int ms) { reply_delay_ms_ = ms; }
   void HoldFlushes(bool hold);
-  void ReleaseFlushes();                 // acks every held FLUSH
+  void ReleaseFlushes();                   // acks every held FLUSH
   ssize_t Send(const dmcow_reply& reply);  // PUSH/INVALIDATE from outside
   uint64_t AllocCow(uint64_t nr_chunks);   // returns a cow sector
 
@@ -93,7 +90,7 @@ class Responder {
   // cow sector of the RW mapping the default policy gave `chunk`, or ~0.
   uint64_t CowOf(uint64_t chunk) const;
   std::vector<dmcow_request> Log() const;
-  std::string Error() const;             // first failed write(), if any
+  std::string Error() const;  // first failed write(), if any
   uint32_t chunk_sectors() const { return chunk_sectors_; }
 
  private:
@@ -107,13 +104,13 @@ class Responder {
   std::atomic<bool> stop_{false};
   std::atomic<int> reply_delay_ms_{0};
   mutable std::mutex mu_;
-  Hook hook_;                            // guarded by mu_
-  uint64_t next_cow_chunk_;              // guarded by mu_
-  bool hold_flushes_ = false;            // guarded by mu_
-  std::vector<uint64_t> held_flushes_;   // guarded by mu_
-  std::vector<dmcow_request> log_;       // guarded by mu_
-  std::map<uint64_t, uint64_t> rw_;      // chunk -> cow sector; mu_
-  std::string error_;                    // guarded by mu_
+  Hook hook_;                           // guarded by mu_
+  uint64_t next_cow_chunk_;             // guarded by mu_
+  bool hold_flushes_ = false;           // guarded by mu_
+  std::vector<uint64_t> held_flushes_;  // guarded by mu_
+  std::vector<dmcow_request> log_;      // guarded by mu_
+  std::map<uint64_t, uint64_t> rw_;     // chunk -> cow sector; mu_
+  std::string error_;                   // guarded by mu_
 };
 
 }  // namespace dmcow

@@ -3,8 +3,8 @@
 #
 #   tests/vm/run.sh OUTDIR
 #
-# Builds kmod/ against the installed Debian kernel headers, builds the static
-# in-guest test programs, packs an initramfs, boots Debian's kernel under
+# Builds kmod/ against the installed Debian kernel headers, takes the static
+# in-guest test programs CMake built, packs an initramfs, boots Debian's kernel under
 # qemu (software emulation) and runs the tests on its serial console.
 # Exits 0 only if every expected test printed PASS and the console shows no
 # kernel BUG/WARNING/Oops/Call Trace.
@@ -14,6 +14,8 @@
 #   DMCOW_VM_TIMEOUT=270   seconds before the VM is killed
 #   DMCOW_TEST_TIMEOUT=60  seconds per test inside the VM
 #   KVER=<version>         kernel to use (default: newest *-amd64 installed)
+#   DMCOW_VM_BIN=<dir>     the static in-guest programs (default: tests/vm
+#                          of the build holding DMCOWD)
 #   DMCOWD=<path>          the dmcowd binary for the daemon tests (default:
 #                          build/daemon/dmcowd, built by scripts/build.sh)
 #
@@ -39,28 +41,25 @@ vm_kernel
 # ---- module -------------------------------------------------------------------
 vm_build_kmod "$OUT"
 
-# ---- test programs ------------------------------------------------------------
-CXXFLAGS=(-std=c++20 -O2 -Wall -Wextra -Werror -static -pthread -I"$SRC/kmod")
-g++ "${CXXFLAGS[@]}" -o "$OUT/responder" "$SRC/tests/vm/responder.cc"
-g++ "${CXXFLAGS[@]}" -DDMCOW_RESPONDER_NO_MAIN -o "$OUT/vmtest" \
-	"$SRC/tests/vm/vmtest.cc" "$SRC/tests/vm/responder.cc"
-g++ "${CXXFLAGS[@]}" -o "$OUT/daemontest" "$SRC/tests/vm/daemon_test.cc"
-g++ "${CXXFLAGS[@]}" -o "$OUT/qcowtest" "$SRC/tests/vm/qcow_test.cc"
+# ---- test programs (static, built by CMake with the rest: tests/vm/CMakeLists.txt)
 DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
 [ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
+VM_BIN=${DMCOW_VM_BIN:-$(dirname "$DMCOWD")/../tests/vm}
+for p in responder vmtest daemontest qcowtest; do
+	[ -x "$VM_BIN/$p" ] || die "no $VM_BIN/$p (run scripts/build.sh, or set DMCOW_VM_BIN)"
+	cp "$VM_BIN/$p" "$OUT/$p"
+done
 DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
 DMCOW_IMG=${DMCOW_IMG:-$SRC/build/cli/dmcow-img}
 [ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
 command -v qemu-img >/dev/null || die "qemu-img not found (Debian package qemu-utils)"
 
 # ---- initramfs ----------------------------------------------------------------
-vm_initramfs_begin "$OUT/initramfs"
+vm_initramfs_begin "$OUT/initramfs" "$SRC/tests/vm/init.sh"
 cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$OUT/qcowtest" "$DMCOWD" "$DMCOW_QCOW" "$R/bin/"
 # Images for qcowtest, made by the real qemu-img here.
 mkdir -p "$R/qcow"
 "$SRC/tests/vm/qcow_inputs.sh" "$R/qcow/in"
-cp "$SRC/tests/vm/init.sh" "$R/init"
-chmod 755 "$R/init"
 
 # e2fsprogs for the file system tests.
 E2FS=()

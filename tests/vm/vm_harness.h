@@ -38,18 +38,16 @@ inline std::string Fmt(const char* fmt, ...) {
   return buf;
 }
 
-#define CHECK(cond, ...)                                                                              \
-  do {                                                                                                \
-    if (!(cond))                                                                                      \
-      throw dmcow_vm::TestFailure(dmcow_vm::Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + \
-                                  ": " #cond "]");                                                    \
+#define CHECK(cond, ...)                                                                                               \
+  do {                                                                                                                 \
+    if (!(cond))                                                                                                       \
+      throw dmcow_vm::TestFailure(dmcow_vm::Fmt(__VA_ARGS__) + " [line " + std::to_string(__LINE__) + ": " #cond "]"); \
   } while (0)
 
 inline long MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
 }
 inline void SleepMs(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
-
 
 // ---- processes ----------------------------------------------------------------
 
@@ -149,8 +147,10 @@ inline int RunOne(const TestCase& t, int timeout_s) {
     while ((n = read(fds[0], buf, sizeof(buf))) > 0) result.append(buf, n);
   }
   close(fds[0]);
-  if (timed_out) result = Fmt("FAIL timed out after %d s", timeout_s);
-  else if (result.empty()) result = "FAIL test process died";
+  if (timed_out)
+    result = Fmt("FAIL timed out after %d s", timeout_s);
+  else if (result.empty())
+    result = "FAIL test process died";
   for (char& c : result)
     if (c == '\n') c = ' ';
   std::printf("DMCOW-TEST %s %s (%ld ms)\n", t.name, result.c_str(), MsSince(t0));

@@ -51,15 +51,11 @@ const char* const kDmsetup = "/sbin/dmsetup";
 
 // ---- data patterns ----------------------------------------------------------
 
-uint64_t BaseWord(uint64_t sector, unsigned w) {
-  return 0xBA5E000000000000ULL | (sector << 8) | w;
-}
+uint64_t BaseWord(uint64_t sector, unsigned w) { return 0xBA5E000000000000ULL | (sector << 8) | w; }
 
 uint64_t TagWord(uint32_t tag, uint64_t sector, unsigned w) {
-  return 0x5700000000000000ULL | (static_cast<uint64_t>(tag & 0xffff) << 40) |
-         (sector << 8) | w;
+  return 0x5700000000000000ULL | (static_cast<uint64_t>(tag & 0xffff) << 40) | (sector << 8) | w;
 }
-
 
 // ---- processes --------------------------------------------------------------
 
@@ -132,29 +128,30 @@ int PWrite(int fd, Buf* buf, uint64_t sector, uint64_t nsect) {
 
 void FillTag(Buf* buf, uint32_t tag, uint64_t sector, uint64_t nsect) {
   for (uint64_t s = 0; s < nsect; s++)
-    for (unsigned w = 0; w < kWordsPerSector; w++)
-      buf->words()[s * kWordsPerSector + w] = TagWord(tag, sector + s, w);
+    for (unsigned w = 0; w < kWordsPerSector; w++) buf->words()[s * kWordsPerSector + w] = TagWord(tag, sector + s, w);
 }
 
 // ---- the device under test ----------------------------------------------------
 
 struct Status {
-  uint64_t mapped = 0, outstanding = 0, requests = 0, copies = 0,
-           zero_fills = 0, skipped = 0, flushes = 0, errors = 0;
+  uint64_t mapped = 0, outstanding = 0, requests = 0, copies = 0, zero_fills = 0, skipped = 0, flushes = 0, errors = 0;
   std::string daemon;
+  uint64_t cached = 0, cache_max = 0, dropped = 0;
 };
 
 class Env {
  public:
   // A device of `sectors` over a base of the same size and a cow of
   // `cow_sectors`, chunk size `cs` sectors.
-  explicit Env(std::string name, uint32_t cs = 128, uint64_t sectors = 8192,
-               uint64_t cow_sectors = 16384)
-      : name(std::move(name)), ident(this->name), cs(cs), sectors(sectors),
-        cow_sectors(cow_sectors), model(sectors * kWordsPerSector) {
+  explicit Env(std::string name, uint32_t cs = 128, uint64_t sectors = 8192, uint64_t cow_sectors = 16384)
+      : name(std::move(name)),
+        ident(this->name),
+        cs(cs),
+        sectors(sectors),
+        cow_sectors(cow_sectors),
+        model(sectors * kWordsPerSector) {
     for (uint64_t s = 0; s < sectors; s++)
-      for (unsigned w = 0; w < kWordsPerSector; w++)
-        model[s * kWordsPerSector + w] = BaseWord(s, w);
+      for (unsigned w = 0; w < kWordsPerSector; w++) model[s * kWordsPerSector + w] = BaseWord(s, w);
     dev = "/dev/mapper/" + this->name;
   }
   ~Env() { Teardown(); }
@@ -172,32 +169,27 @@ class Env {
     if (cow_write_delay_ms) {
       delay_name = name + "-cowdelay";
       Dmsetup({"create", delay_name, "--noudevsync", "--verifyudev", "--table",
-               Fmt("0 %llu delay %s 0 0 %s 0 %d", (unsigned long long)cow_sectors,
-                   cow_loop.c_str(), cow_loop.c_str(), cow_write_delay_ms)});
+               Fmt("0 %llu delay %s 0 0 %s 0 %d", (unsigned long long)cow_sectors, cow_loop.c_str(), cow_loop.c_str(),
+                   cow_write_delay_ms)});
       cow_dev = "/dev/mapper/" + delay_name;
     }
     Create(Table(features));
   }
 
-  std::string CowLine(uint64_t start, uint64_t len,
-                      const std::string& features = "") const {
-    std::string t = Fmt("%llu %llu cow %s %s %s %u",
-                        (unsigned long long)start, (unsigned long long)len,
-                        ident.c_str(), base_loop.c_str(), cow_dev.c_str(), cs);
+  std::string CowLine(uint64_t start, uint64_t len, const std::string& features = "") const {
+    std::string t = Fmt("%llu %llu cow %s %s %s %u", (unsigned long long)start, (unsigned long long)len, ident.c_str(),
+                        base_loop.c_str(), cow_dev.c_str(), cs);
     if (!features.empty()) t += " 1 " + features;
     return t;
   }
-  std::string Table(const std::string& features = "") const {
-    return CowLine(0, sectors, features);
-  }
+  std::string Table(const std::string& features = "") const { return CowLine(0, sectors, features); }
 
   void Create(const std::string& table) {
     Dmsetup({"create", name, "--noudevsync", "--verifyudev", "--table", table});
     created = true;
     for (int i = 0; i < 200 && access(dev.c_str(), F_OK); i++) SleepMs(10);
     CHECK(access(dev.c_str(), F_OK) == 0, "%s did not appear", dev.c_str());
-    for (int i = 0; i < 200 && access(dmcow::ChannelPath(ident).c_str(), F_OK); i++)
-      SleepMs(10);
+    for (int i = 0; i < 200 && access(dmcow::ChannelPath(ident).c_str(), F_OK); i++) SleepMs(10);
   }
 
   void Reload(const std::string& table) {
@@ -210,14 +202,12 @@ class Env {
     if (created) {
       std::string out;
       for (int i = 0; i < 20; i++) {
-        if (Run({kDmsetup, "remove", name, "--noudevsync", "--verifyudev"}, &out) == 0)
-          break;
+        if (Run({kDmsetup, "remove", name, "--noudevsync", "--verifyudev"}, &out) == 0) break;
         SleepMs(100);
       }
       created = false;
     }
-    if (!delay_name.empty())
-      Run({kDmsetup, "remove", delay_name, "--noudevsync", "--verifyudev"});
+    if (!delay_name.empty()) Run({kDmsetup, "remove", delay_name, "--noudevsync", "--verifyudev"});
     delay_name.clear();
     if (!cow_loop.empty()) LoopDetach(cow_loop);
     if (!base_loop.empty()) LoopDetach(base_loop);
@@ -235,8 +225,8 @@ class Env {
     unsigned long long start, len;
     std::string type;
     Status s;
-    in >> start >> len >> type >> s.mapped >> s.outstanding >> s.requests >>
-        s.copies >> s.zero_fills >> s.skipped >> s.flushes >> s.errors >> s.daemon;
+    in >> start >> len >> type >> s.mapped >> s.outstanding >> s.requests >> s.copies >> s.zero_fills >> s.skipped >>
+        s.flushes >> s.errors >> s.daemon >> s.cached >> s.cache_max >> s.dropped;
     CHECK(type == "cow" && !in.fail(), "unexpected status line: %s", out.c_str());
     return s;
   }
@@ -252,18 +242,15 @@ class Env {
   }
   void SetModel(uint64_t sector, uint64_t nsect, uint32_t tag) {
     for (uint64_t s = sector; s < sector + nsect; s++)
-      for (unsigned w = 0; w < kWordsPerSector; w++)
-        model[s * kWordsPerSector + w] = TagWord(tag, s, w);
+      for (unsigned w = 0; w < kWordsPerSector; w++) model[s * kWordsPerSector + w] = TagWord(tag, s, w);
   }
   void SetModelZero(uint64_t sector, uint64_t nsect) {
     for (uint64_t s = sector; s < sector + nsect; s++)
-      for (unsigned w = 0; w < kWordsPerSector; w++)
-        model[s * kWordsPerSector + w] = 0;
+      for (unsigned w = 0; w < kWordsPerSector; w++) model[s * kWordsPerSector + w] = 0;
   }
   void SetModelBase(uint64_t sector, uint64_t nsect) {
     for (uint64_t s = sector; s < sector + nsect; s++)
-      for (unsigned w = 0; w < kWordsPerSector; w++)
-        model[s * kWordsPerSector + w] = BaseWord(s, w);
+      for (unsigned w = 0; w < kWordsPerSector; w++) model[s * kWordsPerSector + w] = BaseWord(s, w);
   }
 
   // Compares [sector, sector + nsect) of the device with the model.
@@ -281,10 +268,9 @@ class Env {
         uint64_t want = model[s * kWordsPerSector + i];
         if (buf.words()[i] != want) {
           close(fd);
-          CHECK(false, "sector %llu word %llu: got %016llx want %016llx",
-                (unsigned long long)(s + i / kWordsPerSector),
-                (unsigned long long)(i % kWordsPerSector),
-                (unsigned long long)buf.words()[i], (unsigned long long)want);
+          CHECK(false, "sector %llu word %llu: got %016llx want %016llx", (unsigned long long)(s + i / kWordsPerSector),
+                (unsigned long long)(i % kWordsPerSector), (unsigned long long)buf.words()[i],
+                (unsigned long long)want);
         }
       }
     }
@@ -293,8 +279,7 @@ class Env {
 
   // Writes tag data straight into cow_dev (as a daemon filling a chunk
   // itself would); `dev_sector` is the device sector the data stands for.
-  void WriteCow(uint64_t cow_sector, uint64_t nsect, uint32_t tag,
-                uint64_t dev_sector) {
+  void WriteCow(uint64_t cow_sector, uint64_t nsect, uint32_t tag, uint64_t dev_sector) {
     int fd = OpenDirect(cow_loop);
     Buf buf(nsect * kSectorBytes);
     FillTag(&buf, tag, dev_sector, nsect);
@@ -379,8 +364,7 @@ void TestUnmappedRead() {
   env.Setup();
   env.Verify();
   Status s = env.GetStatus();
-  CHECK(s.daemon == "none" && s.mapped == 0 && s.requests == 0,
-        "fresh status: daemon=%s mapped=%llu", s.daemon.c_str(),
+  CHECK(s.daemon == "none" && s.mapped == 0 && s.requests == 0, "fresh status: daemon=%s mapped=%llu", s.daemon.c_str(),
         (unsigned long long)s.mapped);
   int fd = OpenDirect(env.dev);
   int r = env.Write(fd, 0, 8, 1);
@@ -405,12 +389,10 @@ void TestPartialWrite() {
   close(fd);
   env.Verify();
   Status s = env.GetStatus();
-  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 1, "requests: %zu",
-        resp.Count(DMCOW_REQ_MAP_WRITE));
+  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 1, "requests: %zu", resp.Count(DMCOW_REQ_MAP_WRITE));
   CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, chunk) == 1, "request chunk");
-  CHECK(s.copies == 1 && s.skipped == 0 && s.mapped == 1,
-        "copies=%llu skipped=%llu mapped=%llu", (unsigned long long)s.copies,
-        (unsigned long long)s.skipped, (unsigned long long)s.mapped);
+  CHECK(s.copies == 1 && s.skipped == 0 && s.mapped == 1, "copies=%llu skipped=%llu mapped=%llu",
+        (unsigned long long)s.copies, (unsigned long long)s.skipped, (unsigned long long)s.mapped);
   CHECK(resp.Error().empty(), "responder: %s", resp.Error().c_str());
 }
 
@@ -426,14 +408,11 @@ void TestFullChunkWrite() {
   close(fd);
   env.Verify();
   Status s = env.GetStatus();
-  CHECK(s.copies == 0 && s.skipped == 1 && s.mapped == 1,
-        "copies=%llu skipped=%llu mapped=%llu", (unsigned long long)s.copies,
-        (unsigned long long)s.skipped, (unsigned long long)s.mapped);
+  CHECK(s.copies == 0 && s.skipped == 1 && s.mapped == 1, "copies=%llu skipped=%llu mapped=%llu",
+        (unsigned long long)s.copies, (unsigned long long)s.skipped, (unsigned long long)s.mapped);
   auto log = resp.Log();
-  CHECK(log.size() == 1 && (log[0].flags & DMCOW_REQ_F_FULL_CHUNK),
-        "FULL_CHUNK flag missing");
+  CHECK(log.size() == 1 && (log[0].flags & DMCOW_REQ_F_FULL_CHUNK), "FULL_CHUNK flag missing");
 }
-
 
 // Writers on one chunk and on different chunks at once: each chunk is
 // requested exactly once, every write lands, the rest keeps base data.
@@ -458,7 +437,7 @@ void TestConcurrentWriters() {
         uint64_t sector;
         if (t < 4)  // chunk 10: blocks t, t+4, t+8, t+12
           sector = 10 * env.cs + (t + 4 * i) * kBlock;
-        else        // chunks 20..27, two per thread
+        else  // chunks 20..27, two per thread
           sector = (20 + 2 * (t - 4) + i % 2) * env.cs + (i / 2) * 3 * kBlock;
         if (env.Write(fd, sector, kBlock, 0x100 + t * 16 + i)) errors++;
       }
@@ -470,11 +449,10 @@ void TestConcurrentWriters() {
   env.Verify();
   CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, 10) == 1, "chunk 10 requested %zu times",
         resp.CountChunk(DMCOW_REQ_MAP_WRITE, 10));
-  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 9, "requests: %zu",
-        resp.Count(DMCOW_REQ_MAP_WRITE));
+  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 9, "requests: %zu", resp.Count(DMCOW_REQ_MAP_WRITE));
   Status s = env.GetStatus();
-  CHECK(s.mapped == 9 && s.outstanding == 0, "mapped=%llu outstanding=%llu",
-        (unsigned long long)s.mapped, (unsigned long long)s.outstanding);
+  CHECK(s.mapped == 9 && s.outstanding == 0, "mapped=%llu outstanding=%llu", (unsigned long long)s.mapped,
+        (unsigned long long)s.outstanding);
   CHECK(resp.Error().empty(), "responder: %s", resp.Error().c_str());
 }
 
@@ -500,13 +478,11 @@ void TestExtentReply() {
   int fd = OpenDirect(env.dev);
   CHECK(env.Write(fd, 30 * env.cs + 8, 8, 0x30) == 0, "write chunk 30");
   for (uint64_t c = 31; c < 34; c++)
-    CHECK(env.Write(fd, c * env.cs, 8, 0x30 + c) == 0, "write chunk %llu",
-          (unsigned long long)c);
-  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 1, "extent chunks asked again: %zu",
-        resp.Count(DMCOW_REQ_MAP_WRITE));
+    CHECK(env.Write(fd, c * env.cs, 8, 0x30 + c) == 0, "write chunk %llu", (unsigned long long)c);
+  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 1, "extent chunks asked again: %zu", resp.Count(DMCOW_REQ_MAP_WRITE));
   Status s = env.GetStatus();
-  CHECK(s.copies == 4 && s.mapped == 4, "copies=%llu mapped=%llu",
-        (unsigned long long)s.copies, (unsigned long long)s.mapped);
+  CHECK(s.copies == 4 && s.mapped == 4, "copies=%llu mapped=%llu", (unsigned long long)s.copies,
+        (unsigned long long)s.mapped);
   // Concurrent writes to chunks 40 and 41: both requests get the same extent.
   Async a([&] {
     int fd2 = open(env.dev.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
@@ -550,8 +526,8 @@ void TestPushedMappings() {
   env.Verify();
   CHECK(resp.Log().empty(), "pushed chunks caused %zu requests", resp.Log().size());
   Status s = env.GetStatus();
-  CHECK(s.mapped == 5 && s.copies == 1, "after push: mapped=%llu copies=%llu",
-        (unsigned long long)s.mapped, (unsigned long long)s.copies);
+  CHECK(s.mapped == 5 && s.copies == 1, "after push: mapped=%llu copies=%llu", (unsigned long long)s.mapped,
+        (unsigned long long)s.copies);
 
   // The kernel filled the RW push from base.
   {
@@ -566,19 +542,17 @@ void TestPushedMappings() {
 
   int fd = OpenDirect(env.dev);
   for (uint64_t c = 40; c <= 44; c++)
-    CHECK(env.Write(fd, c * cs + 24, 8, 0x50 + c) == 0, "write chunk %llu",
-          (unsigned long long)c);
+    CHECK(env.Write(fd, c * cs + 24, 8, 0x50 + c) == 0, "write chunk %llu", (unsigned long long)c);
   close(fd);
   env.Verify();
   // FILLED_RW and RW take writes directly; RO, ZERO and BASE ask.
   CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 3 && resp.CountChunk(DMCOW_REQ_MAP_WRITE, 41) == 1 &&
-            resp.CountChunk(DMCOW_REQ_MAP_WRITE, 42) == 1 &&
-            resp.CountChunk(DMCOW_REQ_MAP_WRITE, 43) == 1,
+            resp.CountChunk(DMCOW_REQ_MAP_WRITE, 42) == 1 && resp.CountChunk(DMCOW_REQ_MAP_WRITE, 43) == 1,
         "write requests: %zu", resp.Count(DMCOW_REQ_MAP_WRITE));
   s = env.GetStatus();
   // RO is copied from its cow location, ZERO is zero-filled, BASE copied.
-  CHECK(s.copies == 3 && s.zero_fills == 1, "copies=%llu zero_fills=%llu",
-        (unsigned long long)s.copies, (unsigned long long)s.zero_fills);
+  CHECK(s.copies == 3 && s.zero_fills == 1, "copies=%llu zero_fills=%llu", (unsigned long long)s.copies,
+        (unsigned long long)s.zero_fills);
 
   // Invalidate: chunk 40 reads base again.
   CHECK(resp.Send(dmcow::InvalidateReply(40, 1)) == kOk, "invalidate");
@@ -705,9 +679,8 @@ void TestReloadUnderIo() {
   }
   std::string split = env.CowLine(0, 4096) + "\n" + env.CowLine(4096, env.sectors - 4096);
   std::string linear = env.CowLine(0, 3 * cs) + "\n" +
-                       Fmt("%llu %llu linear %s %llu", (unsigned long long)(3 * cs),
-                           (unsigned long long)cs, env.cow_loop.c_str(),
-                           (unsigned long long)loc3) +
+                       Fmt("%llu %llu linear %s %llu", (unsigned long long)(3 * cs), (unsigned long long)cs,
+                           env.cow_loop.c_str(), (unsigned long long)loc3) +
                        "\n" + env.CowLine(4 * cs, env.sectors - 4 * cs);
   for (const std::string& table : {env.Table(), split, env.Table(), linear}) {
     SleepMs(150);
@@ -720,13 +693,12 @@ void TestReloadUnderIo() {
   CHECK(writes > 20, "only %d writes", writes.load());
   env.Verify();
   for (const auto& req : resp.Log())
-    CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, req.chunk) <= 1,
-          "chunk %llu requested twice: mapping lost in a reload",
+    CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, req.chunk) <= 1, "chunk %llu requested twice: mapping lost in a reload",
           (unsigned long long)req.chunk);
   Status s = env.GetStatus();
   CHECK(s.daemon == "ready" && s.mapped == resp.Count(DMCOW_REQ_MAP_WRITE),
-        "after reloads: daemon=%s mapped=%llu requests=%zu", s.daemon.c_str(),
-        (unsigned long long)s.mapped, resp.Count(DMCOW_REQ_MAP_WRITE));
+        "after reloads: daemon=%s mapped=%llu requests=%zu", s.daemon.c_str(), (unsigned long long)s.mapped,
+        resp.Count(DMCOW_REQ_MAP_WRITE));
   CHECK(resp.Error().empty(), "responder: %s", resp.Error().c_str());
 }
 
@@ -747,8 +719,7 @@ void TestDaemonKilled() {
 
   pid_t pid = fork();
   if (pid == 0) {
-    execl("/bin/responder", "responder", env.ident.c_str(),
-          std::to_string(cs).c_str(), "--no-reply", (char*)nullptr);
+    execl("/bin/responder", "responder", env.ident.c_str(), std::to_string(cs).c_str(), "--no-reply", (char*)nullptr);
     _exit(127);
   }
   CHECK(pid > 0, "fork");
@@ -817,15 +788,13 @@ void TestGarbageReplies() {
   CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "unprivileged open not EPERM");
 
   // Handshake.
-  CHECK(ch.Write(dmcow::PushReply(DMCOW_MAP_ZERO, 1, 1, 0)) == -EPROTO,
-        "reply before handshake");
+  CHECK(ch.Write(dmcow::PushReply(DMCOW_MAP_ZERO, 1, 1, 0)) == -EPROTO, "reply before handshake");
   CHECK(ch.Poll(2000) > 0, "no HELLO");
   std::vector<dmcow_request> reqs;
   CHECK(ch.Read(&reqs) == 1 && reqs[0].kind == DMCOW_REQ_HELLO, "HELLO");
   dmcow_request hello = reqs[0];
-  CHECK(hello.version == DMCOW_ABI_VERSION && hello.chunk_sectors == cs &&
-            hello.nr_chunks == env.sectors / cs && hello.cow_sectors == env.cow_sectors &&
-            hello.features == 0 && hello.max_requests > 0,
+  CHECK(hello.version == DMCOW_ABI_VERSION && hello.chunk_sectors == cs && hello.nr_chunks == env.sectors / cs &&
+            hello.cow_sectors == env.cow_sectors && hello.features == 0 && hello.max_requests > 0,
         "HELLO contents");
   dmcow_reply h{};
   h.kind = DMCOW_REP_HELLO;
@@ -853,10 +822,20 @@ void TestGarbageReplies() {
     return dmcow::PushReply(map, chunk, nr, sector);
   };
   std::vector<Bad> bad = {
-      {"unknown kind", [] { dmcow_reply r{}; r.kind = 99; return r; }()},
+      {"unknown kind",
+       [] {
+         dmcow_reply r{};
+         r.kind = 99;
+         return r;
+       }()},
       {"unknown seq", dmcow::MapReply(424242, DMCOW_MAP_RW, 1, 1, 0)},
       {"map without seq", dmcow::MapReply(0, DMCOW_MAP_RW, 1, 1, 0)},
-      {"push with seq", [] { auto r = dmcow::PushReply(DMCOW_MAP_ZERO, 1, 1, 0); r.seq = 5; return r; }()},
+      {"push with seq",
+       [] {
+         auto r = dmcow::PushReply(DMCOW_MAP_ZERO, 1, 1, 0);
+         r.seq = 5;
+         return r;
+       }()},
       {"chunk out of range", push(DMCOW_MAP_ZERO, env.sectors / cs, 1, 0)},
       {"extent out of range", push(DMCOW_MAP_ZERO, env.sectors / cs - 1, 2, 0)},
       {"extent overflow", push(DMCOW_MAP_ZERO, 1, ~0ULL, 0)},
@@ -867,9 +846,24 @@ void TestGarbageReplies() {
       {"map kind 0", push(0, 1, 1, 0)},
       {"map kind 99", push(99, 1, 1, 0)},
       {"zero with cow sector", push(DMCOW_MAP_ZERO, 1, 1, 8)},
-      {"reserved set", [&] { auto r = push(DMCOW_MAP_ZERO, 1, 1, 0); r.reserved[1] = 1; return r; }()},
-      {"version set", [&] { auto r = push(DMCOW_MAP_ZERO, 1, 1, 0); r.version = 1; return r; }()},
-      {"invalidate with map", [] { auto r = dmcow::InvalidateReply(1, 1); r.map = DMCOW_MAP_RW; return r; }()},
+      {"reserved set",
+       [&] {
+         auto r = push(DMCOW_MAP_ZERO, 1, 1, 0);
+         r.reserved[1] = 1;
+         return r;
+       }()},
+      {"version set",
+       [&] {
+         auto r = push(DMCOW_MAP_ZERO, 1, 1, 0);
+         r.version = 1;
+         return r;
+       }()},
+      {"invalidate with map",
+       [] {
+         auto r = dmcow::InvalidateReply(1, 1);
+         r.map = DMCOW_MAP_RW;
+         return r;
+       }()},
       {"flush ack unknown seq", dmcow::FlushAck(777)},
       {"flush ack seq 0", dmcow::FlushAck(0)},
       {"error without errno", dmcow::ErrorReply(777, 0)},
@@ -888,21 +882,16 @@ void TestGarbageReplies() {
   int fd = OpenDirect(env.dev);
   Async w([&] { return env.Write(fd, 7 * cs, 8, 0x7); });
   CHECK(ch.Poll(5000) > 0, "no request");
-  CHECK(ch.Read(&reqs) == 1 && reqs[0].kind == DMCOW_REQ_MAP_WRITE && reqs[0].chunk == 7,
-        "MAP_WRITE for chunk 7");
+  CHECK(ch.Read(&reqs) == 1 && reqs[0].kind == DMCOW_REQ_MAP_WRITE && reqs[0].chunk == 7, "MAP_WRITE for chunk 7");
   uint64_t seq = reqs[0].seq;
   CHECK(ch.Write(dmcow::FlushAck(seq)) == -EINVAL, "FLUSH_ACK for a MAP request");
-  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 8, 1, 0)) == -EINVAL,
-        "extent without the requested chunk");
-  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RO, 7, 1, 0)) == -EINVAL,
-        "RO answer to a write");
-  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_ZERO, 7, 1, 0)) == -EINVAL,
-        "ZERO answer to a write");
+  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 8, 1, 0)) == -EINVAL, "extent without the requested chunk");
+  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RO, 7, 1, 0)) == -EINVAL, "RO answer to a write");
+  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_ZERO, 7, 1, 0)) == -EINVAL, "ZERO answer to a write");
   CHECK(!w.Wait(100), "write completed before a valid reply");
   CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 7, 1, 0)) == kOk, "valid reply");
   CHECK(w.Wait(10000) && w.result() == 0, "write: %d", w.result());
-  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 7, 1, 0)) == -EINVAL,
-        "second reply to one request");
+  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 7, 1, 0)) == -EINVAL, "second reply to one request");
   close(fd);
   env.Verify();
 
@@ -919,8 +908,7 @@ void TestGarbageReplies() {
     r.cow_sector = (rnd() % 3) ? (rnd() % 20000) : rnd();
     r.error = rnd() % 2 ? rnd() % 200 : 0;
     ssize_t n = ch.Write(r);
-    CHECK(n == kOk || n == -EINVAL || n == -EBUSY || n == -EPROTO,
-          "random message %d: %zd", i, n);
+    CHECK(n == kOk || n == -EINVAL || n == -EBUSY || n == -EPROTO, "random message %d: %zd", i, n);
   }
   CHECK(env.GetStatus().daemon == "ready", "channel state after garbage");
 }
@@ -958,8 +946,7 @@ void TestSharedIdentAndArgs() {
   CHECK(env.Write(fd, 2 * cs, 8, 0x2) == 0, "write in target 1");
   CHECK(env.Write(fd, 40 * cs, 8, 0x40) == 0, "write in target 2");
   close(fd);
-  CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, 2) == 1 &&
-            resp.CountChunk(DMCOW_REQ_MAP_WRITE, 40) == 1,
+  CHECK(resp.CountChunk(DMCOW_REQ_MAP_WRITE, 2) == 1 && resp.CountChunk(DMCOW_REQ_MAP_WRITE, 40) == 1,
         "requests are not in device-wide chunks");
   CHECK(env.GetStatus().mapped == 2, "shared mapping store");
   env.Verify();
@@ -967,22 +954,17 @@ void TestSharedIdentAndArgs() {
   // Each bad table must be refused for the expected reason (kernel log).
   auto refused = [&](const std::string& table, const char* reason) {
     std::string before = KernelLog(), out;
-    int st = Run({kDmsetup, "create", "shared-bad", "--noudevsync", "--verifyudev",
-                  "--table", table},
-                 &out);
+    int st = Run({kDmsetup, "create", "shared-bad", "--noudevsync", "--verifyudev", "--table", table}, &out);
     if (st == 0) Run({kDmsetup, "remove", "shared-bad", "--noudevsync"});
     CHECK(st != 0, "table accepted: %s", table.c_str());
     std::string log = KernelLog();
     std::string added = log.size() > before.size() ? log.substr(before.size()) : log;
-    CHECK(added.find(reason) != std::string::npos, "refused without \"%s\": %s",
-          reason, added.c_str());
+    CHECK(added.find(reason) != std::string::npos, "refused without \"%s\": %s", reason, added.c_str());
   };
   std::string dev2 = env.base_loop + " " + env.cow_loop;
-  refused(Fmt("0 8192 cow %s %s 256", env.ident.c_str(), dev2.c_str()),
-          "Ident in use with different");
+  refused(Fmt("0 8192 cow %s %s 256", env.ident.c_str(), dev2.c_str()), "Ident in use with different");
   refused(Fmt("0 8192 cow other %s 100", dev2.c_str()), "Invalid chunk size");
-  refused(Fmt("0 8 linear %s 0\n8 8184 cow other %s 128", env.base_loop.c_str(),
-              dev2.c_str()),
+  refused(Fmt("0 8 linear %s 0\n8 8184 cow other %s 128", env.base_loop.c_str(), dev2.c_str()),
           "Target start is not chunk aligned");
   refused(Fmt("0 8192 cow other %s 128 1 frobnicate", dev2.c_str()), "Unknown feature");
   refused(Fmt("0 8192 cow bad/ident %s 128", dev2.c_str()), "Invalid ident");
@@ -1040,8 +1022,7 @@ void TestBoundedRequests() {
   sampler.join();
   CHECK(errors == 0, "%d writes failed", errors.load());
   CHECK(max_outstanding <= 2, "outstanding requests reached %zu", max_outstanding.load());
-  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 24, "requests: %zu",
-        resp.Count(DMCOW_REQ_MAP_WRITE));
+  CHECK(resp.Count(DMCOW_REQ_MAP_WRITE) == 24, "requests: %zu", resp.Count(DMCOW_REQ_MAP_WRITE));
   env.Verify();
 }
 
@@ -1057,8 +1038,7 @@ void TestNoflushSuspend() {
   int fd = OpenDirect(env.dev);
   Async w([&] { return env.Write(fd, 5 * env.cs + 8, 8, 0x5); });
   std::vector<dmcow_request> reqs;
-  CHECK(ch.Poll(5000) > 0 && ch.Read(&reqs) == 1 &&
-            reqs[0].kind == DMCOW_REQ_MAP_WRITE && reqs[0].chunk == 5,
+  CHECK(ch.Poll(5000) > 0 && ch.Read(&reqs) == 1 && reqs[0].kind == DMCOW_REQ_MAP_WRITE && reqs[0].chunk == 5,
         "MAP_WRITE for chunk 5");
   uint64_t seq = reqs[0].seq;
   Async suspend([&] { return Run({kDmsetup, "suspend", "--noflush", env.name}); });
@@ -1069,8 +1049,7 @@ void TestNoflushSuspend() {
   Dmsetup({"resume", env.name, "--noudevsync"});
   CHECK(!w.Wait(300), "write completed without a reply (%d)", w.result());
   CHECK(ch.Poll(0) == 0, "the reissued write caused a second request");
-  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 5, 1, 0)) == sizeof(dmcow_reply),
-        "reply");
+  CHECK(ch.Write(dmcow::MapReply(seq, DMCOW_MAP_RW, 5, 1, 0)) == sizeof(dmcow_reply), "reply");
   CHECK(w.Wait(10000) && w.result() == 0, "write after resume: %d", w.result());
   close(fd);
   env.Verify();
@@ -1089,8 +1068,8 @@ void TestFlushOrdering() {
   std::vector<dmcow_request> reqs;
   auto read_one = [&](uint32_t kind) {
     CHECK(ch.Poll(10000) > 0, "no request of kind %u", kind);
-    CHECK(ch.Read(&reqs, 1) == 1 && reqs[0].kind == kind, "expected kind %u, got %u",
-          kind, reqs.empty() ? 0 : reqs[0].kind);
+    CHECK(ch.Read(&reqs, 1) == 1 && reqs[0].kind == kind, "expected kind %u, got %u", kind,
+          reqs.empty() ? 0 : reqs[0].kind);
     return reqs[0];
   };
   int fd = OpenDirect(env.dev);
@@ -1146,16 +1125,12 @@ void TestOpenDuringCreate() {
     }
   });
   const std::string other = "openrace-b";
-  std::string table = Fmt("0 %llu cow %s %s %s %u", (unsigned long long)env.sectors,
-                          other.c_str(), env.base_loop.c_str(), env.cow_loop.c_str(),
-                          env.cs);
+  std::string table = Fmt("0 %llu cow %s %s %s %u", (unsigned long long)env.sectors, other.c_str(),
+                          env.base_loop.c_str(), env.cow_loop.c_str(), env.cs);
   Async churn([&] {
     for (int i = 0; i < 8; i++) {
-      if (Run({kDmsetup, "create", other, "--noudevsync", "--verifyudev", "--table",
-               table}))
-        return 1000 + i;
-      if (Run({kDmsetup, "remove", other, "--noudevsync", "--verifyudev"}))
-        return 2000 + i;
+      if (Run({kDmsetup, "create", other, "--noudevsync", "--verifyudev", "--table", table})) return 1000 + i;
+      if (Run({kDmsetup, "remove", other, "--noudevsync", "--verifyudev"})) return 2000 + i;
     }
     return 0;
   });
@@ -1167,8 +1142,103 @@ void TestOpenDuringCreate() {
   }
   opener.join();
   CHECK(churn.result() == 0, "dmsetup create/remove failed (%d)", churn.result());
-  CHECK(bad == 0 && opens > 0, "channel opens: %d ok, %d failed", opens.load(),
-        bad.load());
+  CHECK(bad == 0 && opens > 0, "channel opens: %d ok, %d failed", opens.load(), bad.load());
+}
+
+// Sets a module parameter for the scope.
+class ParamGuard {
+ public:
+  ParamGuard(std::string path, const std::string& value) : path_(std::move(path)), old_(ReadText(path_)) {
+    CHECK(!old_.empty(), "no %s", path_.c_str());
+    WriteText(path_, value + "\n");
+  }
+  ~ParamGuard() { WriteText(path_, old_); }
+
+ private:
+  std::string path_, old_;
+};
+
+// The kernel keeps at most cache_chunks mappings the daemon can give again
+// (BASE, and ZERO with read_to_daemon) and drops older ones to make room;
+// RW mappings, and ZERO without read_to_daemon, are never dropped. A MAP
+// reply bigger than what fits is cut to the part from the requested chunk
+// on; a PUSH bigger than the whole cache is refused with E2BIG, and the
+// device goes on serving.
+void TestCacheBound() {
+  const uint64_t cap = 8;
+  ParamGuard guard("/sys/module/dm_cow/parameters/cache_chunks", std::to_string(cap));
+  const ssize_t kOk = sizeof(dmcow_reply);
+  {
+    Env env("cache");  // 64 chunks
+    env.Setup("read_to_daemon");
+    const uint64_t cs = env.cs, chunks = env.sectors / cs;
+    Responder resp(env.ident, cs);
+    const uint64_t ext = resp.AllocCow(4);
+    env.WriteCow(ext, 4 * cs, 0x20, 20 * cs);
+    env.SetModel(20 * cs, 4 * cs, 0x20);
+    env.SetModelZero(40 * cs, 24 * cs);
+    // Whole-device answers: FILLED_RW for 20..23, ZERO from 40 on (but for
+    // chunk 60 once written), BASE extents up to the next of those.
+    std::atomic<bool> written{false};
+    resp.SetHook([&](const dmcow_request& req, std::vector<dmcow_reply>* out) {
+      if (req.kind != DMCOW_REQ_MAP_READ) return false;
+      const uint64_t c = req.chunk;
+      if (c >= 20 && c < 24) {
+        out->push_back(dmcow::MapReply(req.seq, DMCOW_MAP_FILLED_RW, 20, 4, ext));
+      } else if (c >= 40) {
+        const uint64_t lo = written && c > 60 ? 61 : 40, hi = written && c < 60 ? 60 : chunks;
+        out->push_back(dmcow::MapReply(req.seq, DMCOW_MAP_ZERO, lo, hi - lo, 0));
+      } else {
+        out->push_back(dmcow::MapReply(req.seq, DMCOW_MAP_BASE, c, (c < 20 ? 20 : 40) - c, 0));
+      }
+      return true;
+    });
+    CHECK(resp.Start() == 0, "responder start");
+    for (int pass = 0; pass < 3; pass++) {
+      env.Verify();
+      const Status st = env.GetStatus();
+      CHECK(st.cached <= cap && st.cache_max == cap && st.mapped == st.cached + 4,
+            "pass %d: %llu mapped, %llu cached of %llu", pass, (unsigned long long)st.mapped,
+            (unsigned long long)st.cached, (unsigned long long)st.cache_max);
+    }
+    Status st = env.GetStatus();
+    CHECK(st.dropped >= 3 * (chunks - 4 - cap), "dropped %llu", (unsigned long long)st.dropped);
+    // Bad input: more than the cache in one PUSH; the largest that fits.
+    for (uint32_t kind : {DMCOW_MAP_ZERO, DMCOW_MAP_BASE}) {
+      ssize_t r = resp.Send(dmcow::PushReply(kind, 30, cap + 1, 0));
+      CHECK(r == -E2BIG, "push of %llu chunks of kind %u: %zd", (unsigned long long)cap + 1, kind, r);
+    }
+    CHECK(resp.Send(dmcow::PushReply(DMCOW_MAP_ZERO, 40, cap, 0)) == kOk, "push of a full cache");
+    st = env.GetStatus();
+    CHECK(st.cached == cap && st.mapped == cap + 4, "after push: %llu mapped, %llu cached",
+          (unsigned long long)st.mapped, (unsigned long long)st.cached);
+    // A write over a dropped ZERO chunk: the whole chunk, so no fill copies.
+    written = true;
+    int fd = OpenDirect(env.dev);
+    CHECK(env.Write(fd, 60 * cs, cs, 0x60) == 0, "write chunk 60");
+    close(fd);
+    env.Verify();
+    CHECK(env.GetStatus().daemon == "ready", "daemon state");
+    CHECK(resp.Error().empty(), "responder: %s", resp.Error().c_str());
+  }
+  {
+    // Without read_to_daemon an unmapped chunk reads base_dev: ZERO is the
+    // daemon's word and stays, however many.
+    Env env("cachepin");
+    env.Setup();
+    const uint64_t cs = env.cs;
+    Responder resp(env.ident, cs);
+    CHECK(resp.Start() == 0, "responder start");
+    CHECK(resp.Send(dmcow::PushReply(DMCOW_MAP_ZERO, 0, 32, 0)) == kOk, "push of 32 ZERO");
+    env.SetModelZero(0, 32 * cs);
+    CHECK(resp.Send(dmcow::PushReply(DMCOW_MAP_BASE, 40, cap + 1, 0)) == -E2BIG, "push of BASE");
+    CHECK(resp.Send(dmcow::PushReply(DMCOW_MAP_BASE, 40, cap, 0)) == kOk, "push of BASE");
+    env.Verify();
+    const Status st = env.GetStatus();
+    CHECK(st.mapped == 32 + cap && st.cached == cap, "%llu mapped, %llu cached", (unsigned long long)st.mapped,
+          (unsigned long long)st.cached);
+    CHECK(resp.Error().empty(), "responder: %s", resp.Error().c_str());
+  }
 }
 
 const TestCase kTests[] = {
@@ -1189,6 +1259,7 @@ const TestCase kTests[] = {
     {"shared_ident_and_args", TestSharedIdentAndArgs},
     {"bounded_requests", TestBoundedRequests},
     {"open_during_create", TestOpenDuringCreate},
+    {"cache_bound", TestCacheBound},
 };
 
 }  // namespace

@@ -23,11 +23,11 @@ using dmcow::Status;
 
 // What the device is made of, reported by Open.
 struct DeviceSpec {
-  std::string base_path;       // file or block device, read-only (never written)
-  std::string cow_path;        // file or block device the mappings point into
-  uint64_t sectors = 0;        // device size in 512-byte sectors
-  uint32_t chunk_sectors = 0;  // power of two, 8 .. 65536
-  bool read_to_daemon = false; // reads of unmapped chunks ask Map too
+  std::string base_path;        // file or block device, read-only (never written)
+  std::string cow_path;         // file or block device the mappings point into
+  uint64_t sectors = 0;         // device size in 512-byte sectors
+  uint32_t chunk_sectors = 0;   // power of two, 8 .. 65536
+  bool read_to_daemon = false;  // reads of unmapped chunks ask Map too
   // Optional: cow sectors from direct_from_sector on are sectors 0.. of the
   // block device direct_path (the cow device is itself a mapping over it;
   // a regular file is refused: a second loop device would not be writable).
@@ -137,7 +137,7 @@ struct PluginOptions {
   uint32_t chunk_sectors = 0;                 // --chunk-size; 0 = plugin default
   bool format = false;                        // --format: overwrite the COW
   std::map<std::string, std::string> params;  // --opt KEY=VALUE
-  dmcow::Env* env = nullptr;                  // file access; nullptr = POSIX
+  dmcow::Env* env = dmcow::Env::Default();    // all file access
 };
 
 // Compiled-in plugins, by --plugin name; an unknown name or bad options give

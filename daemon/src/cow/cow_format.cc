@@ -27,15 +27,11 @@ uint64_t Get64(const uint8_t* p) {
 
 constexpr size_t kCrcOffset = 508;
 
-uint32_t HeaderCrc(const uint8_t* in) {
-  return static_cast<uint32_t>(crc32(0L, in, kCrcOffset));
-}
+uint32_t HeaderCrc(const uint8_t* in) { return static_cast<uint32_t>(crc32(0L, in, kCrcOffset)); }
 
 uint64_t RoundUp(uint64_t v, uint64_t align) { return (v + align - 1) / align * align; }
 
-bool ValidChunkSectors(uint32_t cs) {
-  return cs >= kMinChunkSectors && cs <= kMaxChunkSectors && (cs & (cs - 1)) == 0;
-}
+bool ValidChunkSectors(uint32_t cs) { return cs >= kMinChunkSectors && cs <= kMaxChunkSectors && (cs & (cs - 1)) == 0; }
 
 // Where data starts for a table of `entries`: after the table, chunk aligned.
 uint64_t DataStart(uint64_t entries, uint32_t chunk_sectors) {

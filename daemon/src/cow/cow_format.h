@@ -28,11 +28,11 @@ struct Header {
   uint32_t flags = 0;
   uint64_t virtual_sectors = 0;  // device size
   uint64_t table_offset = kTableOffset;
-  uint64_t table_entries = 0;    // device chunks
-  uint64_t data_offset = 0;      // bytes, chunk aligned
-  uint64_t data_chunks = 0;      // capacity
-  uint64_t alloc_limit = 0;      // data chunks that may be in use
-  uint64_t base_sectors = 0;     // base size when formatted
+  uint64_t table_entries = 0;  // device chunks
+  uint64_t data_offset = 0;    // bytes, chunk aligned
+  uint64_t data_chunks = 0;    // capacity
+  uint64_t alloc_limit = 0;    // data chunks that may be in use
+  uint64_t base_sectors = 0;   // base size when formatted
 
   uint64_t chunk_bytes() const { return uint64_t{chunk_sectors} * 512; }
   // Byte offset of data chunk `i`.

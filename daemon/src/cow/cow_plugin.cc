@@ -23,7 +23,7 @@ class CowPlugin final : public Plugin {
   explicit CowPlugin(const PluginOptions& options) : options_(options) {}
 
   Status Open(DeviceSpec* spec) override {
-    dmcow::Env* env = options_.env ? options_.env : dmcow::Env::Default();
+    dmcow::Env* env = options_.env;
     const std::string& base = options_.args[0];
     std::unique_ptr<dmcow::File> base_file;
     DMCOW_RETURN_IF_ERROR(env->OpenFile(base, dmcow::OpenMode::kReadOnly, &base_file));

@@ -1,3 +1,24 @@
+// CowStore: the cow plugin's COW file (format in cow_format.h and
+// daemon/DESIGN.md). What must reach the disk before what, enforced here
+// (as qcow/src/qcow2/qcow2_write.cc's rules (2) and (5)):
+//
+// (1) Format writes the zeroed table and syncs, then writes the header and
+//     syncs: the header makes the format visible.
+// (2) A mapping's table entry is written only by Persist(durable_batch), and
+//     only for mappings of batches <= durable_batch, which the kernel has
+//     already made durable (its flush epochs): data copied by the kernel is
+//     durable before the entry that makes it visible.
+// (3) Persist writes the changed table sectors, fdatasyncs, then acknowledges:
+//     a flush is durable.
+// (4) Before a chunk at or above alloc_limit is handed out, the header with
+//     a raised limit (in steps) is written and synced, so a restarted daemon
+//     that finds the kernel still holding its predecessor's mappings can
+//     allocate above every chunk that may be in use.
+// (5) Entries only go from 0 to a value and never change afterwards (chunks
+//     never move or are freed). A 512-byte sector write is assumed atomic,
+//     as qcow2 and file systems assume: after a crash each table sector is
+//     old or new, and either way every mapped entry points at durable data.
+// The first failed write or sync ends writing (FailStopFile).
 #include "cow/cow_store.h"
 
 #include <algorithm>

@@ -23,17 +23,16 @@ namespace dmcowd::cow {
 class CowStore {
  public:
   struct Options {
-    uint64_t base_sectors = 0;    // size of the base now: the device size
-    uint32_t chunk_sectors = 0;   // 0: the header's, or kDefaultChunkSectors for a new COW
-    bool format = false;          // overwrite whatever the COW holds
-    uint64_t alloc_step = 4096;   // chunks the allocation limit grows by
+    uint64_t base_sectors = 0;   // size of the base now: the device size
+    uint32_t chunk_sectors = 0;  // 0: the header's, or kDefaultChunkSectors for a new COW
+    bool format = false;         // overwrite whatever the COW holds
+    uint64_t alloc_step = 4096;  // chunks the allocation limit grows by
   };
   static constexpr uint32_t kDefaultChunkSectors = 128;  // 64 KiB
 
   // Opens `path`: a missing or empty file is created and formatted, a COW
   // with our header is attached, anything else needs options.format.
-  static Status Open(dmcow::Env* env, const std::string& path, const Options& options,
-                     std::unique_ptr<CowStore>* out);
+  static Status Open(dmcow::Env* env, const std::string& path, const Options& options, std::unique_ptr<CowStore>* out);
 
   const Header& header() const { return header_; }
   const std::string& path() const { return file_->name(); }
@@ -82,9 +81,9 @@ class CowStore {
 
   std::unique_ptr<dmcow::File> file_;
   Header header_;
-  std::vector<uint64_t> table_;   // per chunk: 0, or 1 + data chunk (| kPersisted)
-  std::deque<Pending> pending_;   // in batch order
-  uint64_t next_free_ = 0;        // next data chunk to hand out
+  std::vector<uint64_t> table_;  // per chunk: 0, or 1 + data chunk (| kPersisted)
+  std::deque<Pending> pending_;  // in batch order
+  uint64_t next_free_ = 0;       // next data chunk to hand out
   uint64_t alloc_step_ = 4096;
   uint64_t persisted_generation_ = 0;
 };

@@ -27,6 +27,7 @@ Qcow2Geometry Qcow2Mapper::GeometryFor(const Image& image) {
 
 Qcow2Mapper::Qcow2Mapper(Image* image, CowSpace* space, bool writable, bool has_backing)
     : image_(image),
+      device_(image->AsDeviceImage()),
       space_(space),
       has_backing_(has_backing),
       writable_(writable),
@@ -44,8 +45,8 @@ Status Qcow2Mapper::Classify(uint64_t chunk, ChunkState* out) {
   bool all_unallocated = true, all_zero = true, all_data = true, all_exclusive = true;
   uint64_t host0 = 0;
   for (uint64_t i = 0; i < n; i++) {
-    Image::ClusterPlace p;
-    DMCOW_RETURN_IF_ERROR(image_->DescribeCluster(first + i, &p));
+    dmcow::DeviceImage::ClusterPlace p;
+    DMCOW_RETURN_IF_ERROR(device_->DescribeCluster(first + i, &p));
     const bool whole = !p.partial;
     all_unallocated &= whole && p.state == ClusterState::kUnallocated;
     all_zero &= whole && p.state == ClusterState::kZero;
@@ -72,6 +73,10 @@ Status Qcow2Mapper::Classify(uint64_t chunk, ChunkState* out) {
 }
 
 Status Qcow2Mapper::Init() {
+  if (device_ == nullptr) {
+    return Status::NotSupported(image_->filename() + ": is " + image_->info().format +
+                                "; only qcow2 and qcow images can be served as a block device");
+  }
   // Walk the layer's runs so that a sparse image costs little; describe
   // only chunks that hold data.
   const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
@@ -112,7 +117,9 @@ Status Qcow2Mapper::ExtendRun(uint64_t chunk, ChunkKind kind, uint64_t host_offs
     ChunkState st;
     DMCOW_RETURN_IF_ERROR(Classify(next, &st));
     if (st.kind != kind) break;
-    if ((kind == ChunkKind::kShared || kind == ChunkKind::kWritable) && st.host_offset != host_offset + *n * chunk_bytes) break;
+    if ((kind == ChunkKind::kShared || kind == ChunkKind::kWritable) &&
+        st.host_offset != host_offset + *n * chunk_bytes)
+      break;
     ++*n;
   }
   return Status::OK();
@@ -238,9 +245,7 @@ Status Qcow2Mapper::MapRead(uint64_t chunk, const ChunkState& st, Mapping* m) {
       // Without a backing file the base device reads zeros; ZERO saves the I/O.
       m->kind = has_backing_ ? MapKind::kBase : MapKind::kZero;
       return ExtendRun(chunk, st.kind, 0, kMaxRunChunks, &m->nr_chunks);
-    case ChunkKind::kZero:
-      m->kind = MapKind::kZero;
-      return ExtendRun(chunk, st.kind, 0, kMaxRunChunks, &m->nr_chunks);
+    case ChunkKind::kZero: m->kind = MapKind::kZero; return ExtendRun(chunk, st.kind, 0, kMaxRunChunks, &m->nr_chunks);
     case ChunkKind::kAssembled: {
       // Decompressed (or merged) once, then read from scratch by the kernel.
       m->kind = MapKind::kRO;
@@ -295,15 +300,24 @@ Status Qcow2Mapper::MapWrite(const MapRequest& req, const ChunkState& st, Answer
   const uint64_t n = ClustersIn(req.chunk);
   const uint64_t first = req.chunk * geo_.clusters_per_chunk;
   uint64_t host = 0;
-  Status s = image_->ReserveClusters(n, &host);
+  Status s = device_->ReserveClusters(n, &host);
   if (s.ok()) s = space_->EnsureImageBytes(host + n * cluster_size_);
-  // A whole-chunk write fills the new clusters itself; unallocated chunks are
-  // filled by the kernel from the backing device; the rest here (chunks that
-  // read zeros by File::WriteZeroes, a fallocate: no copy at all).
-  const bool kernel_fills = req.full_chunk || (st.kind == ChunkKind::kUnallocated && has_backing_);
-  if (s.ok() && !kernel_fills) s = image_->FillClusters(first, n, host);
+  // The kernel fills an RW answer by copying from the base device unless the
+  // write covers the whole chunk; but a whole-chunk write that a noflush
+  // suspend (a reload, a reclaim) pushes back is replayed after a copy, and
+  // the kernel copies from the base device whenever it holds no mapping for
+  // the chunk (never asked, or dropped: docs/abi.md, "Cached mappings"). That
+  // copy reaches the image, linked, before the replayed write does, so RW is
+  // answered only where the base device holds the chunk's content:
+  // unallocated chunks (the backing file, or zeros without one) and zero
+  // chunks without a backing file. Everything else (zero clusters over a
+  // backing file, compressed, partly allocated and snapshot-shared data) is
+  // filled here first (zeros by File::WriteZeroes, a fallocate: no copy).
+  const bool base_holds_content = st.kind == ChunkKind::kUnallocated || (st.kind == ChunkKind::kZero && !has_backing_);
+  const bool kernel_fills = base_holds_content && (req.full_chunk || has_backing_);
+  if (s.ok() && !kernel_fills) s = device_->FillClusters(first, n, host);
   if (!s.ok()) {
-    if (host != 0) (void)image_->UnreserveClusters(n, host);
+    if (host != 0) (void)device_->UnreserveClusters(n, host);
     return s;
   }
   if (st.kind == ChunkKind::kAssembled) LeaveScratch(req.chunk);
@@ -336,7 +350,7 @@ void Qcow2Mapper::Retract(const MapRequest& req, const Mapping& mapping) {
   if (mapping.kind != MapKind::kRW && mapping.kind != MapKind::kFilledRW) return;
   auto it = reserved_.find(req.chunk);
   if (it == reserved_.end() || ImageSector(it->second.host_offset) != mapping.cow_sector) return;
-  (void)image_->UnreserveClusters(ClustersIn(req.chunk), it->second.host_offset);
+  (void)device_->UnreserveClusters(ClustersIn(req.chunk), it->second.host_offset);
   reserved_.erase(it);
 }
 
@@ -347,7 +361,7 @@ Status Qcow2Mapper::Flush(uint64_t durable_batch) {
   }
   std::sort(ready.begin(), ready.end(), [](const Reserved& a, const Reserved& b) { return a.chunk < b.chunk; });
   for (const Reserved& r : ready) {
-    DMCOW_RETURN_IF_ERROR(image_->LinkClusters(r.chunk * geo_.clusters_per_chunk, ClustersIn(r.chunk), r.host_offset));
+    DMCOW_RETURN_IF_ERROR(device_->LinkClusters(r.chunk * geo_.clusters_per_chunk, ClustersIn(r.chunk), r.host_offset));
     // Linked (in the table cache): never linked twice, even if the flush fails.
     reserved_.erase(r.chunk);
     linked_.push_back(Extent{r.chunk, 1, ImageSector(r.host_offset)});

@@ -41,12 +41,13 @@
 // while it stays assembled); reads that continue where the last assembled
 // run ended get runs assembled ahead, doubling up to 2 MiB a reply.
 //
-// A write covering the whole chunk always gets RW (the kernel skips the
-// copy). New clusters are linked into the L2 tables only in Flush, for
-// replies the kernel has made durable (ABI section 6), and the write
-// engine's own Flush then orders data, refcounts and tables (qcow2_write.cc;
-// qcow v1, which has no refcounts and no shared or zero clusters:
-// qcow1_write.cc).
+// A write covering the whole chunk gets RW (the kernel skips the copy) only
+// where the base device holds the chunk's content (nothing in this layer;
+// zeros without a backing file): a whole-chunk write that a suspend pushes
+// back is replayed after a kernel copy from the base device. New clusters are linked into the L2 tables only in Flush,
+// for replies the kernel has made durable (ABI section 6), and the write engine's own Flush then orders data, refcounts
+// and tables (qcow/src/qcow2/qcow2_write.cc; qcow v1, which has no refcounts and no shared or zero clusters:
+// qcow/src/qcow1/qcow1_write.cc).
 //
 // Thread safety: none (the daemon serialises plugin calls).
 #ifndef DMCOWD_QCOW2_QCOW2_MAPPER_H_
@@ -58,6 +59,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dmcow/device_image.h"
 #include "dmcow/image.h"
 #include "dmcowd/plugin.h"
 
@@ -85,6 +87,8 @@ struct Qcow2Geometry {
 class Qcow2Mapper {
  public:
   // `image` open (writable unless read-only), `space` outlives the mapper.
+  // The mapper reads through `image` and places clusters through its
+  // DeviceImage (AsDeviceImage); Init refuses an image without one (raw).
   Qcow2Mapper(dmcow::Image* image, CowSpace* space, bool writable, bool has_backing);
 
   static Qcow2Geometry GeometryFor(const dmcow::Image& image);
@@ -146,32 +150,33 @@ class Qcow2Mapper {
   void FreeSlots(uint64_t first, uint64_t count);
 
   dmcow::Image* const image_;
+  dmcow::DeviceImage* const device_;  // image_->AsDeviceImage(), checked by Init
   CowSpace* const space_;
   const bool has_backing_;
   const bool writable_;
   const uint64_t cluster_size_;
   Qcow2Geometry geo_;
   std::unordered_map<uint64_t, Reserved> reserved_;  // by chunk: handed out, not linked yet
-  std::vector<Extent> linked_;     // linked since the last successful image flush
-  std::vector<Extent> stable_;     // chunks writable in place, linked and durable
+  std::vector<Extent> linked_;                       // linked since the last successful image flush
+  std::vector<Extent> stable_;                       // chunks writable in place, linked and durable
   bool stable_sorted_ = true;
   uint64_t generation_ = 1;
   // Assembled runs by first chunk, and where each sits in scratch: their
   // content cannot change while they stay assembled (a write moves a chunk
   // to new clusters first). One entry per reply, bounded by what was read.
   std::map<uint64_t, ScratchRun> scratch_runs_;
-  std::deque<uint64_t> scratch_order_;      // first chunks of scratch_runs_, oldest first
-  std::map<uint64_t, uint64_t> free_slots_; // first slot -> count, reclaimed and reusable
+  std::deque<uint64_t> scratch_order_;       // first chunks of scratch_runs_, oldest first
+  std::map<uint64_t, uint64_t> free_slots_;  // first slot -> count, reclaimed and reusable
   struct Forgotten {
     uint64_t chunk, nr_chunks, slot;
   };
-  std::vector<Forgotten> orphans_;     // slots of chunks written since assembled, one each
-  std::vector<Forgotten> reclaiming_;  // named by the last Reclaim, in its order
-  uint64_t scratch_end_ = 0;     // the log's end, in slots
-  uint64_t scratch_live_ = 0;    // slots held by scratch_runs_
-  uint64_t scratch_budget_ = 0;  // in slots; 0: never reclaim
+  std::vector<Forgotten> orphans_;                // slots of chunks written since assembled, one each
+  std::vector<Forgotten> reclaiming_;             // named by the last Reclaim, in its order
+  uint64_t scratch_end_ = 0;                      // the log's end, in slots
+  uint64_t scratch_live_ = 0;                     // slots held by scratch_runs_
+  uint64_t scratch_budget_ = 0;                   // in slots; 0: never reclaim
   uint64_t ahead_ = 1, ahead_next_ = UINT64_MAX;  // sequential assembly
-  std::vector<uint8_t> assembly_;                  // reused: at most 2 MiB
+  std::vector<uint8_t> assembly_;                 // reused: at most 2 MiB
 };
 
 }  // namespace dmcowd

@@ -1,15 +1,32 @@
 // The `qcow2` plugin: a qcow2 (or legacy qcow v1) image as a block device
 // whose writes land in the image with the metadata QEMU expects (decisions:
-// qcow2_mapper.h; the engine's side: qcow2_device.cc, qcow1_device.cc).
+// qcow2_mapper.h; the engine's side: qcow/src/qcow2/qcow2_device.cc,
+// qcow/src/qcow1/qcow1_device.cc).
 //
 //   dmcowd --plugin qcow2 --name NAME [--opt KEY=VALUE ...] IMAGE
 //
+// Files (daemon/src/chain_files.h): every file of the chain is opened once.
+// dmcow-qcow attach opens them and passes the descriptors (inherited):
+// image_fd=N is the image (IMAGE is then only its name: for messages and
+// for resolving its backing names, as the engine does), chainK=FD:NAME the
+// K-th file below it (K = 1, 2...), under the name the engine resolves for
+// it. The engine reads through those descriptors (an FdEnv: no path is
+// opened), the loop device is set up on the image's descriptor, and the
+// QEMU lock is taken on that same open file description: the loop keeps it
+// (and so the lock) for as long as the device exists, even if this process
+// is killed. Without image_fd, the plugin opens IMAGE and its chain itself,
+// the same way and once.
+//
 // Settings:
-//   read_only=1      never write the image (writes fail with EROFS)
-//   backing=PATH     block device or file holding the backing chain's content
+//   read_only=1      never write the image (writes fail with EROFS); nothing
+//                    is opened for writing
+//   image_fd=N, chainK=FD:NAME   the chain, opened by the caller (above)
+//   no_backing=1     the image alone: unallocated clusters read zeros (and
+//                    a write around them fills zeros, not backing data)
+//   backing=DEV      block device holding the backing chain's content
 //                    (dmcow-qcow attaches qcow2/qcow backings read-only and
-//                    passes their device); a raw backing file is found
-//                    through the image when this is not given
+//                    passes their device); a raw backing file at the bottom
+//                    of the chain is the base when this is not given
 //   name=PREFIX      names of the helper devices (default dmcowq<pid>)
 //   scratch_dir=DIR  where the unlinked scratch file lives (default: the
 //                    image's directory, else /var/tmp; else memory)
@@ -32,7 +49,9 @@
 #include <cerrno>
 #include <cstring>
 
+#include "chain_files.h"
 #include "dm.h"
+#include "dmcow/device_image.h"
 #include "dmcow/image_lock.h"
 #include "log.h"
 #include "loopdev.h"
@@ -60,6 +79,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
       return it == options.params.end() ? std::string() : it->second;
     };
     read_only_ = get("read_only") == "1";
+    no_backing_ = get("no_backing") == "1";
+    image_fd_param_ = get("image_fd");
     backing_ = get("backing");
     prefix_ = get("name").empty() ? "dmcowq" + std::to_string(::getpid()) : get("name");
     scratch_dir_ = get("scratch_dir");
@@ -69,38 +90,50 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
 
   Status Open(DeviceSpec* spec) override {
     const std::string& path = options_.args[0];
-    // QEMU's image locks: a running QEMU that writes the image refuses us,
-    // and QEMU refuses an image we serve (dmcow/image_lock.h).
+    DMCOW_RETURN_IF_ERROR(TakeFiles(path));
+    const int fd = files_.Fd(path);
+    // QEMU's image locks, on the open file description the loop device will
+    // hold: a running QEMU that writes the image refuses us, and QEMU refuses
+    // an image we serve, until the device is gone (dmcow/image_lock.h).
     using Mode = dmcow::ImageLock::Mode;
-    DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::Acquire(path, read_only_ ? Mode::kReadOnly : Mode::kReadWrite, &lock_));
+    DMCOW_RETURN_IF_ERROR(
+        dmcow::ImageLock::AcquireFd(fd, path, read_only_ ? Mode::kReadOnly : Mode::kReadWrite, &lock_));
     dmcow::OpenOptions o;
     o.writable = !read_only_;
-    o.env = options_.env;
+    o.env = &files_;  // the engine opens nothing by name
+    o.open_backing = !no_backing_;
     DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(path, o, &image_));
     const dmcow::ImageInfo& info = image_->info();
-    if (info.format != "qcow2" && info.format != "qcow") {
-      return Status::NotSupported(path + ": is " + info.format + "; attach serves qcow2 and qcow images (convert it first)");
+    device_ = image_->AsDeviceImage();  // qcow2 and qcow v1 have the serving calls, raw has none
+    if (device_ == nullptr) {
+      return Status::NotSupported(path + ": is " + info.format +
+                                  "; attach serves qcow2 and qcow images (convert it first)");
     }
     if (info.encrypted) return Status::NotSupported(path + ": encrypted images are not supported");
-    if (!info.data_file.empty()) return Status::NotSupported(path + ": external data files are not supported by attach");
-    const bool has_backing = !info.backing_filename.empty();
+    if (!info.data_file.empty())
+      return Status::NotSupported(path + ": external data files are not supported by attach");
+    const bool has_backing = !no_backing_ && !info.backing_filename.empty();
+    int backing_fd = -1;
     if (has_backing && backing_.empty()) {
       if (image_->backing() == nullptr || image_->backing()->info().format != "raw") {
         return Status::InvalidArgument(path + ": its backing file " + info.backing_filename +
                                        " is not raw: attach it first and pass its device (--opt backing=DEV);"
                                        " dmcow-qcow attach does this");
       }
-      backing_ = image_->backing()->filename();
-      DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::Acquire(backing_, Mode::kReadOnly, &backing_lock_));
+      backing_label_ = image_->backing()->filename();
+      backing_fd = files_.Fd(backing_label_);
+      if (backing_fd < 0) return Status::InvalidArgument(backing_label_ + ": not opened for this image");
+      DMCOW_RETURN_IF_ERROR(dmcow::ImageLock::AcquireFd(backing_fd, backing_label_, Mode::kReadOnly, &backing_lock_));
+    } else if (has_backing) {
+      backing_label_ = backing_;
     }
     mapper_ = std::make_unique<Qcow2Mapper>(image_.get(), this, !read_only_, has_backing);
     mapper_->SetScratchBudget(scratch_max_);
     const Qcow2Geometry& geo = mapper_->geometry();
     const uint64_t dev_sectors = (image_->virtual_size() + 511) / 512;
 
-    // The image file on a loop device.
-    const int fd = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-    if (fd < 0) return Errno(path + ": open", errno);
+    // The image file on a loop device, over the descriptor the engine and
+    // the lock use.
     image_fd_ = fd;
     struct stat st;
     if (::fstat(fd, &st) != 0) return Errno(path + ": stat", errno);
@@ -121,10 +154,15 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     store_created_ = true;
     std::vector<dm::Target> base;
     uint64_t backing_sectors = 0;
-    if (!backing_.empty()) {
-      DMCOW_RETURN_IF_ERROR(backing_dev_.Open(backing_, true));
+    if (has_backing) {
+      // The level below's device (ours, made by dmcow-qcow), or the raw
+      // bottom of the chain on a loop over its open descriptor.
+      if (backing_fd >= 0)
+        DMCOW_RETURN_IF_ERROR(backing_dev_.Adopt(backing_fd, backing_label_, true));
+      else
+        DMCOW_RETURN_IF_ERROR(backing_dev_.Open(backing_, true));
       uint64_t bytes = 0;
-      if (::ioctl(backing_dev_.fd(), BLKGETSIZE64, &bytes) != 0) return Errno(backing_ + ": size", errno);
+      if (::ioctl(backing_dev_.fd(), BLKGETSIZE64, &bytes) != 0) return Errno(backing_label_ + ": size", errno);
       backing_sectors = std::min(bytes / 512, dev_sectors);
       if (backing_sectors > 0) base.push_back(dm::Target{0, backing_sectors, "linear", backing_dev_.devt() + " 0"});
     }
@@ -145,9 +183,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     // Folded clusters skip the store: linear segments go to the image's loop.
     spec->direct_path = image_loop_.devnode();
     spec->direct_from_sector = geo.scratch_sectors;
-    LOG_INFO("%s: %s v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.format.c_str(), info.version,
-             static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
-             has_backing ? (", backing " + backing_).c_str() : "", geo.chunk_sectors);
+    LOG_INFO("%s: %s v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.format.c_str(),
+             info.version, static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
+             has_backing ? (", backing " + backing_label_).c_str() : "", geo.chunk_sectors);
     return Status::OK();
   }
 
@@ -178,7 +216,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     if (image_) {
       result = image_->Flush();
       const uint64_t cs = image_->info().cluster_size;
-      const uint64_t end = image_->AllocationEnd();
+      const uint64_t end = device_ != nullptr ? device_->AllocationEnd() : 0;
+      device_ = nullptr;
       image_.reset();  // closing clears a lazy-refcount dirty bit
       // Give back the room grown ahead of allocations: the file ends where
       // its last cluster does, or where it ended before.
@@ -186,7 +225,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
       const uint64_t final_size = end > rounded ? end : original_size_;
       struct stat st;
       if (!read_only_ && image_fd_ >= 0 && ::fstat(image_fd_, &st) == 0 &&
-          static_cast<uint64_t>(st.st_size) > final_size && ::ftruncate(image_fd_, static_cast<off_t>(final_size)) != 0) {
+          static_cast<uint64_t>(st.st_size) > final_size &&
+          ::ftruncate(image_fd_, static_cast<off_t>(final_size)) != 0) {
         if (result.ok()) result = Errno(options_.args[0] + ": truncate", errno);
       }
     }
@@ -205,11 +245,11 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     image_loop_.Release();
     scratch_loop_.Release();
     backing_dev_.Release();
-    if (image_fd_ >= 0) ::close(image_fd_);
     if (scratch_fd_ >= 0) ::close(scratch_fd_);
     image_fd_ = scratch_fd_ = -1;
     lock_.reset();
     backing_lock_.reset();
+    files_.Clear();  // closes the chain's descriptors (image_fd_ among them)
     return result;
   }
 
@@ -222,6 +262,40 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     std::vector<dm::Target> t{dm::Target{0, scratch, "linear", scratch_loop_devt_ + " 0"}};
     if (image_bytes_ >= 512) t.push_back(dm::Target{scratch, image_bytes_ / 512, "linear", image_loop_.devt() + " 0"});
     return t;
+  }
+
+  // The chain's files into files_: the descriptors the caller passed
+  // (image_fd, chainK), or, without them, IMAGE and its chain opened here
+  // (once each, as dmcow-qcow attach opens them).
+  Status TakeFiles(const std::string& path) {
+    if (image_fd_param_.empty()) {
+      ChainPolicy policy;
+      policy.writable = !read_only_;
+      policy.follow_backing = !no_backing_;
+      std::vector<ChainFile> chain;
+      DMCOW_RETURN_IF_ERROR(OpenChain(path, policy, &chain));
+      for (ChainFile& f : chain) files_.Add(f.name, std::move(f.fd));
+      return Status::OK();
+    }
+    auto adopt = [&](const std::string& what, const std::string& number, const std::string& name) {
+      const int fd = std::stoi(number);  // digits, checked by MakeQcow2Plugin
+      const int fl = ::fcntl(fd, F_GETFL);
+      if (fl < 0) return Status::InvalidArgument(what + "=" + number + ": not an open descriptor");
+      if (!read_only_ && what == "image_fd" && (fl & O_ACCMODE) != O_RDWR) {
+        return Status::InvalidArgument(name + ": image_fd " + number + " is not open for writing (read_only=1?)");
+      }
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+      files_.Add(name, UniqueFd(fd));
+      return Status::OK();
+    };
+    DMCOW_RETURN_IF_ERROR(adopt("image_fd", image_fd_param_, path));
+    for (int k = 1;; k++) {
+      auto it = options_.params.find("chain" + std::to_string(k));
+      if (it == options_.params.end()) break;
+      const size_t colon = it->second.find(':');
+      DMCOW_RETURN_IF_ERROR(adopt(it->first, it->second.substr(0, colon), it->second.substr(colon + 1)));
+    }
+    return Status::OK();
   }
 
   Status CreateDevice(const std::string& name, const std::vector<dm::Target>& table) {
@@ -238,8 +312,10 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
 
   Status OpenScratch(const std::string& image_path, uint64_t bytes) {
     std::vector<std::string> dirs;
-    if (!scratch_dir_.empty()) dirs.push_back(scratch_dir_);
-    else dirs = {DirOf(image_path), "/var/tmp"};
+    if (!scratch_dir_.empty())
+      dirs.push_back(scratch_dir_);
+    else
+      dirs = {DirOf(image_path), "/var/tmp"};
     for (const std::string& dir : dirs) {
       scratch_fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
       if (scratch_fd_ >= 0) break;
@@ -294,11 +370,14 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   }
 
   PluginOptions options_;
-  bool read_only_ = false;
+  bool read_only_ = false, no_backing_ = false;
+  std::string image_fd_param_, backing_label_;
+  FdEnv files_;  // the chain's files, opened once (before image_: it reads through them)
   std::string backing_, prefix_, scratch_dir_;
   uint64_t scratch_max_ = uint64_t{1} << 30;
   std::unique_ptr<dmcow::ImageLock> lock_, backing_lock_;
   std::unique_ptr<Image> image_;
+  dmcow::DeviceImage* device_ = nullptr;  // image_'s serving calls (image_->AsDeviceImage())
   std::unique_ptr<Qcow2Mapper> mapper_;
   int image_fd_ = -1, scratch_fd_ = -1;
   uint64_t original_size_ = 0;
@@ -316,11 +395,30 @@ Status MakeQcow2Plugin(const PluginOptions& options, std::unique_ptr<Plugin>* ou
                                    std::to_string(options.args.size()) + ")");
   }
   for (const auto& [key, value] : options.params) {
-    if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir" && key != "scratch_max") {
+    const bool chain_key = key.size() > 5 && key.compare(0, 5, "chain") == 0 &&
+                           key.find_first_not_of("0123456789", 5) == std::string::npos && key[5] != '0';
+    if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir" && key != "scratch_max" &&
+        key != "image_fd" && key != "no_backing" && !chain_key) {
       return Status::InvalidArgument("the qcow2 plugin has no setting '" + key + "'");
     }
-    if (key == "scratch_max" && (value.empty() || value.size() > 19 ||
-                                 value.find_first_not_of("0123456789") != std::string::npos)) {
+    auto fd_number = [](const std::string& v) {
+      return !v.empty() && v.size() <= 6 && v.find_first_not_of("0123456789") == std::string::npos && std::stoi(v) >= 3;
+    };
+    if (key == "image_fd" && !fd_number(value)) {
+      return Status::InvalidArgument("image_fd=" + value + ": expected a descriptor number (3 or more)");
+    }
+    if (chain_key && (value.find(':') == std::string::npos || !fd_number(value.substr(0, value.find(':'))) ||
+                      value.find(':') + 1 == value.size())) {
+      return Status::InvalidArgument(key + "=" + value + ": expected FD:NAME");
+    }
+    if (chain_key && options.params.count("image_fd") == 0) {
+      return Status::InvalidArgument(key + " needs image_fd");
+    }
+    if (key == "no_backing" && value != "0" && value != "1") {
+      return Status::InvalidArgument("no_backing=" + value + ": expected 0 or 1");
+    }
+    if (key == "scratch_max" &&
+        (value.empty() || value.size() > 19 || value.find_first_not_of("0123456789") != std::string::npos)) {
       return Status::InvalidArgument("scratch_max=" + value + ": expected a number of bytes");
     }
     if (key == "read_only" && value != "0" && value != "1") {

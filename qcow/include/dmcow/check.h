@@ -16,7 +16,8 @@
 // cluster may serve two purposes.
 //
 // Repair (qcow2 only) is ordered so that a crash at any point leaves an
-// image that a second repair can finish; see qcow2_repair.cc.
+// image that a second repair can finish; see
+// qcow/src/qcow2/check/qcow2_check_repair.cc.
 //
 // Thread safety: CheckImage may be called concurrently on different files.
 #ifndef DMCOW_CHECK_H_
@@ -57,7 +58,7 @@ struct CheckFinding {
 struct CheckOptions {
   std::string format;  // "qcow2", "qcow", "raw"; empty = detect from content
   RepairMode repair = RepairMode::kNone;
-  Env* env = nullptr;  // nullptr: Env::Default()
+  Env* env = Env::Default();  // all file access
   // Called for every finding as it is made (qemu-img prints these to stderr
   // as it goes). May be empty.
   std::function<void(const CheckFinding&)> on_finding;
@@ -68,14 +69,14 @@ struct CheckOptions {
 
 // The counts of qemu's BdrvCheckResult / ImageCheck.
 struct CheckResult {
-  std::string format;            // format that was checked
-  bool opened = false;           // the image was opened and its check begun
-  uint64_t check_errors = 0;     // places the check could not examine
-  uint64_t corruptions = 0;      // remaining after repair
-  uint64_t leaks = 0;            // remaining after repair
+  std::string format;         // format that was checked
+  bool opened = false;        // the image was opened and its check begun
+  uint64_t check_errors = 0;  // places the check could not examine
+  uint64_t corruptions = 0;   // remaining after repair
+  uint64_t leaks = 0;         // remaining after repair
   uint64_t corruptions_fixed = 0;
   uint64_t leaks_fixed = 0;
-  uint64_t total_clusters = 0;   // virtual size in clusters
+  uint64_t total_clusters = 0;  // virtual size in clusters
   uint64_t allocated_clusters = 0;
   uint64_t fragmented_clusters = 0;
   uint64_t compressed_clusters = 0;

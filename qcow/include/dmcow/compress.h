@@ -20,7 +20,8 @@ struct CompressionSettings {
   // "zstd" (qcow2 v3 images created with compression_type=zstd).
   std::string type = "zlib";
   // 0 is the type's default (zlib 6 with shorter hash chains, see
-  // compress.cc: within 1% of QEMU's output size; zstd 3, as QEMU). zlib: 1..9;
+  // qcow/src/image/compress.cc: within 1% of QEMU's output size; zstd 3,
+  // as QEMU). zlib: 1..9;
   // levels 1-3 use ISA-L's igzip (same 4 KiB window, its strongest
   // setting), several times faster for output up to 10% larger.
   // zstd: 1..19, passed to libzstd.

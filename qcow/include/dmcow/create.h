@@ -27,18 +27,18 @@ struct CreateOptions {
   // without SIZE). Without a backing file this is an error.
   static constexpr uint64_t kSizeUnset = UINT64_MAX;
 
-  std::string format = "qcow2";    // "qcow2", "qcow" or "raw"
-  uint64_t size = kSizeUnset;      // virtual size in bytes; rounded up to 512 (qcow2, raw)
+  std::string format = "qcow2";  // "qcow2", "qcow" or "raw"
+  uint64_t size = kSizeUnset;    // virtual size in bytes; rounded up to 512 (qcow2, raw)
 
   // qcow2 only (ignored for raw and qcow).
-  std::string compat = "1.1";      // "1.1"/"v3" or "0.10"/"v2"
-  uint64_t cluster_size = 65536;   // power of two, 512 to 2 MiB
-  uint32_t refcount_bits = 16;     // power of two, 1 to 64 (16 for compat 0.10)
+  std::string compat = "1.1";     // "1.1"/"v3" or "0.10"/"v2"
+  uint64_t cluster_size = 65536;  // power of two, 512 to 2 MiB
+  uint32_t refcount_bits = 16;    // power of two, 1 to 64 (16 for compat 0.10)
   bool lazy_refcounts = false;
-  bool extended_l2 = false;        // needs compat 1.1 and clusters of at least 16 KiB
+  bool extended_l2 = false;               // needs compat 1.1 and clusters of at least 16 KiB
   std::string compression_type = "zlib";  // "zlib" or "zstd"
-  std::string data_file;           // external data file, created or truncated (compat 1.1)
-  bool data_file_raw = false;      // needs data_file; implies preallocation=metadata
+  std::string data_file;                  // external data file, created or truncated (compat 1.1)
+  bool data_file_raw = false;             // needs data_file; implies preallocation=metadata
 
   // qcow2 "off", "metadata", "falloc", "full"; raw "off", "falloc", "full";
   // qcow accepts and ignores any of the four (as QEMU does).
@@ -47,10 +47,10 @@ struct CreateOptions {
   // qcow2 and qcow. The name is stored as given and resolved, when opened,
   // relative to the new image's directory.
   std::string backing_file;
-  std::string backing_fmt;         // required with backing_file, as in qemu-img 7.2
-  bool open_backing = true;        // false: qemu-img -u, the backing file is not opened
+  std::string backing_fmt;   // required with backing_file, as in qemu-img 7.2
+  bool open_backing = true;  // false: qemu-img -u, the backing file is not opened
 
-  Env* env = nullptr;              // nullptr: Env::Default()
+  Env* env = Env::Default();  // all file access
 };
 
 // What qemu-img does before it prints "Formatting ...": checks the backing

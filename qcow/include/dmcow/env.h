@@ -49,6 +49,12 @@ class File {
   // PUNCH_HOLE), else by writing zeros. Durable, like Write, only after Sync.
   virtual Status WriteZeroes(uint64_t offset, uint64_t len);
 
+  // Reserves storage for [offset, offset + len), growing the file if
+  // needed, without changing what it reads (posix_fallocate, as QEMU's
+  // preallocation=falloc). NotSupported where the Env or the file system
+  // cannot: the range then stays sparse, as in QEMU.
+  virtual Status Allocate(uint64_t offset, uint64_t len);
+
   // Returns once every write issued before the call is durable.
   virtual Status Sync() = 0;
 
@@ -75,6 +81,12 @@ class File {
     return Status::NotSupported(name() + ": the file's identity is not known");
   }
 
+  // The operating system's descriptor of the open file, or -1 where there
+  // is none (in-memory files, wrappers that do not pass it on). For what
+  // must act on the very file the engine opened rather than open its path
+  // again: a QEMU-compatible lock (dmcow/image_lock.h).
+  virtual int NativeFd() const { return -1; }
+
   // Reads exactly `len` bytes; a short read is a Corrupt error naming `what`
   // (e.g. "L2 table") and the offset.
   Status ReadExact(uint64_t offset, size_t len, void* buf, const char* what);
@@ -96,6 +108,12 @@ class Env {
   // The process-wide environment backed by POSIX files. Never deleted.
   static Env* Default();
 };
+
+// A File over a descriptor the caller already opened (dmcowd gets the files
+// of an attached chain this way: opened once, by dmcow-qcow attach). The
+// File owns `fd` and closes it; `name` is for messages. Behaves as the
+// files Env::Default() opens: positional I/O, fdatasync, fstat.
+Status NewPosixFileFromFd(int fd, const std::string& name, std::unique_ptr<File>* file);
 
 }  // namespace dmcow
 

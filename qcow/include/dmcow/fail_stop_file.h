@@ -6,9 +6,9 @@
 // data that never reached the disk. So the first failed Write, WriteZeroes,
 // Truncate or Sync ends writing through this open: every later one fails
 // with an error that names the first failure, and reads keep working. Rule
-// (8) at the top of qcow/src/qcow2_write.cc; every image opened for
-// writing goes through one of these (open_image.cc, and the external data
-// file), and so does the cow plugin's store (daemon/src/cow/cow_store.cc).
+// (8) at the top of qcow/src/qcow2/qcow2_write.cc; every image opened for
+// writing goes through one of these (qcow/src/image/open_image.cc, and the
+// external data file), and so does the cow plugin's store (daemon/src/cow/cow_store.cc).
 //
 // Thread safety: as File; the first failure is recorded under a mutex.
 #ifndef DMCOW_FAIL_STOP_FILE_H_
@@ -16,8 +16,8 @@
 
 #include <atomic>
 #include <memory>
-#include <mutex>
 #include <string>
+#include "dmcow/mutex.h"
 
 #include "dmcow/env.h"
 
@@ -33,6 +33,7 @@ class FailStopFile final : public File {
   }
   Status Write(uint64_t offset, const void* buf, size_t len) override;
   Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status Allocate(uint64_t offset, uint64_t len) override;
   Status Sync() override;
   Status Size(uint64_t* size) override { return file_->Size(size); }
   Status Truncate(uint64_t size) override;
@@ -41,6 +42,7 @@ class FailStopFile final : public File {
     return file_->GetAllocation(offset, max_len, is_data, len);
   }
   Status Identity(FileIdentity* id) override { return file_->Identity(id); }
+  int NativeFd() const override { return file_->NativeFd(); }
 
  private:
   // The error every write returns once one has failed; OK before that.
@@ -50,8 +52,8 @@ class FailStopFile final : public File {
 
   const std::unique_ptr<File> file_;
   std::atomic<bool> failed_{false};
-  std::mutex mu_;
-  Status first_failure_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  Status first_failure_ GUARDED_BY(mu_);
 };
 
 }  // namespace dmcow

@@ -20,18 +20,23 @@
 
 namespace dmcow {
 
+class DeviceImage;
+
 struct OpenOptions {
-  std::string format;            // "raw", "qcow", "qcow2"; empty = detect from content
-  std::string snapshot;          // internal snapshot id or name: a read-only point-in-time view
-  bool writable = false;         // open for Write/WriteZeroes/Discard/Flush (qcow2, qcow v1 and raw)
+  std::string format;                       // "raw", "qcow", "qcow2"; empty = detect from content
+  std::string snapshot;                     // internal snapshot id or name: a read-only point-in-time view
+  bool writable = false;                    // open for Write/WriteZeroes/Discard/Flush (qcow2, qcow v1 and raw)
   size_t refcount_cache_bytes = 256 << 10;  // bound on cached refcount blocks (writable qcow2)
-  bool open_backing = true;      // false: unallocated ranges read as zeros (qemu-img -u style)
+  bool open_backing = true;                 // false: unallocated ranges read as zeros (qemu-img -u style)
+  // false: an external data file is not opened (qemu-img info does not open
+  // it); reading a cluster stored there then fails.
+  bool open_data_file = true;
   size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain
-  int max_chain_depth = 64;      // longer backing chains are refused (hostile chains; loops are found at once)
+  int max_chain_depth = 64;         // longer backing chains are refused (hostile chains; loops are found at once)
   // Bound on the memory the L1 tables of all images in a chain hold together
   // (each holds what its table really names: see docs/format-rules.md).
   uint64_t max_chain_table_bytes = uint64_t{256} << 20;
-  Env* env = nullptr;            // nullptr: Env::Default()
+  Env* env = Env::Default();  // all file access; tests put a MemEnv or a fault layer here
 };
 
 // State of a guest range within one layer of a chain.
@@ -43,10 +48,10 @@ enum class ClusterState {
 };
 
 struct LayerExtent {
-  uint64_t length = 0;         // bytes from the queried offset that share this state
+  uint64_t length = 0;  // bytes from the queried offset that share this state
   ClusterState state = ClusterState::kUnallocated;
   bool has_host_offset = false;  // kData always; kZero and kUnallocated where space is preallocated
-  uint64_t host_offset = 0;    // of the first byte, in data_filename()
+  uint64_t host_offset = 0;      // of the first byte, in data_filename()
 };
 
 struct SnapshotInfo {
@@ -59,48 +64,48 @@ struct SnapshotInfo {
   bool has_icount = false;
   uint64_t icount = 0;
   bool has_disk_size = false;
-  uint64_t disk_size = 0;      // virtual size when the snapshot was taken
+  uint64_t disk_size = 0;  // virtual size when the snapshot was taken
   uint64_t l1_table_offset = 0;
   uint32_t l1_size = 0;
 };
 
 struct BitmapInfo {
   std::string name;
-  uint32_t granularity = 0;    // bytes
+  uint32_t granularity = 0;  // bytes
   bool in_use = false;
-  bool auto_flag = false;      // qemu-img prints "auto"
+  bool auto_flag = false;  // qemu-img prints "auto"
 };
 
 struct FeatureName {
-  uint8_t type = 0;            // 0 incompatible, 1 compatible, 2 autoclear
+  uint8_t type = 0;  // 0 incompatible, 1 compatible, 2 autoclear
   uint8_t bit = 0;
   std::string name;
 };
 
-struct HeaderExtension {       // an extension we do not interpret, kept byte for byte
+struct HeaderExtension {  // an extension we do not interpret, kept byte for byte
   uint32_t type = 0;
   std::vector<uint8_t> data;
 };
 
 struct ImageInfo {
-  std::string format;          // "raw", "qcow", "qcow2"
+  std::string format;  // "raw", "qcow", "qcow2"
   uint64_t virtual_size = 0;
-  uint64_t cluster_size = 0;   // 0 for raw
+  uint64_t cluster_size = 0;  // 0 for raw
   bool encrypted = false;
-  bool dirty = false;          // qcow2 incompatible bit 0 (lazy refcounts left unflushed)
+  bool dirty = false;                 // qcow2 incompatible bit 0 (lazy refcounts left unflushed)
   std::string backing_filename;       // as stored in the image
   std::string full_backing_filename;  // resolved against the image's directory
   std::string backing_format;         // from the backing format extension, may be empty
   std::vector<SnapshotInfo> snapshots;
 
   // qcow2 only.
-  uint32_t version = 0;        // 1 (qcow), 2 or 3
+  uint32_t version = 0;  // 1 (qcow), 2 or 3
   bool corrupt = false;
   bool lazy_refcounts = false;
   bool extended_l2 = false;
   uint32_t refcount_bits = 0;
   std::string compression_type;  // "zlib" or "zstd"
-  std::string data_file;       // external data file name, empty if none
+  std::string data_file;         // external data file name, empty if none
   bool data_file_raw = false;
   uint64_t incompatible_features = 0;
   uint64_t compatible_features = 0;
@@ -168,65 +173,31 @@ class Image {
   // internal snapshots), return NotSupported.
   virtual Status Grow(uint64_t new_size);
 
-  // Serving the image as a block device (dmcowd's qcow2 plugin). The device
-  // writes guest data straight into host clusters of data_filename(); these
-  // calls only decide where, and keep the metadata in the order stated at
-  // the top of qcow2_write.cc (qcow v1: qcow1_write.cc). The caller makes the data of a reserved
-  // cluster durable (its own writes, or the kernel's) before linking it:
-  // Link only edits tables in memory, and the next Flush writes them after
-  // syncing the data file. qcow2 and qcow v1 images open for writing
-  // (Describe: any qcow2 or qcow v1); the rest return NotSupported. qcow v1
-  // (qcow1_device.cc) has no refcounts: clusters are appended at the end of
-  // the file, every uncompressed cluster is exclusive (unless a hostile
-  // table puts it over metadata), and unreserved or replaced clusters stay
-  // dead space.
-  struct ClusterPlace {
-    ClusterState state = ClusterState::kUnallocated;  // of this layer
-    bool partial = false;    // subclusters disagree (extended L2), or (qcow v1) kData reaching past
-                             // the end of the file: state is that of the first one
-    bool exclusive = false;  // kData with refcount 1 (COPIED; any v1 data): writable in place
-    uint64_t host_offset = 0;  // kData: of the cluster in data_filename()
-  };
-  // `cluster`: guest cluster index (< clusters of virtual_size()).
-  virtual Status DescribeCluster(uint64_t cluster, ClusterPlace* out);
-  // `count` contiguous free host clusters, refcount 1, referenced by nothing
-  // yet (a crash leaks them at worst).
-  virtual Status ReserveClusters(uint64_t count, uint64_t* host_offset);
-  // Writes the current guest content of clusters [first, first + count)
-  // into reserved clusters at host_offset (decompressing, copying shared or
-  // backing data); durable at the next Flush, before any table.
-  virtual Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset);
-  // Points guest clusters [first, first + count) at reserved clusters from
-  // host_offset (COPIED, every subcluster allocated); what they pointed at
-  // before is freed after the tables no longer do (rule 4).
-  virtual Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset);
-  // Gives back reserved clusters that were never linked (after the next
-  // Flush; qcow v1: nothing to give back, they stay dead space).
-  virtual Status UnreserveClusters(uint64_t count, uint64_t host_offset);
-  // The end of the last host cluster in use (or the file size at open, if
-  // larger): a file extended past it holds nothing the image needs.
-  // qcow v1: the end of the file as the engine knows it, appends included.
-  virtual uint64_t AllocationEnd() const { return 0; }
+  // The calls that serve this image as a block device (dmcow/device_image.h,
+  // for dmcowd's qcow2 plugin), or nullptr where the format cannot be served
+  // that way (raw). Lives as long as the image.
+  virtual DeviceImage* AsDeviceImage() { return nullptr; }
 };
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
 
-// Detects the format from content: "qcow2", "qcow" or "raw".
+// Detects the format as QEMU probes it: "qcow2", "qcow", "raw", or QEMU's name
+// of a format dmcow does not read ("vmdk", "vdi", ...), which OpenImage refuses.
 Status ProbeFormat(Env* env, const std::string& path, std::string* format);
 
 // One run of qemu-img map's output: the state of a guest range across the chain.
 struct MapExtent {
   uint64_t start = 0;
   uint64_t length = 0;
-  int depth = 0;           // layer holding the data; if none, the deepest layer consulted
-  bool present = false;    // some layer allocates it (data or zero)
-  bool zero = false;       // reads as zeros
-  bool data = false;       // reads from stored data
+  int depth = 0;         // layer holding the data; if none, the deepest layer consulted
+  bool present = false;  // some layer allocates it (data or zero)
+  bool zero = false;     // reads as zeros
+  bool data = false;     // reads from stored data
   bool compressed = false;
   bool has_offset = false;
-  uint64_t offset = 0;     // host offset in `filename` (uncompressed data only)
-  std::string filename;    // file holding the data, when has_offset
+  uint64_t offset = 0;   // host offset in `filename` (uncompressed data only)
+  std::string filename;  // file holding the data, when has_offset
 };
 
 // The longest run starting at `offset` (at most `max_len` bytes) with one

@@ -69,7 +69,14 @@ class ImageLock {
   //   open and does not share write (QEMU lock byte 201); is another process
   //   using the image?
   // A missing file is NotFound; a file system that refuses locks NotSupported.
-  static Status Acquire(const std::string& path, Mode mode, std::unique_ptr<ImageLock>* out);
+  //
+  // With `qemu_error`, a conflict also sets *qemu_error to the words QEMU
+  // 7.2 uses in its place (block/file-posix.c), for tools that print QEMU's
+  // messages (dmcow-img): `Failed to get shared "write" lock`, or
+  // `Failed to lock byte 100` (a non-QEMU write lock). QEMU adds the hint
+  // "Is another process using the image [NAME]?" to the first kind.
+  static Status Acquire(const std::string& path, Mode mode, std::unique_ptr<ImageLock>* out,
+                        std::string* qemu_error = nullptr);
 
   // The same on a descriptor the caller opened (readable; the image's own fd
   // is best: the lock is then on the very file the image was opened from).
@@ -77,7 +84,8 @@ class ImageLock {
   // the duplicate shares the open file description, so the locks are the
   // caller's fd's too until this object releases them. `name` is for
   // messages.
-  static Status AcquireFd(int fd, const std::string& name, Mode mode, std::unique_ptr<ImageLock>* out);
+  static Status AcquireFd(int fd, const std::string& name, Mode mode, std::unique_ptr<ImageLock>* out,
+                          std::string* qemu_error = nullptr);
 
   ImageLock(const ImageLock&) = delete;
   ImageLock& operator=(const ImageLock&) = delete;
@@ -96,7 +104,7 @@ class ImageLock {
   ImageLock(int fd, std::string name, Mode mode) : fd_(fd), name_(std::move(name)), mode_(mode) {}
 
   // Takes this mode's bytes on fd_, then checks for conflicts.
-  Status Lock();
+  Status Lock(std::string* qemu_error);
   void Unlock();
 
   int fd_;

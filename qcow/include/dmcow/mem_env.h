@@ -19,9 +19,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
+#include "dmcow/mutex.h"
 
 #include "dmcow/env.h"
 
@@ -56,13 +56,13 @@ class MemEnv final : public Env {
 
   // The per-file state, shared by the Files opened on it.
   struct Node {
-    mutable std::mutex mu;
-    std::vector<uint8_t> data;
+    mutable Mutex mu;
+    std::vector<uint8_t> data GUARDED_BY(mu);
   };
 
  private:
-  mutable std::mutex mu_;
-  std::map<std::string, std::shared_ptr<Node>> files_;
+  mutable Mutex mu_;
+  std::map<std::string, std::shared_ptr<Node>> files_ GUARDED_BY(mu_);
 };
 
 // A new, empty MemEnv.

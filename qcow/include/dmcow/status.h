@@ -80,10 +80,10 @@ class Status {
 };
 
 // Propagates a non-OK status to the caller.
-#define DMCOW_RETURN_IF_ERROR(expr)        \
-  do {                                     \
-    ::dmcow::Status _dmcow_s = (expr);     \
-    if (!_dmcow_s.ok()) return _dmcow_s;   \
+#define DMCOW_RETURN_IF_ERROR(expr)      \
+  do {                                   \
+    ::dmcow::Status _dmcow_s = (expr);   \
+    if (!_dmcow_s.ok()) return _dmcow_s; \
   } while (0)
 
 }  // namespace dmcow

@@ -1,0 +1,42 @@
+// Shared between the image creation drivers (create_image.cc, create_qcow2.cc).
+#ifndef DMCOW_QCOW_CREATE_INTERNAL_H_
+#define DMCOW_QCOW_CREATE_INTERNAL_H_
+
+#include <cstdint>
+#include <string>
+
+#include "dmcow/create.h"
+#include "dmcow/env.h"
+#include "dmcow/status.h"
+
+namespace dmcow::create_internal {
+
+enum class Prealloc { kOff, kMetadata, kFalloc, kFull };
+
+constexpr uint64_t kSector = 512;
+
+// "PATH: msg" as InvalidArgument, the shape of qemu-img create's errors.
+inline Status Bad(const std::string& path, const std::string& msg) {
+  return Status::InvalidArgument(path + ": " + msg);
+}
+
+// QEMU 7.2's BlockdevDriver enumeration: the values a qcow2 backing format
+// may take (checked when the backing file is not opened, as with -u).
+bool IsBlockdevDriver(const std::string& name);
+
+// "off", "metadata", "falloc", "full"; false for anything else.
+bool ParsePrealloc(const std::string& s, Prealloc* out);
+
+// qcow2_co_create_opts and qcow2_co_create: checks qcow2's options (with
+// QEMU's messages, "PATH: " first) and writes the image (create_qcow2.cc).
+// `o` has been through PrepareCreateOptions.
+Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o);
+
+// Extends `file` from its current length to `end` as QEMU's file-posix does
+// for preallocation falloc (File::Allocate, posix_fallocate; where the Env or
+// file system cannot, the file stays sparse) or full (written zeros).
+Status PreallocateFileRange(File* file, uint64_t start, uint64_t end, Prealloc mode);
+
+}  // namespace dmcow::create_internal
+
+#endif  // DMCOW_QCOW_CREATE_INTERNAL_H_

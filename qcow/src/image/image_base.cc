@@ -1,0 +1,61 @@
+#include "image/image_base.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "util.h"
+
+namespace dmcow {
+
+Status ImageBase::ReadBacking(uint64_t offset, void* buf, size_t len) {
+  auto* out = static_cast<uint8_t*>(buf);
+  size_t from_backing = 0;
+  if (backing_ && offset < backing_->virtual_size()) {
+    from_backing = static_cast<size_t>(std::min<uint64_t>(len, backing_->virtual_size() - offset));
+    DMCOW_RETURN_IF_ERROR(backing_->Read(offset, out, from_backing));
+  }
+  std::memset(out + from_backing, 0, len - from_backing);
+  return Status::OK();
+}
+
+Status Image::Write(uint64_t, const void*, size_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::WriteZeroes(uint64_t, uint64_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::Discard(uint64_t, uint64_t) {
+  return Status::NotSupported(filename() + ": image is not open for writing");
+}
+Status Image::WriteCompressedCluster(uint64_t, const void*, size_t) {
+  return Status::NotSupported(filename() + ": image cannot hold compressed clusters (or is not open for writing)");
+}
+Status Image::Flush() { return Status::OK(); }
+Status Image::Grow(uint64_t) {
+  return Status::NotSupported(filename() + ": growing an image is not supported for this format (" + info().format +
+                              ") or the image is not open for writing");
+}
+Status Image::MakeEmpty() {
+  return Status::NotSupported(filename() + ": emptying an image is not supported for this format (" + info().format +
+                              ") or the image is not open for writing");
+}
+
+Status ImageBase::CheckWriteRange(uint64_t offset, uint64_t len) const {
+  uint64_t end;
+  if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
+    return Status::InvalidArgument(filename() + ": write of " + std::to_string(len) + " bytes at offset " +
+                                   Hex(offset) + " goes past the virtual size");
+  }
+  return Status::OK();
+}
+
+Status ImageBase::CheckGuestRange(uint64_t offset, uint64_t len) const {
+  uint64_t end;
+  if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
+    return Status::InvalidArgument(filename() + ": read of " + std::to_string(len) + " bytes at offset " + Hex(offset) +
+                                   " goes past the virtual size " + std::to_string(info_.virtual_size));
+  }
+  return Status::OK();
+}
+
+}  // namespace dmcow

@@ -1,0 +1,82 @@
+#include "image/raw_image.h"
+
+#include <cstring>
+#include <vector>
+
+namespace dmcow {
+
+Status RawImage::Open(std::unique_ptr<File> file, bool writable, std::unique_ptr<Image>* image) {
+  std::unique_ptr<RawImage> raw(new RawImage(std::move(file)));
+  raw->writable_ = writable;
+  raw->info_.format = "raw";
+  uint64_t file_size = 0;
+  DMCOW_RETURN_IF_ERROR(raw->file_->Size(&file_size));
+  // QEMU sizes block devices in 512-byte sectors: a raw file's tail is
+  // rounded up and reads as zeros. Matching it keeps sizes, maps and
+  // conversions identical to qemu-img's.
+  raw->info_.virtual_size = (file_size + 511) & ~uint64_t{511};
+  *image = std::move(raw);
+  return Status::OK();
+}
+
+Status RawImage::Read(uint64_t offset, void* buf, size_t len) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  size_t got = 0;
+  DMCOW_RETURN_IF_ERROR(file_->Read(offset, len, buf, &got));
+  // The file may shrink under us; what is gone reads as zeros, as in QEMU.
+  std::memset(static_cast<uint8_t*>(buf) + got, 0, len - got);
+  return Status::OK();
+}
+
+Status RawImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, 1));
+  uint64_t len = std::min(max_len, info_.virtual_size - offset);
+  bool is_data = true;
+  DMCOW_RETURN_IF_ERROR(file_->GetAllocation(offset, len, &is_data, &len));
+  out->length = len;
+  out->state = is_data ? ClusterState::kData : ClusterState::kZero;
+  out->has_host_offset = true;
+  out->host_offset = offset;
+  return Status::OK();
+}
+
+Status RawImage::Write(uint64_t offset, const void* buf, size_t len) {
+  if (!writable_) return Image::Write(offset, buf, len);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  return file_->Write(offset, buf, len);
+}
+
+Status RawImage::WriteZeroes(uint64_t offset, uint64_t len) {
+  if (!writable_) return Image::WriteZeroes(offset, len);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  while (len > 0) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
+    DMCOW_RETURN_IF_ERROR(file_->Write(offset, zeros.data(), n));
+    offset += n;
+    len -= n;
+  }
+  return Status::OK();
+}
+
+Status RawImage::Discard(uint64_t offset, uint64_t len) {
+  if (!writable_) return Image::Discard(offset, len);
+  return CheckGuestRange(offset, len);  // advisory; raw content stays as it is
+}
+
+Status RawImage::Grow(uint64_t new_size) {
+  if (!writable_) return Image::Grow(new_size);
+  if (new_size < info_.virtual_size) return Status::NotSupported(filename() + ": shrinking an image is not supported");
+  uint64_t file_size = 0;
+  DMCOW_RETURN_IF_ERROR(file_->Size(&file_size));
+  if (new_size > file_size) {
+    DMCOW_RETURN_IF_ERROR(file_->Truncate(new_size));
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+  }
+  info_.virtual_size = (new_size + 511) & ~uint64_t{511};
+  return Status::OK();
+}
+
+Status RawImage::Flush() { return writable_ ? file_->Sync() : Status::OK(); }
+
+}  // namespace dmcow

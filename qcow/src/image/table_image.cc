@@ -1,0 +1,92 @@
+#include "image/table_image.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "util.h"
+
+namespace dmcow {
+
+Status TableImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent* out) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, 1));
+  ReaderLock lock(&rw_mu_);
+  Mapping m;
+  DMCOW_RETURN_IF_ERROR(Lookup(offset, max_len, &m));
+  *out = m.extent;
+  return Status::OK();
+}
+
+Status TableImage::Read(uint64_t offset, void* buf, size_t len) {
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  ReaderLock lock(&rw_mu_);
+  return ReadLocked(offset, buf, len);
+}
+
+Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
+  auto* out = static_cast<uint8_t*>(buf);
+  const uint64_t cluster_mask = info_.cluster_size - 1;
+  while (len > 0) {
+    Mapping m;
+    DMCOW_RETURN_IF_ERROR(Lookup(offset, len, &m));
+    const size_t n = static_cast<size_t>(m.extent.length);
+    switch (m.extent.state) {
+      case ClusterState::kUnallocated: DMCOW_RETURN_IF_ERROR(ReadBacking(offset, out, n)); break;
+      case ClusterState::kZero: std::memset(out, 0, n); break;
+      case ClusterState::kData: {
+        size_t got = 0;
+        DMCOW_RETURN_IF_ERROR(data_file()->Read(m.extent.host_offset, n, out, &got));
+        std::memset(out + got, 0, n - got);  // past the end of the file reads as zeros, as in QEMU
+        break;
+      }
+      case ClusterState::kCompressed:
+        DMCOW_RETURN_IF_ERROR(
+            compressed_->Read(m.compressed_offset, m.compressed_bytes, offset & cluster_mask, out, n));
+        break;
+    }
+    offset += n;
+    out += n;
+    len -= n;
+  }
+  return Status::OK();
+}
+
+Status TableImage::NotServable() const {
+  return Status::NotSupported(filename() + ": serving as a block device needs a qcow2 image" +
+                              std::string(info().format == "qcow2" ? " open for writing" : ""));
+}
+
+Status TableImage::CheckClusterRange(uint64_t first, uint64_t count, const char* what) const {
+  const uint64_t clusters = DivRoundUp(info_.virtual_size, info_.cluster_size);
+  if (count == 0 || first >= clusters || count > clusters - first) {
+    return Status::InvalidArgument(filename() + ": " + what + " guest clusters " + std::to_string(first) + "+" +
+                                   std::to_string(count) + " outside the disk");
+  }
+  return Status::OK();
+}
+
+Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest) {
+  const uint64_t cs = info_.cluster_size;
+  const uint64_t vsize = info_.virtual_size;
+  std::vector<uint8_t> buf;
+  for (uint64_t i = 0; i < count; i++) {
+    const uint64_t guest = (first + i) * cs;
+    const uint64_t host = host_offset + i * cs;
+    const uint64_t n = std::min(cs, vsize - guest);
+    Mapping m;
+    DMCOW_RETURN_IF_ERROR(Lookup(guest, n, &m));
+    const bool reads_zeros = m.extent.length >= n && (m.extent.state == ClusterState::kZero ||
+                                                      (m.extent.state == ClusterState::kUnallocated && !backing()));
+    if (reads_zeros) {
+      DMCOW_RETURN_IF_ERROR(dest->WriteZeroes(host, cs));
+      continue;
+    }
+    buf.resize(cs);
+    std::memset(buf.data() + n, 0, cs - n);
+    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    DMCOW_RETURN_IF_ERROR(dest->Write(host, buf.data(), cs));
+  }
+  return Status::OK();
+}
+
+}  // namespace dmcow

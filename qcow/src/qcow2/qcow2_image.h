@@ -1,0 +1,146 @@
+// Qcow2Image: qcow2 version 2 and 3 images. Reads (L1/L2 lookups, zero,
+// compressed and subclustered clusters, external data files, snapshots as
+// read-only views), writes with QEMU's metadata ordering (the rules at the
+// top of qcow2_write.cc), and serves block devices (DeviceImage, in
+// qcow2_device.cc).
+#ifndef DMCOW_QCOW_QCOW2_IMAGE_H_
+#define DMCOW_QCOW_QCOW2_IMAGE_H_
+
+#include <memory>
+#include <vector>
+
+#include <set>
+#include "image/table_image.h"
+
+#include "image/l1_table.h"
+#include "image/table_cache.h"
+#include "qcow2/qcow2_header.h"
+#include "qcow2/qcow2_overlap.h"
+#include "qcow2/qcow2_refcounts.h"
+
+namespace dmcow {
+
+class Qcow2Image final : public TableImage, public DeviceImage {
+ public:
+  // Opens `file` as qcow2 up to its tables (LoadTables loads them); with a
+  // non-empty `snapshot` (id or name), the view is that internal snapshot's
+  // content.
+  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string& snapshot,
+                     std::unique_ptr<Image>* image);
+
+  const std::string& data_filename() const override { return data_file_ ? data_file_->name() : file_->name(); }
+
+  // Write side (see qcow2_write.cc for the ordering rules).
+  ~Qcow2Image() override;
+  Status Write(uint64_t offset, const void* buf, size_t len) override;
+  Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status Discard(uint64_t offset, uint64_t len) override;
+  Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
+  Status Flush() override;
+  Status MakeEmpty() override;              // qcow2_write.cc
+  Status Grow(uint64_t new_size) override;  // qcow2_grow.cc
+  // Block-device serving (qcow2_device.cc).
+  DeviceImage* AsDeviceImage() override { return this; }
+  Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
+  Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
+  Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status LinkClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
+  Status UnreserveClusters(uint64_t count, uint64_t host_offset) override;
+  uint64_t AllocationEnd() const override;
+
+  const Qcow2Header& header() const { return header_; }
+
+ private:
+  explicit Qcow2Image(std::unique_ptr<File> file);
+
+  Status LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) override;
+  Status LoadL1(const OpenOptions& options, uint64_t* chain_table_bytes);
+
+  Status Lookup(uint64_t offset, uint64_t max_len, Mapping* m) override REQUIRES_SHARED(rw_mu_);
+
+  // Readies a read-write open: refuses an image marked corrupt or dirty,
+  // clears the autoclear bits we do not keep consistent, and sets up the
+  // refcounts, the overlap guard and the dirty-metadata bound.
+  Status PrepareForWriting(const OpenOptions& options);
+  // Runs one step of a writing call (Write, Flush, the device calls...)
+  // under rw_mu_ held exclusively. The first step that fails stops writing
+  // through this open (rule 9 of qcow2_write.cc): every later step, and the
+  // closing flush, fail without touching the file. A step that changes no
+  // metadata (kKeepGoing: FillClusters, which only writes into reserved
+  // clusters nothing maps yet) is refused after a stop but does not cause
+  // one; its I/O errors stop writing at the file (FailStopFile).
+  enum class OnFailure { kStop, kKeepGoing };
+  template <typename Step>
+  Status WriteStep(Step&& step, OnFailure on_failure = OnFailure::kStop) {
+    WriterLock lock(&rw_mu_);
+    if (!stopped_.ok()) return stopped_.WithMessage(stopped_.message() + " (no more writes through this open since)");
+    Status s = step();
+    if (!s.ok() && on_failure == OnFailure::kStop) stopped_ = s;
+    return s;
+  }
+  // The *Locked helpers: the caller holds rw_mu_ exclusively (WriteStep).
+  Status WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) REQUIRES(rw_mu_);
+  Status ZeroLocked(uint64_t offset, uint64_t len, bool discard) REQUIRES(rw_mu_);
+  Status MakeEmptyLocked() REQUIRES(rw_mu_);
+  Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  Status FlushLocked(bool closing = false) REQUIRES(rw_mu_);
+  // Writes the header's dirty bit (incompatible feature 0) and syncs.
+  Status SetDirtyBit(bool dirty);
+  Status MaybeFlush() REQUIRES(rw_mu_);  // flushes when too much metadata is dirty
+  // The L2 table offset L1 entry `l1_index` holds (0: none); an unaligned
+  // one is Corrupt, so that no path reads or writes a table straddling
+  // clusters. REQUIRES: l1_index < l1_.size().
+  Status L2TableOffset(uint64_t l1_index, uint64_t* l2_offset) const;
+  Status GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap);
+  Status SetL2Entry(uint64_t cluster, uint64_t entry, uint64_t bitmap) REQUIRES(rw_mu_);
+  // The L2 table for `l1_index`, created or copied (if shared) as needed.
+  Status EnsureL2Table(uint64_t l1_index, uint64_t* l2_offset) REQUIRES(rw_mu_);
+  bool WritableInPlace(uint64_t entry, uint64_t bitmap) const;
+  // Frees (after the next flush) the host space an L2 entry held.
+  void ReleaseClusterOf(uint64_t entry) REQUIRES(rw_mu_);
+  // Host bytes for compressed data, packed after the previous compressed
+  // cluster as QEMU packs them; refcounts count each compressed cluster
+  // touching a host cluster once.
+  Status AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) REQUIRES(rw_mu_);
+
+  // Classifies the guest range [pos, pos + *len) inside one cluster given its
+  // L2 entry (and bitmap for extended L2), shortening *len to the part that
+  // shares a state (a subcluster run).
+  Status Classify(uint64_t pos, uint64_t entry, uint64_t bitmap, uint64_t* len, Mapping* m) const;
+  // Corrupt when `entry`, the L2 entry of guest cluster `cluster`, is a zero
+  // cluster in a version 2 image (QEMU refuses these: reads, writes and the
+  // block-device calls all stop there). REQUIRES: cluster within the L1 table.
+  Status CheckZeroFlagAllowed(uint64_t cluster, uint64_t entry) const;
+
+  // The overlap check (qcow2_overlap.h, which states the rule; both defined
+  // in qcow2_overlap.cc). LoadOverlapGuard builds the metadata map once the
+  // refcounts are loaded and hooks it into the caches and the allocator.
+  Status LoadOverlapGuard();
+  // Before guest data reaches [host_offset, host_offset + bytes) of the data
+  // file, or the daemon is told it may write there: a Corrupt status (image
+  // marked corrupt) when that range holds metadata. `what` names the write.
+  Status CheckDataWrite(uint64_t host_offset, uint64_t bytes, const char* what);
+
+  Qcow2Header header_;
+  File* data_file() const override { return data_file_ ? data_file_.get() : file_.get(); }
+  std::unique_ptr<File> data_file_;  // external data file, if the image has one
+  std::string snapshot_;             // the snapshot viewed; empty: the active state
+  L1Table l1_;                       // active (or snapshot) L1, host byte order
+  std::unique_ptr<TableCache> l2_cache_;
+
+  bool writable_ = false;
+  Status stopped_ GUARDED_BY(rw_mu_);           // the failure that stopped writing (WriteStep)
+  std::unique_ptr<Qcow2OverlapGuard> overlap_;  // set when writable_; outlives refcounts_, which uses it
+  std::unique_ptr<Qcow2Refcounts> refcounts_;
+  std::set<uint64_t> dirty_l1_ GUARDED_BY(rw_mu_);  // L1 indices changed since the last flush
+  // Where the next compressed cluster may start (0: in a new cluster). Only
+  // valid until frees are applied: the cluster could then be reused.
+  uint64_t free_byte_offset_ GUARDED_BY(rw_mu_) = 0;
+  uint64_t file_end_seen_ = 0;  // DescribeCluster: a file size seen (the file only grows while served)
+  size_t max_dirty_slices_ = 0;
+  bool lazy_refcounts_ = false;  // qcow2 v3 compatible feature bit 0
+};
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_QCOW2_IMAGE_H_

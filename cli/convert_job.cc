@@ -15,7 +15,6 @@ constexpr uint64_t kSector = 512;
 ConvertJob::ConvertJob(const ConvertSettings& settings) : s_(settings) {
   for (Image* src : s_.sources) total_size_ += src->virtual_size();
   chunk_size_ = std::max(kMinChunk, s_.cluster_size);
-  chunk_count_ = (total_size_ + chunk_size_ - 1) / chunk_size_;
 }
 
 bool ConvertJob::Run(std::string* error) {
@@ -42,25 +41,33 @@ bool ConvertJob::Run(std::string* error) {
 void ConvertJob::Worker() {
   try {
     while (!failed_.load()) {
-      const uint64_t index = next_chunk_.fetch_add(1);
-      if (index >= chunk_count_) break;
       Planned p;
-      p.index = index;
       {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!spare_buffers_.empty()) {
-          p.buf = std::move(spare_buffers_.back());
-          spare_buffers_.pop_back();
-        }
+        std::lock_guard<std::mutex> lock(plan_mu_);
+        if (!PlanNext(&p)) break;
       }
-      p.buf.resize(chunk_size_);
-      if (!ProcessChunk(index, &p.buf, &p.ops)) {
+      const uint64_t index = p.index;
+      if (!p.hole) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!spare_buffers_.empty()) {
+            p.buf = std::move(spare_buffers_.back());
+            spare_buffers_.pop_back();
+          }
+        }
+        p.buf.resize(chunk_size_);
+      }
+      if (!ProcessChunk(&p)) {
         Fail("");
         break;
       }
       if (!s_.ordered_writes) {
         if (!Apply(p.ops, p.buf.data())) break;
         Applied(p);
+        if (!p.buf.empty()) {
+          std::lock_guard<std::mutex> lock(mu_);
+          spare_buffers_.push_back(std::move(p.buf));
+        }
         continue;
       }
       std::unique_lock<std::mutex> lock(mu_);
@@ -78,7 +85,7 @@ void ConvertJob::Worker() {
         lock.lock();
         if (!ok) break;
         next_to_apply_++;
-        spare_buffers_.push_back(std::move(q.buf));
+        if (!q.buf.empty()) spare_buffers_.push_back(std::move(q.buf));
         applied_.notify_all();
       }
       applying_ = false;
@@ -89,10 +96,48 @@ void ConvertJob::Worker() {
 }
 
 void ConvertJob::Applied(const Planned& p) {
-  const uint64_t start = p.index * chunk_size_;
-  const uint64_t len = std::min(chunk_size_, total_size_ - start);
   std::lock_guard<std::mutex> lock(progress_mu_);
-  s_.progress->Advance(static_cast<float>(len) * 100.0f / static_cast<float>(total_size_));
+  s_.progress->Advance(static_cast<float>(p.end - p.start) * 100.0f / static_cast<float>(total_size_));
+}
+
+bool ConvertJob::HasData(const std::vector<Extent>& extents) const {
+  for (const Extent& e : extents) {
+    // With -S 0 zeros are written as data too (a fully allocated target).
+    if (e.state == State::kData || (e.state == State::kZero && s_.min_sparse == 0)) return true;
+  }
+  return false;
+}
+
+// Chunks with data are planned one at a time, as they always were. A chunk
+// without data starts a hole piece, extended by whole chunks while one
+// block-status run covers them: a run that ends inside a chunk leaves that
+// chunk to be planned as a chunk, so every chunk with data is cut and
+// scanned exactly as in a walk of fixed chunks.
+bool ConvertJob::PlanNext(Planned* p) {
+  if (failed_.load() || plan_pos_ >= total_size_) return false;
+  p->index = plan_index_++;
+  p->start = plan_pos_;
+  p->end = std::min(plan_pos_ + chunk_size_, total_size_);
+  if (!Describe(p->start, p->end, &p->extents)) return false;
+  p->hole = s_.plan_holes && !HasData(p->extents);
+  while (p->hole && p->end < total_size_ && p->extents.size() < kMaxHoleExtents) {
+    Extent run;
+    if (!DescribeRun(p->end, total_size_, &run)) return false;
+    if (HasData({run})) break;
+    const uint64_t run_end = run.offset + run.length;
+    const uint64_t whole = run_end == total_size_ ? run_end : run_end / chunk_size_ * chunk_size_;
+    if (whole <= p->end) break;
+    run.length = whole - run.offset;
+    Extent& last = p->extents.back();
+    if (last.state == run.state && last.offset + last.length == run.offset) {
+      last.length += run.length;
+    } else {
+      p->extents.push_back(run);
+    }
+    p->end = whole;
+  }
+  plan_pos_ = p->end;
+  return true;
 }
 
 bool ConvertJob::Fail(const std::string& msg) {
@@ -105,45 +150,56 @@ bool ConvertJob::Fail(const std::string& msg) {
   return false;
 }
 
-// The state of each run of [offset, end), in target coordinates.
-bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out) {
-  out->clear();
+// The state of the first run of [offset, end), in target coordinates.
+bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out) {
   uint64_t base = 0;
   for (Image* src : s_.sources) {
     const uint64_t size = src->virtual_size();
-    while (offset < end && offset < base + size) {
-      const uint64_t in_src = offset - base;
-      const uint64_t max_len = std::min(end, base + size) - offset;
-      uint64_t len;
-      State state;
-      Status st;
-      if (s_.top_layer_only) {
-        LayerExtent e;
-        st = src->GetLayerStatus(in_src, max_len, &e);
-        len = e.length;
-        state = e.state == ClusterState::kZero          ? State::kZero
-                : e.state != ClusterState::kUnallocated ? State::kData
-                : src->backing()                        ? State::kSkip
-                                                        : State::kZero;
-      } else {
-        MapExtent e;
-        st = GetMapExtent(src, in_src, max_len, &e);
-        len = e.length;
-        state = e.zero ? State::kZero : State::kData;
-      }
-      if (st.ok() && len == 0) st = Status::Corrupt("empty block status");
-      if (!st.ok()) {
-        return Fail("error while reading block status at offset " + std::to_string(offset) + ": " + st.ToString());
-      }
-      len = std::min(len, max_len);
-      if (!out->empty() && out->back().state == state && out->back().offset + out->back().length == offset) {
-        out->back().length += len;
-      } else {
-        out->push_back(Extent{offset, len, state});
-      }
-      offset += len;
+    if (offset >= base + size) {
+      base += size;
+      continue;
     }
-    base += size;
+    const uint64_t in_src = offset - base;
+    const uint64_t max_len = std::min(end, base + size) - offset;
+    uint64_t len;
+    State state;
+    Status st;
+    if (s_.top_layer_only) {
+      LayerExtent e;
+      st = src->GetLayerStatus(in_src, max_len, &e);
+      len = e.length;
+      state = e.state == ClusterState::kZero          ? State::kZero
+              : e.state != ClusterState::kUnallocated ? State::kData
+              : src->backing()                        ? State::kSkip
+                                                      : State::kZero;
+    } else {
+      MapExtent e;
+      st = GetMapExtent(src, in_src, max_len, &e);
+      len = e.length;
+      state = e.zero ? State::kZero : State::kData;
+    }
+    if (st.ok() && len == 0) st = Status::Corrupt("empty block status");
+    if (!st.ok()) {
+      return Fail("error while reading block status at offset " + std::to_string(offset) + ": " + st.ToString());
+    }
+    *out = Extent{offset, std::min(len, max_len), state};
+    return true;
+  }
+  return Fail("error while reading block status at offset " + std::to_string(offset) + ": beyond the end");
+}
+
+// The state of each run of [offset, end), in target coordinates.
+bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out) {
+  out->clear();
+  while (offset < end) {
+    Extent e;
+    if (!DescribeRun(offset, end, &e)) return false;
+    if (!out->empty() && out->back().state == e.state && out->back().offset + out->back().length == offset) {
+      out->back().length += e.length;
+    } else {
+      out->push_back(e);
+    }
+    offset += e.length;
   }
   return true;
 }
@@ -183,16 +239,18 @@ void ConvertJob::AddZero(uint64_t offset, uint64_t length, std::vector<Op>* ops)
   ops->push_back(Op{Kind::kZero, offset, length});
 }
 
-bool ConvertJob::ProcessChunk(uint64_t index, std::vector<uint8_t>* buf, std::vector<Op>* ops) {
-  const uint64_t start = index * chunk_size_;
-  const uint64_t end = std::min(start + chunk_size_, total_size_);
-  std::vector<Extent> extents;
-  if (!Describe(start, end, &extents)) return false;
+bool ConvertJob::ProcessChunk(Planned* p) {
+  if (p->hole) {  // zero runs and -B skips only: what a chunk walk would plan for each chunk
+    for (const Extent& e : p->extents) {
+      if (e.state == State::kZero) AddZero(e.offset, e.length, &p->ops);
+    }
+    return true;
+  }
   if (s_.compress) {
-    PlanCompressed(start, extents, buf, ops);
+    PlanCompressed(p->start, p->extents, &p->buf, &p->ops);
     return !failed_.load();
   }
-  return PlanPlain(start, extents, buf, ops);
+  return PlanPlain(p->start, p->extents, &p->buf, &p->ops);
 }
 
 // Data is written except its zero runs, which need no write on a target that

@@ -2,6 +2,14 @@
 // concatenated, into a target image opened for writing, as qemu-img convert
 // does (zero detection, -S, -B, -c), on several threads.
 //
+// Work in proportion to the data. The guest range is cut into fixed chunks
+// (2 MiB or a cluster), but a run of chunks that holds no data in the
+// sources' block status (unallocated, zero, or left to the backing file by
+// -B) is planned as one piece from one block-status answer, with no buffer
+// and no read: an empty 16 TiB image costs a few block-status calls, not
+// eight million chunks. Chunks with data are planned exactly as before, so
+// the output does not depend on how the holes were walked.
+//
 // Reproducible output. Worker threads read, scan and compress chunks in
 // parallel, but a qcow/qcow2 target receives each chunk's writes strictly in
 // chunk order, and every decision (what is zero, what is compressed, what is
@@ -37,6 +45,10 @@ struct ConvertSettings {
   bool top_layer_only = false;  // -B: ranges the sources' top layers leave unallocated stay so
   int threads = 2;
   Progress* progress = nullptr;
+  // false: every chunk is planned on its own, holes included (the walk
+  // before hole planning). Only tests set it, to show both give the same
+  // bytes (tests/convert_job_test.cc).
+  bool plan_holes = true;
 };
 
 class ConvertJob {
@@ -46,6 +58,10 @@ class ConvertJob {
   // Runs the copy and flushes the target; on failure returns the first
   // error, in qemu-img's words.
   bool Run(std::string* error);
+
+  // Pieces of work planned by the last Run: chunks with data plus hole
+  // pieces. Tests read it to show that the work follows the data.
+  uint64_t pieces_planned() const { return plan_index_; }
 
  private:
   enum class Kind { kData, kZero, kCompressed };
@@ -64,15 +80,28 @@ class ConvertJob {
   };
 
   struct Planned {
-    uint64_t index = 0;
+    uint64_t index = 0;  // order of application (ordered targets)
+    uint64_t start = 0;  // guest range [start, end): one chunk with data, or a run of chunks without
+    uint64_t end = 0;
+    bool hole = false;  // no data anywhere in the range: no buffer, no read
+    std::vector<Extent> extents;
     std::vector<uint8_t> buf;
     std::vector<Op> ops;
   };
   static constexpr size_t kMaxParked = 2;
+  // Bound on the extents one hole piece collects (zero and -B skip runs
+  // alternating), so a hostile block status cannot grow memory.
+  static constexpr size_t kMaxHoleExtents = 4096;
 
   void Worker();
   void Applied(const Planned& p);  // progress
-  bool ProcessChunk(uint64_t index, std::vector<uint8_t>* buf, std::vector<Op>* ops);
+  // The next piece of work, in guest order; false when the end is reached
+  // or on error (then failed_ is set).
+  bool PlanNext(Planned* p);
+  bool HasData(const std::vector<Extent>& extents) const;
+  bool ProcessChunk(Planned* p);
+  // The first run of [offset, end): one block-status answer.
+  bool DescribeRun(uint64_t offset, uint64_t end, Extent* out);
   bool Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out);
   bool ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len);
   void PlanCompressed(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
@@ -91,8 +120,9 @@ class ConvertJob {
   const ConvertSettings s_;
   uint64_t total_size_ = 0;
   uint64_t chunk_size_ = 0;
-  uint64_t chunk_count_ = 0;
-  std::atomic<uint64_t> next_chunk_{0};
+  std::mutex plan_mu_;  // guards the two below; never held with mu_
+  uint64_t plan_pos_ = 0;
+  uint64_t plan_index_ = 0;
   std::atomic<bool> failed_{false};
   std::mutex mu_;  // guards the members below
   std::condition_variable applied_;

@@ -197,7 +197,10 @@ TEST_CASE("compare agrees with qemu-img", "[cli]") {
   CHECK(r.out.find("(100.00/100%)\rImages are identical.\n\n") != std::string::npos);
 }
 
-TEST_CASE("checksum is sha256sum of the raw conversion", "[cli]") {
+// The default digest is blk-sha256 (docs/checksum.md), held to
+// BlockDigestOfFile, which computes it from its definition over the bytes
+// qemu-img's raw conversion holds; -a sha256 is sha256sum of them.
+TEST_CASE("checksum is the block digest of the raw conversion; -a sha256 its sha256sum", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
   for (const std::string& name : img.all) {
@@ -205,18 +208,36 @@ TEST_CASE("checksum is sha256sum of the raw conversion", "[cli]") {
     REQUIRE(Exec(img.dir(), "qemu-img convert -O raw " + name + " theirs.out").rc == 0);
     Result ours = Exec(img.dir(), Ours() + " checksum " + name);
     REQUIRE(ours.rc == 0);
-    CHECK(ours.out == Sha256OfFile(img / "theirs.out") + "  " + name + "\n");
+    CHECK(ours.out == BlockDigestOfFile(img / "theirs.out") + "  " + name + "\n");
+    Result plain = Exec(img.dir(), Ours() + " checksum -a sha256 " + name);
+    REQUIRE(plain.rc == 0);
+    CHECK(plain.out == Sha256OfFile(img / "theirs.out") + "  " + name + "\n");
+    CHECK(Exec(img.dir(), Ours() + " checksum --algorithm=blk-sha256 " + name).out == ours.out);
   }
-  // Same content in other formats, cluster sizes and chain shapes.
+  // Same content in other formats, cluster sizes, chain shapes, and zeros
+  // stored as written zeros (-S 0), zero clusters or holes.
   MustRun("cd '" + img.dir() +
           "' && qemu-img convert -O qcow2 -o cluster_size=4k top.qcow2 flat4k.qcow2"
-          " && qemu-img convert -c -O qcow2 top.qcow2 flatc.qcow2 && qemu-img convert -O raw top.qcow2 top.raw");
-  std::string expected = Sha256OfFile(img / "top.raw");
-  for (const char* name : {"top.qcow2", "flat4k.qcow2", "flatc.qcow2", "top.raw"}) {
+          " && qemu-img convert -c -O qcow2 top.qcow2 flatc.qcow2 && qemu-img convert -O raw top.qcow2 top.raw"
+          " && qemu-img convert -S 0 -O qcow2 top.qcow2 full.qcow2 && cp top.qcow2 zeroed.qcow2"
+          " && qemu-io -c 'write -z 0 64k' -c 'write -P 0 2M 64k' -c 'write -z -u 4M 128k' zeroed.qcow2 >/dev/null"
+          " && qemu-img convert -O raw zeroed.qcow2 zeroed.raw");
+  const std::string expected = BlockDigestOfFile(img / "top.raw");
+  for (const char* name : {"top.qcow2", "flat4k.qcow2", "flatc.qcow2", "top.raw", "full.qcow2"}) {
+    INFO(name);
     Result r = Exec(img.dir(), Ours() + " checksum " + name);
     CHECK(r.out.substr(0, 64) == expected);
   }
+  CHECK(Exec(img.dir(), Ours() + " checksum zeroed.qcow2").out.substr(0, 64) == BlockDigestOfFile(img / "zeroed.raw"));
+  // Bad input: a missing image, an unknown algorithm, no algorithm.
   CHECK(Exec(img.dir(), Ours() + " checksum missing.qcow2").rc == 1);
+  SplitResult bad = Exec(img.dir(), img.dir(), Ours() + " checksum -a md5 top.qcow2");
+  CHECK(bad.rc == 1);
+  CHECK(bad.out.empty());
+  CHECK(bad.err == "dmcow-img: Unknown checksum algorithm 'md5': use blk-sha256 or sha256\n");
+  SplitResult none = Exec(img.dir(), img.dir(), Ours() + " checksum top.qcow2 -a");
+  CHECK(none.rc == 1);
+  CHECK(none.out.empty());
 }
 
 TEST_CASE("odd-size raw files are seen as qemu-img sees them", "[cli]") {
@@ -398,7 +419,7 @@ TEST_CASE("images QEMU refuses, or sizes in whole sectors, are seen as qemu-img 
       same("compare " + name + " theirs.raw", true);
       same("compare -s " + name + " theirs.raw", true);
       Result sum = Exec(dir, Ours() + " checksum " + name);
-      CHECK(sum.out == Sha256OfFile(tmp / "theirs.raw") + "  " + name + "\n");
+      CHECK(sum.out == BlockDigestOfFile(tmp / "theirs.raw") + "  " + name + "\n");
     }
     same("compare odd.qcow2 odd.qcow", true);
     same("check odd.qcow2", true);

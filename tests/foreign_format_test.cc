@@ -124,7 +124,7 @@ TEST_CASE("images in formats dmcow does not read are refused, not read as raw", 
     MustRun("cd '" + dir.path() + "' && qemu-img convert -f raw -O raw " + file + " theirs.raw");
     SplitResult sum = Ours(dir, "checksum -f raw " + file);
     CHECK(sum.rc == 0);
-    CHECK(sum.out.substr(0, 64) == Sha256OfFile(dir / "theirs.raw"));
+    CHECK(sum.out.substr(0, 64) == BlockDigestOfFile(dir / "theirs.raw"));
     CHECK(Ours(dir, "convert -f raw -O raw " + file + " out.raw").rc == 0);
     CHECK(ReadWholeFile(dir / "out.raw") == ReadWholeFile(dir / "theirs.raw"));
     ::unlink((dir / "out.raw").c_str());

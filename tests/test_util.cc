@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <openssl/sha.h>
+
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -118,6 +120,40 @@ std::string Sha256OfFile(const std::string& path) {
   std::string out;
   if (Run("sha256sum '" + path + "'", &out) != 0) return "";
   return out.substr(0, 64);
+}
+
+std::string BlockDigestOfFile(const std::string& path) {
+  constexpr size_t kBlock = 65536;
+  const std::vector<uint8_t> content = ReadWholeFile(path);
+  auto le = [](uint64_t v, int bytes) {
+    std::string s;
+    for (int i = 0; i < bytes; i++) s.push_back(static_cast<char>(v >> (8 * i)));
+    return s;
+  };
+  std::string input = "dmcow-blk-sha256-v1" + le(content.size(), 8) + le(kBlock, 4);
+  uint64_t zero_run = 0;
+  for (size_t at = 0; at < content.size(); at += kBlock) {
+    const size_t n = std::min(kBlock, content.size() - at);
+    if (std::all_of(content.begin() + at, content.begin() + at + n, [](uint8_t b) { return b == 0; })) {
+      zero_run++;
+      continue;
+    }
+    if (zero_run) input += std::string(1, '\0') + le(zero_run, 8);
+    zero_run = 0;
+    unsigned char h[SHA256_DIGEST_LENGTH];
+    SHA256(content.data() + at, n, h);
+    input += std::string(1, '\1') + std::string(reinterpret_cast<char*>(h), sizeof(h));
+  }
+  if (zero_run) input += std::string(1, '\0') + le(zero_run, 8);
+  unsigned char root[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(input.data()), input.size(), root);
+  static const char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned char c : root) {
+    hex.push_back(kHex[c >> 4]);
+    hex.push_back(kHex[c & 15]);
+  }
+  return hex;
 }
 
 std::vector<uint8_t> MixedData(std::mt19937_64& rng, size_t len) {

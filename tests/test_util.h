@@ -105,6 +105,11 @@ void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 // sha256sum of a file, lowercase hex.
 std::string Sha256OfFile(const std::string& path);
 
+// The block digest blk-sha256 of a plain file's bytes, computed straight
+// from its definition in docs/checksum.md (every block read and tested, no
+// block status): the reference dmcow-img checksum is held to.
+std::string BlockDigestOfFile(const std::string& path);
+
 // Deterministic bytes, partly compressible (runs, text-like) and partly
 // random, so compressed clusters get a range of sizes.
 std::vector<uint8_t> MixedData(std::mt19937_64& rng, size_t len);

@@ -205,8 +205,17 @@ struct MapExtent {
 Status GetMapExtent(Image* top, uint64_t offset, uint64_t max_len, MapExtent* out);
 
 // SHA-256 (lowercase hex) of the guest-visible content: equal for equal
-// content in any format, cluster size or chain shape.
+// content in any format, cluster size or chain shape. Reads (or hashes the
+// zeros of) every byte: time in proportion to the virtual size.
 Status ComputeContentSha256(Image* image, std::string* hex);
+
+// The block digest "blk-sha256" (lowercase hex) of the guest-visible
+// content, defined in docs/checksum.md: SHA-256 over the virtual size and,
+// per 64 KiB block, the block's SHA-256 or, for a run of all-zero blocks,
+// its length. Equal for equal content in any format and however its zeros
+// are stored (holes, zero clusters, written zeros); time in proportion to
+// the data and the block-status runs, not the virtual size.
+Status ComputeBlockDigest(Image* image, std::string* hex);
 
 }  // namespace dmcow
 

@@ -70,6 +70,7 @@ class LockingEnv::LockedFile final : public File {
   }
   Status Write(uint64_t offset, const void* buf, size_t len) override { return file_->Write(offset, buf, len); }
   Status WriteZeroes(uint64_t offset, uint64_t len) override { return file_->WriteZeroes(offset, len); }
+  Status Deallocate(uint64_t offset, uint64_t len) override { return file_->Deallocate(offset, len); }
   Status Allocate(uint64_t offset, uint64_t len) override { return file_->Allocate(offset, len); }
   Status Sync() override { return file_->Sync(); }
   Status Size(uint64_t* size) override { return file_->Size(size); }

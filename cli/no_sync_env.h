@@ -34,6 +34,7 @@ class NoSyncEnv final : public Env {
     }
     Status Write(uint64_t offset, const void* buf, size_t len) override { return inner_->Write(offset, buf, len); }
     Status WriteZeroes(uint64_t offset, uint64_t len) override { return inner_->WriteZeroes(offset, len); }
+    Status Deallocate(uint64_t offset, uint64_t len) override { return inner_->Deallocate(offset, len); }
     Status Allocate(uint64_t offset, uint64_t len) override { return inner_->Allocate(offset, len); }
     Status Sync() override { return Status::OK(); }
     Status Size(uint64_t* size) override { return inner_->Size(size); }

@@ -225,6 +225,25 @@ TEST_CASE("convert -B, -n and --target-is-zero", "[convert]") {
   CHECK(InSources("qemu-img compare -q src.raw ours.img") == 0);
 }
 
+// -n into a raw file full of data: the zero ranges become holes, as
+// qemu-img makes them (write-zeroes may unmap), instead of written zeros;
+// zeroing a large sparse raw target once filled the disk.
+TEST_CASE("convert -n onto a raw file punches its zero ranges", "[convert]") {
+  SKIP_WITHOUT_QEMU();
+  REQUIRE(InSources("rm -f punch.qcow2 punch.raw && qemu-img create -q -f qcow2 punch.qcow2 64M && "
+                    "qemu-io -c 'write -P 0x61 5M 1M' punch.qcow2 >/dev/null && "
+                    "qemu-img create -q -f raw punch.raw 64M && "
+                    "qemu-io -f raw -c 'write -P 0xee 0 64M' punch.raw >/dev/null && sync punch.raw") == 0);
+  std::string du;
+  REQUIRE(InSources("du -k punch.raw | cut -f1", &du) == 0);
+  REQUIRE(std::stoull(du) >= 64 * 1024);
+  REQUIRE(InSources(Ours() + " convert -n -O raw punch.qcow2 punch.raw") == 0);
+  CHECK(InSources("qemu-img compare -q punch.qcow2 punch.raw") == 0);
+  REQUIRE(InSources("du -k punch.raw | cut -f1", &du) == 0);
+  CHECK(std::stoull(du) <= 2 * 1024);  // the 1 MiB of data, and no more than a MiB besides
+  InSources("rm -f punch.qcow2 punch.raw");
+}
+
 TEST_CASE("convert -p shows progress and bad command lines fail as in qemu-img", "[convert]") {
   SKIP_WITHOUT_QEMU();
   std::string out;

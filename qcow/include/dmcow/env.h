@@ -49,6 +49,12 @@ class File {
   // PUNCH_HOLE), else by writing zeros. Durable, like Write, only after Sync.
   virtual Status WriteZeroes(uint64_t offset, uint64_t len);
 
+  // Makes [offset, offset + len) read as zeros and gives its storage back
+  // where the file system can (fallocate PUNCH_HOLE, as QEMU's write-zeroes
+  // with MAY_UNMAP on a raw file), else as WriteZeroes. The file's size does
+  // not change. Durable, like Write, only after Sync.
+  virtual Status Deallocate(uint64_t offset, uint64_t len);
+
   // Reserves storage for [offset, offset + len), growing the file if
   // needed, without changing what it reads (posix_fallocate, as QEMU's
   // preallocation=falloc). NotSupported where the Env or the file system

@@ -33,6 +33,7 @@ class FailStopFile final : public File {
   }
   Status Write(uint64_t offset, const void* buf, size_t len) override;
   Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status Deallocate(uint64_t offset, uint64_t len) override;
   Status Allocate(uint64_t offset, uint64_t len) override;
   Status Sync() override;
   Status Size(uint64_t* size) override { return file_->Size(size); }

@@ -49,14 +49,9 @@ Status RawImage::Write(uint64_t offset, const void* buf, size_t len) {
 Status RawImage::WriteZeroes(uint64_t offset, uint64_t len) {
   if (!writable_) return Image::WriteZeroes(offset, len);
   DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
-  static const std::vector<uint8_t> zeros(1 << 20, 0);
-  while (len > 0) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
-    DMCOW_RETURN_IF_ERROR(file_->Write(offset, zeros.data(), n));
-    offset += n;
-    len -= n;
-  }
-  return Status::OK();
+  // A hole where the file system can make one: zeroing 1 TiB must not
+  // write (or reserve) 1 TiB.
+  return file_->Deallocate(offset, len);
 }
 
 Status RawImage::Discard(uint64_t offset, uint64_t len) {

@@ -28,6 +28,13 @@ Status File::WriteZeroes(uint64_t offset, uint64_t len) {
   return Status::OK();
 }
 
+Status File::Deallocate(uint64_t offset, uint64_t len) {
+  uint64_t size = 0;
+  DMCOW_RETURN_IF_ERROR(Size(&size));
+  if (offset >= size) return Status::OK();  // past the end reads zeros already
+  return WriteZeroes(offset, std::min(len, size - offset));
+}
+
 Status File::Allocate(uint64_t /*offset*/, uint64_t /*len*/) {
   return Status::NotSupported(name() + ": cannot preallocate here");
 }

@@ -79,6 +79,14 @@ class PosixFile final : public File {
     return Status::OK();
   }
 
+  Status Deallocate(uint64_t offset, uint64_t len) override {
+    if (len == 0) return Status::OK();
+    const int err = Fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+    if (Unsupported(err)) return File::Deallocate(offset, len);
+    if (err != 0) return ErrnoStatus(name_, "deallocating", err);
+    return Status::OK();
+  }
+
   Status Allocate(uint64_t offset, uint64_t len) override {
     const int err = ::posix_fallocate(fd_, static_cast<off_t>(offset), static_cast<off_t>(len));
     if (err == 0) return Status::OK();

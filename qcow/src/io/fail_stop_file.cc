@@ -29,6 +29,11 @@ Status FailStopFile::WriteZeroes(uint64_t offset, uint64_t len) {
   return Record(file_->WriteZeroes(offset, len));
 }
 
+Status FailStopFile::Deallocate(uint64_t offset, uint64_t len) {
+  DMCOW_RETURN_IF_ERROR(Refusal());
+  return Record(file_->Deallocate(offset, len));
+}
+
 Status FailStopFile::Allocate(uint64_t offset, uint64_t len) {
   DMCOW_RETURN_IF_ERROR(Refusal());
   Status s = file_->Allocate(offset, len);

@@ -138,7 +138,7 @@ class Committer {
       for (uint64_t pos = r.offset; pos < r.offset + r.len;) {
         const uint64_t n = std::min(kChunk, r.offset + r.len - pos);
         if (r.kind == RunKind::kZero) {
-          Status s = base_->WriteZeroes(pos, n);
+          Status s = base_->WriteZeroesMayUnmap(pos, n);  // as qemu-img: a raw base gets a hole
           if (!s.ok()) return failed("error while writing zeros", pos, s);
         } else {
           buf.resize(n);

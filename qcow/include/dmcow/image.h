@@ -152,6 +152,11 @@ class Image {
   // Makes [offset, offset+len) read as zeros, freeing whole clusters where
   // the format can say "zero" (qcow2 v3, or no backing file).
   virtual Status WriteZeroes(uint64_t offset, uint64_t len);
+  // As WriteZeroes, but the range's storage may also be given back (QEMU's
+  // write-zeroes with BDRV_REQ_MAY_UNMAP, which qemu-img convert and commit
+  // use): a raw file gets a hole. WriteZeroes keeps a raw file's blocks
+  // allocated (fallocate ZERO_RANGE where the file system has it).
+  virtual Status WriteZeroesMayUnmap(uint64_t offset, uint64_t len) { return WriteZeroes(offset, len); }
   // Hints that [offset, offset+len) is unused: whole clusters inside it are
   // freed and read as zeros where the format can say so; otherwise unchanged.
   virtual Status Discard(uint64_t offset, uint64_t len);

@@ -49,8 +49,14 @@ Status RawImage::Write(uint64_t offset, const void* buf, size_t len) {
 Status RawImage::WriteZeroes(uint64_t offset, uint64_t len) {
   if (!writable_) return Image::WriteZeroes(offset, len);
   DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
-  // A hole where the file system can make one: zeroing 1 TiB must not
-  // write (or reserve) 1 TiB.
+  return file_->WriteZeroes(offset, len);  // the blocks stay allocated
+}
+
+Status RawImage::WriteZeroesMayUnmap(uint64_t offset, uint64_t len) {
+  if (!writable_) return Image::WriteZeroes(offset, len);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  // A hole where the file system can make one: zeroing 1 TiB of a sparse
+  // target must not write (or reserve) 1 TiB.
   return file_->Deallocate(offset, len);
 }
 

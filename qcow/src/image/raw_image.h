@@ -15,6 +15,7 @@ class RawImage final : public ImageBase {
 
   Status Write(uint64_t offset, const void* buf, size_t len) override;
   Status WriteZeroes(uint64_t offset, uint64_t len) override;
+  Status WriteZeroesMayUnmap(uint64_t offset, uint64_t len) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
   Status Grow(uint64_t new_size) override;

@@ -160,7 +160,8 @@ class PosixFile final : public File {
     }
     return 0;
   }
-  static bool Unsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL; }
+  // ENODEV: fallocate on a block device before Linux 4.9.
+  static bool Unsupported(int err) { return err == EOPNOTSUPP || err == ENOSYS || err == EINVAL || err == ENODEV; }
 
   const std::string name_;
   const int fd_;

@@ -121,9 +121,14 @@ bool ConvertJob::PlanNext(Planned* p) {
   if (!Describe(p->start, p->end, &p->extents)) return false;
   p->hole = s_.plan_holes && !HasData(p->extents);
   while (p->hole && p->end < total_size_ && p->extents.size() < kMaxHoleExtents) {
+    // Asked first for the next chunk only, so that a long data run after
+    // the hole is not scanned to its end here, under the lock; then, if the
+    // hole goes on, for the whole run.
     Extent run;
-    if (!DescribeRun(p->end, total_size_, &run)) return false;
-    if (HasData({run})) break;
+    const uint64_t next_end = std::min(total_size_, p->end + chunk_size_);
+    if (!DescribeRun(p->end, next_end, &run)) return false;
+    if (HasData({run}) || run.offset + run.length < next_end) break;
+    if (next_end < total_size_ && !DescribeRun(p->end, total_size_, &run)) return false;
     const uint64_t run_end = run.offset + run.length;
     const uint64_t whole = run_end == total_size_ ? run_end : run_end / chunk_size_ * chunk_size_;
     if (whole <= p->end) break;
@@ -391,7 +396,7 @@ bool ConvertJob::Apply(const std::vector<Op>& ops, const uint8_t* buf) {
     Status st;
     switch (op.kind) {
       case Kind::kData: st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length)); break;
-      case Kind::kZero: st = s_.target->WriteZeroes(op.offset, op.length); break;
+      case Kind::kZero: st = s_.target->WriteZeroesMayUnmap(op.offset, op.length); break;
       case Kind::kCompressed:
         st = s_.target->WriteCompressedCluster(op.offset, op.payload.data(), op.payload.size());
         break;

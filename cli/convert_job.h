@@ -120,7 +120,7 @@ class ConvertJob {
   const ConvertSettings s_;
   uint64_t total_size_ = 0;
   uint64_t chunk_size_ = 0;
-  std::mutex plan_mu_;  // guards the two below; never held with mu_
+  std::mutex plan_mu_;  // guards the two below; taken before mu_ (PlanNext may Fail), never after
   uint64_t plan_pos_ = 0;
   uint64_t plan_index_ = 0;
   std::atomic<bool> failed_{false};

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "dmcow/image.h"
@@ -124,7 +125,10 @@ Status ComputeBlockDigest(Image* image, std::string* hex) {
   for (uint64_t pos = 0; pos < size;) {  // pos is always at a block's start
     MapExtent ext;
     DMCOW_RETURN_IF_ERROR(GetMapExtent(image, pos, size - pos, &ext));
-    const uint64_t run_end = pos + ext.length;
+    if (ext.length == 0) {
+      return Status::Corrupt(image->filename() + ": empty block status at offset " + std::to_string(pos));
+    }
+    const uint64_t run_end = pos + std::min(ext.length, size - pos);
     if (ext.zero) {
       const uint64_t whole = run_end == size ? size : run_end / B * B;
       if (whole > pos) {
@@ -134,19 +138,23 @@ Status ComputeBlockDigest(Image* image, std::string* hex) {
       }
     }
     // Data, or a zero run that ends inside this block: read whole blocks up
-    // to the block holding the run's end.
-    const uint64_t read_end = std::min({size, (run_end + B - 1) / B * B, pos + kReadMax});
-    buf.resize(static_cast<size_t>(read_end - pos));
-    DMCOW_RETURN_IF_ERROR(image->Read(pos, buf.data(), buf.size()));
-    for (uint64_t b = 0; b < buf.size(); b += B) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(B, buf.size() - b));
-      if (AllZero(buf.data() + b, n)) {
-        digest.Zero(1);
-      } else {
-        digest.Data(buf.data() + b, n);
+    // to the block holding the run's end, kReadMax at a time, without asking
+    // again (a data run of 1 TiB is looked up once, not once per read).
+    const uint64_t read_to = std::min(size, (run_end + B - 1) / B * B);
+    while (pos < read_to) {
+      const uint64_t read_end = std::min(read_to, pos + kReadMax);
+      buf.resize(static_cast<size_t>(read_end - pos));
+      DMCOW_RETURN_IF_ERROR(image->Read(pos, buf.data(), buf.size()));
+      for (uint64_t b = 0; b < buf.size(); b += B) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(B, buf.size() - b));
+        if (AllZero(buf.data() + b, n)) {
+          digest.Zero(1);
+        } else {
+          digest.Data(buf.data() + b, n);
+        }
       }
+      pos = read_end;
     }
-    pos = read_end;
   }
   digest.EndZeroRun();
   FinishHex(outer.get(), hex);

@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -201,15 +202,32 @@ Status Daemon::LoadTable(const std::vector<Extent>& linear) {
   return dm::Load(options_.name, segments, devices_);
 }
 
+// A flush of our own device waits for our own answer. Issued by a thread
+// of ours, a SIGKILL meanwhile leaves that thread in uninterruptible sleep
+// for an answer no one sends; the channel is released only when every
+// thread has gone, so the process never dies and the device is stuck
+// (seen: daemon_killed_repeatedly, the daemon alive 5 s after SIGKILL).
+// A child that holds none of our descriptors flushes instead: if we die,
+// the channel's release fails its flush and it exits.
 Status Daemon::FlushDevice() {
   const std::string node = "/dev/mapper/" + options_.name;
-  int fd = ::open(node.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::IOError(node + ": open: " + std::strerror(errno));
-  int r = ::fdatasync(fd);
-  int e = errno;
-  ::close(fd);
-  if (r != 0) return Status::IOError(node + ": flush: " + std::strerror(e));
-  return Status::OK();
+  const pid_t pid = ::fork();
+  if (pid < 0) return Status::IOError(node + ": flush: fork: " + std::strerror(errno));
+  if (pid == 0) {  // only async-signal-safe calls from here
+    ::close_range(3, ~0U, 0);
+    const int fd = ::open(node.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) ::_exit(100 + (errno & 0x3f));
+    ::_exit(::fdatasync(fd) == 0 ? 0 : 1 + (errno & 0x3f));
+  }
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0) {
+    if (errno != EINTR) return Status::IOError(node + ": flush: waitpid: " + std::strerror(errno));
+  }
+  if (!WIFEXITED(st)) return Status::IOError(node + ": flush: the flushing process died");
+  const int code = WEXITSTATUS(st);
+  if (code == 0) return Status::OK();
+  if (code >= 100) return Status::IOError(node + ": open: " + std::strerror(code - 100));
+  return Status::IOError(node + ": flush: " + std::strerror(code - 1));
 }
 
 Status Daemon::Reload() {

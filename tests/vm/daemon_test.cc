@@ -536,7 +536,12 @@ void TestKilledRepeatedly() {
     });
     SleepMs(100 + 80 * round);  // mid-write, at a different moment each round
     std::fprintf(stderr, "killed_repeatedly: round %d: kill after %d writer blocks\n", round, written.load());
-    d.Kill();
+    try {
+      d.Kill();
+    } catch (const std::exception& e) {  // the writer is still joinable: say why before the process ends
+      std::fprintf(stderr, "killed_repeatedly: round %d: %s\n", round, e.what());
+      throw;
+    }
     writer.join();
     std::fprintf(stderr, "killed_repeatedly: round %d: writer stopped\n", round);
     close(fd);

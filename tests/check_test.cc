@@ -118,6 +118,10 @@ class Images {
         "qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 1M 64k' -c 'write -z 2M 8k' el2.qcow2",
         "cp plain.qcow2 bitmap.qcow2 && qemu-img bitmap --add bitmap.qcow2 b0",
         "qemu-img bitmap --add -g 65536 bitmap.qcow2 b1 && qemu-io -c 'write -P 4 2M 64k' bitmap.qcow2",
+        // Also an enabled bitmap with no bit set (its table entry reads as
+        // all zeros, no cluster) and a disabled one.
+        "cp bitmap.qcow2 bitmaps.qcow2 && qemu-img bitmap --add bitmaps.qcow2 b2",
+        "qemu-img bitmap --add --disable -g 1M bitmaps.qcow2 b3",
         // Legacy qcow and raw (qemu-img cannot check them).
         "qemu-img convert -O qcow plain.qcow2 v1.qcow",
         "qemu-img create -f raw raw.img 1M",
@@ -210,6 +214,10 @@ std::vector<Damage> Damages() {
       {"subclusters allocated without a cluster", "el2.qcow2",
        [](auto* b) { Put64(b, Layout(*b).l2_entry(40, 16) + 8, 0xf); }},
       {"bitmap image, leaked cluster", "bitmap.qcow2", [](auto* b) { Put64(b, Layout(*b).l2_entry(1), 0); }},
+      {"bitmap image, data cluster past the end of the file",
+       "bitmaps.qcow2",
+       [](auto* b) { Put64(b, Layout(*b).l2_entry(1), kCopied | 0x10000000); },
+       {{64 << 10, 64 << 10}}},
   };
 }
 
@@ -319,6 +327,82 @@ TEST_CASE("check and repair agree with qemu-img on damaged images", "[check][qem
         std::vector<uint8_t> expected = GuestContent(Images::Get().dir(), d.base);
         for (const auto& [start, len] : d.lost) std::fill_n(expected.begin() + start, len, 0);
         CHECK(GuestContent(o, "img.qcow2") == expected);
+      }
+    }
+  }
+}
+
+// The dirty ranges of `bitmap` as QEMU reads them: qemu-nbd exports it, and
+// map shows its dirty ranges as "data": false. The export is read-only, so
+// SIGKILL ends it at once (qemu-nbd takes over a second to leave by itself).
+std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& dir, const std::string& image,
+                                                           const std::string& bitmap) {
+  MustRun("cd '" + dir +
+          "' && rm -f nbd.sock nbd.pid && qemu-nbd --fork --pid-file=nbd.pid -k \"$PWD/nbd.sock\" -r -B " + bitmap +
+          " -f qcow2 " + image);
+  Result map = Exec(dir,
+                    "qemu-img map --output=json --image-opts driver=nbd,server.type=unix,server.path=nbd.sock,"
+                    "x-dirty-bitmap=qemu:dirty-bitmap:" +
+                        bitmap);
+  MustRun("cd '" + dir +
+          "' && kill -9 $(cat nbd.pid) 2>/dev/null; while kill -0 $(cat nbd.pid) 2>/dev/null; do sleep 0.05; done");
+  REQUIRE(map.rc == 0);
+  std::vector<std::pair<uint64_t, uint64_t>> dirty;
+  for (const auto& e : nlohmann::json::parse(map.out)) {
+    if (e["data"].get<bool>()) continue;
+    const uint64_t start = e["start"], length = e["length"];
+    if (!dirty.empty() && dirty.back().first + dirty.back().second == start) {
+      dirty.back().second += length;
+    } else {
+      dirty.emplace_back(start, length);
+    }
+  }
+  return dirty;
+}
+
+bool Covers(const std::vector<std::pair<uint64_t, uint64_t>>& ranges, uint64_t start, uint64_t len) {
+  for (const auto& [s, l] : ranges) {
+    if (s <= start && start + len <= s + l) return true;
+  }
+  return false;
+}
+
+// Incremental backups trust an enabled bitmap to name every cluster whose
+// content changed; a repair that drops a table entry changes what the guest
+// reads there, so it must set those bits (a disabled bitmap stays as it was).
+TEST_CASE("check -r all sets the bits of what it changes in every enabled bitmap", "[check][qemu][bitmap]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir tmp;
+  const std::string base = Images::Get() / "bitmaps.qcow2";
+  std::map<std::string, std::vector<std::pair<uint64_t, uint64_t>>> before;
+  for (const char* b : {"b0", "b1", "b2", "b3"}) before[b] = QemuDirtyRanges(Images::Get().dir(), "bitmaps.qcow2", b);
+  REQUIRE(before["b2"].empty());  // no cluster behind its table entry
+  REQUIRE(before["b1"].size() == 1);
+  for (const Damage& d : Damages()) {
+    if (d.name != std::string("data cluster past the end of the file") &&
+        d.name != std::string("L2 table past the end of the file")) {
+      continue;
+    }
+    DYNAMIC_SECTION(d.name) {
+      Damage on_bitmaps = d;
+      on_bitmaps.base = "bitmaps.qcow2";
+      MakeDamaged(on_bitmaps, tmp.path(), "img.qcow2");
+      Result repair = Exec(tmp.path(), Ours() + " check -r all img.qcow2");
+      INFO(repair.out);
+      REQUIRE(repair.rc == 0);
+      Result after = Exec(tmp.path(), "qemu-img check img.qcow2");
+      INFO(after.out);
+      CHECK(after.rc == 0);
+      CHECK(Exec(tmp.path(), "qemu-img info img.qcow2").out.find("in-use") == std::string::npos);
+      for (const char* b : {"b0", "b1", "b2", "b3"}) {
+        const auto dirty = QemuDirtyRanges(tmp.path(), "img.qcow2", b);
+        INFO("bitmap " << b);
+        if (std::string(b) == "b3") {
+          CHECK(dirty == before[b]);
+          continue;
+        }
+        for (const auto& [start, len] : d.lost) CHECK(Covers(dirty, start, len));
+        for (const auto& [start, len] : before[b]) CHECK(Covers(dirty, start, len));
       }
     }
   }
@@ -437,7 +521,8 @@ TEST_CASE("a crash at any write or sync of a repair is finished by a second repa
                          "reserved bits in a refcount table entry",
                          "refcount block past the end of the file",
                          "snapshot entry incomplete (v3)",
-                         "dirty image with stale refcounts"};
+                         "dirty image with stale refcounts",
+                         "bitmap image, data cluster past the end of the file"};
   TempDir tmp;
   for (const Damage& d : Damages()) {
     if (std::find_if(std::begin(cases), std::end(cases), [&](const char* c) { return d.name == std::string(c); }) ==
@@ -500,6 +585,18 @@ TEST_CASE("a crash at any write or sync of a repair is finished by a second repa
           std::string sum;
           REQUIRE(ComputeContentSha256(image.get(), &sum).ok());
           CHECK(sum == expected_sum);
+          if (std::string(d.base) != "bitmaps.qcow2") continue;
+          // Each enabled bitmap is marked in use (inconsistent) or has the
+          // changed cluster's bit: never enabled, consistent and stale.
+          nlohmann::json info =
+              nlohmann::json::parse(Exec(tmp.path(), "qemu-img info --output=json crashed.qcow2").out);
+          for (const auto& b : info["format-specific"]["data"]["bitmaps"]) {
+            const auto& flags = b["flags"];
+            const bool in_use = std::find(flags.begin(), flags.end(), "in-use") != flags.end();
+            if (in_use || std::find(flags.begin(), flags.end(), "auto") == flags.end()) continue;
+            INFO("bitmap " << b["name"]);
+            CHECK(Covers(QemuDirtyRanges(tmp.path(), "crashed.qcow2", b["name"]), 64 << 10, 64 << 10));
+          }
         }
       }
     }

@@ -42,6 +42,8 @@ Status CheckQcow2(File* file, const CheckOptions& options, CheckResult* result) 
   result->opened = true;
   CheckReporter reporter(options, result);
   Qcow2CheckCounts counts;
+  std::vector<std::pair<uint64_t, uint64_t>> changed;  // guest ranges the table fixes changed
+  std::vector<std::string> bitmaps;                    // marked in use until their bits are set
   if (options.repair == RepairMode::kAll) {
     Qcow2Check tables(file, h, RepairMode::kAll, &reporter);
     Status s = tables.FixTables(&counts);
@@ -49,6 +51,9 @@ Status CheckQcow2(File* file, const CheckOptions& options, CheckResult* result) 
       CopyCounts(counts, result);
       return s;
     }
+    changed = tables.changed_guest_ranges();
+    bitmaps = tables.bitmaps_in_use();
+    DMCOW_RETURN_IF_ERROR(ParseForCheck(file, &h));  // the autoclear bit may have changed
   }
   Qcow2CheckCounts run;
   Status s = Qcow2Check(file, h, options.repair, &reporter).Run(&run);
@@ -65,7 +70,8 @@ Status CheckQcow2(File* file, const CheckOptions& options, CheckResult* result) 
   again.leaks_fixed = counts.leaks_fixed;
   CopyCounts(again, result);
   result->rechecked = true;
-  return s;
+  if (!s.ok() || again.corruptions || again.leaks || again.check_errors || bitmaps.empty()) return s;
+  return Qcow2Check(file, h, RepairMode::kAll, &reporter).SetBitmapBits(changed, bitmaps);
 }
 
 }  // namespace

@@ -76,6 +76,15 @@ class Qcow2Check {
   // a write copies them), and such tables are never written to. Counts what
   // it fixes.
   Status FixTables(Qcow2CheckCounts* counts);
+  // What FixTables changed that the guest reads, and the enabled bitmaps it
+  // marked in use before doing so (qcow2_check_bitmaps.cc).
+  const std::vector<std::pair<uint64_t, uint64_t>>& changed_guest_ranges() const { return changed_guest_ranges_; }
+  const std::vector<std::string>& bitmaps_in_use() const { return bitmaps_in_use_; }
+  // After the repaired image checked clean: the bits of `guest_ranges` are
+  // set in the bitmaps `names` (marked in use by FixTables), which are then
+  // marked consistent again.
+  Status SetBitmapBits(const std::vector<std::pair<uint64_t, uint64_t>>& guest_ranges,
+                       const std::vector<std::string>& names);
 
  private:
   enum : uint32_t { kFixLeaks = 1, kFixErrors = 2 };
@@ -138,7 +147,12 @@ class Qcow2Check {
   Status FixL1Table(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_t l1_size, bool active,
                     const std::vector<MetaRange>& list, const Ranges& others, std::unordered_set<uint64_t>* done_l2,
                     bool* wrote);
-  Status FixL2Table(Qcow2CheckCounts* res, uint64_t l2_offset, bool* wrote);
+  // guest_base: the guest offset the table maps (active tables), for
+  // planned_changes_.
+  Status FixL2Table(Qcow2CheckCounts* res, uint64_t l2_offset, uint64_t guest_base, bool* wrote);
+
+  // qcow2_check_bitmaps.cc
+  Status MarkBitmapsInUse(const std::vector<MetaRange>& list);
 
   bool data_file() const { return h_.HasDataFile(); }
   uint64_t cs() const { return h_.cluster_size; }
@@ -162,6 +176,11 @@ class Qcow2Check {
   int64_t stored_read_errors_ = 0;            // "Can't get refcount" errors of the last Compare
   bool mute_ = false;                         // findings not reported (FixTables reading snapshots)
   std::vector<uint64_t>* l2_seen_ = nullptr;  // when set, CountL1 adds the aligned L2 clusters
+  // When set, FixL1Table and FixL2Table write nothing and only add the guest
+  // ranges their fixes would change (FixTables plans before it writes).
+  std::vector<std::pair<uint64_t, uint64_t>>* planned_changes_ = nullptr;
+  std::vector<std::pair<uint64_t, uint64_t>> changed_guest_ranges_;
+  std::vector<std::string> bitmaps_in_use_;
 };
 
 }  // namespace dmcow

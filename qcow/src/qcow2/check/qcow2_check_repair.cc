@@ -9,7 +9,9 @@
 // references may ever be left with a refcount of 0 that it did not already
 // have. "Durable" means written and followed by a completed File::Sync.
 //
-//  (1) Table fixes first (FixTables, -r all): entries that cannot be valid
+//  (0) Bitmaps first: before a table fix changes what the guest reads,
+//      every enabled bitmap is marked in use, synced (see (7)).
+//  (1) Table fixes then (FixTables, -r all): entries that cannot be valid
 //      are corrected or dropped in place. Each entry is 8 or 16 bytes inside
 //      one 512-byte sector, so a torn table write leaves every entry either
 //      old or new. These writes only remove references (or clear flags and
@@ -37,6 +39,9 @@
 //      past the end of the file, which no check examines.)
 //  (6) The dirty and corrupt bits are cleared last, after everything else
 //      is durable, and only when the repaired image has no errors left.
+//  (7) Once the repaired image checks clean, the bitmaps marked in (0) get
+//      the bits of every changed range, synced, then lose the in-use flag,
+//      synced (qcow2_check_bitmaps.cc).
 // One exception to "never lower a refcount a table still uses": a snapshot
 // whose L1 table is unusable (misaligned, too large, past the end) is not
 // counted (QEMU does not count it either), so its clusters are freed in (2)
@@ -335,6 +340,20 @@ Status Qcow2Check::FixTables(Qcow2CheckCounts* res) {
   for (const Snapshot& sn : snapshots_) {
     if (!(sn.l1_offset & (cs() - 1)) && sn.l1_size <= kMaxL1Bytes / 8) l1s.emplace_back(sn.l1_offset, sn.l1_size);
   }
+  // (0): what the fixes will change that the guest reads (active table).
+  {
+    Qcow2CheckCounts scratch;
+    std::unordered_set<uint64_t> scratch_done;
+    bool scratch_wrote = false;
+    mute_ = true;
+    planned_changes_ = &changed_guest_ranges_;
+    Status s = FixL1Table(&scratch, l1s[0].first, l1s[0].second, true, list, others, &scratch_done, &scratch_wrote);
+    planned_changes_ = nullptr;
+    mute_ = false;
+    DMCOW_RETURN_IF_ERROR(s);
+  }
+  if (!changed_guest_ranges_.empty() && h_.has_bitmaps_ext) DMCOW_RETURN_IF_ERROR(MarkBitmapsInUse(list));
+
   bool wrote = false;
   std::unordered_set<uint64_t> done;
   for (size_t i = 0; i < l1s.size(); i++) {
@@ -372,13 +391,18 @@ Status Qcow2Check::FixL1Table(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_
       // repair then makes it consistent), but not written to: its "entries"
       // are that other structure.
       drop = false;
-      if (!OverlapsRanges(others, h_.cluster_bits, l2, cs()) && done_l2->insert(l2).second) {
-        DMCOW_RETURN_IF_ERROR(FixL2Table(res, l2, wrote));
+      // Planning visits a table shared by two entries twice: both ranges change.
+      if (!OverlapsRanges(others, h_.cluster_bits, l2, cs()) && (planned_changes_ || done_l2->insert(l2).second)) {
+        DMCOW_RETURN_IF_ERROR(FixL2Table(res, l2, i * (h_.l2_entries << h_.cluster_bits), wrote));
       }
     }
     if (why == nullptr) continue;
     if (drop) fixed = 0;
     if (!writable) continue;  // left for the check to report
+    if (planned_changes_) {
+      if (fixed == 0) planned_changes_->emplace_back(i * (h_.l2_entries << h_.cluster_bits), h_.l2_entries * cs());
+      continue;
+    }
     StoreBE64(&raw[i * 8], fixed);
     DMCOW_RETURN_IF_ERROR(file_->Write(l1_offset + i * 8, &raw[i * 8], 8));
     *wrote = true;
@@ -391,7 +415,7 @@ Status Qcow2Check::FixL1Table(Qcow2CheckCounts* res, uint64_t l1_offset, uint64_
   return Status::OK();
 }
 
-Status Qcow2Check::FixL2Table(Qcow2CheckCounts* res, uint64_t l2_offset, bool* wrote) {
+Status Qcow2Check::FixL2Table(Qcow2CheckCounts* res, uint64_t l2_offset, uint64_t guest_base, bool* wrote) {
   std::vector<uint8_t> table(cs());
   DMCOW_RETURN_IF_ERROR(ReadPadded(file_, l2_offset, table.size(), table.data()));
   bool changed = false;
@@ -454,6 +478,10 @@ Status Qcow2Check::FixL2Table(Qcow2CheckCounts* res, uint64_t l2_offset, bool* w
       }
     }
     if (why == nullptr || (e == entry && b == bitmap)) continue;
+    if (planned_changes_) {
+      planned_changes_->emplace_back(guest_base + j * cs(), cs());
+      continue;
+    }
     StoreBE64(p, e);
     if (h_.extended_l2) StoreBE64(p + 8, b);
     changed = true;

@@ -1,0 +1,58 @@
+// Persistent dirty bitmaps (the qcow2 bitmaps extension): where each
+// bitmap's directory entry and table lie, its flags, and setting its bits.
+//
+// An enabled bitmap promises incremental backup tools that every guest
+// cluster written since it was enabled has its bit set. A writer that
+// changes guest content either sets those bits or makes the bitmap visibly
+// inconsistent (the in_use flag, or the header's autoclear bit): never
+// enabled, consistent and stale. Setting bits is always safe (a backup
+// copies a little more); clearing one is never done here.
+#ifndef DMCOW_QCOW_QCOW2_BITMAPS_H_
+#define DMCOW_QCOW_QCOW2_BITMAPS_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qcow2/qcow2_header.h"
+
+namespace dmcow {
+
+struct Qcow2Bitmap {
+  static constexpr uint32_t kInUse = 1;  // being modified, or left inconsistent
+  static constexpr uint32_t kAuto = 2;   // enabled: tracks every write
+
+  std::string name;
+  uint64_t entry_offset = 0;  // of its directory entry in the file
+  uint64_t table_offset = 0;
+  uint32_t table_entries = 0;
+  uint32_t flags = 0;
+  uint8_t granularity_bits = 0;
+
+  bool in_use() const { return flags & kInUse; }
+  bool enabled() const { return (flags & kAuto) && !in_use(); }
+};
+
+// The bitmap directory with every check QEMU makes when it opens an image
+// (each table of a bitmap not in use is validated too). Empty without the
+// extension (or with its autoclear bit clear: QEMU ignores it then).
+Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& header, std::vector<Qcow2Bitmap>* bitmaps);
+
+// Writes the flags of one directory entry: 4 bytes inside one sector.
+Status WriteQcow2BitmapFlags(File* file, const Qcow2Bitmap& bitmap, uint32_t flags);
+
+// Sets the bits of `bitmap` covering the guest byte ranges (start, length).
+// A table entry whose data cluster `may_write` allows is updated in place;
+// any other entry (all zeros, or a cluster that may not be written) becomes
+// "all ones" (bit 0, no cluster), which sets more bits than asked but
+// allocates nothing. The table must be writable (the caller checks). Only
+// sets bits: after a crash every bit is as before or set. Not synced.
+Status SetQcow2BitmapBits(File* file, const Qcow2Header& header, const Qcow2Bitmap& bitmap,
+                          const std::vector<std::pair<uint64_t, uint64_t>>& guest_ranges,
+                          const std::function<bool(uint64_t offset)>& may_write_cluster);
+
+}  // namespace dmcow
+
+#endif  // DMCOW_QCOW_QCOW2_BITMAPS_H_

@@ -265,6 +265,8 @@ int RunConvert(const ConvertArgs& args) {
   const bool unsafe = args.cache == "unsafe";
   Env* env = unsafe ? static_cast<Env*>(&unsafe_env) : &target_env;
   const bool device = args.out_fmt == "raw" && IsBlockDevice(dst);
+  // -B, or -o backing_file=: qemu-img treats them alike (out_baseimg).
+  bool target_has_backing = !args.backing.empty();
   if (!args.skip_create && !device) {
     CreateOptions co;
     co.format = args.out_fmt;
@@ -273,6 +275,7 @@ int RunConvert(const ConvertArgs& args) {
     FillCreateOptions(set, &co);
     if (!args.backing.empty()) co.backing_file = args.backing;
     if (!args.backing_fmt.empty()) co.backing_fmt = args.backing_fmt;
+    target_has_backing = !co.backing_file.empty();
     if (!co.backing_file.empty() && co.backing_fmt.empty()) {
       PrintError("Use of backing file requires explicit backing format");
       PrintError("Could not open '" + dst + "': Could not open '" + dst + "': No such file or directory");
@@ -315,7 +318,7 @@ int RunConvert(const ConvertArgs& args) {
   }
   cs.min_sparse = device && !args.skip_create ? 0 : args.min_sparse;
   cs.zero_init = args.skip_create ? args.target_is_zero : !device && target->backing() == nullptr;
-  cs.top_layer_only = !args.backing.empty();
+  cs.top_layer_only = target_has_backing;
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cs.threads = std::min(args.coroutines > 0 ? args.coroutines : kMaxCoroutines, cores);
   Progress progress(args.progress && !args.quiet, 1.0f);

@@ -121,6 +121,7 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
       "-O qcow2 -S 0",
       "-O qcow2 -S 1M",
       "-O qcow2 -o preallocation=metadata",
+      "-O qcow2 -o preallocation=falloc",
       "-O qcow2 -o data_file=ours-data.raw",
       "-O raw",
       "-O qcow",
@@ -128,6 +129,15 @@ TEST_CASE("convert -O qcow2 agrees with qemu-img", "[convert]") {
   for (const std::string& shape : shapes) {
     ConvertBoth(shape, "src.raw",
                 shape.find("preallocation") == std::string::npos && shape.find("data_file") == std::string::npos);
+    if (shape.find("falloc") != std::string::npos) {
+      // Every cluster is given its blocks (fallocate), zero ranges included.
+      std::string ours, theirs;
+      REQUIRE(InSources("du -k ours.img | cut -f1", &ours) == 0);
+      REQUIRE(InSources("du -k theirs.img | cut -f1", &theirs) == 0);
+      INFO("du: ours " << ours << " KiB, theirs " << theirs << " KiB");
+      CHECK(std::stoull(ours) * 10 >= std::stoull(theirs) * 9);
+      CHECK(std::stoull(ours) > 24 * 1024);
+    }
   }
   // Subclusters: qemu-img leaves all-zero subclusters unallocated, we
   // allocate whole clusters: same content, more allocated.
@@ -209,6 +219,10 @@ TEST_CASE("convert -B, -n and --target-is-zero", "[convert]") {
   const Sources& s = Sources::Get();
   // -B: only the top layer is copied; the rest is left to the new backing.
   ConvertBoth("-O qcow2 -B base.qcow2 -F qcow2", "top.qcow2");
+  CHECK(DataBytes(s / "ours.img") < (2u << 20));
+  CHECK(InSources("qemu-img compare -q top.qcow2 ours.img") == 0);
+  // The same backing named with -o, as qemu-img allows (it copied the whole chain).
+  ConvertBoth("-O qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2", "top.qcow2");
   CHECK(DataBytes(s / "ours.img") < (2u << 20));
   CHECK(InSources("qemu-img compare -q top.qcow2 ours.img") == 0);
 

@@ -173,10 +173,10 @@ bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out) {
       LayerExtent e;
       st = src->GetLayerStatus(in_src, max_len, &e);
       len = e.length;
-      state = e.state == ClusterState::kZero          ? State::kZero
-              : e.state != ClusterState::kUnallocated ? State::kData
-              : src->backing()                        ? State::kSkip
-                                                      : State::kZero;
+      state = e.state == ClusterState::kZero || e.host_hole ? State::kZero
+              : e.state != ClusterState::kUnallocated       ? State::kData
+              : src->backing()                              ? State::kSkip
+                                                            : State::kZero;
     } else {
       MapExtent e;
       st = GetMapExtent(src, in_src, max_len, &e);

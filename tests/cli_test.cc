@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -39,9 +40,10 @@ class Images {
   std::string operator/(const std::string& name) const { return tmp_ / name; }
 
   // Every image, as a path relative to dir().
-  const std::vector<std::string> all = {"raw.raw",    "empty.raw",   "base.qcow2", "top.qcow2",     "v2.qcow2",
-                                        "comp.qcow2", "zstd.qcow2",  "el2.qcow2",  "extdata.qcow2", "lazy.qcow2",
-                                        "qcow1.qcow", "short.qcow2", "tall.qcow2", "sub/rel.qcow2", "rawback.qcow2"};
+  const std::vector<std::string> all = {"raw.raw",        "empty.raw",   "base.qcow2", "top.qcow2",     "v2.qcow2",
+                                        "comp.qcow2",     "zstd.qcow2",  "el2.qcow2",  "extdata.qcow2", "lazy.qcow2",
+                                        "qcow1.qcow",     "short.qcow2", "tall.qcow2", "sub/rel.qcow2", "rawback.qcow2",
+                                        "prealloc.qcow2", "zeros.qcow2", "holes.qcow2"};
   // Images with a backing file.
   const std::vector<std::string> chains = {"top.qcow2", "tall.qcow2", "sub/rel.qcow2", "rawback.qcow2"};
 
@@ -80,6 +82,13 @@ class Images {
         "qemu-io -c 'write -P 3 2M 64k' sub/rel.qcow2",
         "qemu-img create -f qcow2 -b raw.raw -F raw rawback.qcow2",
         "qemu-io -c 'write -P 4 1M 4k' rawback.qcow2",
+        // Data clusters that are holes in the file: QEMU takes these images
+        // for metadata-preallocated and reports the holes as zeros.
+        "qemu-img create -f qcow2 -o preallocation=metadata prealloc.qcow2 16M",
+        "qemu-io -c 'write -P 1 1M 64k' -c 'write -P 2 5M 4k' prealloc.qcow2",
+        "qemu-img create -f qcow2 zeros.qcow2 16M",
+        "qemu-io -c 'write -P 0 0 2M' -c 'write -P 3 4M 64k' -c 'write -P 0 8M 1M' zeros.qcow2",
+        "cp --sparse=always zeros.qcow2 holes.qcow2",
     };
     for (const char* step : script) MustRun("cd '" + tmp_.path() + "' && " + step + " >/dev/null");
   }
@@ -168,6 +177,49 @@ TEST_CASE("convert -O raw is byte-identical to qemu-img's and sparse", "[cli]") 
   }
 }
 
+// Whether an image counts as metadata-preallocated is decided from its
+// refcounts (QEMU's qcow2_detect_metadata_preallocation): a hostile refcount
+// table naming one block for a whole sparse terabyte, or a misaligned block,
+// must give qemu-img's answer without walking the terabyte cluster by cluster.
+TEST_CASE("map reads hostile refcount tables as qemu-img does when looking for preallocation", "[cli]") {
+  SKIP_WITHOUT_QEMU();
+  Images& img = Images::Get();
+  auto get64 = [](const std::vector<uint8_t>& b, size_t at) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | b.at(at + i);
+    return v;
+  };
+  auto put64 = [](std::vector<uint8_t>* b, size_t at, uint64_t v) {
+    for (int i = 7; i >= 0; i--, v >>= 8) b->at(at + i) = static_cast<uint8_t>(v);
+  };
+  const std::vector<uint8_t> base = ReadWholeFile(img / "holes.qcow2");
+  const uint64_t reftable = get64(base, 48);
+  const uint64_t block = get64(base, reftable);
+  REQUIRE(block != 0);
+  struct Case {
+    const char* name;
+    std::function<void(std::vector<uint8_t>*)> edit;
+    uint64_t truncate_to;  // 0: keep the size
+  } cases[] = {
+      {"one block named for a sparse terabyte",
+       [&](std::vector<uint8_t>* b) {
+         for (uint64_t i = 1; i < 1024; i++) put64(b, reftable + 8 * i, block);
+       },
+       uint64_t{1} << 40},
+      {"a misaligned refcount block", [&](std::vector<uint8_t>* b) { put64(b, reftable, block + 512); }, 0},
+  };
+  for (const Case& c : cases) {
+    INFO(c.name);
+    std::vector<uint8_t> bytes = base;
+    c.edit(&bytes);
+    WriteWholeFile(img / "hostile.qcow2", bytes);
+    if (c.truncate_to) MustRun("truncate -s " + std::to_string(c.truncate_to) + " '" + (img / "hostile.qcow2") + "'");
+    CheckSame("map --output=json hostile.qcow2");
+    CheckSame("map hostile.qcow2");
+  }
+  std::remove((img / "hostile.qcow2").c_str());
+}
+
 TEST_CASE("compare agrees with qemu-img", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
@@ -179,16 +231,30 @@ TEST_CASE("compare agrees with qemu-img", "[cli]") {
           " && cp top.raw flip.raw && printf X | dd of=flip.raw bs=1 seek=3000001 conv=notrunc 2>/dev/null"
           " && qemu-img create -f raw big.raw 65M");
   const char* pairs[] = {
-      "top.qcow2 top.raw",        "-s top.qcow2 top.raw",
-      "base.qcow2 top.qcow2",     "top.raw big.raw",
-      "raw.raw big.raw",          "-s top.raw big.raw",
-      "big.raw raw.raw",          "top.raw padded.raw",
-      "padded.raw top.qcow2",     "top.raw tail.raw",
-      "-s top.qcow2 top.qcow2",   "top.raw flip.raw",
-      "comp.qcow2 base.qcow2",    "-s comp.qcow2 base.qcow2",
-      "-q top.raw flip.raw",      "-f qcow2 -F raw top.qcow2 top.raw",
-      "tall.qcow2 short.qcow2",   "raw.raw missing.raw",
-      "-f qcow2 raw.raw raw.raw", "top.raw",
+      "top.qcow2 top.raw",
+      "-s top.qcow2 top.raw",
+      "base.qcow2 top.qcow2",
+      "top.raw big.raw",
+      "raw.raw big.raw",
+      "-s top.raw big.raw",
+      "big.raw raw.raw",
+      "top.raw padded.raw",
+      "padded.raw top.qcow2",
+      "top.raw tail.raw",
+      "-s top.qcow2 top.qcow2",
+      "top.raw flip.raw",
+      "comp.qcow2 base.qcow2",
+      "-s comp.qcow2 base.qcow2",
+      "-q top.raw flip.raw",
+      "-f qcow2 -F raw top.qcow2 top.raw",
+      "tall.qcow2 short.qcow2",
+      "raw.raw missing.raw",
+      "-f qcow2 raw.raw raw.raw",
+      "top.raw",
+      "-s zeros.qcow2 holes.qcow2",
+      "zeros.qcow2 holes.qcow2",
+      "-s holes.qcow2 holes.qcow2",
+      "-s prealloc.qcow2 zeros.qcow2",
   };
   for (const char* p : pairs) CheckSame(std::string("compare ") + p);
   // Progress steps differ from qemu-img's (other chunking); the result does not.

@@ -52,6 +52,11 @@ struct LayerExtent {
   ClusterState state = ClusterState::kUnallocated;
   bool has_host_offset = false;  // kData always; kZero and kUnallocated where space is preallocated
   uint64_t host_offset = 0;      // of the first byte, in data_filename()
+  // kData whose host range is a hole in the file (or past its end) in an
+  // image QEMU takes for metadata-preallocated: it reads as zeros, and
+  // qemu-img map and compare -s report it as "zero" (QEMU's block-status
+  // recursion into the file, BDRV_BLOCK_RECURSE).
+  bool host_hole = false;
 };
 
 struct SnapshotInfo {

@@ -27,8 +27,8 @@ Status GetMapExtent(Image* top, uint64_t offset, uint64_t max_len, MapExtent* ou
     if (e.state == ClusterState::kUnallocated) continue;
     out->depth = depth;
     out->present = true;
-    out->zero = e.state == ClusterState::kZero;
-    out->data = !out->zero;
+    out->zero = e.state == ClusterState::kZero || e.host_hole;
+    out->data = e.state != ClusterState::kZero;
     out->compressed = e.state == ClusterState::kCompressed;
     if (e.has_host_offset) {
       out->has_offset = true;

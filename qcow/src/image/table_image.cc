@@ -14,6 +14,13 @@ Status TableImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent
   Mapping m;
   DMCOW_RETURN_IF_ERROR(Lookup(offset, max_len, &m));
   *out = m.extent;
+  if (out->state == ClusterState::kData && out->has_host_offset && HostHolesReadAsZero()) {
+    bool is_data = true;
+    uint64_t len = out->length;
+    DMCOW_RETURN_IF_ERROR(data_file()->GetAllocation(out->host_offset, out->length, &is_data, &len));
+    if (len > 0 && len < out->length) out->length = len;
+    out->host_hole = !is_data;  // past the end of the file too (SEEK_DATA fails with ENXIO)
+  }
   return Status::OK();
 }
 

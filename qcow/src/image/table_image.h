@@ -34,6 +34,10 @@ class TableImage : public ImageBase {
   // The file kData offsets refer to.
   virtual File* data_file() const { return file_.get(); }
 
+  // Whether GetLayerStatus looks into the data file for holes under kData
+  // runs (LayerExtent::host_hole). May read metadata the first time.
+  virtual bool HostHolesReadAsZero() { return false; }
+
   // Read without taking rw_mu_, which the caller holds (shared or exclusive).
   Status ReadLocked(uint64_t offset, void* buf, size_t len) REQUIRES_SHARED(rw_mu_);
 

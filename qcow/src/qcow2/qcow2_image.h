@@ -7,6 +7,7 @@
 #define DMCOW_QCOW_QCOW2_IMAGE_H_
 
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include <set>
@@ -57,6 +58,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status LoadL1(const OpenOptions& options, uint64_t* chain_table_bytes);
 
   Status Lookup(uint64_t offset, uint64_t max_len, Mapping* m) override REQUIRES_SHARED(rw_mu_);
+  // qcow2_preallocation.cc: QEMU's qcow2_detect_metadata_preallocation,
+  // run once, at the first data run a caller asks about.
+  bool HostHolesReadAsZero() override;
+  bool DetectMetadataPreallocation();
 
   // Readies a read-write open: refuses an image marked corrupt or dirty,
   // clears the autoclear bits we do not keep consistent, and sets up the
@@ -139,6 +144,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   uint64_t file_end_seen_ = 0;  // DescribeCluster: a file size seen (the file only grows while served)
   size_t max_dirty_slices_ = 0;
   bool lazy_refcounts_ = false;  // qcow2 v3 compatible feature bit 0
+  std::once_flag preallocation_once_;
+  bool metadata_preallocated_ = false;  // set once under preallocation_once_
 };
 
 }  // namespace dmcow

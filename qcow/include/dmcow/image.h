@@ -179,9 +179,19 @@ class Image {
   virtual Status MakeEmpty();
   // Grows the virtual size to `new_size` (qemu's truncate to a larger
   // size, preallocation off): the new range reads as zeros. Durable when it
-  // returns. Shrinking, and formats or images that cannot grow (qcow2 with
-  // internal snapshots), return NotSupported.
+  // returns. Shrinking, and formats or images that cannot grow (qcow2
+  // version 2 with internal snapshots), return NotSupported.
   virtual Status Grow(uint64_t new_size);
+  // Shrinks the virtual size to `new_size` (qemu-img resize --shrink):
+  // everything past it is dropped and its space freed; the file (and an
+  // external data file) is cut to what is still used. Durable when it
+  // returns. Growing, and formats or images that cannot shrink, return
+  // NotSupported.
+  virtual Status Shrink(uint64_t new_size);
+  // Reserves the storage of the guest range (qemu's preallocation=falloc
+  // for raw files: fallocate), or with `write_zeroes` writes zeros over it
+  // (preallocation=full). Formats other than raw return NotSupported.
+  virtual Status Preallocate(uint64_t offset, uint64_t len, bool write_zeroes);
 
   // The calls that serve this image as a block device (dmcow/device_image.h,
   // for dmcowd's qcow2 plugin), or nullptr where the format cannot be served

@@ -35,6 +35,14 @@ Status Image::Grow(uint64_t) {
   return Status::NotSupported(filename() + ": growing an image is not supported for this format (" + info().format +
                               ") or the image is not open for writing");
 }
+Status Image::Shrink(uint64_t) {
+  return Status::NotSupported(filename() + ": shrinking an image is not supported for this format (" + info().format +
+                              ") or the image is not open for writing");
+}
+Status Image::Preallocate(uint64_t, uint64_t, bool) {
+  return Status::NotSupported(filename() + ": preallocation is not supported for this format (" + info().format +
+                              ") or the image is not open for writing");
+}
 Status Image::MakeEmpty() {
   return Status::NotSupported(filename() + ": emptying an image is not supported for this format (" + info().format +
                               ") or the image is not open for writing");

@@ -1,5 +1,6 @@
 #include "image/raw_image.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -76,6 +77,37 @@ Status RawImage::Grow(uint64_t new_size) {
   }
   info_.virtual_size = (new_size + 511) & ~uint64_t{511};
   return Status::OK();
+}
+
+Status RawImage::Shrink(uint64_t new_size) {
+  if (!writable_) return Image::Shrink(new_size);
+  if (new_size > info_.virtual_size) return Status::NotSupported(filename() + ": shrinking to a larger size");
+  DMCOW_RETURN_IF_ERROR(file_->Truncate(new_size));
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
+  info_.virtual_size = (new_size + 511) & ~uint64_t{511};
+  return Status::OK();
+}
+
+Status RawImage::Preallocate(uint64_t offset, uint64_t len, bool write_zeroes) {
+  if (!writable_) return Image::Preallocate(offset, len, write_zeroes);
+  DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  // full: zeros written (or, where the file system can, blocks allocated
+  // as zeros: the same reads and the same space).
+  if (!write_zeroes) {
+    Status s = file_->Allocate(offset, len);
+    if (s.IsNotSupported()) return Status::OK();  // stays sparse, as in QEMU (File::Allocate)
+    DMCOW_RETURN_IF_ERROR(s);
+    return file_->Sync();
+  }
+  // full: zeros really written, as QEMU writes them, so block status sees
+  // data there (an unwritten extent from fallocate reads as a hole).
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  for (uint64_t done = 0; done < len;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), len - done));
+    DMCOW_RETURN_IF_ERROR(file_->Write(offset + done, zeros.data(), n));
+    done += n;
+  }
+  return file_->Sync();
 }
 
 Status RawImage::Flush() { return writable_ ? file_->Sync() : Status::OK(); }

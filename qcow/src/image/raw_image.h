@@ -19,6 +19,8 @@ class RawImage final : public ImageBase {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
   Status Grow(uint64_t new_size) override;
+  Status Shrink(uint64_t new_size) override;
+  Status Preallocate(uint64_t offset, uint64_t len, bool write_zeroes) override;
 
  private:
   using ImageBase::ImageBase;

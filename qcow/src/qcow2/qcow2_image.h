@@ -38,8 +38,9 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
   Status Flush() override;
-  Status MakeEmpty() override;              // qcow2_write.cc
-  Status Grow(uint64_t new_size) override;  // qcow2_grow.cc
+  Status MakeEmpty() override;                // qcow2_write.cc
+  Status Grow(uint64_t new_size) override;    // qcow2_grow.cc
+  Status Shrink(uint64_t new_size) override;  // qcow2_grow.cc
   // Block-device serving (qcow2_device.cc).
   DeviceImage* AsDeviceImage() override { return this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
@@ -88,6 +89,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard) REQUIRES(rw_mu_);
   Status MakeEmptyLocked() REQUIRES(rw_mu_);
   Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  Status ShrinkLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  // Checks shared by Grow and Shrink: the size, and QEMU's refusal of
+  // version 2 images with snapshots (they do not record their disk size).
+  Status CheckResize(uint64_t new_size) const;
   Status FlushLocked(bool closing = false) REQUIRES(rw_mu_);
   // Writes the header's dirty bit (incompatible feature 0) and syncs.
   Status SetDirtyBit(bool dirty);

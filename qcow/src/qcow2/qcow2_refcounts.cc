@@ -242,6 +242,42 @@ Status Qcow2Refcounts::ApplyPendingFrees() {
   return Status::OK();
 }
 
+Status Qcow2Refcounts::DropUnusedBlocks() {
+  DMCOW_RETURN_IF_ERROR(Flush());
+  std::vector<uint64_t> unused;
+  for (uint64_t index = 0; index < table_.size(); index++) {
+    if (table_[index] == 0) continue;
+    const uint64_t self = table_[index] / cluster_size_;
+    bool counts_something = false;
+    for (uint64_t c = index * entries_per_block_; c < (index + 1) * entries_per_block_ && !counts_something; c++) {
+      if (c == self) continue;
+      uint64_t refcount = 0;
+      DMCOW_RETURN_IF_ERROR(Get(c, &refcount));
+      counts_something = refcount != 0;
+    }
+    if (!counts_something) unused.push_back(index);
+  }
+  if (unused.empty()) return Status::OK();
+  for (uint64_t index : unused) {
+    const uint64_t offset = header_->refcount_table_offset + index * 8;
+    if (overlap_) {
+      DMCOW_RETURN_IF_ERROR(
+          overlap_->CheckWrite(offset, 8, Qcow2MetadataBit(Qcow2Metadata::kRefcountTable), "refcount table write"));
+    }
+    const uint8_t zero[8] = {};
+    DMCOW_RETURN_IF_ERROR(file_->Write(offset, zero, sizeof(zero)));
+  }
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
+  for (uint64_t index : unused) {
+    const uint64_t block = table_[index];
+    table_[index] = 0;
+    if (overlap_) overlap_->Remove(block, cluster_size_, Qcow2Metadata::kRefcountBlock);
+    // A count kept in another (still linked) block is its own to lower.
+    if (BlockOf(block / cluster_size_) != index) DMCOW_RETURN_IF_ERROR(Adjust(block / cluster_size_, -1));
+  }
+  return Flush();
+}
+
 Status Qcow2Refcounts::Flush() {
   // A table entry naming a new block must not reach the disk before the
   // block: the entry alone would make the block's zeros (or stale bytes)

@@ -60,6 +60,14 @@ class Qcow2Refcounts {
   // sync after its write succeeded.
   Status Flush();
   size_t dirty_slices() { return blocks_.dirty_count(); }
+
+  // qcow2_shrink_reftable, after a shrink freed the end of the file:
+  // refcount blocks that count nothing but themselves are unlinked, so the
+  // file can be cut before them. Flushes first; each table entry is cleared
+  // with one 8-byte write, synced, and only then is the count a block kept
+  // of itself in another block lowered (QEMU leaks it). A crash leaves each
+  // block linked or not; an unlinked one counted nothing.
+  Status DropUnusedBlocks();
   // Whether Flush has anything to write (blocks or table entries).
   bool dirty() { return blocks_.dirty_count() > 0 || !dirty_table_entries_.empty(); }
 

@@ -168,7 +168,12 @@ Status OpenImageOrReport(const std::string& path, const OpenOptions& options, st
 Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image) {
   Status s = OpenImage(path, options, image);
-  if (!s.ok()) PrintError("Could not open '" + shown + "': " + s.ToString());
+  if (s.ok()) return s;
+  std::string why = s.ToString();
+  // The image file itself could not be opened: qemu-img's file-posix words.
+  const std::string open_failed = path + ": open: ";
+  if (why.rfind(open_failed, 0) == 0) why = "Could not open '" + path + "': " + why.substr(open_failed.size());
+  PrintError("Could not open '" + shown + "': " + why);
   return s;
 }
 

@@ -37,6 +37,7 @@ int CmdConvert(int argc, char** argv);   // convert: copies images into a new on
 int CmdCheck(int argc, char** argv);     // check: checks, and repairs, an image (cmd_check.cc)
 int CmdCompare(int argc, char** argv);   // compare: are two images' contents equal (cmd_compare.cc)
 int CmdChecksum(int argc, char** argv);  // checksum: SHA-256 of the guest-visible content (cmd_checksum.cc)
+int CmdResize(int argc, char** argv);    // resize: changes the virtual size (cmd_resize.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the

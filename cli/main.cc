@@ -27,6 +27,7 @@ const Command kCommands[] = {
     {"check", CmdCheck, "check [-f FMT] [-r leaks|all] [--output human|json] [-q] [-U] FILE"},
     {"compare", CmdCompare, "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2"},
     {"checksum", CmdChecksum, "checksum [-f FMT] [-l SNAPSHOT] [-U] FILE"},
+    {"resize", CmdResize, "resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE"},
 };
 
 void PrintHelp() {

@@ -1,0 +1,209 @@
+// dmcow-img resize: qemu-img resize.
+//
+//   resize [--image-opts] [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE
+//
+// SIZE is the last argument, taken out before the options are read (as
+// qemu-img does) so that "-1G" is a size, not an option. Growing is
+// Image::Grow, shrinking (only with --shrink) Image::Shrink; raw files grow
+// with preallocation off, falloc or full. Output, messages and exit codes
+// as qemu-img 7.2: "Image resized." on stdout (not with -q), one line on
+// stderr and exit 1 on any error.
+//
+// Not yet: preallocation other than off when growing qcow2, and images
+// with persistent bitmaps (the engine does not resize bitmaps: writing
+// would mark them inconsistent, where qemu-img resizes them). Both are
+// refused before anything is written.
+#include <getopt.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli_common.h"
+#include "image_options.h"
+#include "locking_env.h"
+
+namespace dmcow::cli {
+namespace {
+
+struct ResizeArgs {
+  std::string filename;
+  std::string format;  // -f
+  std::string size;    // the last argument, as given
+  std::string preallocation = "off";
+  bool image_opts = false;  // --image-opts
+  bool quiet = false;       // -q
+  bool shrink = false;      // --shrink
+};
+
+void PrintUsage() {
+  std::printf(
+      "usage: %s resize [--image-opts] [-f FMT] [--preallocation=off|metadata|falloc|full] [-q] [--shrink] FILE "
+      "[+|-]SIZE\n\n"
+      "Changes the virtual size of FILE to SIZE, or by +SIZE / -SIZE. Shrinking needs --shrink and drops\n"
+      "everything past the new end.\n",
+      kProgName);
+}
+
+std::optional<int> ParseResize(int argc, char** argv, ResizeArgs* args) {
+  // The size comes off the end first, so that a negative one is not an option.
+  if (argc < 3) {
+    if (argc == 2 && (std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help")) {
+      PrintUsage();
+      return 0;
+    }
+    return UsageError("Not enough arguments");
+  }
+  args->size = argv[--argc];
+  enum { kObject = 256, kImageOpts, kPreallocation, kShrink };
+  static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                        {"object", required_argument, nullptr, kObject},
+                                        {"image-opts", no_argument, nullptr, kImageOpts},
+                                        {"preallocation", required_argument, nullptr, kPreallocation},
+                                        {"shrink", no_argument, nullptr, kShrink},
+                                        {nullptr, 0, nullptr, 0}};
+  std::vector<std::string> operands;
+  auto on_option = [&](int c, const char* arg) -> std::optional<int> {
+    switch (c) {
+      case 'h': PrintUsage(); return 0;
+      case 'f': args->format = arg; break;
+      case 'q': args->quiet = true; break;
+      case kObject: break;  // secrets: only encrypted images use them, which resize does not open
+      case kImageOpts: args->image_opts = true; break;
+      case kPreallocation: {
+        const std::string mode = arg;
+        if (mode != "off" && mode != "metadata" && mode != "falloc" && mode != "full") {
+          PrintError("Invalid preallocation mode '" + mode + "'");
+          return 1;
+        }
+        args->preallocation = mode;
+        break;
+      }
+      case kShrink: args->shrink = true; break;
+    }
+    return std::nullopt;
+  };
+  if (auto rc = ParseGetopt(argc, argv, ":f:hq", kLong, on_option, &operands)) return rc;
+  if (operands.size() != 1) return UsageError("Expecting image file name and size");
+  args->filename = operands[0];
+  return std::nullopt;
+}
+
+// qemu-img's size parameter: "+N", "-N" or "N", N a qemu size.
+bool ParseResizeSize(const std::string& text, int* relative, uint64_t* n) {
+  std::string number = text;
+  *relative = 0;
+  if (!number.empty() && (number[0] == '+' || number[0] == '-')) {
+    *relative = number[0] == '+' ? 1 : -1;
+    number.erase(0, 1);
+  }
+  if (ParseSize(number, n)) return true;
+  // qemu takes any size below 2^64 here (then wraps it negative past 2^63).
+  if (!number.empty() && number.find_first_not_of("0123456789") == std::string::npos) {
+    errno = 0;
+    *n = std::strtoull(number.c_str(), nullptr, 10);
+    if (errno == 0) return true;
+  }
+  if (LooksLikeSize(number)) {
+    PrintError("Value '" + number + "' is out of range for parameter 'size'");
+  } else {
+    PrintError(
+        "Parameter 'size' expects a non-negative number below 2^64\n"
+        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+        "and exabytes, respectively.");
+  }
+  return false;
+}
+
+int RunResize(const ResizeArgs& args) {
+  int relative = 0;
+  uint64_t n = 0;
+  if (!ParseResizeSize(args.size, &relative, &n)) return 1;
+  if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
+
+  OpenOptions options;
+  options.format = args.format;
+  std::string path;
+  if (!ImageArgument(args.filename, args.image_opts, &path, &options)) return 1;
+  LockingEnv env(Env::Default(), {path, ImageLock::Mode::kReadOnly});
+  options.env = &env;
+  options.writable = true;
+  std::unique_ptr<Image> image;
+  // Bitmaps are looked at before the writable open, which would mark them
+  // inconsistent (qcow2_write.cc clears their autoclear bit).
+  {
+    OpenOptions peek = options;
+    peek.writable = false;
+    peek.open_backing = false;
+    if (!OpenImageOrReport(args.filename, path, peek, &image).ok()) return 1;
+    if (!image->info().bitmaps.empty()) {
+      PrintError(args.filename +
+                 ": resizing an image with persistent bitmaps is not supported yet (they would become "
+                 "inconsistent); remove them or use qemu-img");
+      return 1;
+    }
+    image.reset();
+  }
+  if (!OpenImageOrReport(args.filename, path, options, &image).ok()) return 1;
+  if (args.format.empty() && image->info().format == "raw") {
+    std::fprintf(stderr,
+                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+                 "         Automatically detecting the format is dangerous for raw images, write operations on "
+                 "block 0 will be restricted.\n"
+                 "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+                 path.c_str());
+  }
+
+  const uint64_t current = image->virtual_size();
+  // As qemu-img's int64_t arithmetic: a result past 2^63 wraps negative.
+  const int64_t total = static_cast<int64_t>(relative == 0 ? n : current + static_cast<uint64_t>(relative) * n);
+  if (total <= 0) {
+    PrintError("New image size must be positive");
+    return 1;
+  }
+  const uint64_t new_size = static_cast<uint64_t>(total);
+  if (new_size <= current && args.preallocation != "off") {
+    PrintError("Preallocation can only be used for growing images");
+    return 1;
+  }
+  if (new_size < current && !args.shrink) {
+    PrintError("Use the --shrink option to perform a shrink operation.");
+    PrintError(
+        "warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such "
+        "an operation, make sure there is no important data there.");
+    return 1;
+  }
+  const std::string& format = image->info().format;
+  if (format != "raw" && format != "qcow2") {
+    PrintError("Image format driver does not support resize");
+    return 1;
+  }
+  if (args.preallocation != "off" && (format != "raw" || args.preallocation == "metadata")) {
+    PrintError(args.filename + ": preallocation=" + args.preallocation + " when growing a " + format +
+               " image is not supported yet");
+    return 1;
+  }
+
+  Status s = new_size < current ? image->Shrink(new_size) : image->Grow(new_size);
+  if (s.ok() && new_size > current && args.preallocation != "off") {
+    s = image->Preallocate(current, new_size - current, args.preallocation == "full");
+  }
+  if (s.ok()) s = image->Flush();
+  if (!s.ok()) {
+    std::string msg = s.message();
+    if (msg.rfind(path + ": ", 0) == 0) msg = msg.substr(path.size() + 2);
+    PrintError(msg);
+    return 1;
+  }
+  if (!args.quiet) std::printf("Image resized.\n");
+  return 0;
+}
+
+}  // namespace
+
+int CmdResize(int argc, char** argv) { return ParseAndRun(argc, argv, ParseResize, RunResize); }
+
+}  // namespace dmcow::cli

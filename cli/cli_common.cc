@@ -63,6 +63,11 @@ static int64_t SuffixMul(char c) {
   }
 }
 
+bool ValidCacheMode(const std::string& mode) {
+  return mode == "none" || mode == "off" || mode == "directsync" || mode == "writeback" || mode == "unsafe" ||
+         mode == "writethrough";
+}
+
 bool ParseSize(const std::string& text, uint64_t* out) {
   const char* s = text.c_str();
   if (*s == '\0' || std::strchr(s, '-') != nullptr) return false;

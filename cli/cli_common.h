@@ -61,6 +61,11 @@ int UsageError(const std::string& msg);
 // qemu's size_to_str(): "64 MiB", "1.46 GiB", "0 B".
 std::string SizeToStr(uint64_t bytes);
 
+// A cache mode qemu's bdrv_parse_cache_mode takes (-t, -T): none/off,
+// directsync, writeback, unsafe, writethrough. dmcow-img goes through the
+// page cache whatever the mode, and flushes where qemu-img would.
+bool ValidCacheMode(const std::string& mode);
+
 // qemu's cvtnum(): "4096", "0x1000", "4k", "1.5M" (binary suffixes B k M G T P E).
 bool ParseSize(const std::string& text, uint64_t* out);
 

@@ -26,6 +26,7 @@
 
 #include "cli_common.h"
 #include "locking_env.h"
+#include "rate_limiter.h"
 
 namespace dmcow::cli {
 namespace {
@@ -105,8 +106,8 @@ Image* FindBackingImage(Image* top, const std::string& name, int* depth) {
 
 class Committer {
  public:
-  Committer(Image* top, int depth, Image* base, Progress* progress)
-      : top_(top), depth_(depth), base_(base), progress_(progress) {}
+  Committer(Image* top, int depth, Image* base, Progress* progress, RateLimiter* limiter)
+      : top_(top), depth_(depth), base_(base), progress_(progress), limiter_(limiter) {}
 
   // Copies; on failure returns false with the one-line message in *error.
   bool Run(std::string* error) {
@@ -144,6 +145,7 @@ class Committer {
           buf.resize(n);
           Status s = top_->Read(pos, buf.data(), n);
           if (!s.ok()) return failed("error while reading", pos, s);
+          limiter_->Account(n);
           s = base_->Write(pos, buf.data(), n);
           if (!s.ok()) return failed("error while writing", pos, s);
         }
@@ -166,13 +168,9 @@ class Committer {
   int depth_;
   Image* base_;
   Progress* progress_;
+  RateLimiter* limiter_;  // -r
   std::vector<Span> runs_;
 };
-
-bool ValidCacheMode(const std::string& mode) {
-  return mode == "none" || mode == "off" || mode == "directsync" || mode == "writeback" || mode == "unsafe" ||
-         mode == "writethrough";
-}
 
 // commit's command line, as ParseCommit reads it.
 struct CommitArgs {
@@ -193,7 +191,7 @@ std::optional<int> ParseCommit(int argc, char** argv, CommitArgs* args) {
   app.add_option("-f", args->format, "Format of FILE; probed if omitted");
   app.add_option("-t", args->cache, "Cache mode for FILE and the base (accepted for compatibility)");
   app.add_option("-b", args->base_name, "Image in FILE's backing chain to commit into (implies -d)");
-  app.add_option("-r", args->rate, "Rate limit in bytes per second (accepted, not applied)");
+  app.add_option("-r", args->rate, "Rate limit: at most this many bytes written per second");
   app.add_flag("-d", args->drop, "Leave FILE as it is after committing");
   app.add_flag("-p", args->progress_flag, "Show progress");
   app.add_flag("-q", args->quiet, "Quiet mode (no progress, no message)");
@@ -203,8 +201,8 @@ std::optional<int> ParseCommit(int argc, char** argv, CommitArgs* args) {
 
 // Runs commit as args says; returns the exit code.
 int RunCommit(const CommitArgs& args) {
+  uint64_t limit = 0;
   if (!args.rate.empty()) {
-    uint64_t limit;
     if (!ParseSize(args.rate, &limit)) {
       PrintError("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for");
       PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
@@ -275,7 +273,8 @@ int RunCommit(const CommitArgs& args) {
   }
 
   std::string error;
-  if (!Committer(top.get(), depth, base.get(), &progress).Run(&error)) return fail(error);
+  RateLimiter limiter(limit);
+  if (!Committer(top.get(), depth, base.get(), &progress, &limiter).Run(&error)) return fail(error);
   s = base->Flush();
   base.reset();
   if (!s.ok()) return fail("error while flushing '" + base_file + "': " + s.ToString());

@@ -142,14 +142,15 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
 
 // compare's command line, as ParseCompare reads it.
 struct CompareArgs {
-  std::string fmt1;                // -f
-  std::string fmt2;                // -F
-  bool strict = false;             // -s
-  bool progress_flag = false;      // -p
-  bool quiet = false;              // -q
-  bool force_share = false;        // -U, --force-share
-  bool image_opts = false;         // --image-opts
-  std::vector<std::string> files;  // FILE1 FILE2
+  std::string fmt1;                     // -f
+  std::string fmt2;                     // -F
+  bool strict = false;                  // -s
+  std::string src_cache = "writeback";  // -T
+  bool progress_flag = false;           // -p
+  bool quiet = false;                   // -q
+  bool force_share = false;             // -U, --force-share
+  bool image_opts = false;              // --image-opts
+  std::vector<std::string> files;       // FILE1 FILE2
 };
 
 // Reads compare's command line into *args (CLI11, ParseCommandLine): an exit
@@ -159,6 +160,7 @@ std::optional<int> ParseCompare(int argc, char** argv, CompareArgs* args) {
   app.add_option("-f", args->fmt1, "Format of FILE1; probed if omitted");
   app.add_option("-F", args->fmt2, "Format of FILE2; probed if omitted");
   app.add_flag("-s", args->strict, "Strict mode: fail on different size or block status");
+  app.add_option("-T", args->src_cache, "Cache mode of the images (accepted; the page cache is used)");
   app.add_flag("-p", args->progress_flag, "Show progress");
   app.add_flag("-q", args->quiet, "Quiet mode (no progress)");
   app.add_flag("-U,--force-share", args->force_share, kForceShareHelp);
@@ -172,6 +174,10 @@ std::optional<int> ParseCompare(int argc, char** argv, CompareArgs* args) {
 int RunCompare(const CompareArgs& args) {
   if (args.files.size() != 2) return UsageError("Expecting two image file names");
   if (ImageOptsWithFormat(args.image_opts, args.fmt1 + args.fmt2)) return 1;
+  if (!ValidCacheMode(args.src_cache)) {
+    PrintError("Invalid source cache option: " + args.src_cache);
+    return 2;
+  }
 
   g_quiet = args.quiet;
   Progress progress(args.progress_flag && !args.quiet, 2.0f);

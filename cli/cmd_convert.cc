@@ -97,25 +97,27 @@ bool IsBlockDevice(const std::string& path) {
 
 // convert's command line, as ParseConvert reads it.
 struct ConvertArgs {
-  std::string fmt;                   // -f
-  std::string out_fmt = "raw";       // -O
-  std::string options;               // the -o lists, joined (AppendOptionList)
-  std::string backing;               // -B, -b
-  std::string backing_fmt;           // -F
-  std::string snapshot;              // -l
-  std::string cache = "unsafe";      // -t
-  bool compress = false;             // -c
-  bool progress = false;             // -p
-  bool quiet = false;                // -q
-  bool skip_create = false;          // -n
-  bool target_is_zero = false;       // --target-is-zero
-  bool image_opts = false;           // --image-opts
-  bool force_share = false;          // -U, --force-share
-  uint64_t min_sparse = 4096;        // -S
-  int coroutines = 0;                // -m; 0: not given
-  std::vector<std::string> sources;  // SRC...
-  std::string dst;                   // DST
-  OptList out_options;               // -O's options (FindFormat)
+  std::string fmt;                      // -f
+  std::string out_fmt = "raw";          // -O
+  std::string options;                  // the -o lists, joined (AppendOptionList)
+  std::string backing;                  // -B, -b
+  std::string backing_fmt;              // -F
+  std::string snapshot;                 // -l
+  std::string cache = "unsafe";         // -t
+  std::string src_cache = "writeback";  // -T
+  bool compress = false;                // -c
+  bool progress = false;                // -p
+  bool quiet = false;                   // -q
+  bool skip_create = false;             // -n
+  uint64_t rate_limit = 0;              // -r, bytes per second (0: none)
+  bool target_is_zero = false;          // --target-is-zero
+  bool image_opts = false;              // --image-opts
+  bool force_share = false;             // -U, --force-share
+  uint64_t min_sparse = 4096;           // -S
+  int coroutines = 0;                   // -m; 0: not given
+  std::vector<std::string> sources;     // SRC...
+  std::string dst;                      // DST
+  OptList out_options;                  // -O's options (FindFormat)
 };
 
 // Reads convert's command line into *args as qemu-img convert reads it
@@ -158,6 +160,7 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
         break;
       case 'p': args->progress = true; break;
       case 't': args->cache = arg; break;
+      case 'T': args->src_cache = arg; break;
       case 'q': args->quiet = true; break;
       case 'n': args->skip_create = true; break;
       case 'm': {
@@ -172,16 +175,25 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
       case kOptTargetIsZero: args->target_is_zero = true; break;
       case kOptImageOpts: args->image_opts = true; break;
       case 'U': args->force_share = true; break;  // the sources only, as in qemu-img
-      default: break;  // -C, -W, -T, -r: accepted; our writes are ordered and never throttled
+      case 'r':
+        if (!ParseSize(arg, &args->rate_limit)) {
+          PrintError("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for");
+          PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+          return 1;
+        }
+        break;
+      default: break;  // -C, -W: accepted; our writes go in order (reproducible output)
     }
     return std::nullopt;
   };
   if (auto rc = ParseGetopt(argc, argv, ":hf:O:B:b:F:Cco:l:S:pt:T:qnm:WUr:", kLong, on_option, &files)) return rc;
 
-  const std::string& cache = args->cache;
-  if (cache != "unsafe" && cache != "writeback" && cache != "none" && cache != "directsync" &&
-      cache != "writethrough") {
-    PrintError("Invalid cache option: " + cache);
+  if (!ValidCacheMode(args->cache)) {
+    PrintError("Invalid cache option: " + args->cache);
+    return 1;
+  }
+  if (!ValidCacheMode(args->src_cache)) {
+    PrintError("Invalid source cache option: " + args->src_cache);
     return 1;
   }
   if (!FindFormat(args->out_fmt, &args->out_options)) {
@@ -323,6 +335,8 @@ int RunConvert(const ConvertArgs& args) {
   cs.threads = std::min(args.coroutines > 0 ? args.coroutines : kMaxCoroutines, cores);
   Progress progress(args.progress && !args.quiet, 1.0f);
   cs.progress = &progress;
+  RateLimiter limiter(args.rate_limit);
+  cs.rate_limiter = &limiter;
 
   progress.Set(0);
   std::string error;

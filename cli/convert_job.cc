@@ -395,9 +395,13 @@ bool ConvertJob::Apply(const std::vector<Op>& ops, const uint8_t* buf) {
   for (const Op& op : ops) {
     Status st;
     switch (op.kind) {
-      case Kind::kData: st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length)); break;
+      case Kind::kData:
+        if (s_.rate_limiter) s_.rate_limiter->Account(op.length);
+        st = s_.target->Write(op.offset, buf + op.buf_offset, static_cast<size_t>(op.length));
+        break;
       case Kind::kZero: st = s_.target->WriteZeroesMayUnmap(op.offset, op.length); break;
       case Kind::kCompressed:
+        if (s_.rate_limiter) s_.rate_limiter->Account(op.payload.size());
         st = s_.target->WriteCompressedCluster(op.offset, op.payload.data(), op.payload.size());
         break;
     }

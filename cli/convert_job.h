@@ -30,6 +30,7 @@
 #include "cli_common.h"
 #include "dmcow/compress.h"
 #include "dmcow/image.h"
+#include "rate_limiter.h"
 
 namespace dmcow::cli {
 
@@ -45,6 +46,7 @@ struct ConvertSettings {
   bool top_layer_only = false;  // -B: ranges the sources' top layers leave unallocated stay so
   int threads = 2;
   Progress* progress = nullptr;
+  RateLimiter* rate_limiter = nullptr;  // -r; null: no limit
   // false: every chunk is planned on its own, holes included (the walk
   // before hole planning). Only tests set it, to show both give the same
   // bytes (tests/convert_job_test.cc).

@@ -16,6 +16,9 @@ struct Command {
   const char* summary;
 };
 
+// The qemu-img release dmcow-img is measured against (tests run the real one).
+constexpr char kQemuImgVersion[] = "7.2.0";
+
 const Command kCommands[] = {
     {"info", CmdInfo, "info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE"},
     {"map", CmdMap, "map [-f FMT] [--output human|json] [--start-offset OFF] [--max-length LEN] [-U] FILE"},
@@ -42,6 +45,24 @@ void PrintHelp() {
 }
 
 int Run(int argc, char** argv) {
+  // Global options before the command, as qemu-img's: -T/--trace only
+  // configures QEMU's tracing, which dmcow-img has none of, so it is
+  // accepted (with its value) and ignored.
+  int first = 1;
+  while (first < argc && argv[first][0] == '-' && argv[first][1] != '\0') {
+    const std::string opt = argv[first];
+    if (opt == "-h" || opt == "--help" || opt == "-V" || opt == "--version") break;
+    if (opt == "-T" || opt == "--trace") {
+      if (first + 1 >= argc) return UsageError("missing argument for option '" + opt + "'");
+      first += 2;
+    } else if ((opt.rfind("-T", 0) == 0 && opt.size() > 2) || opt.rfind("--trace=", 0) == 0) {
+      first += 1;
+    } else {
+      return UsageError("unrecognized option '" + opt + "'");
+    }
+  }
+  argc -= first - 1;
+  argv += first - 1;
   if (argc < 2) return UsageError("Not enough arguments");
   const char* cmd = argv[1];
   if (std::strcmp(cmd, "-h") == 0 || std::strcmp(cmd, "--help") == 0 || std::strcmp(cmd, "help") == 0) {
@@ -49,7 +70,10 @@ int Run(int argc, char** argv) {
     return 0;
   }
   if (std::strcmp(cmd, "-V") == 0 || std::strcmp(cmd, "--version") == 0) {
-    std::printf("%s (dmcow)\n", kProgName);
+    // Shaped as qemu-img's, so a script reading the third word gets the
+    // qemu-img release whose commands, output and exit codes we follow.
+    std::printf("%s version %s (dmcow, qemu-img %s compatible)\n", kProgName, kQemuImgVersion, kQemuImgVersion);
+    std::printf("dmcow: a qemu-img compatible tool on the dmcow engine\n");
     return 0;
   }
   for (const Command& c : kCommands) {

@@ -255,6 +255,8 @@ TEST_CASE("compare agrees with qemu-img", "[cli]") {
       "zeros.qcow2 holes.qcow2",
       "-s holes.qcow2 holes.qcow2",
       "-s prealloc.qcow2 zeros.qcow2",
+      "-T none top.qcow2 top.raw",
+      "-T bogus top.qcow2 top.raw",
   };
   for (const char* p : pairs) CheckSame(std::string("compare ") + p);
   // Progress steps differ from qemu-img's (other chunking); the result does not.
@@ -321,6 +323,35 @@ TEST_CASE("odd-size raw files are seen as qemu-img sees them", "[cli]") {
   REQUIRE(Exec(img.dir(), "qemu-img convert -O raw odd.raw theirs.out").rc == 0);
   REQUIRE(Exec(img.dir(), Ours() + " convert -O raw odd.raw ours.out").rc == 0);
   CHECK(Exec(img.dir(), "cmp theirs.out ours.out").rc == 0);
+}
+
+// Scripts read qemu-img's version from the first line's third word.
+TEST_CASE("--version prints a first line shaped as qemu-img's", "[cli]") {
+  SKIP_WITHOUT_QEMU();
+  for (const char* flag : {"--version", "-V"}) {
+    Result ours = Exec(".", Ours() + " " + flag + " | head -1 | awk '{print $1, $2, $3}'");
+    Result theirs = Exec(".", std::string("qemu-img ") + flag + " | head -1 | awk '{print $2, $3}'");
+    INFO(ours.out << theirs.out);
+    CHECK(ours.out.rfind("dmcow-img version 7.2.", 0) == 0);
+    CHECK(theirs.out.rfind("version 7.2.", 0) == 0);  // the release we are measured against
+    CHECK(Exec(".", Ours() + " " + flag).rc == 0);
+  }
+}
+
+// -T/--trace before the command only sets up QEMU's tracing: accepted, ignored.
+TEST_CASE("the global trace option is accepted as qemu-img accepts it", "[cli]") {
+  SKIP_WITHOUT_QEMU();
+  for (const char* global : {"-T foo", "-Tfoo", "--trace foo", "--trace=enable=x", "-T a -T b"}) {
+    CheckSame(std::string(global) + " info --output=json base.qcow2");
+  }
+  for (const char* bad : {"-X info base.qcow2", "-T", "--bogus info base.qcow2"}) {
+    Images& img = Images::Get();
+    Result theirs = ExecErr(img.dir(), std::string("qemu-img ") + bad);
+    Result ours = ExecErr(img.dir(), Ours() + " " + bad);
+    INFO(bad);
+    CHECK(ours.rc == theirs.rc);
+    CHECK(ReplaceAll(ours.out, "dmcow-img", "qemu-img") == theirs.out);
+  }
 }
 
 TEST_CASE("command line handling", "[cli]") {
@@ -563,6 +594,11 @@ TEST_CASE("convert and create read bad command lines as qemu-img does (word for 
       // long options by an unambiguous prefix
       "--force -O qcow2 -o , src.raw x.img",
       "--image-o -f raw src.raw x.img",
+      // cache modes and the rate limit: checked as qemu-img checks them
+      "-T bogus src.raw x.img",
+      "-t off -T none -O qcow2 src.raw x.img",
+      "-r abc src.raw x.img",
+      "-r 1M -C -W -O qcow2 src.raw x.img",
   };
   for (const char* args : kConvert) same(std::string("convert ") + args);
   // Too few operands: qemu-img's message, which ours follows with its usage hint.

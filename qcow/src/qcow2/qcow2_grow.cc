@@ -73,14 +73,8 @@ Status Qcow2Image::ShrinkLocked(uint64_t new_size) {
     uint64_t l2_offset = 0;
     DMCOW_RETURN_IF_ERROR(L2TableOffset(i, &l2_offset));
   }
-  uint8_t size_field[8];
-  StoreBE64(size_field, new_size);
-  DMCOW_RETURN_IF_ERROR(file_->Write(24, size_field, sizeof(size_field)));
-  DMCOW_RETURN_IF_ERROR(file_->Sync());
-  header_.size = new_size;
-  info_.virtual_size = new_size;
+  DMCOW_RETURN_IF_ERROR(WriteVirtualSize(new_size));
 
-  const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
   for (uint64_t i = first_gone / header_.l2_entries; i < l1_.size(); i++) {
     uint64_t l2_offset = 0;
     DMCOW_RETURN_IF_ERROR(L2TableOffset(i, &l2_offset));
@@ -89,17 +83,7 @@ Status Qcow2Image::ShrinkLocked(uint64_t new_size) {
     const uint64_t end = std::min(first + header_.l2_entries, std::max(old_clusters, first));
     if (first >= first_gone) {
       // The whole table is past the end: dropped, with every cluster it maps.
-      for (uint64_t done = 0; first + done < end;) {
-        TableCache::Slice slice;
-        DMCOW_RETURN_IF_ERROR(l2_cache_->Get(l2_offset + done * header_.l2_entry_bytes, "L2 table", &slice));
-        for (uint64_t w = 0; w < slice->size() && first + done < end; w += words_per_entry, done++) {
-          ReleaseClusterOf((*slice)[w]);
-        }
-      }
-      refcounts_->FreeLater(l2_offset, cs);
-      overlap_->Remove(l2_offset, cs, Qcow2Metadata::kActiveL2);
-      l1_.Set(i, 0);
-      dirty_l1_.insert(i);
+      DMCOW_RETURN_IF_ERROR(DropL2TableLocked(i, l2_offset, end - first));
       continue;
     }
     for (uint64_t cluster = first_gone; cluster < end; cluster++) {
@@ -135,6 +119,16 @@ Status Qcow2Image::ShrinkLocked(uint64_t new_size) {
       DMCOW_RETURN_IF_ERROR(data_file()->Sync());
     }
   }
+  return Status::OK();
+}
+
+Status Qcow2Image::WriteVirtualSize(uint64_t new_size) {
+  uint8_t size_field[8];
+  StoreBE64(size_field, new_size);
+  DMCOW_RETURN_IF_ERROR(file_->Write(24, size_field, sizeof(size_field)));
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
+  header_.size = new_size;
+  info_.virtual_size = new_size;
   return Status::OK();
 }
 
@@ -177,12 +171,7 @@ Status Qcow2Image::GrowLocked(uint64_t new_size) {
     DMCOW_RETURN_IF_ERROR(data_file()->Size(&data_size));
     if (data_size < new_size) DMCOW_RETURN_IF_ERROR(data_file()->Truncate(new_size));
   }
-  uint8_t size_field[8];
-  StoreBE64(size_field, new_size);
-  DMCOW_RETURN_IF_ERROR(file_->Write(24, size_field, sizeof(size_field)));
-  DMCOW_RETURN_IF_ERROR(file_->Sync());
-  header_.size = new_size;
-  info_.virtual_size = new_size;
+  DMCOW_RETURN_IF_ERROR(WriteVirtualSize(new_size));
 
   if (backing_ && backing_->virtual_size() > old_size) {
     DMCOW_RETURN_IF_ERROR(ZeroLocked(old_size, std::min(new_size, backing_->virtual_size()) - old_size, false));

@@ -90,6 +90,12 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status MakeEmptyLocked() REQUIRES(rw_mu_);
   Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
   Status ShrinkLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  // Writes the header's size field, synced, and takes it as the size.
+  Status WriteVirtualSize(uint64_t new_size) REQUIRES(rw_mu_);
+  // Unlinks the L2 table at `l2_offset` (0: none) from L1 entry `l1_index`;
+  // it and the clusters its first `count` entries map are freed at the next
+  // flush (MakeEmpty, Shrink).
+  Status DropL2TableLocked(uint64_t l1_index, uint64_t l2_offset, uint64_t count) REQUIRES(rw_mu_);
   // Checks shared by Grow and Shrink: the size, and QEMU's refusal of
   // version 2 images with snapshots (they do not record their disk size).
   Status CheckResize(uint64_t new_size) const;

@@ -480,7 +480,6 @@ Status Qcow2Image::MakeEmptyLocked() {
   DMCOW_RETURN_IF_ERROR(FlushLocked());
   const uint64_t cs = header_.cluster_size;
   const uint64_t clusters = (info_.virtual_size + cs - 1) >> header_.cluster_bits;
-  const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
   // Every table offset checked before anything is released: a bad entry
   // must not leave the image half emptied.
   for (uint64_t i = 0; i < l1_.size(); i++) {
@@ -491,25 +490,30 @@ Status Qcow2Image::MakeEmptyLocked() {
     if (l1_[i] == 0) continue;
     uint64_t l2_offset = 0;
     DMCOW_RETURN_IF_ERROR(L2TableOffset(i, &l2_offset));
-    if (l2_offset != 0) {
-      // Only entries inside the disk describe clusters (as qemu discards).
-      const uint64_t first = i * header_.l2_entries;
-      const uint64_t count = first >= clusters ? 0 : std::min<uint64_t>(header_.l2_entries, clusters - first);
-      for (uint64_t done = 0; done < count;) {
-        const uint64_t byte = done * header_.l2_entry_bytes;
-        TableCache::Slice slice;
-        DMCOW_RETURN_IF_ERROR(l2_cache_->Get(l2_offset + byte, "L2 table", &slice));
-        for (uint64_t w = 0; w < slice->size() && done < count; w += words_per_entry, done++) {
-          ReleaseClusterOf((*slice)[w]);
-        }
-      }
-      refcounts_->FreeLater(l2_offset, cs);
-      overlap_->Remove(l2_offset, cs, Qcow2Metadata::kActiveL2);
-    }
-    l1_.Set(i, 0);
-    dirty_l1_.insert(i);
+    // Only entries inside the disk describe clusters (as qemu discards).
+    const uint64_t first = i * header_.l2_entries;
+    const uint64_t count = first >= clusters ? 0 : std::min<uint64_t>(header_.l2_entries, clusters - first);
+    DMCOW_RETURN_IF_ERROR(DropL2TableLocked(i, l2_offset, count));
   }
   return FlushLocked();
+}
+
+Status Qcow2Image::DropL2TableLocked(uint64_t l1_index, uint64_t l2_offset, uint64_t count) {
+  if (l2_offset != 0) {
+    const uint64_t words_per_entry = header_.l2_entry_bytes / 8;
+    for (uint64_t done = 0; done < count;) {
+      TableCache::Slice slice;
+      DMCOW_RETURN_IF_ERROR(l2_cache_->Get(l2_offset + done * header_.l2_entry_bytes, "L2 table", &slice));
+      for (uint64_t w = 0; w < slice->size() && done < count; w += words_per_entry, done++) {
+        ReleaseClusterOf((*slice)[w]);
+      }
+    }
+    refcounts_->FreeLater(l2_offset, header_.cluster_size);
+    overlap_->Remove(l2_offset, header_.cluster_size, Qcow2Metadata::kActiveL2);
+  }
+  l1_.Set(l1_index, 0);
+  dirty_l1_.insert(l1_index);
+  return Status::OK();
 }
 
 }  // namespace dmcow

@@ -3,9 +3,12 @@
 # write ordering is called done; CI runs a bounded sample of the same tests.
 #   - crash_boundary_test with every refcount width (1-64) and 8 random
 #     mixes of pending writes per crash point, every crash point;
-#   - crash_test, make_empty_crash_test and the qcow2 plugin's crash test
-#     at every crash point (DMCOW_CRASH_SAMPLE large);
-#   - io_error_test (EIO and ENOSPC at every write and sync).
+#   - crash_test (every state CrashEnv lists), make_empty_crash_test and
+#     the qcow2 plugin's crash test at every crash point;
+#   - io_error_test (EIO and ENOSPC at every write and sync, a read error at
+#     every read).
+# DMCOW_CRASH_FULL=1 turns each test's CI sample (CrashPointsToTry in
+# tests/crash_env.h) into every point.
 # Each prints its counts (crash points, states, distinct states checked by
 # qemu-img); the output goes to build/crash-replay.log as well.
 # Usage: scripts/crash-replay.sh [build-dir]   (default: build)
@@ -22,9 +25,9 @@ run() {
   echo "    ($((SECONDS - start)) s)" | tee -a "$log"
 }
 run DMCOW_CRASH_FULL=1 DMCOW_CRASH_RANDOM=8 "$build/tests/crash_boundary_test"
-run DMCOW_CRASH_SAMPLE=1000000 DMCOW_CRASH_STATES=1 "$build/tests/crash_test"
-run DMCOW_CRASH_SAMPLE=1000000 "$build/tests/make_empty_crash_test"
-run "$build/tests/io_error_test"
-run "$build/daemon/tests/qcow2_plugin_crash_test"
+run DMCOW_CRASH_FULL=1 DMCOW_CRASH_STATES=1 "$build/tests/crash_test"
+run DMCOW_CRASH_FULL=1 "$build/tests/make_empty_crash_test"
+run DMCOW_CRASH_FULL=1 "$build/tests/io_error_test"
+run DMCOW_CRASH_FULL=1 "$build/daemon/tests/qcow2_plugin_crash_test"
 grep -q "FAILED" "$log" && { echo "crash-replay: FAILURES (see $log)"; exit 1; }
 echo "crash-replay: all passed ($log)"

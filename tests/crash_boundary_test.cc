@@ -2,8 +2,8 @@
 // block, a larger refcount table, new L2 tables and a larger L1 table, for
 // every refcount width, with 512-byte clusters so that each boundary comes
 // after a few dozen clusters. Rules (1)-(8) at the top of
-// qcow/src/qcow2/qcow2_write.cc, checked at EVERY crash point (no sample) of each
-// workload: the power fails after the k-th write, truncation or sync, and
+// qcow/src/qcow2/qcow2_write.cc, checked at crash points of each workload:
+// the power fails after the k-th write, truncation or sync, and
 // each state CrashEnv::CrashStates lists (nothing, everything, each pending
 // change dropped alone, applied alone or torn, random mixes) is judged by
 // the real qemu-img check (no corruption; leaks are allowed) and must hold
@@ -11,10 +11,10 @@
 //
 // Bounds: scripts/crash-replay.sh runs the long version (every crash point
 // of every workload, more random mixes: DMCOW_CRASH_FULL=1,
-// DMCOW_CRASH_RANDOM=N). CI takes every crash point of refcount widths 16
-// and 64, the table growth and the L1 growth, and 24 points of each other
-// width, with 2 random mixes per point; its sanitizer pass samples
-// DMCOW_CRASH_SAMPLE points per workload.
+// DMCOW_CRASH_RANDOM=N). CI takes every crash point of the L1 growth and an
+// even sample (Workload::ci_sample, CrashPointsToTry) of the others, with 2
+// random mixes per point; its sanitizer pass samples DMCOW_CRASH_SAMPLE
+// points per workload.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdlib>
@@ -47,7 +47,7 @@ struct Workload {
   uint64_t size;
   std::vector<Step> steps;
   // Crash points CI samples (0: every one); the long run takes every one.
-  uint64_t ci_sample = 0;
+  uint64_t ci_sample = 24;
 };
 
 // Sequential writes of `chunk` bytes from `from` until `bytes` are written,
@@ -74,9 +74,9 @@ std::vector<Workload> Workloads() {
                          "refcount_bits=" + std::to_string(bits) + ",cluster_size=512", 4 << 20,
                          GrowingWrites(0, bytes, std::max<uint64_t>(4096, bytes / 10), bits),
                          // Narrow refcounts take megabytes of 512-byte clusters to
-                         // fill a block (width 1: 358 crash points, two minutes):
-                         // CI samples them, 16 and 64 go whole.
-                         bits == 16 || bits == 64 ? 0u : 24u});
+                         // fill a block (width 1: 358 crash points, two minutes, each
+                         // a rerun of the workload): CI samples them more thinly.
+                         bits >= 16 ? 24u : 12u});
   }
   // A one-cluster refcount table (64 entries) of 64-bit refcounts covers
   // 4096 clusters (2 MiB): writing past it makes the table grow.
@@ -88,7 +88,7 @@ std::vector<Workload> Workloads() {
     std::vector<Step> steps = GrowingWrites(0, 20 << 10, 6 << 10, 3);
     steps.push_back(Step{Step::kGrow, 0, 8 << 20});
     for (const Step& s : GrowingWrites(6 << 20, 40 << 10, 12 << 10, 4)) steps.push_back(s);
-    w.push_back(Workload{"L2 tables and L1 growth", "cluster_size=512", 1 << 20, steps});
+    w.push_back(Workload{"L2 tables and L1 growth", "cluster_size=512", 1 << 20, steps, /*ci_sample=*/0});
   }
   return w;
 }
@@ -147,8 +147,6 @@ Outcome RunUntilCrash(CrashEnv* env, const std::string& path, uint64_t size, con
 TEST_CASE("every crash point where metadata grows leaves no corruption and loses no flushed write", "[qemu][crash]") {
   SKIP_WITHOUT_QEMU();
   const uint64_t random_subsets = EnvNumber("DMCOW_CRASH_RANDOM", 2);
-  const bool full = EnvNumber("DMCOW_CRASH_FULL", 0) != 0;
-  const uint64_t forced_sample = EnvNumber("DMCOW_CRASH_SAMPLE", 0);
   TempDir dir;
   QemuCheckVerdicts verdicts(dir / "crashed.qcow2");
   uint64_t points = 0, states = 0;
@@ -165,9 +163,7 @@ TEST_CASE("every crash point where metadata grows leaves no corruption and loses
       // The workload does cross what it is named after: the finished image is clean.
       WriteWholeFile(dir / "done.qcow2", dry.CrashStates(path, 0, 0).front().bytes);
       MustRun("qemu-img check -q '" + dir / "done.qcow2" + "'");
-      const uint64_t sample = forced_sample ? forced_sample : full ? 0 : w.ci_sample;  // 0: every crash point
-      const uint64_t step = sample ? std::max<uint64_t>(1, total / sample) : 1;
-      for (uint64_t k = 0; k <= total; k += step) {
+      for (uint64_t k : CrashPointsToTry(0, total, w.ci_sample)) {
         CrashEnv env(k);
         env.PutFile(path, image_bytes);
         const Outcome outcome = RunUntilCrash(&env, path, w.size, w.steps);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <set>
@@ -196,6 +197,24 @@ std::string CrashEnv::DescribePending(const std::string& path) const {
     out += line;
   }
   return out;
+}
+
+bool CrashReplayFull() {
+  const char* v = std::getenv("DMCOW_CRASH_FULL");
+  return v && *v == '1';
+}
+
+std::vector<uint64_t> CrashPointsToTry(uint64_t first, uint64_t last, uint64_t ci_sample) {
+  const char* forced = std::getenv("DMCOW_CRASH_SAMPLE");
+  const uint64_t sample = forced && *forced ? std::strtoull(forced, nullptr, 10) : ci_sample;
+  const uint64_t count = last - first + 1;
+  const bool every = CrashReplayFull() || sample == 0 || count <= sample + 2 * (sample / 3);
+  const uint64_t step = every ? 1 : count / sample, edge = every ? count : sample / 3;
+  std::vector<uint64_t> points;
+  for (uint64_t k = first; k <= last; k++) {
+    if ((k - first) % step == 0 || k - first < edge || last - k < edge) points.push_back(k);
+  }
+  return points;
 }
 
 std::string QemuCheckVerdicts::Judge(const std::vector<uint8_t>& bytes) {

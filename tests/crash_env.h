@@ -100,6 +100,15 @@ class CrashEnv final : public dmcow::Env {
   std::map<std::string, std::shared_ptr<Node>> nodes_;
 };
 
+// The crash or fault points a replay tries, of first..last. CI (the
+// default) takes about `ci_sample` evenly spread points plus `ci_sample / 3`
+// at each end (where opening and closing write); DMCOW_CRASH_SAMPLE=N takes
+// N instead (the sanitizer pass); DMCOW_CRASH_FULL=1 (scripts/crash-replay.sh,
+// run before a change to the write ordering is called done) takes every one.
+std::vector<uint64_t> CrashPointsToTry(uint64_t first, uint64_t last, uint64_t ci_sample);
+// True under DMCOW_CRASH_FULL=1.
+bool CrashReplayFull();
+
 // Options for a writable open through a crash or fault environment: small
 // caches, so that metadata is written (and crash points fall) often.
 inline dmcow::OpenOptions CrashTestOptions(dmcow::Env* env) {

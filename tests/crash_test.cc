@@ -21,16 +21,8 @@ using namespace dmcow_test;
 
 namespace {
 
-// How many crash points are tried: every one for short sequences, else an
-// even sample of about 60 plus the first and last 20. DMCOW_CRASH_SAMPLE=N
-// samples N points and N/3 at each edge instead (the sanitizer pass of
-// scripts/test.sh uses a smaller sample: the same paths, fewer states).
-uint64_t CrashSampleDivisor() {
-  const char* v = std::getenv("DMCOW_CRASH_SAMPLE");
-  const uint64_t n = v ? std::strtoull(v, nullptr, 10) : 0;
-  return n > 0 ? n : 60;
-}
-uint64_t CrashEdge() { return CrashSampleDivisor() / 3; }
+// Crash points CI tries per operation sequence (CrashPointsToTry).
+constexpr uint64_t kCiCrashPoints = 16;
 
 // The states judged at each crash point: one seeded random mix of the
 // pending writes, or (DMCOW_CRASH_STATES=1, scripts/crash-replay.sh) every
@@ -193,10 +185,8 @@ TEST_CASE("a crash at any point leaves no corruption and loses no flushed write"
         if (shape.backing) dry.PutFile(dir / "base.qcow2", base_bytes);
         RunUntilCrash(&dry, path, initial, ops, shape.cluster, zero_representable);
         const uint64_t total = dry.ops();
-        // Every crash point when there are few, else an even sample plus the first and last 20.
-        const uint64_t step = std::max<uint64_t>(1, total / CrashSampleDivisor());
-        for (uint64_t k = 0; k <= total; k++) {
-          if (k % step != 0 && k > CrashEdge() && total - k > CrashEdge()) continue;
+        // CI: an even sample plus the first and last points; the long replay: every one.
+        for (uint64_t k : CrashPointsToTry(0, total, kCiCrashPoints)) {
           CrashEnv env(k);
           env.PutFile(path, image_bytes);
           if (shape.backing) env.PutFile(dir / "base.qcow2", base_bytes);
@@ -293,9 +283,7 @@ TEST_CASE("qcow v1: a crash at any point loses no flushed write and QEMU still r
         if (shape.backing) dry.PutFile(dir / "base.qcow", base_bytes);
         RunUntilCrash(&dry, path, initial, ops, shape.cluster, /*zero_representable=*/false);
         const uint64_t total = dry.ops();
-        const uint64_t step = std::max<uint64_t>(1, total / CrashSampleDivisor());
-        for (uint64_t k = 0; k <= total; k++) {
-          if (k % step != 0 && k > CrashEdge() && total - k > CrashEdge()) continue;
+        for (uint64_t k : CrashPointsToTry(0, total, kCiCrashPoints)) {
           CrashEnv env(k);
           env.PutFile(path, image_bytes);
           if (shape.backing) env.PutFile(dir / "base.qcow", base_bytes);

@@ -134,8 +134,9 @@ TEST_CASE("after an I/O error nothing more is acknowledged and the image stays c
   uint64_t faults = 0, states = 0;
   for (CrashEnv::Fault fault : {CrashEnv::Fault::kEio, CrashEnv::Fault::kEnospc}) {
     // The last call is the closing flush's sync in the destructor, whose
-    // failure nobody is told of: every call before it.
-    for (uint64_t at = 1; at < total; at++) {
+    // failure nobody is told of: the calls before it (CI: a sample; the
+    // long replay, scripts/crash-replay.sh: every one).
+    for (uint64_t at : CrashPointsToTry(1, total - 1, 30)) {
       CrashEnv env(UINT64_MAX);
       env.PutFile(path, image_bytes);
       env.InjectFault(at, fault);
@@ -170,10 +171,9 @@ TEST_CASE("after a read error half way through a change nothing more is written"
   REQUIRE(!RunSteps(&dry, path, steps, 3).failed);
   const uint64_t total = dry.reads();
   REQUIRE(total > 40);
-  // Every read when there are few, else an even sample of about 300.
-  const uint64_t step = std::max<uint64_t>(1, total / 300);
+  // CI: an even sample of the reads; the long replay: every one.
   uint64_t faults = 0, states = 0;
-  for (uint64_t at = 1; at <= total; at += step) {
+  for (uint64_t at : CrashPointsToTry(1, total, 100)) {
     CrashEnv env(UINT64_MAX);
     env.PutFile(path, image_bytes);
     env.InjectReadFault(at);

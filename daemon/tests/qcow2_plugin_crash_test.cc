@@ -2,9 +2,10 @@
 // kernel (kernel_model.h) drives Qcow2Mapper over a CrashEnv: the kernel's
 // data writes, the daemon's own fills and the engine's metadata all go to
 // one simulated disk that drops, applies or tears every write not yet
-// synced when the power fails, at every point (512-byte clusters, growing
-// across refcount blocks) or a sample of points (the other shapes) of a
-// seeded sequence of writes and flushes; at each, every state
+// synced when the power fails, at a sample of points (CI) or every point
+// (scripts/crash-replay.sh) of a seeded sequence of writes and flushes, on
+// shapes from an empty image to 512-byte clusters growing across refcount
+// blocks; at each, every state
 // CrashEnv::CrashStates lists (each pending change dropped, applied alone,
 // torn; random mixes). Each crashed image must be consistent for the real
 // qemu-img check (no errors; leaks allowed) and hold every byte as of the
@@ -103,27 +104,25 @@ TEST_CASE("qcow2 plugin: a crash at any point leaves a consistent image with eve
   struct Shape {
     const char* name;
     std::string setup;
-    bool every_point;  // every crash point, not a sample
+    uint64_t ci_sample;  // crash points CI tries (CrashPointsToTry); the long replay: every one
     uint64_t max_write = 150000;
   };
   const std::vector<Shape> shapes = {
-      {"empty", "qemu-img create -q -f qcow2 img.qcow2 4M", false},
+      {"empty", "qemu-img create -q -f qcow2 img.qcow2 4M", 12},
       {"compressed, zero clusters",
        "qemu-img create -q -f raw s.raw 4M && qemu-io -f raw -c 'write -P 5 0 3M' s.raw >/dev/null && "
        "qemu-img convert -c -O qcow2 s.raw img.qcow2 && qemu-io -f qcow2 -c 'write -z 1M 128k' img.qcow2 >/dev/null",
-       false},
+       12},
       {"snapshot-shared clusters",
        "qemu-img create -q -f qcow2 img.qcow2 4M && qemu-io -f qcow2 -c 'write -P 1 0 4M' img.qcow2 >/dev/null && "
        "qemu-img snapshot -c s img.qcow2",
-       false},
+       12},
       // 4 KiB chunks of 512-byte clusters: the file grows across refcount
       // blocks (64 clusters each) and the refcount table as the kernel writes.
       // Short writes: the kernel model writes each 512-byte chunk on its own.
       {"512-byte clusters, 64-bit refcounts",
-       "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 4M", true, 6000},
+       "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 4M", 12, 6000},
   };
-  const char* sample_env = std::getenv("DMCOW_CRASH_SAMPLE");
-  const uint64_t sample = sample_env ? std::max<uint64_t>(4, std::strtoull(sample_env, nullptr, 10)) : 40;
   uint64_t seed = 11, states = 0;
   for (const Shape& shape : shapes) {
     SECTION(shape.name) {
@@ -145,16 +144,12 @@ TEST_CASE("qcow2 plugin: a crash at any point leaves a consistent image with eve
       INFO(shape.name << ": " << total << " writes, truncations and syncs");
       REQUIRE(total > 20);
       QemuCheckVerdicts verdicts(dir / "crashed.qcow2");
-      // Every point for the small-cluster shape (unless a sample is asked
-      // for), and wherever the sample would cover them all anyway.
-      const uint64_t points = (shape.every_point && !sample_env) || sample > total ? total + 1 : sample;
-      for (uint64_t p = 0; p < points; p++) {
-        const uint64_t crash_after = points == total + 1 ? p : p * total / points;
+      for (uint64_t crash_after : CrashPointsToTry(0, total, shape.ci_sample)) {
         CrashEnv env(crash_after);
         env.PutFile(path, image_bytes);
         Outcome o;
         RunOps(&env, path, ops, ref, &o);
-        for (CrashEnv::State& state : env.CrashStates(path, seed * 1000 + p, 2)) {
+        for (CrashEnv::State& state : env.CrashStates(path, seed * 1000 + crash_after, 2)) {
           INFO("crash after " << crash_after << " of " << total << "; state: " << state.label);
           states++;
           const std::string verdict = verdicts.Judge(state.bytes);

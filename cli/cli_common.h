@@ -38,6 +38,7 @@ int CmdCheck(int argc, char** argv);     // check: checks, and repairs, an image
 int CmdCompare(int argc, char** argv);   // compare: are two images' contents equal (cmd_compare.cc)
 int CmdChecksum(int argc, char** argv);  // checksum: SHA-256 of the guest-visible content (cmd_checksum.cc)
 int CmdResize(int argc, char** argv);    // resize: changes the virtual size (cmd_resize.cc)
+int CmdMeasure(int argc, char** argv);   // measure: the file size an image needs (cmd_measure.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the
@@ -57,6 +58,10 @@ void PrintError(const std::string& msg);
 
 // PrintError(msg) plus the "Try 'dmcow-img --help'" hint; returns 1 (qemu's error_exit).
 int UsageError(const std::string& msg);
+
+// create's and measure's message for an image size that is not one: out of
+// range when `text` is written as a size, else the two lines on suffixes.
+void PrintInvalidImageSize(const std::string& text);
 
 // qemu's size_to_str(): "64 MiB", "1.46 GiB", "0 B".
 std::string SizeToStr(uint64_t bytes);
@@ -111,6 +116,11 @@ Status OpenImageOrReport(const std::string& shown, const std::string& path, cons
 // open the backing file; else *path = arg. False, with qemu-img's message
 // printed, for a bad list.
 bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, OpenOptions* options);
+
+// -l of convert and measure: "snapshot.id=ID[,snapshot.name=NAME]" or a
+// bare id or name (an id first, as qemu tries). Finds the snapshot in
+// `info` and sets *id, or prints qemu-img's message and returns false.
+bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string* id);
 
 // "--image-opts and --format are mutually exclusive", as qemu-img; true if so.
 bool ImageOptsWithFormat(bool image_opts, const std::string& format);

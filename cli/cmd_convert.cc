@@ -37,48 +37,6 @@ constexpr uint64_t kSector = 512;
 constexpr uint64_t kMaxSparse = 16 << 20;
 constexpr int kMaxCoroutines = 16;
 
-// -l: "snapshot.id=ID[,snapshot.name=NAME]" or a bare id or name. Finds the
-// snapshot in `info` and returns its id, or prints qemu's error.
-bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string* id) {
-  std::string want_id, want_name;
-  bool either = false;
-  if (arg.rfind("snapshot.", 0) == 0) {
-    size_t pos = 0;
-    while (pos <= arg.size()) {
-      size_t comma = arg.find(',', pos);
-      if (comma == std::string::npos) comma = arg.size();
-      std::string item = arg.substr(pos, comma - pos);
-      size_t eq = item.find('=');
-      std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
-      if (key == "snapshot.id") {
-        want_id = value;
-      } else if (key == "snapshot.name") {
-        want_name = value;
-      } else {
-        PrintError("Invalid parameter '" + key + "'");
-        PrintError("Failed in parsing snapshot param '" + arg + "'");
-        return false;
-      }
-      pos = comma + 1;
-    }
-  } else {
-    want_id = want_name = arg;
-    either = true;
-  }
-  for (int pass = 0; pass < 2; pass++) {  // qemu tries the id before the name
-    for (const SnapshotInfo& sn : info.snapshots) {
-      bool match = either ? (pass == 0 ? sn.id == want_id : sn.name == want_name)
-                          : (want_id.empty() || sn.id == want_id) && (want_name.empty() || sn.name == want_name);
-      if (match) {
-        *id = sn.id;
-        return true;
-      }
-    }
-  }
-  PrintError("Failed to load snapshot: Can't find snapshot");
-  return false;
-}
-
 void PrintUsage() {
   std::printf(
       "usage: %s convert [-c] [-p] [-q] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT]\n"

@@ -82,13 +82,7 @@ std::optional<int> ParseCreate(int argc, char** argv, CreateArgs* args) {
     const std::string& text = operands[1];
     uint64_t size = 0;
     if (!ParseSize(text, &size)) {
-      if (LooksLikeSize(text)) {
-        PrintError("Invalid image size specified. Must be between 0 and 9223372036854775807.");
-      } else {
-        PrintError(
-            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
-            "megabytes, gigabytes, terabytes, petabytes and exabytes.");
-      }
+      PrintInvalidImageSize(text);
       return 1;
     }
     args->size = size;
@@ -143,6 +137,10 @@ int RunCreate(const CreateArgs& args) {
   Status s = PrepareCreateOptions(filename, &co);
   if (!s.ok()) {
     PrintError(s.ToString());
+    // qemu-img's hint, on a line of its own, when the backing file (opened
+    // only here) would not open: PrepareCreateOptions says "Could not open".
+    if (s.message().find(": Could not open '") != std::string::npos)
+      std::fprintf(stderr, "Could not open backing image.\n");
     return 1;
   }
   if (!set.count("size")) set["size"] = SetOption{std::to_string(co.size), co.size};

@@ -107,14 +107,7 @@ bool ParseResizeSize(const std::string& text, int* relative, uint64_t* n) {
     *n = std::strtoull(number.c_str(), nullptr, 10);
     if (errno == 0) return true;
   }
-  if (LooksLikeSize(number)) {
-    PrintError("Value '" + number + "' is out of range for parameter 'size'");
-  } else {
-    PrintError(
-        "Parameter 'size' expects a non-negative number below 2^64\n"
-        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-        "and exabytes, respectively.");
-  }
+  PrintError(BadSizeParameter("size", number));
   return false;
 }
 

@@ -203,6 +203,14 @@ bool ParseNumber(const std::string& v, uint64_t* out) {
 
 // True if `text` is written as a size (digits, optional fraction or hex,
 // optional suffix) even if out of range: tells cvtnum's two messages apart.
+std::string BadSizeParameter(const std::string& name, const std::string& value) {
+  if (LooksLikeSize(value)) return "Value '" + value + "' is out of range for parameter '" + name + "'";
+  return "Parameter '" + name +
+         "' expects a non-negative number below 2^64\n"
+         "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+         "and exabytes, respectively.";
+}
+
 bool LooksLikeSize(const std::string& text) {
   size_t i = 0;
   if (text.rfind("0x", 0) == 0 || text.rfind("0X", 0) == 0) {
@@ -246,7 +254,7 @@ std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& ext
         if (!ParseBool(value, &flag)) return "Parameter '" + name + "' expects 'on' or 'off'";
         break;
       case OptType::kSize:
-        if (!ParseSize(value, &opt.number)) return "Parameter '" + name + "' expects a non-negative number below 2^64";
+        if (!ParseSize(value, &opt.number)) return BadSizeParameter(name, value);
         break;
       case OptType::kNumber:
         if (!ParseNumber(value, &opt.number)) return "Parameter '" + name + "' expects a number";

@@ -61,6 +61,11 @@ bool ParseNumber(const std::string& v, uint64_t* out);
 // True if `text` is written as a size even if out of range.
 bool LooksLikeSize(const std::string& text);
 
+// qemu's message for a bad value of size parameter `name`: out of range
+// when `value` is written as a size, else not a size (three lines, with the
+// suffixes).
+std::string BadSizeParameter(const std::string& name, const std::string& value);
+
 // "a,b" as a -o value: commas doubled.
 std::string Escaped(const std::string& v);
 

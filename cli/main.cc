@@ -31,10 +31,12 @@ const Command kCommands[] = {
     {"compare", CmdCompare, "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] FILE1 FILE2"},
     {"checksum", CmdChecksum, "checksum [-f FMT] [-l SNAPSHOT] [-U] FILE"},
     {"resize", CmdResize, "resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE"},
+    {"measure", CmdMeasure,
+     "measure [--output human|json] [-O FMT] [-o OPTIONS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)"},
 };
 
 void PrintHelp() {
-  std::printf("%s: disk image utility (qemu-img compatible read commands)\n\n", kProgName);
+  std::printf("%s: disk image utility (qemu-img compatible)\n\n", kProgName);
   std::printf("usage: %s [--help | --version] COMMAND [command options]\n\nCommands:\n", kProgName);
   for (const Command& c : kCommands) std::printf("  %s\n", c.summary);
   std::printf("\n'%s COMMAND --help' describes the options of COMMAND.\n", kProgName);

@@ -298,9 +298,8 @@ TEST_CASE("create refuses bad options as qemu-img does", "[create]") {
     INFO("stderr: " << mine.err);
     REQUIRE(!mine.err.empty());
     CHECK(mine.err.rfind("dmcow-img: ", 0) == 0);
-    size_t lines = std::count(mine.err.begin(), mine.err.end(), '\n');
-    bool usage_hint = mine.err.find("Try 'dmcow-img --help'") != std::string::npos;
-    CHECK(lines == (usage_hint ? 2u : 1u));
+    // As many lines as qemu-img's (a usage hint, a size's suffix help).
+    CHECK(std::count(mine.err.begin(), mine.err.end(), '\n') == std::count(theirs.err.begin(), theirs.err.end(), '\n'));
     // qemu-img says the same thing (the first line of its message).
     std::string first = theirs.err.substr(0, theirs.err.find('\n'));
     std::string said = mine.err.substr(0, mine.err.find('\n'));

@@ -35,6 +35,9 @@ inline bool CheckedAdd(uint64_t a, uint64_t b, uint64_t* sum) { return !__builti
 inline bool CheckedMul(uint64_t a, uint64_t b, uint64_t* product) { return !__builtin_mul_overflow(a, b, product); }
 
 inline uint64_t DivRoundUp(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+inline uint64_t RoundUp(uint64_t v, uint64_t align) { return DivRoundUp(v, align) * align; }
+inline uint64_t RoundDown(uint64_t v, uint64_t align) { return v / align * align; }
+inline bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 // "0x1f000"
 inline std::string Hex(uint64_t v) {

@@ -32,6 +32,13 @@ bool ParsePrealloc(const std::string& s, Prealloc* out);
 // `o` has been through PrepareCreateOptions.
 Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o);
 
+// qcow2_refcount_metadata_size: the bytes of refcount table and blocks
+// that count `clusters` clusters and themselves (the fixed point; with
+// `generous_increase`, room for half the table again); *refblock_count, if
+// given, gets the number of blocks.
+int64_t RefcountMetadataSize(int64_t clusters, uint64_t cluster_size, uint32_t refcount_order, bool generous_increase,
+                             uint64_t* refblock_count);
+
 // Extends `file` from its current length to `end` as QEMU's file-posix does
 // for preallocation falloc (File::Allocate, posix_fallocate; where the Env or
 // file system cannot, the file stays sparse) or full (written zeros).

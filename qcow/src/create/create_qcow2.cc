@@ -59,8 +59,6 @@ constexpr uint64_t kOflagCopied = 1ULL << 63;
 constexpr uint64_t kRequestMaxBytes = (INT_MAX >> 9) << 9;  // BDRV_REQUEST_MAX_BYTES
 constexpr uint32_t kHeaderV3Bytes = 112;                    // sizeof(QCowHeader), with compression_type and padding
 
-uint64_t RoundUp(uint64_t v, uint64_t align) { return DivRoundUp(v, align) * align; }
-
 // One pending L2 update (QCowL2Meta) of a fresh allocation.
 struct L2Meta {
   uint64_t offset = 0;        // guest offset of the first cluster
@@ -280,27 +278,6 @@ int Qcow2Model::AllocRefcountBlock(uint64_t cluster_index, uint64_t* block) {
   int64_t r = RefcountArea(meta_offset, 0, false, ti, nb);
   if (r < 0) return static_cast<int>(r);
   return -EAGAIN;
-}
-
-// qcow2_refcount_metadata_size
-int64_t RefcountMetadataSize(int64_t clusters, uint64_t cluster_size, uint32_t refcount_order, bool generous_increase,
-                             uint64_t* refblock_count) {
-  int64_t blocks_per_table_cluster = static_cast<int64_t>(cluster_size / 8);
-  int64_t refcounts_per_block = static_cast<int64_t>(cluster_size * 8 / (uint64_t{1} << refcount_order));
-  int64_t table = 0, blocks = 0, last, n = 0;
-  do {
-    last = n;
-    blocks = (clusters + table + blocks + refcounts_per_block - 1) / refcounts_per_block;
-    table = (blocks + blocks_per_table_cluster - 1) / blocks_per_table_cluster;
-    n = clusters + blocks + table;
-    if (n == last && generous_increase) {
-      clusters += (table + 1) / 2;
-      n = 0;
-      generous_increase = false;
-    }
-  } while (n != last);
-  if (refblock_count) *refblock_count = static_cast<uint64_t>(blocks);
-  return (blocks + table) * static_cast<int64_t>(cluster_size);
 }
 
 // qcow2_refcount_area: a new refcount table and blocks at start_offset that
@@ -886,9 +863,28 @@ Status WriteQcow2(Env* env, const std::string& path, const Qcow2Params& params) 
   return Status::OK();
 }
 
-bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
-
 }  // namespace
+
+// qcow2_refcount_metadata_size
+int64_t RefcountMetadataSize(int64_t clusters, uint64_t cluster_size, uint32_t refcount_order, bool generous_increase,
+                             uint64_t* refblock_count) {
+  int64_t blocks_per_table_cluster = static_cast<int64_t>(cluster_size / 8);
+  int64_t refcounts_per_block = static_cast<int64_t>(cluster_size * 8 / (uint64_t{1} << refcount_order));
+  int64_t table = 0, blocks = 0, last, n = 0;
+  do {
+    last = n;
+    blocks = (clusters + table + blocks + refcounts_per_block - 1) / refcounts_per_block;
+    table = (blocks + blocks_per_table_cluster - 1) / blocks_per_table_cluster;
+    n = clusters + blocks + table;
+    if (n == last && generous_increase) {
+      clusters += (table + 1) / 2;
+      n = 0;
+      generous_increase = false;
+    }
+  } while (n != last);
+  if (refblock_count) *refblock_count = static_cast<uint64_t>(blocks);
+  return (blocks + table) * static_cast<int64_t>(cluster_size);
+}
 
 Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o) {
   Qcow2Params p;

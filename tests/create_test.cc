@@ -286,6 +286,9 @@ TEST_CASE("create refuses bad options as qemu-img does", "[create]") {
       "-f qcow -o preallocation=metadata img 1M",
       "-f qcow2",
       "-f",
+      "-f qcow2 /nonexistent/dir/img 1M",
+      "-f qcow2 -o data_file=/nonexistent/img.data img 1M",
+      "-f qcow /nonexistent/dir/img 1M",
   };
   for (const char* args : kBad) {
     fx.Clean();

@@ -22,6 +22,15 @@ using create_internal::Prealloc;
 
 namespace create_internal {
 
+Status CreateFile(Env* env, const std::string& image_path, const std::string& path, std::unique_ptr<File>* file) {
+  Status s = env->OpenFile(path, OpenMode::kCreateTruncate, file);
+  // The system's refusal in qemu-img's words; others (a lock held) as they are.
+  const std::string prefix = path + ": open: ";
+  if (s.ok() || s.message().rfind(prefix, 0) != 0) return s;
+  const std::string msg = image_path + ": Could not create '" + path + "': " + s.message().substr(prefix.size());
+  return s.IsNotFound() ? Status::NotFound(msg) : Status::IOError(msg);
+}
+
 Status PreallocateFileRange(File* file, uint64_t start, uint64_t end, Prealloc mode) {
   if (end <= start) return Status::OK();
   if (mode == Prealloc::kFull) {
@@ -127,7 +136,7 @@ Status CreateRaw(Env* env, const std::string& path, const CreateOptions& o) {
   DMCOW_RETURN_IF_ERROR(CheckProtocolPrealloc(path, o.preallocation, &mode));
   uint64_t size = DivRoundUp(o.size, kSector) * kSector;
   std::unique_ptr<File> file;
-  DMCOW_RETURN_IF_ERROR(env->OpenFile(path, OpenMode::kCreateTruncate, &file));
+  DMCOW_RETURN_IF_ERROR(create_internal::CreateFile(env, path, path, &file));
   Status s = file->Truncate(size);
   if (!s.ok()) {
     if (s.message().find("File too large") != std::string::npos) {
@@ -171,7 +180,7 @@ Status CreateQcow1(Env* env, const std::string& path, const CreateOptions& o) {
   uint64_t file_size = header_size + DivRoundUp(8 * l1_size, kSector) * kSector;
 
   std::unique_ptr<File> file;
-  DMCOW_RETURN_IF_ERROR(env->OpenFile(path, OpenMode::kCreateTruncate, &file));
+  DMCOW_RETURN_IF_ERROR(create_internal::CreateFile(env, path, path, &file));
   DMCOW_RETURN_IF_ERROR(file->Write(0, header, sizeof(header)));
   if (!backing.empty()) DMCOW_RETURN_IF_ERROR(file->Write(sizeof(header), backing.data(), backing.size()));
   DMCOW_RETURN_IF_ERROR(file->Truncate(std::max<uint64_t>(file_size, sizeof(header) + backing.size())));

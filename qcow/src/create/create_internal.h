@@ -3,6 +3,7 @@
 #define DMCOW_QCOW_CREATE_INTERNAL_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "dmcow/create.h"
@@ -38,6 +39,11 @@ Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o);
 // given, gets the number of blocks.
 int64_t RefcountMetadataSize(int64_t clusters, uint64_t cluster_size, uint32_t refcount_order, bool generous_increase,
                              uint64_t* refblock_count);
+
+// Creates (or truncates) the file at `path` (the image at `image_path` or
+// its data file) for writing; on failure qemu-img's words:
+// "IMAGE_PATH: Could not create 'PATH': <why>".
+Status CreateFile(Env* env, const std::string& image_path, const std::string& path, std::unique_ptr<File>* file);
 
 // Extends `file` from its current length to `end` as QEMU's file-posix does
 // for preallocation falloc (File::Allocate, posix_fallocate; where the Env or

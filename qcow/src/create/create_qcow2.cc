@@ -834,12 +834,13 @@ Status WriteQcow2(Env* env, const std::string& path, const Qcow2Params& params) 
   }
   if (ret < 0) return Status::InvalidArgument(what + ": " + ErrnoText(ret));
 
-  std::unique_ptr<File> file;
-  DMCOW_RETURN_IF_ERROR(env->OpenFile(path, OpenMode::kCreateTruncate, &file));
+  // The data file first, as QEMU: one that cannot be made leaves no image.
   std::unique_ptr<File> data;
   if (!params.data_file.empty()) {
-    DMCOW_RETURN_IF_ERROR(env->OpenFile(params.data_file, OpenMode::kCreateTruncate, &data));
+    DMCOW_RETURN_IF_ERROR(CreateFile(env, path, params.data_file, &data));
   }
+  std::unique_ptr<File> file;
+  DMCOW_RETURN_IF_ERROR(CreateFile(env, path, path, &file));
   const uint64_t cs = uint64_t{1} << params.cluster_bits;
   const uint64_t file_size = model->file_size();
   for (const auto& [offset, bytes] : model->clusters()) {

@@ -270,13 +270,19 @@ bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string*
   return false;
 }
 
-void PrintInvalidImageSize(const std::string& text) {
-  if (LooksLikeSize(text)) {
-    PrintError("Invalid image size specified. Must be between 0 and 9223372036854775807.");
-  } else {
-    PrintError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for");
+bool ParseQemuNumber(const std::string& name, const std::string& text, uint64_t min, uint64_t max, uint64_t* out) {
+  const bool parsed = ParseSize(text, out);
+  if (!parsed && !LooksLikeSize(text)) {
+    PrintError("Invalid " + name + " specified. You may use k, M, G, T, P or E suffixes for");
     PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+    return false;
   }
+  if (!parsed || *out < min || *out > max) {
+    PrintError("Invalid " + name + " specified. Must be between " + std::to_string(min) + " and " +
+               std::to_string(max) + ".");
+    return false;
+  }
+  return true;
 }
 
 }  // namespace dmcow::cli

@@ -39,6 +39,7 @@ int CmdCompare(int argc, char** argv);   // compare: are two images' contents eq
 int CmdChecksum(int argc, char** argv);  // checksum: SHA-256 of the guest-visible content (cmd_checksum.cc)
 int CmdResize(int argc, char** argv);    // resize: changes the virtual size (cmd_resize.cc)
 int CmdMeasure(int argc, char** argv);   // measure: the file size an image needs (cmd_measure.cc)
+int CmdDd(int argc, char** argv);        // dd: copies part of an image into a new one (cmd_dd.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the
@@ -59,9 +60,10 @@ void PrintError(const std::string& msg);
 // PrintError(msg) plus the "Try 'dmcow-img --help'" hint; returns 1 (qemu's error_exit).
 int UsageError(const std::string& msg);
 
-// create's and measure's message for an image size that is not one: out of
-// range when `text` is written as a size, else the two lines on suffixes.
-void PrintInvalidImageSize(const std::string& text);
+// qemu-img's cvtnum_full(name, text, min, max): a size (ParseSize) from
+// min to max, else false with qemu-img's two lines on suffixes, or its
+// "Must be between" line when `text` is a size out of range.
+bool ParseQemuNumber(const std::string& name, const std::string& text, uint64_t min, uint64_t max, uint64_t* out);
 
 // qemu's size_to_str(): "64 MiB", "1.46 GiB", "0 B".
 std::string SizeToStr(uint64_t bytes);

@@ -81,10 +81,7 @@ std::optional<int> ParseCreate(int argc, char** argv, CreateArgs* args) {
   if (operands.size() > 1) {
     const std::string& text = operands[1];
     uint64_t size = 0;
-    if (!ParseSize(text, &size)) {
-      PrintInvalidImageSize(text);
-      return 1;
-    }
+    if (!ParseQemuNumber("image size", text, 0, INT64_MAX, &size)) return 1;
     args->size = size;
   }
   if (operands.size() > 2) return UsageError("Unexpected argument: " + operands[2]);

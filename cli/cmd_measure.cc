@@ -11,6 +11,7 @@
 // checks, messages, output and exit codes are qemu-img 7.2's.
 #include <getopt.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -73,10 +74,7 @@ std::optional<int> ParseMeasure(int argc, char** argv, MeasureArgs* args) {
         break;
       case kSize: {
         uint64_t size = 0;
-        if (!ParseSize(arg, &size)) {
-          PrintInvalidImageSize(arg);
-          return 1;
-        }
+        if (!ParseQemuNumber("image size", arg, 0, INT64_MAX, &size)) return 1;
         args->size = size;
         break;
       }

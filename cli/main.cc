@@ -33,6 +33,7 @@ const Command kCommands[] = {
     {"resize", CmdResize, "resize [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE [+|-]SIZE"},
     {"measure", CmdMeasure,
      "measure [--output human|json] [-O FMT] [-o OPTIONS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)"},
+    {"dd", CmdDd, "dd [-U] [-f FMT] [-O FMT] [bs=BYTES] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT"},
 };
 
 void PrintHelp() {

@@ -82,6 +82,10 @@ for size in $sizes; do
 	row "$s map chain" "map --output=json top.qcow2" "map --output=json top.qcow2"
 	row "$s check sparse" "check sparse.qcow2" "check sparse.qcow2"
 	row "$s checksum chain" "" "checksum top.qcow2"
+	row "$s measure chain -> qcow2" "measure -O qcow2 top.qcow2" "measure -O qcow2 top.qcow2"
+	# qemu-img dd writes every byte: the first 256 MiB only.
+	row "$s dd chain, 256 MiB -> raw" "dd bs=1M count=256 if=top.qcow2 of=out.raw" \
+		"dd bs=1M count=256 if=top.qcow2 of=out.raw"
 	# Metadata preallocation: every cluster mapped, none stored (16T would
 	# need 2 GiB of L2 tables). QEMU reads the holes under the data runs as
 	# zeros; so does dmcow-img since it detects preallocation as QEMU does.
@@ -91,5 +95,6 @@ for size in $sizes; do
 		row "$s map prealloc" "map --output=json prealloc.qcow2" "map --output=json prealloc.qcow2"
 		row "$s compare prealloc, empty" "compare prealloc.qcow2 empty.qcow2" "compare prealloc.qcow2 empty.qcow2"
 		row "$s checksum prealloc" "" "checksum prealloc.qcow2"
+		row "$s measure prealloc -> qcow2" "measure -O qcow2 prealloc.qcow2" "measure -O qcow2 prealloc.qcow2"
 	fi
 done

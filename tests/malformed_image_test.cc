@@ -372,6 +372,7 @@ std::string CodeName(Status::Code c) {
     case Status::Code::kInvalidArgument: return "InvalidArgument";
     case Status::Code::kNotFound: return "NotFound";
     case Status::Code::kBusy: return "Busy";
+    case Status::Code::kNoSpace: return "NoSpace";
   }
   return "?";
 }

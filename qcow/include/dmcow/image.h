@@ -28,6 +28,11 @@ struct OpenOptions {
   bool writable = false;                    // open for Write/WriteZeroes/Discard/Flush (qcow2, qcow v1 and raw)
   size_t refcount_cache_bytes = 256 << 10;  // bound on cached refcount blocks (writable qcow2)
   bool open_backing = true;                 // false: unallocated ranges read as zeros (qemu-img -u style)
+  // With writable: the open is only for ChangeBackingFile (qemu-img rebase
+  // -u). Guest data cannot be written, and the autoclear bits stay set, so
+  // persistent bitmaps stay valid: no guest-visible byte of this layer
+  // changes. qcow2 only; other formats open as for writing.
+  bool header_only = false;
   // false: an external data file is not opened (qemu-img info does not open
   // it); reading a cluster stored there then fails.
   bool open_data_file = true;
@@ -188,6 +193,19 @@ class Image {
   // returns. Growing, and formats or images that cannot shrink, return
   // NotSupported.
   virtual Status Shrink(uint64_t new_size);
+  // Records `backing` (empty: none) in the header as this image's backing
+  // file, with `backing_format` (empty: none; only with a backing file),
+  // stored as given: a relative name is relative to this image's directory.
+  // What this layer stores is unchanged. Writes made before it are made
+  // durable first, so that a crash leaves either the old name or the new
+  // one over every byte written (qemu-img rebase's order). Durable when it
+  // returns. The backing image this open reads through stays the old one.
+  // Formats without the call (raw, qcow v1: as in QEMU) return
+  // NotSupported; a name longer than 1023 bytes, a format with no name or
+  // longer than 15 bytes, or any backing file for an image whose data file
+  // is raw (data_file_raw) InvalidArgument; a header cluster without room
+  // for them NoSpace.
+  virtual Status ChangeBackingFile(const std::string& backing, const std::string& backing_format);
   // Reserves the storage of the guest range (qemu's preallocation=falloc
   // for raw files: fallocate), or with `write_zeroes` writes zeros over it
   // (preallocation=full). Formats other than raw return NotSupported.

@@ -25,6 +25,7 @@ class Status {
     kInvalidArgument,  // the caller asked for something impossible
     kNotFound,         // a file, snapshot or backing image does not exist
     kBusy,             // another process holds the image (QEMU-compatible lock conflict)
+    kNoSpace,          // a fixed-size area (the header cluster) has no room for what was asked
   };
 
   Status() = default;  // OK
@@ -36,6 +37,7 @@ class Status {
   static Status InvalidArgument(std::string msg) { return Status(Code::kInvalidArgument, std::move(msg)); }
   static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
   static Status Busy(std::string msg) { return Status(Code::kBusy, std::move(msg)); }
+  static Status NoSpace(std::string msg) { return Status(Code::kNoSpace, std::move(msg)); }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
@@ -43,6 +45,7 @@ class Status {
   bool IsNotSupported() const { return code_ == Code::kNotSupported; }
   bool IsNotFound() const { return code_ == Code::kNotFound; }
   bool IsBusy() const { return code_ == Code::kBusy; }
+  bool IsNoSpace() const { return code_ == Code::kNoSpace; }
   const std::string& message() const { return message_; }
   // The same kind of failure with another message (context added).
   Status WithMessage(std::string msg) const { return Status(code_, std::move(msg)); }

@@ -57,7 +57,6 @@ constexpr uint64_t kReftOffsetMask = 0xfffffffffffffe00ULL;
 constexpr uint64_t kL1eOffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kOflagCopied = 1ULL << 63;
 constexpr uint64_t kRequestMaxBytes = (INT_MAX >> 9) << 9;  // BDRV_REQUEST_MAX_BYTES
-constexpr uint32_t kHeaderV3Bytes = 112;                    // sizeof(QCowHeader), with compression_type and padding
 
 // One pending L2 update (QCowL2Meta) of a fresh allocation.
 struct L2Meta {
@@ -687,78 +686,35 @@ int Qcow2Model::Truncate(uint64_t size, Prealloc mode, std::string* what) {
   return 0;
 }
 
-void AddExtension(std::vector<uint8_t>* buf, size_t* pos, uint32_t magic, const void* data, size_t len, bool* fits) {
-  size_t ext_len = 8 + ((len + 7) & ~size_t{7});
-  if (buf->size() - *pos < ext_len) {
-    *fits = false;
-    return;
-  }
-  StoreBE32(buf->data() + *pos, magic);
-  StoreBE32(buf->data() + *pos + 4, static_cast<uint32_t>(len));
-  if (len) std::memcpy(buf->data() + *pos + 8, data, len);
-  *pos += ext_len;
-}
-
 // qcow2_update_header, with the final state. Returns -ENOSPC when the
 // extensions (and backing file name) do not fit in the first cluster.
 int Qcow2Model::BuildHeader(bool with_backing) {
-  std::vector<uint8_t> h(cs_, 0);
-  uint8_t* b = h.data();
-  StoreBE32(b + 0, qcow2::kMagic);
-  StoreBE32(b + 4, p_.version);
-  StoreBE32(b + 20, cb_);
-  StoreBE64(b + 24, p_.size);
-  StoreBE32(b + 36, static_cast<uint32_t>(l1_.size()));
-  StoreBE64(b + 40, l1_offset_);
-  StoreBE64(b + 48, reftable_offset_);
-  StoreBE32(b + 56, static_cast<uint32_t>(reftable_.size() >> (cb_ - 3)));
-  size_t pos = qcow2::kV2HeaderLength;
+  Qcow2Header h;
+  h.version = p_.version;
+  h.cluster_bits = cb_;
+  h.size = p_.size;
+  h.l1_size = static_cast<uint32_t>(l1_.size());
+  h.l1_table_offset = l1_offset_;
+  h.refcount_table_offset = reftable_offset_;
+  h.refcount_table_clusters = static_cast<uint32_t>(reftable_.size() >> (cb_ - 3));
   if (p_.version >= 3) {
-    uint64_t incompat = 0;
-    if (has_data_file_) incompat |= qcow2::kIncompatDataFile;
-    if (p_.zstd) incompat |= qcow2::kIncompatCompression;
-    if (p_.extended_l2) incompat |= qcow2::kIncompatExtendedL2;
-    StoreBE64(b + 72, incompat);
-    StoreBE64(b + 80, p_.lazy_refcounts ? qcow2::kCompatLazyRefcounts : 0);
-    StoreBE64(b + 88, p_.data_file_raw ? qcow2::kAutoclearDataFileRaw : 0);
-    StoreBE32(b + 96, refcount_order_);
-    StoreBE32(b + 100, kHeaderV3Bytes);
-    b[104] = p_.zstd ? 1 : 0;
-    pos = kHeaderV3Bytes;
+    if (has_data_file_) h.incompatible_features |= qcow2::kIncompatDataFile;
+    if (p_.zstd) h.incompatible_features |= qcow2::kIncompatCompression;
+    if (p_.extended_l2) h.incompatible_features |= qcow2::kIncompatExtendedL2;
+    h.compatible_features = p_.lazy_refcounts ? qcow2::kCompatLazyRefcounts : 0;
+    h.autoclear_features = p_.data_file_raw ? qcow2::kAutoclearDataFileRaw : 0;
+    h.refcount_order = refcount_order_;
+    h.compression_type = p_.zstd ? 1 : 0;
   }
-  bool fits = true;
-  if (with_backing && !p_.backing_fmt.empty()) {
-    AddExtension(&h, &pos, qcow2::kExtBackingFormat, p_.backing_fmt.data(), p_.backing_fmt.size(), &fits);
+  if (has_data_file_) h.data_file = p_.data_file;
+  if (with_backing) {
+    h.backing_file = p_.backing_file;
+    h.backing_format = p_.backing_fmt;
   }
-  if (has_data_file_ && fits) {
-    AddExtension(&h, &pos, qcow2::kExtDataFile, p_.data_file.data(), p_.data_file.size(), &fits);
-  }
-  if (p_.version >= 3 && cs_ > 4096 && fits) {
-    static const struct {
-      uint8_t type, bit;
-      const char* name;
-    } kFeatures[] = {
-        {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
-        {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
-        {2, 0, "bitmaps"},          {2, 1, "raw external data"},
-    };
-    uint8_t table[sizeof(kFeatures) / sizeof(kFeatures[0]) * 48] = {};
-    for (size_t i = 0; i < sizeof(kFeatures) / sizeof(kFeatures[0]); i++) {
-      table[i * 48] = kFeatures[i].type;
-      table[i * 48 + 1] = kFeatures[i].bit;
-      std::memcpy(table + i * 48 + 2, kFeatures[i].name, std::strlen(kFeatures[i].name));
-    }
-    AddExtension(&h, &pos, qcow2::kExtFeatureTable, table, sizeof(table), &fits);
-  }
-  if (fits) AddExtension(&h, &pos, qcow2::kExtEnd, nullptr, 0, &fits);
-  if (!fits) return -ENOSPC;
-  if (with_backing && !p_.backing_file.empty()) {
-    if (h.size() - pos < p_.backing_file.size()) return -ENOSPC;
-    std::memcpy(b + pos, p_.backing_file.data(), p_.backing_file.size());
-    StoreBE64(b + 8, pos);
-    StoreBE32(b + 16, static_cast<uint32_t>(p_.backing_file.size()));
-  }
-  std::memcpy(Cluster(0), h.data(), cs_);
+  std::vector<uint8_t> cluster;
+  size_t used = 0;
+  if (!BuildHeaderCluster(h, {}, p_.version >= 3 && cs_ > 4096, &cluster, &used).ok()) return -ENOSPC;
+  std::memcpy(Cluster(0), cluster.data(), cs_);
   file_size_ = std::max(file_size_, cs_);
   return 0;
 }

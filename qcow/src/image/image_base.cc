@@ -43,6 +43,10 @@ Status Image::Preallocate(uint64_t, uint64_t, bool) {
   return Status::NotSupported(filename() + ": preallocation is not supported for this format (" + info().format +
                               ") or the image is not open for writing");
 }
+Status Image::ChangeBackingFile(const std::string&, const std::string&) {
+  return Status::NotSupported(filename() + ": changing the backing file is not supported for this format (" +
+                              info().format + ") or the image is not open for writing");
+}
 Status Image::MakeEmpty() {
   return Status::NotSupported(filename() + ": emptying an image is not supported for this format (" + info().format +
                               ") or the image is not open for writing");

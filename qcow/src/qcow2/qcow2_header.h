@@ -137,6 +137,18 @@ Status ParseQcow2Header(File* file, Qcow2Header* header, bool check_mode = false
 Status ValidateL1Table(const Qcow2Header& header, const std::string& file, const char* what, uint64_t l1_offset,
                        uint64_t l1_entries, uint64_t virtual_size);
 
+// The first cluster of an image laid out as QEMU's qcow2_update_header lays
+// it out from `h`: the header fields (72 bytes for version 2; 112 for
+// version 3, followed by `unknown_fields`, the bytes a longer header holds
+// past 112, which QEMU keeps), then the extensions in QEMU's order (backing
+// format, external data file, encryption header, the feature name table
+// when `feature_table`, bitmaps while their autoclear bit is set, unknown
+// extensions as read), the end marker and the backing file name.
+// *cluster is h.cluster_size bytes; *used is where its trailing zeros
+// begin. NoSpace when it does not fit in one cluster (QEMU's ENOSPC).
+Status BuildHeaderCluster(const Qcow2Header& h, const std::vector<uint8_t>& unknown_fields, bool feature_table,
+                          std::vector<uint8_t>* cluster, size_t* used);
+
 // Names of incompatible feature bits that are set but unknown to us, using
 // the image's feature name table where it has one.
 std::string UnknownIncompatibleFeatures(const Qcow2Header& header);

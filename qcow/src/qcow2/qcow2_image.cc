@@ -110,7 +110,12 @@ Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
 
 Status Qcow2Image::LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) {
   DMCOW_RETURN_IF_ERROR(LoadL1(options, chain_table_bytes));
-  if (options.writable) DMCOW_RETURN_IF_ERROR(PrepareForWriting(options));
+  if (options.writable && options.header_only) {
+    DMCOW_RETURN_IF_ERROR(CheckWritable());
+    header_writable_ = true;
+  } else if (options.writable) {
+    DMCOW_RETURN_IF_ERROR(PrepareForWriting(options));
+  }
   return Status::OK();
 }
 

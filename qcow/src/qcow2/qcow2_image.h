@@ -38,9 +38,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
   Status Flush() override;
-  Status MakeEmpty() override;                // qcow2_write.cc
-  Status Grow(uint64_t new_size) override;    // qcow2_grow.cc
-  Status Shrink(uint64_t new_size) override;  // qcow2_grow.cc
+  Status MakeEmpty() override;                                                                       // qcow2_write.cc
+  Status Grow(uint64_t new_size) override;                                                           // qcow2_grow.cc
+  Status Shrink(uint64_t new_size) override;                                                         // qcow2_grow.cc
+  Status ChangeBackingFile(const std::string& backing, const std::string& backing_format) override;  // qcow2_backing.cc
   // Block-device serving (qcow2_device.cc).
   DeviceImage* AsDeviceImage() override { return this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
@@ -64,6 +65,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   bool HostHolesReadAsZero() override;
   bool DetectMetadataPreallocation();
 
+  // Refuses a writable open of an image marked corrupt or dirty.
+  Status CheckWritable() const;
   // Readies a read-write open: refuses an image marked corrupt or dirty,
   // clears the autoclear bits we do not keep consistent, and sets up the
   // refcounts, the overlap guard and the dirty-metadata bound.
@@ -145,6 +148,7 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;
+  bool header_writable_ = false;                // opened with OpenOptions::header_only: only ChangeBackingFile writes
   Status stopped_ GUARDED_BY(rw_mu_);           // the failure that stopped writing (WriteStep)
   std::unique_ptr<Qcow2OverlapGuard> overlap_;  // set when writable_; outlives refcounts_, which uses it
   std::unique_ptr<Qcow2Refcounts> refcounts_;

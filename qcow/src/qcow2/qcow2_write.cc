@@ -78,17 +78,22 @@ constexpr uint64_t kAllZero = 0xffffffffULL << 32;
 constexpr uint64_t kMaxRunClusters = 256;  // clusters allocated and written per step
 }  // namespace
 
-Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
+Status Qcow2Image::CheckWritable() const {
   const std::string& name = filename();
-  Qcow2Header& h = header_;
-  if (h.incompatible_features & kIncompatCorrupt) {
+  if (header_.incompatible_features & kIncompatCorrupt) {
     return Status::NotSupported(
         name + ": image is marked corrupt; it can only be opened read-only (repair it with check -r all)");
   }
-  if (h.incompatible_features & kIncompatDirty) {
+  if (header_.incompatible_features & kIncompatDirty) {
     return Status::NotSupported(
         name + ": image has unflushed lazy refcounts (dirty); repair it with check -r all before writing");
   }
+  return Status::OK();
+}
+
+Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
+  Qcow2Header& h = header_;
+  DMCOW_RETURN_IF_ERROR(CheckWritable());
   // Autoclear bits mark extensions kept consistent by the writer. We do not
   // update bitmaps, so their bit is cleared (QEMU then ignores them, as the
   // specification requires); unknown bits are cleared too.

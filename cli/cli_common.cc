@@ -173,13 +173,16 @@ Status OpenImageOrReport(const std::string& path, const OpenOptions& options, st
 Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image) {
   Status s = OpenImage(path, options, image);
-  if (s.ok()) return s;
+  if (!s.ok()) PrintError("Could not open '" + shown + "': " + OpenFailure(path, s));
+  return s;
+}
+
+std::string OpenFailure(const std::string& path, const Status& s) {
   std::string why = s.ToString();
   // The image file itself could not be opened: qemu-img's file-posix words.
   const std::string open_failed = path + ": open: ";
   if (why.rfind(open_failed, 0) == 0) why = "Could not open '" + path + "': " + why.substr(open_failed.size());
-  PrintError("Could not open '" + shown + "': " + why);
-  return s;
+  return why;
 }
 
 bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, OpenOptions* options) {
@@ -191,6 +194,16 @@ bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, O
   if (error.empty()) return true;
   PrintError("Could not open '" + arg + "': " + error);
   return false;
+}
+
+void WarnIfProbedRaw(const Image& image, const std::string& path) {
+  if (image.info().format != "raw") return;
+  std::fprintf(stderr,
+               "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+               "         Automatically detecting the format is dangerous for raw images, write operations on "
+               "block 0 will be restricted.\n"
+               "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+               path.c_str());
 }
 
 bool ImageOptsWithFormat(bool image_opts, const std::string& format) {

@@ -40,6 +40,7 @@ int CmdChecksum(int argc, char** argv);  // checksum: SHA-256 of the guest-visib
 int CmdResize(int argc, char** argv);    // resize: changes the virtual size (cmd_resize.cc)
 int CmdMeasure(int argc, char** argv);   // measure: the file size an image needs (cmd_measure.cc)
 int CmdDd(int argc, char** argv);        // dd: copies part of an image into a new one (cmd_dd.cc)
+int CmdRebase(int argc, char** argv);    // rebase: gives an image another backing file (cmd_rebase.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the
@@ -113,6 +114,10 @@ Status OpenImageOrReport(const std::string& path, const OpenOptions& options, st
 Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image);
 
+// Why OpenImage(path) failed, in qemu-img's words (what follows
+// "Could not open 'FILE': ").
+std::string OpenFailure(const std::string& path, const Status& s);
+
 // An image argument: with image_opts, `arg` is an --image-opts list
 // (image_options.h ParseImageOpts) giving *path, the format and whether to
 // open the backing file; else *path = arg. False, with qemu-img's message
@@ -123,6 +128,10 @@ bool ImageArgument(const std::string& arg, bool image_opts, std::string* path, O
 // bare id or name (an id first, as qemu tries). Finds the snapshot in
 // `info` and sets *id, or prints qemu-img's message and returns false.
 bool ResolveSnapshot(const std::string& arg, const ImageInfo& info, std::string* id);
+
+// QEMU's warning when a writable open probed the format and found raw
+// (three lines on stderr), if `image` is raw.
+void WarnIfProbedRaw(const Image& image, const std::string& path);
 
 // "--image-opts and --format are mutually exclusive", as qemu-img; true if so.
 bool ImageOptsWithFormat(bool image_opts, const std::string& format);

@@ -141,14 +141,7 @@ int RunResize(const ResizeArgs& args) {
     image.reset();
   }
   if (!OpenImageOrReport(args.filename, path, options, &image).ok()) return 1;
-  if (args.format.empty() && image->info().format == "raw") {
-    std::fprintf(stderr,
-                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
-                 "         Automatically detecting the format is dangerous for raw images, write operations on "
-                 "block 0 will be restricted.\n"
-                 "         Specify the 'raw' format explicitly to remove the restrictions.\n",
-                 path.c_str());
-  }
+  if (args.format.empty()) WarnIfProbedRaw(*image, path);
 
   const uint64_t current = image->virtual_size();
   // As qemu-img's int64_t arithmetic: a result past 2^63 wraps negative.

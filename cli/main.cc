@@ -34,6 +34,7 @@ const Command kCommands[] = {
     {"measure", CmdMeasure,
      "measure [--output human|json] [-O FMT] [-o OPTIONS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)"},
     {"dd", CmdDd, "dd [-U] [-f FMT] [-O FMT] [bs=BYTES] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT"},
+    {"rebase", CmdRebase, "rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U] [-u] -b BACKING [-F FMT] FILE"},
 };
 
 void PrintHelp() {

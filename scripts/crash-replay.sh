@@ -27,6 +27,7 @@ run() {
 run DMCOW_CRASH_FULL=1 DMCOW_CRASH_RANDOM=8 "$build/tests/crash_boundary_test"
 run DMCOW_CRASH_FULL=1 DMCOW_CRASH_STATES=1 "$build/tests/crash_test"
 run DMCOW_CRASH_FULL=1 "$build/tests/make_empty_crash_test"
+run DMCOW_CRASH_FULL=1 "$build/tests/rebase_test" "rebase: a crash*"
 run DMCOW_CRASH_FULL=1 "$build/tests/io_error_test"
 run DMCOW_CRASH_FULL=1 "$build/daemon/tests/qcow2_plugin_crash_test"
 grep -q "FAILED" "$log" && { echo "crash-replay: FAILURES (see $log)"; exit 1; }

@@ -125,7 +125,7 @@ TEST_CASE("measure agrees with qemu-img on chains, bitmaps, compressed and preal
   MustRun("cd '" + dir.path() +
           "' && qemu-img create -q -f qcow2 img 64M && qemu-io -c 'write 0 16M' img >/dev/null && "
           "qemu-img snapshot -c s1 img && qemu-io -c 'write -z 0 16M' img >/dev/null");
-  for (const std::string& l : {"s1", "1", "snapshot.name=s1", "snapshot.id=1,snapshot.name=s1"}) {
+  for (const char* l : {"s1", "1", "snapshot.name=s1", "snapshot.id=1,snapshot.name=s1"}) {
     MeasureBoth(dir, "-O qcow2 -l " + std::string(l) + " img");
   }
   MeasureBoth(dir, "-O qcow2 img");

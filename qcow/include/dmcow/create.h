@@ -60,6 +60,11 @@ struct CreateOptions {
 // the final size first (to print it) may call it beforehand.
 Status PrepareCreateOptions(const std::string& path, CreateOptions* options);
 
+// True for the names of QEMU 7.2's block drivers (its BlockdevDriver
+// enumeration: "qcow2", "raw", "vmdk", "file", ...): what qemu-img takes
+// as a backing format.
+bool IsQemuDriverName(const std::string& name);
+
 // Creates (or truncates and rewrites) the image at `path`. Every option is
 // checked first, with qemu-img's messages, prefixed by "PATH: "; nothing is
 // written when a check fails. On an I/O failure a partly written file may

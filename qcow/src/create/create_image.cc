@@ -122,6 +122,8 @@ bool ParsePrealloc(const std::string& s, Prealloc* out) {
 
 }  // namespace create_internal
 
+bool IsQemuDriverName(const std::string& name) { return IsBlockdevDriver(name); }
+
 namespace {
 
 // file-posix's part of a create: the protocol-level preallocation option.

@@ -41,6 +41,7 @@ int CmdResize(int argc, char** argv);    // resize: changes the virtual size (cm
 int CmdMeasure(int argc, char** argv);   // measure: the file size an image needs (cmd_measure.cc)
 int CmdDd(int argc, char** argv);        // dd: copies part of an image into a new one (cmd_dd.cc)
 int CmdRebase(int argc, char** argv);    // rebase: gives an image another backing file (cmd_rebase.cc)
+int CmdBench(int argc, char** argv);     // bench: times reads or writes (cmd_bench.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the

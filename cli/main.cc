@@ -34,6 +34,9 @@ const Command kCommands[] = {
     {"measure", CmdMeasure,
      "measure [--output human|json] [-O FMT] [-o OPTIONS] [-f FMT] [-l SNAPSHOT] [-U] (--size SIZE | FILE)"},
     {"dd", CmdDd, "dd [-U] [-f FMT] [-O FMT] [bs=BYTES] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT"},
+    {"bench", CmdBench,
+     "bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N] [-o OFFSET] [--pattern=BYTE] [-s SIZE] [-S STEP] "
+     "[-t CACHE] [-w] [-U] FILE"},
     {"rebase", CmdRebase, "rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U] [-u] -b BACKING [-F FMT] FILE"},
 };
 

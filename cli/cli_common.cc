@@ -177,6 +177,12 @@ Status OpenImageOrReport(const std::string& shown, const std::string& path, cons
   return s;
 }
 
+std::string MessageWithoutPath(const std::string& path, const Status& s) {
+  const std::string prefix = path + ": ";
+  const std::string& msg = s.message();
+  return msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg;
+}
+
 std::string OpenFailure(const std::string& path, const Status& s) {
   std::string why = s.ToString();
   // The image file itself could not be opened: qemu-img's file-posix words.

@@ -115,6 +115,11 @@ Status OpenImageOrReport(const std::string& path, const OpenOptions& options, st
 Status OpenImageOrReport(const std::string& shown, const std::string& path, const OpenOptions& options,
                          std::unique_ptr<Image>* image);
 
+// An engine message without the "PATH: " it starts with when it is about
+// `path`: for the commands whose messages name the file themselves, or not
+// at all, as qemu-img's do.
+std::string MessageWithoutPath(const std::string& path, const Status& s);
+
 // Why OpenImage(path) failed, in qemu-img's words (what follows
 // "Could not open 'FILE': ").
 std::string OpenFailure(const std::string& path, const Status& s);

@@ -215,6 +215,7 @@ int RunBench(const BenchArgs& args) {
 
   const double start = Now();
   Status failed;
+  std::string failed_what;  // what failed, when it was not a request itself
   if (args.write) {
     std::vector<uint8_t> buf(args.buffer_size, args.pattern);
     for (uint64_t i = 0; i < args.count && failed.ok(); i++) {
@@ -222,7 +223,7 @@ int RunBench(const BenchArgs& args) {
       // qemu-img flushes when the requests left are a multiple of the interval.
       if (failed.ok() && args.flush_interval != 0 && (args.count - i - 1) % args.flush_interval == 0) {
         failed = image->Flush();
-        if (!failed.ok()) failed = failed.WithMessage("flush: " + failed.message());
+        if (!failed.ok()) failed_what = "flush: ";
       }
     }
   } else {
@@ -250,9 +251,7 @@ int RunBench(const BenchArgs& args) {
   const double elapsed = Now() - start;
   if (failed.ok() && args.write) failed = image->Flush();
   if (!failed.ok()) {
-    std::string msg = failed.message();
-    if (msg.rfind(path + ": ", 0) == 0) msg = msg.substr(path.size() + 2);
-    PrintError("Failed request: " + msg);
+    PrintError("Failed request: " + failed_what + MessageWithoutPath(path, failed));
     return 1;
   }
   std::printf("Run completed in %3.3f seconds.\n", elapsed);

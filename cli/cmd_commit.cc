@@ -63,8 +63,6 @@ Status AboveBase(Image* top, int depth, uint64_t offset, uint64_t max_len, RunKi
   return Status::OK();
 }
 
-bool IsAbsolute(const std::string& path) { return !path.empty() && path[0] == '/'; }
-
 // qemu's path_has_protocol: "proto:..." with no slash before the colon.
 bool HasProtocol(const std::string& path) {
   size_t colon = path.find(':');
@@ -89,10 +87,7 @@ Image* FindBackingImage(Image* top, const std::string& name, int* depth) {
     if (HasProtocol(name) || HasProtocol(info.backing_filename)) {
       match = name == info.backing_filename || name == info.full_backing_filename;
     } else {
-      std::string dir;
-      size_t slash = layer->filename().rfind('/');
-      if (slash != std::string::npos) dir = layer->filename().substr(0, slash + 1);
-      std::string wanted = RealPath(IsAbsolute(name) ? name : dir + name);
+      std::string wanted = RealPath(ResolveNameBesideImage(layer->filename(), name));
       std::string backing = RealPath(info.full_backing_filename);
       match = !wanted.empty() && wanted == backing;
     }

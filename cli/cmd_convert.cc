@@ -253,9 +253,7 @@ int RunConvert(const ConvertArgs& args) {
     }
     Status st = CreateImage(dst, co);
     if (!st.ok()) {
-      std::string msg = st.message();
-      if (msg.rfind(dst + ": ", 0) == 0) msg = msg.substr(dst.size() + 2);
-      PrintError(dst + ": error while converting " + args.out_fmt + ": " + msg);
+      PrintError(dst + ": error while converting " + args.out_fmt + ": " + MessageWithoutPath(dst, st));
       return 1;
     }
   }

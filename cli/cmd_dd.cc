@@ -169,9 +169,7 @@ int RunDd(const DdArgs& args) {
   co.env = &create_env;
   Status s = CreateImage(args.output, co);
   if (!s.ok()) {
-    std::string msg = s.message();
-    if (msg.rfind(args.output + ": ", 0) == 0) msg = msg.substr(args.output.size() + 2);
-    PrintError(args.output + ": error while creating output image: " + msg);
+    PrintError(args.output + ": error while creating output image: " + MessageWithoutPath(args.output, s));
     return 1;
   }
   LockingEnv out_env(Env::Default(), {args.output, ImageLock::Mode::kReadOnly});

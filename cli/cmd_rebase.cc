@@ -88,14 +88,6 @@ std::optional<int> ParseRebase(int argc, char** argv, RebaseArgs* args) {
   return std::nullopt;
 }
 
-// The new backing file's path: a relative name is relative to the image's
-// directory, as the name recorded will be read.
-std::string BesideImage(const std::string& image_path, const std::string& name) {
-  if (name.empty() || name[0] == '/') return name;
-  const size_t slash = image_path.rfind('/');
-  return slash == std::string::npos ? name : image_path.substr(0, slash + 1) + name;
-}
-
 int RunRebase(const RebaseArgs& args) {
   Progress progress(args.progress && !args.quiet, 2.0f);
   progress.Set(0);
@@ -136,7 +128,7 @@ int RunRebase(const RebaseArgs& args) {
       OpenOptions backing_options;
       backing_options.env = &env;
       backing_options.format = args.backing_format;
-      const std::string backing_path = BesideImage(path, backing);
+      const std::string backing_path = ResolveNameBesideImage(path, backing);
       Status s = OpenImage(backing_path, backing_options, &new_backing);
       if (!s.ok()) {
         PrintError("Could not open new backing file '" + backing + "': " + OpenFailure(backing_path, s));
@@ -165,9 +157,7 @@ int RunRebase(const RebaseArgs& args) {
     if (s.code() == Status::Code::kInvalidArgument) return change_failed("Invalid argument");
     if (s.IsNotSupported()) return change_failed("Operation not supported");
     if (!s.ok()) {
-      std::string msg = s.message();
-      if (msg.rfind(path + ": ", 0) == 0) msg = msg.substr(path.size() + 2);
-      PrintError(msg);
+      PrintError(MessageWithoutPath(path, s));
       return 1;
     }
     progress.Set(100);

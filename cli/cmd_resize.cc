@@ -179,9 +179,7 @@ int RunResize(const ResizeArgs& args) {
   }
   if (s.ok()) s = image->Flush();
   if (!s.ok()) {
-    std::string msg = s.message();
-    if (msg.rfind(path + ": ", 0) == 0) msg = msg.substr(path.size() + 2);
-    PrintError(msg);
+    PrintError(MessageWithoutPath(path, s));
     return 1;
   }
   if (!args.quiet) std::printf("Image resized.\n");

@@ -220,6 +220,11 @@ class Image {
 // Opens `path` and, unless options say otherwise, its whole backing chain.
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
 
+// The file a name recorded in the image at `image_path` (a backing or data
+// file name) designates, as QEMU reads it: a relative name is relative to the
+// image's directory, not to the working directory.
+std::string ResolveNameBesideImage(const std::string& image_path, const std::string& name);
+
 // Detects the format as QEMU probes it: "qcow2", "qcow", "raw", or QEMU's name
 // of a format dmcow does not read ("vmdk", "vdi", ...), which OpenImage refuses.
 Status ProbeFormat(Env* env, const std::string& path, std::string* format);

@@ -141,6 +141,10 @@ Status ProbeFormat(Env* env, const std::string& path, std::string* format) {
   return ProbeImageFormat(file.get(), format);
 }
 
+std::string ResolveNameBesideImage(const std::string& image_path, const std::string& name) {
+  return ResolveRelativeTo(image_path, name);
+}
+
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image) {
   std::vector<ChainLink> chain;
   uint64_t chain_table_bytes = 0;

@@ -63,15 +63,19 @@ Status Rebase(Image* image, const RebaseOptions& options) {
       new_buf.resize(n);
       DMCOW_RETURN_IF_ERROR(ReadOrZeros(old_backing, offset, n, old_buf.data()));
       DMCOW_RETURN_IF_ERROR(ReadOrZeros(new_backing, offset, n, new_buf.data()));
-      // Runs of sectors that differ are written, with the old content.
+      // Runs of sectors that differ are written, with the old content; each
+      // sector is compared once.
+      uint64_t run = n;  // where the run of differing sectors began; n: no run
       for (uint64_t pos = 0; pos < n;) {
-        const bool differs = std::memcmp(&old_buf[pos], &new_buf[pos], std::min(kSector, n - pos)) != 0;
-        uint64_t end = pos + std::min(kSector, n - pos);
-        while (end < n && (std::memcmp(&old_buf[end], &new_buf[end], std::min(kSector, n - end)) != 0) == differs) {
-          end += std::min(kSector, n - end);
+        const uint64_t next = std::min(pos + kSector, n);
+        const bool differs = std::memcmp(&old_buf[pos], &new_buf[pos], next - pos) != 0;
+        if (differs && run == n) run = pos;
+        const uint64_t run_end = differs ? next : pos;
+        if (run != n && (!differs || next == n)) {
+          DMCOW_RETURN_IF_ERROR(image->Write(offset + run, &old_buf[run], run_end - run));
+          run = n;
         }
-        if (differs) DMCOW_RETURN_IF_ERROR(image->Write(offset + pos, &old_buf[pos], end - pos));
-        pos = end;
+        pos = next;
       }
     }
     if (options.on_range) options.on_range();

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds dmcow. Usage: scripts/build.sh [release|sanitize|fuzz]  (default release)
+# Builds dmcow. Usage: scripts/build.sh [release|sanitize|fuzz [TARGET...]]
+# (default release, every target)
 #   release   build/           RelWithDebInfo, what users run and benchmarks measure
 #   sanitize  build-sanitize/  ASan + UBSan, the whole test suite runs here too
 #   fuzz      build-fuzz/      clang + libFuzzer targets
@@ -7,13 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 kind="${1:-release}"
+shift || true
 case "$kind" in
   release)  dir=build;          args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo) ;;
   sanitize) dir=build-sanitize; args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DDMCOW_SANITIZE=ON) ;;
   fuzz)     dir=build-fuzz;     args=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DDMCOW_FUZZ=ON
                                       -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++) ;;
-  *) echo "usage: $0 [release|sanitize|fuzz]" >&2; exit 2 ;;
+  *) echo "usage: $0 [release|sanitize|fuzz [TARGET...]]" >&2; exit 2 ;;
 esac
 
 cmake -S . -B "$dir" -G Ninja "${args[@]}" >/dev/null
-ninja -C "$dir" -j2
+ninja -C "$dir" -j2 "$@"

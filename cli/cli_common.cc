@@ -12,6 +12,7 @@
 
 #include "image_options.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 
@@ -115,6 +116,11 @@ std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
   for (CLI::Option* opt : app.get_options()) {
     if (opt->nonpositional()) opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   }
+  // Every command takes --object (object_option.h), each one created in turn.
+  std::vector<std::string> objects;
+  app.add_option("--object", objects, "A QEMU object: secret,id=ID,data=DATA|file=FILE[,format=raw|base64]")
+      ->allow_extra_args(false)  // one value per --object; FILE stays an operand
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
@@ -129,6 +135,9 @@ std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return UsageError(e.what());
   }
+  for (const std::string& object : objects) {
+    if (std::optional<int> rc = ProcessObjectOption(object)) return rc;
+  }
   return std::nullopt;
 }
 
@@ -142,6 +151,12 @@ std::optional<int> ParseGetopt(int argc, char** argv, const char* optstring, con
     if (c == -1) break;
     if (c == ':') return UsageError(std::string("missing argument for option '") + argv[optind - 1] + "'");
     if (c == '?') return UsageError(std::string("unrecognized option '") + argv[optind - 1] + "'");
+    if (c == kObjectOption) {
+      // Created where it is met, as qemu-img does: a bad object ends the
+      // command before later options are read.
+      if (std::optional<int> rc = ProcessObjectOption(optarg)) return rc;
+      continue;
+    }
     if (std::optional<int> rc = on_option(c, optarg)) return rc;
   }
   operands->assign(argv + optind, argv + argc);

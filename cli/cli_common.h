@@ -94,7 +94,9 @@ std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv);
 // (UsageError's words, exit 1). Each option goes to on_option(c, optarg)
 // in command-line order (optarg null for a flag); an exit code it returns
 // stops the scan (-h, a bad value). Otherwise *operands gets the
-// non-option arguments, in order, and nullopt is returned.
+// non-option arguments, in order, and nullopt is returned. A long option
+// whose code is kObjectOption (object_option.h) is --object, created where
+// it is met and not passed on.
 std::optional<int> ParseGetopt(int argc, char** argv, const char* optstring, const struct ::option* long_options,
                                const std::function<std::optional<int>(int c, const char* optarg)>& on_option,
                                std::vector<std::string>* operands);

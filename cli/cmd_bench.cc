@@ -35,6 +35,7 @@
 
 #include "cli_common.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -82,6 +83,7 @@ bool ParseUnsigned(const char* text, uint64_t max, uint64_t* out) {
 std::optional<int> ParseBench(int argc, char** argv, BenchArgs* args) {
   enum { kFlushInterval = 256, kImageOpts, kPattern, kNoDrain };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"flush-interval", required_argument, nullptr, kFlushInterval},
                                         {"image-opts", no_argument, nullptr, kImageOpts},
                                         {"pattern", required_argument, nullptr, kPattern},

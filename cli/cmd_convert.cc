@@ -29,6 +29,7 @@
 #include "image_options.h"
 #include "locking_env.h"
 #include "no_sync_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -85,6 +86,7 @@ struct ConvertArgs {
 std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
   enum { kOptTargetIsZero = 256, kOptImageOpts };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
                                         {"image-opts", no_argument, nullptr, kOptImageOpts},

@@ -25,6 +25,7 @@
 #include "dmcow/create.h"
 #include "image_options.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -56,7 +57,9 @@ struct CreateArgs {
 // command ends here: 0 after -h or "-o help", 1 after a bad command line
 // (message printed).
 std::optional<int> ParseCreate(int argc, char** argv, CreateArgs* args) {
-  static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'}, {nullptr, 0, nullptr, 0}};
+  static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                        {"object", required_argument, nullptr, kObjectOption},
+                                        {nullptr, 0, nullptr, 0}};
   std::vector<std::string> operands;
   auto on_option = [&](int c, const char* arg) -> std::optional<int> {
     switch (c) {

@@ -27,6 +27,7 @@
 #include "dmcow/create.h"
 #include "image_options.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -76,10 +77,10 @@ bool ParseOperand(const std::string& operand, DdArgs* args, bool* have_if, bool*
 }
 
 std::optional<int> ParseDd(int argc, char** argv, DdArgs* args) {
-  enum { kObject = 256, kImageOpts };
+  enum { kImageOpts = 256 };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"image-opts", no_argument, nullptr, kImageOpts},
-                                        {"object", required_argument, nullptr, kObject},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {nullptr, 0, nullptr, 0}};
   std::vector<std::string> operands;
@@ -89,7 +90,6 @@ std::optional<int> ParseDd(int argc, char** argv, DdArgs* args) {
       case 'f': args->format = arg; break;
       case 'O': args->out_format = arg; break;
       case 'U': args->force_share = true; break;
-      case kObject: break;  // secrets: only encrypted images use them, which dd does not open
       case kImageOpts: args->image_opts = true; break;
     }
     return std::nullopt;

@@ -21,6 +21,7 @@
 #include "dmcow/measure.h"
 #include "image_options.h"
 #include "locking_env.h"
+#include "object_option.h"
 #include "qemu_json.h"
 
 namespace dmcow::cli {
@@ -48,10 +49,10 @@ void PrintUsage() {
 }
 
 std::optional<int> ParseMeasure(int argc, char** argv, MeasureArgs* args) {
-  enum { kObject = 256, kImageOpts, kOutput, kSize };
+  enum { kImageOpts = 256, kOutput, kSize };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"image-opts", no_argument, nullptr, kImageOpts},
-                                        {"object", required_argument, nullptr, kObject},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"output", required_argument, nullptr, kOutput},
                                         {"size", required_argument, nullptr, kSize},
                                         {"force-share", no_argument, nullptr, 'U'},
@@ -67,7 +68,6 @@ std::optional<int> ParseMeasure(int argc, char** argv, MeasureArgs* args) {
         break;
       case 'l': args->snapshot = arg; break;
       case 'U': args->force_share = true; break;
-      case kObject: break;  // secrets: only encrypted images use them, which measure does not open
       case kImageOpts: args->image_opts = true; break;
       case kOutput:
         if (!ParseOutputFormat(arg, &args->json)) return 1;

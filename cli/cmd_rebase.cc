@@ -26,6 +26,7 @@
 #include "dmcow/create.h"
 #include "dmcow/rebase.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -57,9 +58,9 @@ void PrintUsage() {
 }
 
 std::optional<int> ParseRebase(int argc, char** argv, RebaseArgs* args) {
-  enum { kObject = 256, kImageOpts };
+  enum { kImageOpts = 256 };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                        {"object", required_argument, nullptr, kObject},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"image-opts", no_argument, nullptr, kImageOpts},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {nullptr, 0, nullptr, 0}};
@@ -76,7 +77,6 @@ std::optional<int> ParseRebase(int argc, char** argv, RebaseArgs* args) {
       case 'T': args->src_cache = arg; break;
       case 'q': args->quiet = true; break;
       case 'U': args->force_share = true; break;
-      case kObject: break;  // secrets: only encrypted images use them, which rebase does not open
       case kImageOpts: args->image_opts = true; break;
     }
     return std::nullopt;

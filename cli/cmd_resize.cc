@@ -25,6 +25,7 @@
 #include "cli_common.h"
 #include "image_options.h"
 #include "locking_env.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -58,9 +59,9 @@ std::optional<int> ParseResize(int argc, char** argv, ResizeArgs* args) {
     return UsageError("Not enough arguments");
   }
   args->size = argv[--argc];
-  enum { kObject = 256, kImageOpts, kPreallocation, kShrink };
+  enum { kImageOpts = 256, kPreallocation, kShrink };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                        {"object", required_argument, nullptr, kObject},
+                                        {"object", required_argument, nullptr, kObjectOption},
                                         {"image-opts", no_argument, nullptr, kImageOpts},
                                         {"preallocation", required_argument, nullptr, kPreallocation},
                                         {"shrink", no_argument, nullptr, kShrink},
@@ -71,7 +72,6 @@ std::optional<int> ParseResize(int argc, char** argv, ResizeArgs* args) {
       case 'h': PrintUsage(); return 0;
       case 'f': args->format = arg; break;
       case 'q': args->quiet = true; break;
-      case kObject: break;  // secrets: only encrypted images use them, which resize does not open
       case kImageOpts: args->image_opts = true; break;
       case kPreallocation: {
         const std::string mode = arg;

@@ -206,6 +206,23 @@ class Image {
   // is raw (data_file_raw) InvalidArgument; a header cluster without room
   // for them NoSpace.
   virtual Status ChangeBackingFile(const std::string& backing, const std::string& backing_format);
+  // Internal snapshots (qcow2; other formats, and qcow2 images with an
+  // external data file, return NotSupported, as QEMU's drivers do). Each is
+  // durable when it returns; the crash-safe order of each is stated at the
+  // top of qcow/src/qcow2/qcow2_snapshot.cc. A crash at any point leaves
+  // the image as before or as after, with at most leaked clusters.
+  //
+  // Records the active state as a new snapshot: `snapshot` gives its name,
+  // date, VM clock and icount; its id (the next free number), L1 table and
+  // disk size are set here and returned in *snapshot. Too many snapshots
+  // (65536), or a table past 64 MiB, is InvalidArgument.
+  virtual Status CreateSnapshot(SnapshotInfo* snapshot);
+  // Deletes the snapshot whose id is `id`, freeing what only it held.
+  // NotFound when there is none.
+  virtual Status DeleteSnapshot(const std::string& id);
+  // Makes the snapshot whose id is `id` the active state (its content and
+  // its disk size); the snapshot stays. NotFound when there is none.
+  virtual Status ApplySnapshot(const std::string& id);
   // Reserves the storage of the guest range (qemu's preallocation=falloc
   // for raw files: fallocate), or with `write_zeroes` writes zeros over it
   // (preallocation=full). Formats other than raw return NotSupported.
@@ -219,6 +236,10 @@ class Image {
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
+
+// The snapshot qemu-img means by `id_or_name`: the first whose id is that,
+// else the first whose name is (bdrv_snapshot_find). nullptr when none.
+const SnapshotInfo* FindSnapshot(const std::vector<SnapshotInfo>& snapshots, const std::string& id_or_name);
 
 // The file a name recorded in the image at `image_path` (a backing or data
 // file name) designates, as QEMU reads it: a relative name is relative to the

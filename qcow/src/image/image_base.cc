@@ -43,6 +43,28 @@ Status Image::Preallocate(uint64_t, uint64_t, bool) {
   return Status::NotSupported(filename() + ": preallocation is not supported for this format (" + info().format +
                               ") or the image is not open for writing");
 }
+Status Image::CreateSnapshot(SnapshotInfo*) {
+  return Status::NotSupported(filename() + ": the format has no internal snapshots");
+}
+
+Status Image::DeleteSnapshot(const std::string&) {
+  return Status::NotSupported(filename() + ": the format has no internal snapshots");
+}
+
+Status Image::ApplySnapshot(const std::string&) {
+  return Status::NotSupported(filename() + ": the format has no internal snapshots");
+}
+
+const SnapshotInfo* FindSnapshot(const std::vector<SnapshotInfo>& snapshots, const std::string& id_or_name) {
+  for (const SnapshotInfo& s : snapshots) {
+    if (s.id == id_or_name) return &s;
+  }
+  for (const SnapshotInfo& s : snapshots) {
+    if (s.name == id_or_name) return &s;
+  }
+  return nullptr;
+}
+
 Status Image::ChangeBackingFile(const std::string&, const std::string&) {
   return Status::NotSupported(filename() + ": changing the backing file is not supported for this format (" +
                               info().format + ") or the image is not open for writing");

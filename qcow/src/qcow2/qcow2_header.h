@@ -28,6 +28,7 @@ constexpr uint64_t kMaxRefTableBytes = 8 << 20;  // QCOW_MAX_REFTABLE_SIZE
 constexpr uint32_t kMaxSnapshots = 65536;
 constexpr uint64_t kMaxSnapshotTableBytes = 64 << 20;
 constexpr uint32_t kMaxSnapshotExtraData = 1024;
+constexpr uint32_t kKnownSnapshotExtraData = 24;  // vm_state_size_large, disk_size, icount
 constexpr uint32_t kMaxBitmaps = 65535;
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;  // bits 9-55 of L1/L2 entries
 // L1/L2 entry flags.

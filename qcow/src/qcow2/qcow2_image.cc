@@ -125,13 +125,7 @@ Status Qcow2Image::LoadL1(const OpenOptions& options, uint64_t* chain_table_byte
   uint64_t l1_offset = h.l1_table_offset;
   uint64_t l1_entries = h.l1_size;
   if (!snapshot.empty()) {
-    const SnapshotInfo* found = nullptr;
-    for (const SnapshotInfo& s : info_.snapshots) {
-      if (s.id == snapshot) found = &s;
-    }
-    for (const SnapshotInfo& s : info_.snapshots) {
-      if (!found && s.name == snapshot) found = &s;
-    }
+    const SnapshotInfo* found = FindSnapshot(info_.snapshots, snapshot);
     if (!found) return Status::NotFound(filename() + ": no snapshot with id or name '" + snapshot + "'");
     l1_offset = found->l1_table_offset;
     l1_entries = found->l1_size;

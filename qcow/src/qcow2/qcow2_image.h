@@ -42,6 +42,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status Grow(uint64_t new_size) override;                                                           // qcow2_grow.cc
   Status Shrink(uint64_t new_size) override;                                                         // qcow2_grow.cc
   Status ChangeBackingFile(const std::string& backing, const std::string& backing_format) override;  // qcow2_backing.cc
+  // Internal snapshots (qcow2_snapshot.cc, which states their ordering).
+  Status CreateSnapshot(SnapshotInfo* snapshot) override;
+  Status DeleteSnapshot(const std::string& id) override;
+  Status ApplySnapshot(const std::string& id) override;
   // Block-device serving (qcow2_device.cc).
   DeviceImage* AsDeviceImage() override { return this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
@@ -121,6 +125,36 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // cluster as QEMU packs them; refcounts count each compressed cluster
   // touching a host cluster once.
   Status AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) REQUIRES(rw_mu_);
+
+  // qcow2_snapshot.cc.
+  Status CreateSnapshotLocked(SnapshotInfo* snapshot) REQUIRES(rw_mu_);
+  Status DeleteSnapshotLocked(const std::string& id) REQUIRES(rw_mu_);
+  Status ApplySnapshotLocked(const std::string& id) REQUIRES(rw_mu_);
+  // Calls visit(cluster index, is_l2_table) for every cluster the tree under
+  // `l1` (entries as stored) references: each L2 table, and each data
+  // cluster it maps (each host cluster a compressed cluster's bytes touch;
+  // none in an external data file). Offsets that are misaligned or past the
+  // end of the file are Corrupt, before anything is visited past them.
+  template <typename Visit>
+  Status VisitTree(const std::vector<uint64_t>& l1, Visit&& visit) REQUIRES(rw_mu_);
+  // Adds `delta` to the refcount of every cluster VisitTree names, in the
+  // cache; with delta > 0, first checks that none would overflow (QEMU's
+  // -EINVAL), before changing any.
+  Status AdjustTreeRefcounts(const std::vector<uint64_t>& l1, int64_t delta) REQUIRES(rw_mu_);
+  // Sets the COPIED flag of every entry of the tree under `l1` (L1 entries
+  // in *l1, L2 entries in the cache, dirty where changed) exactly where the
+  // cluster's refcount is 1, as QEMU's qcow2_update_snapshot_refcount does.
+  Status SyncCopiedFlags(std::vector<uint64_t>* l1) REQUIRES(rw_mu_);
+  // Reads an L1 table of `entries` entries at `offset` (validated).
+  Status ReadL1Entries(uint64_t offset, uint64_t entries, std::vector<uint64_t>* l1) REQUIRES(rw_mu_);
+  std::vector<uint64_t> ActiveL1Entries() const REQUIRES(rw_mu_);
+  // Stores the active L1 entries `l1` into l1_ (same size), marking changed
+  // entries dirty.
+  void SetActiveL1Entries(const std::vector<uint64_t>& l1) REQUIRES(rw_mu_);
+  // Writes `snapshots` as the new snapshot table (S3 at the top of
+  // qcow2_snapshot.cc) and frees the old one after the header switch.
+  Status WriteSnapshotTable(const std::vector<SnapshotInfo>& snapshots,
+                            const std::vector<std::vector<uint8_t>>& unknown_extra) REQUIRES(rw_mu_);
 
   // Classifies the guest range [pos, pos + *len) inside one cluster given its
   // L2 entry (and bitmap for extended L2), shortening *len to the part that

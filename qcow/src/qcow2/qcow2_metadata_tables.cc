@@ -9,11 +9,13 @@ namespace dmcow {
 
 using namespace qcow2;
 
-Status ReadQcow2Snapshots(File* file, const Qcow2Header& h, std::vector<SnapshotInfo>* snapshots) {
+Status ReadQcow2Snapshots(File* file, const Qcow2Header& h, std::vector<SnapshotInfo>* snapshots,
+                          std::vector<std::vector<uint8_t>>* unknown_extra) {
   const std::string& name = file->name();
   uint64_t offset = h.snapshots_offset;
   const uint64_t table_end_limit = h.snapshots_offset + kMaxSnapshotTableBytes;
   snapshots->clear();
+  if (unknown_extra != nullptr) unknown_extra->clear();
   snapshots->reserve(h.nb_snapshots);  // bounded by kMaxSnapshots, checked at open
   for (uint32_t i = 0; i < h.nb_snapshots; i++) {
     uint8_t fixed[40];
@@ -65,8 +67,27 @@ Status ReadQcow2Snapshots(File* file, const Qcow2Header& h, std::vector<Snapshot
       return Status::Corrupt(name + ": snapshot table is larger than " + std::to_string(kMaxSnapshotTableBytes) +
                              " bytes");
     }
+    if (unknown_extra != nullptr) {
+      unknown_extra->emplace_back(extra + std::min<uint32_t>(extra_size, kKnownSnapshotExtraData), extra + extra_size);
+    }
     snapshots->push_back(std::move(s));
   }
+  return Status::OK();
+}
+
+Status Qcow2SnapshotTableBytes(File* file, const Qcow2Header& h, uint64_t* bytes) {
+  uint64_t offset = h.snapshots_offset;
+  for (uint32_t i = 0; i < h.nb_snapshots; i++) {  // nb_snapshots bounded at open
+    uint8_t fixed[40];
+    DMCOW_RETURN_IF_ERROR(file->ReadExact(offset, sizeof(fixed), fixed, "snapshot table entry"));
+    const uint64_t variable = uint64_t{LoadBE32(fixed + 36)} + LoadBE16(fixed + 12) + LoadBE16(fixed + 14);
+    offset = (offset + 40 + variable + 7) & ~uint64_t{7};
+    if (offset - h.snapshots_offset > kMaxSnapshotTableBytes) {
+      return Status::Corrupt(file->name() + ": snapshot table is larger than " +
+                             std::to_string(kMaxSnapshotTableBytes) + " bytes");
+    }
+  }
+  *bytes = offset - h.snapshots_offset;
   return Status::OK();
 }
 

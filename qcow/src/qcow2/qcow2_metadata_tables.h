@@ -9,7 +9,14 @@
 
 namespace dmcow {
 
-Status ReadQcow2Snapshots(File* file, const Qcow2Header& header, std::vector<SnapshotInfo>* snapshots);
+// With `unknown_extra`, each snapshot's extra data past the 24 bytes QEMU
+// knows is returned too, one vector per snapshot, so a rewrite keeps it.
+Status ReadQcow2Snapshots(File* file, const Qcow2Header& header, std::vector<SnapshotInfo>* snapshots,
+                          std::vector<std::vector<uint8_t>>* unknown_extra = nullptr);
+
+// The bytes the snapshot table takes, entries and their padding (what a
+// rewrite frees). Reads only the entries' fixed parts; bounded as above.
+Status Qcow2SnapshotTableBytes(File* file, const Qcow2Header& header, uint64_t* bytes);
 
 Status ReadQcow2Bitmaps(File* file, const Qcow2Header& header, std::vector<BitmapInfo>* bitmaps);
 

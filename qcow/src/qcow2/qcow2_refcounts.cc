@@ -90,8 +90,9 @@ Status Qcow2Refcounts::Adjust(uint64_t cluster, int64_t delta) {
                            " would drop below zero");
   }
   if (delta > 0 && max_refcount_ - current < static_cast<uint64_t>(delta)) {
-    return Status::Corrupt(file_->name() + ": refcount of cluster " + Hex(cluster * cluster_size_) +
-                           " would overflow " + std::to_string(bits_) + " bits");
+    // A limit of the image's refcount width, not damage (QEMU: -ERANGE).
+    return Status::InvalidArgument(file_->name() + ": refcount of cluster " + Hex(cluster * cluster_size_) +
+                                   " would overflow " + std::to_string(bits_) + " bits");
   }
   const uint64_t value = current + static_cast<uint64_t>(delta);
   const uint64_t mask = max_refcount_ << pos.shift;

@@ -3,10 +3,12 @@
 #include <getopt.h>
 
 #include <cerrno>
+#include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 #include <CLI/CLI.hpp>
 
@@ -62,6 +64,33 @@ static int64_t SuffixMul(char c) {
     case 'e': return int64_t{1} << 60;
     default: return -1;
   }
+}
+
+// block/qapi.c bdrv_snapshot_dump().
+static std::string SnapshotLine(const SnapshotInfo& sn) {
+  time_t date = static_cast<time_t>(sn.date_sec);
+  struct tm tm;
+  localtime_r(&date, &tm);
+  char date_buf[64];
+  std::strftime(date_buf, sizeof(date_buf), "%Y-%m-%d %H:%M:%S", &tm);
+  uint64_t secs = sn.vm_clock_nsec / 1000000000;
+  char clock_buf[128];
+  std::snprintf(clock_buf, sizeof(clock_buf), "%02d:%02d:%02d.%03d", static_cast<int>(secs / 3600),
+                static_cast<int>((secs / 60) % 60), static_cast<int>(secs % 60),
+                static_cast<int>((sn.vm_clock_nsec / 1000000) % 1000));
+  char icount_buf[32] = "";
+  if (sn.has_icount) std::snprintf(icount_buf, sizeof(icount_buf), "%" PRId64, static_cast<int64_t>(sn.icount));
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-9s %-16s %8s%20s%13s%11s", sn.id.c_str(), sn.name.c_str(),
+                SizeToStr(sn.vm_state_size).c_str(), date_buf, clock_buf, icount_buf);
+  return line;
+}
+
+void PrintSnapshotList(const std::vector<SnapshotInfo>& snapshots) {
+  if (snapshots.empty()) return;
+  std::printf("Snapshot list:\n");
+  std::printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+  for (const SnapshotInfo& sn : snapshots) std::printf("%s\n", SnapshotLine(sn).c_str());
 }
 
 bool ValidCacheMode(const std::string& mode) {

@@ -42,6 +42,7 @@ int CmdMeasure(int argc, char** argv);   // measure: the file size an image need
 int CmdDd(int argc, char** argv);        // dd: copies part of an image into a new one (cmd_dd.cc)
 int CmdRebase(int argc, char** argv);    // rebase: gives an image another backing file (cmd_rebase.cc)
 int CmdBench(int argc, char** argv);     // bench: times reads or writes (cmd_bench.cc)
+int CmdSnapshot(int argc, char** argv);  // snapshot: internal snapshots (cmd_snapshot.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the
@@ -104,6 +105,10 @@ std::optional<int> ParseGetopt(int argc, char** argv, const char* optstring, con
 // The last arguments of info, map, check and checksum, in this order:
 // -U/--force-share, --image-opts and the FILE operands.
 void AddImageArguments(CLI::App& app, bool* force_share, bool* image_opts, std::vector<std::string>* files);
+
+// "Snapshot list:" and a line per snapshot, as qemu-img info and snapshot -l
+// print them (block/qapi.c bdrv_snapshot_dump); nothing when there are none.
+void PrintSnapshotList(const std::vector<SnapshotInfo>& snapshots);
 
 // Checks the value of --output; prints qemu's message on a bad one.
 bool ParseOutputFormat(const std::string& value, bool* json);

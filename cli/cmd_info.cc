@@ -96,26 +96,6 @@ Json ImageInfoJson(const Image& image) {
   return j;
 }
 
-// block/qapi.c bdrv_snapshot_dump().
-std::string SnapshotLine(const SnapshotInfo& sn) {
-  time_t date = static_cast<time_t>(sn.date_sec);
-  struct tm tm;
-  localtime_r(&date, &tm);
-  char date_buf[64];
-  std::strftime(date_buf, sizeof(date_buf), "%Y-%m-%d %H:%M:%S", &tm);
-  uint64_t secs = sn.vm_clock_nsec / 1000000000;
-  char clock_buf[128];
-  std::snprintf(clock_buf, sizeof(clock_buf), "%02d:%02d:%02d.%03d", static_cast<int>(secs / 3600),
-                static_cast<int>((secs / 60) % 60), static_cast<int>(secs % 60),
-                static_cast<int>((sn.vm_clock_nsec / 1000000) % 1000));
-  char icount_buf[32] = "";
-  if (sn.has_icount) std::snprintf(icount_buf, sizeof(icount_buf), "%" PRId64, static_cast<int64_t>(sn.icount));
-  char line[512];
-  std::snprintf(line, sizeof(line), "%-9s %-16s %8s%20s%13s%11s", sn.id.c_str(), sn.name.c_str(),
-                SizeToStr(sn.vm_state_size).c_str(), date_buf, clock_buf, icount_buf);
-  return line;
-}
-
 // block/qapi.c bdrv_image_info_dump().
 void PrintHuman(const Image& image) {
   const ImageInfo& info = image.info();
@@ -135,11 +115,7 @@ void PrintHuman(const Image& image) {
     std::printf("\n");
     if (!info.backing_format.empty()) std::printf("backing file format: %s\n", info.backing_format.c_str());
   }
-  if (!info.snapshots.empty()) {
-    std::printf("Snapshot list:\n");
-    std::printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
-    for (const SnapshotInfo& sn : info.snapshots) std::printf("%s\n", SnapshotLine(sn).c_str());
-  }
+  PrintSnapshotList(info.snapshots);
   Json spec = FormatSpecificJson(info);
   if (!spec.is_null()) {
     std::printf("Format specific information:\n%s", QemuHumanDump(spec["data"], 1).c_str());

@@ -226,7 +226,15 @@ std::string QemuCheckVerdicts::Judge(const std::vector<uint8_t>& bytes) {
   WriteWholeFile(scratch_, bytes);
   std::string out;
   const int rc = Run("qemu-img check '" + scratch_ + "'", &out);
-  const std::string verdict = (rc == 0 || rc == 3) && out.find("ERROR") == std::string::npos ? "" : out;
+  bool only_allowed_errors = out.find("ERROR") == std::string::npos;
+  if (allow_copied_flags_ && rc == 2) {
+    only_allowed_errors = true;
+    for (size_t pos = out.find("ERROR"); pos != std::string::npos; pos = out.find("ERROR", pos + 5)) {
+      if (out.compare(pos, 19, "ERROR OFLAG_COPIED ") != 0) only_allowed_errors = false;
+    }
+  }
+  const bool allowed_rc = rc == 0 || rc == 3 || (allow_copied_flags_ && rc == 2);
+  const std::string verdict = allowed_rc && only_allowed_errors ? "" : out;
   cache_.emplace(key, verdict);
   return verdict;
 }

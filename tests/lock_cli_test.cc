@@ -3,10 +3,10 @@
 // A qemu-io in the background holds an image (qemu_holder.h), and each
 // dmcow-img command is run next to the same qemu-img command:
 //  - writers (create, convert's target with and without -n, commit, check
-//    -r) are refused while QEMU has the image open read-write, with
+//    -r, snapshot -c/-a/-d) are refused while QEMU has the image open read-write, with
 //    qemu-img's message and exit code, and the image (and commit's base)
 //    keeps every byte;
-//  - readers (info, map, check, compare, convert's source; checksum, which
+//  - readers (info, map, check, compare, convert's source, snapshot -l; checksum, which
 //    qemu-img lacks) are refused the same way unless -U, and read with it;
 //  - -U exactly where qemu-img accepts it;
 //  - the other way round, QEMU is refused while dmcow-img holds the image
@@ -94,10 +94,11 @@ TEST_CASE("lock: every writer is refused while QEMU writes the image, which keep
   const std::string img = Sha256OfFile(dir / "img.qcow2"), base = Sha256OfFile(dir / "base.qcow2");
   {
     QemuHolder q(dir / "img.qcow2", Mode::kReadWrite, dir / "holder.log");
-    for (const char* args : {"create -f qcow2 img.qcow2 16M", "create -q -f raw img.qcow2 1M",
-                             "convert -O qcow2 src.qcow2 img.qcow2", "convert -O raw src.qcow2 img.qcow2",
-                             "convert -n -O qcow2 src.qcow2 img.qcow2", "convert -U -O qcow2 src.qcow2 img.qcow2",
-                             "commit img.qcow2", "commit -d img.qcow2", "check -r all img.qcow2"}) {
+    for (const char* args :
+         {"create -f qcow2 img.qcow2 16M", "create -q -f raw img.qcow2 1M", "convert -O qcow2 src.qcow2 img.qcow2",
+          "convert -O raw src.qcow2 img.qcow2", "convert -n -O qcow2 src.qcow2 img.qcow2",
+          "convert -U -O qcow2 src.qcow2 img.qcow2", "commit img.qcow2", "commit -d img.qcow2",
+          "check -r all img.qcow2", "snapshot -c s img.qcow2", "snapshot -a s img.qcow2", "snapshot -d s img.qcow2"}) {
       INFO("command: " << args);
       const Result r = Same(dir.path(), args);
       CHECK(r.rc == 1);
@@ -138,15 +139,16 @@ TEST_CASE("lock: readers are refused while QEMU writes the image, and read it wi
     const std::string refused =
         "Could not open 'img.qcow2': Failed to get shared \"write\" lock\n"
         "Is another process using the image [img.qcow2]?\n";
-    for (const char* args : {"info img.qcow2", "map img.qcow2", "check img.qcow2", "compare img.qcow2 src.qcow2",
-                             "compare src.qcow2 img.qcow2", "convert -O raw img.qcow2 out.raw"}) {
+    for (const char* args :
+         {"info img.qcow2", "map img.qcow2", "check img.qcow2", "compare img.qcow2 src.qcow2",
+          "compare src.qcow2 img.qcow2", "convert -O raw img.qcow2 out.raw", "snapshot -l img.qcow2"}) {
       const Result r = Same(dir.path(), args);
       CHECK(r.rc == (std::string(args).rfind("compare", 0) == 0 ? 2 : 1));
       CHECK(r.out == "qemu-img: " + refused);
     }
-    for (const char* args :
-         {"info -U img.qcow2", "map -U img.qcow2", "check -U img.qcow2", "compare -U img.qcow2 src.qcow2",
-          "info --force-share --backing-chain img.qcow2", "convert -U -O raw img.qcow2 out.raw"}) {
+    for (const char* args : {"info -U img.qcow2", "map -U img.qcow2", "check -U img.qcow2",
+                             "compare -U img.qcow2 src.qcow2", "info --force-share --backing-chain img.qcow2",
+                             "convert -U -O raw img.qcow2 out.raw", "snapshot -U -l img.qcow2"}) {
       CHECK(Same(dir.path(), args).rc == (std::string(args).rfind("compare", 0) == 0 ? 1 : 0));
     }
     // checksum (not a qemu-img command) reads like the others.

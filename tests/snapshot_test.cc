@@ -394,6 +394,8 @@ TEST_CASE("snapshot: a crash at any point leaves the snapshots and content befor
           }
         }
         CHECK(states > points.size());
+        WARN(options << ", " << op.name << ": " << points.size() << " of " << dry.ops() << " crash points, " << states
+                     << " states, " << verdicts.checks() << " distinct states checked by qemu-img");
       }
     }
   }

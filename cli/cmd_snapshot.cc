@@ -114,6 +114,17 @@ int RunSnapshot(const SnapshotArgs& args) {
   if (options.format.empty() && !list) WarnIfProbedRaw(*image, path);
 
   const std::string& name = args.name;
+  // "Could not VERB snapshot 'NAME': WHY", exit 1; nothing for an empty WHY.
+  auto failed = [&](const char* verb, const std::string& why) {
+    if (why.empty()) return 0;
+    PrintError(std::string("Could not ") + verb + " snapshot '" + name + "': " + why);
+    return 1;
+  };
+  // The change, then the flush that makes it durable.
+  auto done = [&](Status s) {
+    if (s.ok()) s = image->Flush();
+    return s;
+  };
   switch (args.action) {
     case Action::kNone: return 0;
     case Action::kList: PrintSnapshotList(image->info().snapshots); return 0;
@@ -125,33 +136,19 @@ int RunSnapshot(const SnapshotArgs& args) {
       sn.date_sec = static_cast<uint32_t>(now.tv_sec);
       sn.date_nsec = static_cast<uint32_t>(now.tv_nsec / 1000 * 1000);  // microseconds, as g_get_real_time
       sn.has_icount = true;
-      Status s = image->CreateSnapshot(&sn);
-      if (s.ok()) s = image->Flush();
-      if (!s.ok()) {
-        PrintError("Could not create snapshot '" + name + "': " + CreateFailure(path, s));
-        return 1;
-      }
-      return 0;
+      const Status s = done(image->CreateSnapshot(&sn));
+      return failed("create", s.ok() ? "" : CreateFailure(path, s));
     }
     case Action::kApply: {
       if (image->info().format != "qcow2") {
         // qemu-img reopens the image after trying its file: the warning again.
         if (options.format.empty()) WarnIfProbedRaw(*image, path);
-        PrintError("Could not apply snapshot '" + name + "': Block driver does not support snapshots");
-        return 1;
+        return failed("apply", "Block driver does not support snapshots");
       }
       const SnapshotInfo* sn = FindSnapshot(image->info().snapshots, name);
-      if (sn == nullptr) {
-        PrintError("Could not apply snapshot '" + name + "': Failed to load snapshot: No such file or directory");
-        return 1;
-      }
-      Status s = image->ApplySnapshot(sn->id);
-      if (s.ok()) s = image->Flush();
-      if (!s.ok()) {
-        PrintError("Could not apply snapshot '" + name + "': " + MessageWithoutPath(path, s));
-        return 1;
-      }
-      return 0;
+      if (sn == nullptr) return failed("apply", "Failed to load snapshot: No such file or directory");
+      const Status s = done(image->ApplySnapshot(sn->id));
+      return failed("apply", s.ok() ? "" : MessageWithoutPath(path, s));
     }
     case Action::kDelete: {
       // By name only, the first with it (qemu-img's bdrv_snapshot_find);
@@ -160,17 +157,9 @@ int RunSnapshot(const SnapshotArgs& args) {
       for (const SnapshotInfo& s : image->info().snapshots) {
         if (sn == nullptr && s.name == name) sn = &s;
       }
-      if (sn == nullptr) {
-        PrintError("Could not delete snapshot '" + name + "': snapshot not found");
-        return 1;
-      }
-      Status s = image->DeleteSnapshot(sn->id);
-      if (s.ok()) s = image->Flush();
-      if (!s.ok()) {
-        PrintError("Could not delete snapshot '" + name + "': " + MessageWithoutPath(path, s));
-        return 1;
-      }
-      return 0;
+      if (sn == nullptr) return failed("delete", "snapshot not found");
+      const Status s = done(image->DeleteSnapshot(sn->id));
+      return failed("delete", s.ok() ? "" : MessageWithoutPath(path, s));
     }
   }
   return 0;

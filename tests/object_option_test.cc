@@ -96,10 +96,7 @@ TEST_CASE("--object: secrets and every refusal as qemu-img, on getopt and CLI11 
         SplitResult theirs =
             Exec(dir.path(), dir.path() + "/logs", std::string("qemu-img ") + command + " " + objects + " img");
         SplitResult ours = Exec(dir.path(), dir.path() + "/logs", Ours() + " " + command + " " + objects + " img");
-        INFO("qemu-img: " << theirs.out << theirs.err << "\ndmcow-img: " << ours.out << ours.err);
-        CHECK(ours.rc == theirs.rc);
-        CHECK(ours.out == theirs.out);
-        CHECK(ReplaceAll(ours.err, "dmcow-img", "qemu-img") == theirs.err);
+        CheckSameAsQemu(theirs, ours);
       }
     }
   }

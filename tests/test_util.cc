@@ -95,6 +95,13 @@ SplitResult Exec(const TempDir& dir, const std::string& tool, const std::string&
   return ExecThrough(dir.path(), "timeout 10 " + tool + " " + args, dir / ".stdout", dir / ".stderr");
 }
 
+void CheckSameAsQemu(const SplitResult& theirs, const SplitResult& ours) {
+  INFO("qemu-img: " << theirs.out << theirs.err << "\ndmcow-img: " << ours.out << ours.err);
+  CHECK(ours.rc == theirs.rc);
+  CHECK(ours.out == theirs.out);
+  CHECK(ReplaceAll(ours.err, "dmcow-img", "qemu-img") == theirs.err);
+}
+
 std::string ReplaceAll(std::string text, const std::string& from, const std::string& to) {
   for (size_t at = 0; (at = text.find(from, at)) != std::string::npos; at += to.size())
     text.replace(at, from.size(), to);

@@ -83,6 +83,11 @@ SplitResult Exec(const std::string& dir, const std::string& logs, const std::str
 // test with exit 124 instead of hanging the suite); streams kept apart.
 SplitResult Exec(const TempDir& dir, const std::string& tool, const std::string& args);
 
+// Both tools ran the same command line: the same exit code, stdout and
+// stderr ("dmcow-img" read as "qemu-img"); each difference is a failed
+// CHECK, shown with both outputs.
+void CheckSameAsQemu(const SplitResult& theirs, const SplitResult& ours);
+
 // A file's bytes as a string ("" if it cannot be read).
 std::string ReadText(const std::string& path);
 

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <set>
 
 namespace dmcow_test {
 
@@ -215,6 +216,25 @@ std::vector<uint8_t> QemuDeflate(const std::vector<uint8_t>& in) {
   out.resize(s.total_out);
   deflateEnd(&s);
   return out;
+}
+
+std::vector<size_t> SampledIndices(size_t count) {
+  const char* env = std::getenv("DMCOW_TEST_SAMPLE");
+  const size_t wanted = env && *env ? std::strtoull(env, nullptr, 10) : 0;
+  std::vector<size_t> picked;
+  if (wanted == 0 || wanted >= count) {
+    for (size_t i = 0; i < count; i++) picked.push_back(i);
+    return picked;
+  }
+  for (size_t k = 0; k < wanted; k++) {
+    const size_t i = wanted == 1 ? 0 : (k * (count - 1) + (wanted - 1) / 2) / (wanted - 1);
+    if (picked.empty() || picked.back() != i) picked.push_back(i);
+  }
+  static std::set<size_t> told;  // a test case re-runs once per section
+  if (told.insert(count).second)
+    std::fprintf(stderr, "DMCOW_TEST_SAMPLE=%zu: %zu of %zu cases run (release ctest runs them all)\n", wanted,
+                 picked.size(), count);
+  return picked;
 }
 
 }  // namespace dmcow_test

@@ -4,9 +4,11 @@
 #define DMCOW_TESTS_TEST_UTIL_H_
 
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dmcow/device_image.h"
@@ -87,6 +89,20 @@ SplitResult Exec(const TempDir& dir, const std::string& tool, const std::string&
 // stderr ("dmcow-img" read as "qemu-img"); each difference is a failed
 // CHECK, shown with both outputs.
 void CheckSameAsQemu(const SplitResult& theirs, const SplitResult& ours);
+
+// The cases (shapes, images) of a list that this run covers: every one,
+// unless DMCOW_TEST_SAMPLE=N asks for N of them, evenly spread with the
+// first and last always in (CI's sanitizer pass: the same code paths under
+// ASan, fewer shapes; the release run, `ctest --test-dir build`, takes
+// them all). Sampled cases are named in the
+// test's output, so a run says what it left out.
+std::vector<size_t> SampledIndices(size_t count);
+template <typename Container>
+auto Sampled(const Container& all) {
+  std::vector<const std::remove_reference_t<decltype(*std::begin(all))>*> picked;
+  for (size_t i : SampledIndices(std::size(all))) picked.push_back(&*(std::begin(all) + i));
+  return picked;
+}
 
 // A file's bytes as a string ("" if it cannot be read).
 std::string ReadText(const std::string& path);

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,6 +34,13 @@ struct OpenOptions {
   // persistent bitmaps stay valid: no guest-visible byte of this layer
   // changes. qcow2 only; other formats open as for writing.
   bool header_only = false;
+  // With writable: persistent bitmaps stay valid (their autoclear bit is
+  // kept), for the calls that change no guest-visible byte (qemu-img amend).
+  // qcow2 only. While the image has bitmaps, calls that would change guest
+  // content (Write, WriteZeroes, Discard, compressed writes, MakeEmpty,
+  // Grow, Shrink, ApplySnapshot) return NotSupported; the image is never
+  // served as a block device.
+  bool metadata_only = false;
   // false: an external data file is not opened (qemu-img info does not open
   // it); reading a cluster stored there then fails.
   bool open_data_file = true;
@@ -124,6 +132,9 @@ struct ImageInfo {
   std::vector<BitmapInfo> bitmaps;
   std::vector<HeaderExtension> unknown_extensions;
 };
+
+// How far an amend step is: (work done, total work), in the step's units.
+using AmendProgress = std::function<void(uint64_t done, uint64_t total)>;
 
 class Image {
  public:
@@ -223,6 +234,32 @@ class Image {
   // Makes the snapshot whose id is `id` the active state (its content and
   // its disk size); the snapshot stays. NotFound when there is none.
   virtual Status ApplySnapshot(const std::string& id);
+  // qemu-img amend's changes to a qcow2 image (other formats return
+  // NotSupported). None changes what the guest reads; each is durable when
+  // it returns, and a crash at any point leaves the image as before or as
+  // after, with at most leaked clusters (the order is stated at the top of
+  // qcow/src/qcow2/qcow2_amend.cc). The refusals are InvalidArgument, with
+  // qemu's words after "PATH: ".
+  //
+  // Version 3 (compat=1.1) or 2 (compat=0.10). Going down needs 16-bit
+  // refcounts, no external data file, snapshots taken at the current size
+  // and no incompatible feature but zstd compression (with no compressed
+  // cluster); zero clusters become unallocated (no backing file) or zeroed
+  // data clusters, persistent bitmaps (which version 2 cannot hold) are
+  // removed and their clusters freed.
+  // `progress`, when set, hears (work done, total work) as QEMU reports
+  // it: upgrading 0, 1 and 2 of 2; downgrading after each L1 entry of the
+  // active table and then of each snapshot's.
+  virtual Status ChangeVersion(uint32_t version, const AmendProgress& progress = {});
+  // Refcount entries of `bits` bits (1 to 64, a power of two; version 3):
+  // a new refcount table and blocks are written past the end of the
+  // allocated clusters and the old ones become free space. A refcount too
+  // large for the new width is InvalidArgument, before anything changes.
+  // `progress` hears (clusters counted, clusters to count).
+  virtual Status ChangeRefcountBits(uint32_t bits, const AmendProgress& progress = {});
+  // The lazy refcounts compatible feature (version 3); turning it off makes
+  // every refcount durable first.
+  virtual Status SetLazyRefcounts(bool on);
   // Reserves the storage of the guest range (qemu's preallocation=falloc
   // for raw files: fallocate), or with `write_zeroes` writes zeros over it
   // (preallocation=full). Formats other than raw return NotSupported.

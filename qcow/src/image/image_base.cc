@@ -65,6 +65,16 @@ const SnapshotInfo* FindSnapshot(const std::vector<SnapshotInfo>& snapshots, con
   return nullptr;
 }
 
+namespace {
+Status AmendNotSupported(const Image& image) {
+  return Status::NotSupported(image.filename() + ": amending is not supported for this format (" + image.info().format +
+                              ") or the image is not open for writing");
+}
+}  // namespace
+Status Image::ChangeVersion(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
+Status Image::ChangeRefcountBits(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
+Status Image::SetLazyRefcounts(bool) { return AmendNotSupported(*this); }
+
 Status Image::ChangeBackingFile(const std::string&, const std::string&) {
   return Status::NotSupported(filename() + ": changing the backing file is not supported for this format (" +
                               info().format + ") or the image is not open for writing");

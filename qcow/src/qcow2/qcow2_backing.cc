@@ -1,4 +1,6 @@
-// Qcow2Image::ChangeBackingFile: the header names another backing file.
+// Qcow2Image::ChangeBackingFile: the header names another backing file;
+// and WriteHeaderLocked, which every header change (amend's too) goes
+// through.
 //
 // ORDERING AND ATOMICITY. The header names the backing file that gives
 // every unallocated byte its content, so a half-written change would make
@@ -64,46 +66,53 @@ Status Qcow2Image::ChangeBackingFile(const std::string& backing, const std::stri
     Qcow2Header next = header_;
     next.backing_file = backing;
     next.backing_format = backing.empty() ? "" : backing_format;
-    // What the old header holds: its extra fields are kept, its end found.
-    const size_t cs = static_cast<size_t>(header_.cluster_size);
-    std::vector<uint8_t> old(cs, 0);
-    size_t got = 0;
-    DMCOW_RETURN_IF_ERROR(file_->Read(0, cs, old.data(), &got));
-    std::vector<uint8_t> unknown_fields;
-    if (header_.version >= 3 && header_.header_length > 112) {
-      unknown_fields.assign(old.begin() + 112, old.begin() + std::min<size_t>(header_.header_length, cs));
-    }
-    size_t old_used = got;
-    while (old_used > 0 && old[old_used - 1] == 0) old_used--;
-
-    std::vector<uint8_t> cluster;
-    size_t used = 0;
-    Status built = BuildHeaderCluster(next, unknown_fields, header_.version >= 3 && cs > 4096, &cluster, &used);
-    if (built.ok() && used > kSectorBytes) {  // (B2): try for one sector
-      std::vector<uint8_t> small;
-      size_t small_used = 0;
-      if (BuildHeaderCluster(next, unknown_fields, false, &small, &small_used).ok() && small_used <= kSectorBytes) {
-        cluster.swap(small);
-        used = small_used;
-      }
-    }
-    if (!built.ok()) return built.WithMessage(name + ": No space left in the file header (" + built.message() + ")");
-    const size_t write_bytes = used <= kSectorBytes ? kSectorBytes : RoundUp(std::max(used, old_used), kSectorBytes);
-    DMCOW_RETURN_IF_ERROR(file_->Write(0, cluster.data(), write_bytes));
-    DMCOW_RETURN_IF_ERROR(file_->Sync());
-    if (write_bytes < old_used) {  // (B3)
-      const size_t stale = RoundUp(old_used, kSectorBytes) - write_bytes;
-      DMCOW_RETURN_IF_ERROR(file_->Write(write_bytes, cluster.data() + write_bytes, stale));
-      DMCOW_RETURN_IF_ERROR(file_->Sync());
-    }
-    next.backing_file_offset = LoadBE64(cluster.data() + 8);
-    next.backing_file_size = LoadBE32(cluster.data() + 16);
-    header_ = std::move(next);
+    DMCOW_RETURN_IF_ERROR(WriteHeaderLocked(std::move(next)));
     info_.backing_filename = backing;
     info_.full_backing_filename = ResolveRelativeTo(name, backing);
     info_.backing_format = header_.backing_format;
     return Status::OK();
   });
+}
+
+Status Qcow2Image::WriteHeaderLocked(Qcow2Header next) {
+  const std::string& name = filename();
+  // What the old header holds: its extra fields are kept, its end found.
+  const size_t cs = static_cast<size_t>(header_.cluster_size);
+  std::vector<uint8_t> old(cs, 0);
+  size_t got = 0;
+  DMCOW_RETURN_IF_ERROR(file_->Read(0, cs, old.data(), &got));
+  std::vector<uint8_t> unknown_fields;
+  if (header_.version >= 3 && header_.header_length > 112) {
+    unknown_fields.assign(old.begin() + 112, old.begin() + std::min<size_t>(header_.header_length, cs));
+  }
+  size_t old_used = got;
+  while (old_used > 0 && old[old_used - 1] == 0) old_used--;
+
+  std::vector<uint8_t> cluster;
+  size_t used = 0;
+  Status built = BuildHeaderCluster(next, unknown_fields, next.version >= 3 && cs > 4096, &cluster, &used);
+  if (built.ok() && used > kSectorBytes) {  // (B2): try for one sector
+    std::vector<uint8_t> small;
+    size_t small_used = 0;
+    if (BuildHeaderCluster(next, unknown_fields, false, &small, &small_used).ok() && small_used <= kSectorBytes) {
+      cluster.swap(small);
+      used = small_used;
+    }
+  }
+  if (!built.ok()) return built.WithMessage(name + ": No space left in the file header (" + built.message() + ")");
+  const size_t write_bytes = used <= kSectorBytes ? kSectorBytes : RoundUp(std::max(used, old_used), kSectorBytes);
+  DMCOW_RETURN_IF_ERROR(file_->Write(0, cluster.data(), write_bytes));
+  DMCOW_RETURN_IF_ERROR(file_->Sync());
+  if (write_bytes < old_used) {  // (B3)
+    const size_t stale = RoundUp(old_used, kSectorBytes) - write_bytes;
+    DMCOW_RETURN_IF_ERROR(file_->Write(write_bytes, cluster.data() + write_bytes, stale));
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+  }
+  next.backing_file_offset = LoadBE64(cluster.data() + 8);
+  next.backing_file_size = LoadBE32(cluster.data() + 16);
+  next.header_length = next.version >= 3 ? static_cast<uint32_t>(112 + unknown_fields.size()) : kV2HeaderLength;
+  header_ = std::move(next);
+  return Status::OK();
 }
 
 }  // namespace dmcow

@@ -44,6 +44,7 @@ Status Qcow2Image::CheckResize(uint64_t new_size) const {
 
 Status Qcow2Image::Grow(uint64_t new_size) {
   if (!writable_) return Image::Grow(new_size);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("resizing"));
   const uint64_t old_size = info_.virtual_size;
   if (new_size == old_size) return Status::OK();
   if (new_size < old_size) return Status::NotSupported(filename() + ": Grow cannot shrink an image");
@@ -57,6 +58,7 @@ Status Qcow2Image::Grow(uint64_t new_size) {
 
 Status Qcow2Image::Shrink(uint64_t new_size) {
   if (!writable_) return Image::Shrink(new_size);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("resizing"));
   if (new_size == info_.virtual_size) return Status::OK();
   if (new_size > info_.virtual_size) return Status::NotSupported(filename() + ": Shrink cannot grow an image");
   DMCOW_RETURN_IF_ERROR(CheckResize(new_size));

@@ -21,6 +21,8 @@
 
 namespace dmcow {
 
+struct Qcow2Bitmap;
+
 class Qcow2Image final : public TableImage, public DeviceImage {
  public:
   // Opens `file` as qcow2 up to its tables (LoadTables loads them); with a
@@ -46,8 +48,12 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status CreateSnapshot(SnapshotInfo* snapshot) override;
   Status DeleteSnapshot(const std::string& id) override;
   Status ApplySnapshot(const std::string& id) override;
+  // qemu-img amend's changes (qcow2_amend.cc, which states their order).
+  Status ChangeVersion(uint32_t version, const AmendProgress& progress) override;
+  Status ChangeRefcountBits(uint32_t bits, const AmendProgress& progress) override;
+  Status SetLazyRefcounts(bool on) override;
   // Block-device serving (qcow2_device.cc).
-  DeviceImage* AsDeviceImage() override { return this; }
+  DeviceImage* AsDeviceImage() override { return metadata_only_ ? nullptr : this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
@@ -97,6 +103,11 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status MakeEmptyLocked() REQUIRES(rw_mu_);
   Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
   Status ShrinkLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  // Writes `next` as the header (rules B2 and B3 at the top of
+  // qcow2_backing.cc: one sector where it fits, stale bytes zeroed after),
+  // synced, and takes it as header_. Callers make durable first whatever
+  // the new header names (B1).
+  Status WriteHeaderLocked(Qcow2Header next) REQUIRES(rw_mu_);
   // Writes the header's size field, synced, and takes it as the size.
   Status WriteVirtualSize(uint64_t new_size) REQUIRES(rw_mu_);
   // Unlinks the L2 table at `l2_offset` (0: none) from L1 entry `l1_index`;
@@ -125,6 +136,29 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // cluster as QEMU packs them; refcounts count each compressed cluster
   // touching a host cluster once.
   Status AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) REQUIRES(rw_mu_);
+
+  // NotSupported when the open was metadata_only (OpenOptions) and the
+  // image has valid persistent bitmaps: `what` would change guest content.
+  Status RefuseIfMetadataOnly(const char* what) const;
+
+  // qcow2_amend.cc.
+  Status UpgradeLocked(const AmendProgress& progress) REQUIRES(rw_mu_);
+  Status DowngradeLocked(const AmendProgress& progress) REQUIRES(rw_mu_);
+  // Every zero cluster of the tree under `l1` becomes unallocated (no
+  // backing file) or a zeroed data cluster (rule A2 of qcow2_amend.cc).
+  // `progress` hears each L1 entry done (after *done, of `total`).
+  Status ExpandZeroClustersInTree(const std::vector<uint64_t>& l1, const AmendProgress& progress, uint64_t* done,
+                                  uint64_t total) REQUIRES(rw_mu_);
+  // Calls visit(entry) for every L2 entry of the tree under `l1`.
+  template <typename Visit>
+  Status VisitL2Entries(const std::vector<uint64_t>& l1, Visit&& visit) REQUIRES(rw_mu_);
+  // Frees the persistent bitmaps' directory, tables and data clusters,
+  // once the header no longer names them.
+  Status FreeBitmapClustersLocked(const std::vector<Qcow2Bitmap>& bitmaps, uint64_t directory_offset,
+                                  uint64_t directory_bytes) REQUIRES(rw_mu_);
+  Status ChangeRefcountBitsLocked(uint32_t bits, const AmendProgress& progress) REQUIRES(rw_mu_);
+  // A fresh refcount view and overlap map, after the refcount structure moved.
+  Status ReloadRefcountsLocked() REQUIRES(rw_mu_);
 
   // qcow2_snapshot.cc.
   Status CreateSnapshotLocked(SnapshotInfo* snapshot) REQUIRES(rw_mu_);
@@ -182,6 +216,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;
+  bool metadata_only_ = false;                  // OpenOptions::metadata_only
+  size_t refcount_cache_bytes_ = 0;             // OpenOptions::refcount_cache_bytes, for ReloadRefcountsLocked
   bool header_writable_ = false;                // opened with OpenOptions::header_only: only ChangeBackingFile writes
   Status stopped_ GUARDED_BY(rw_mu_);           // the failure that stopped writing (WriteStep)
   std::unique_ptr<Qcow2OverlapGuard> overlap_;  // set when writable_; outlives refcounts_, which uses it

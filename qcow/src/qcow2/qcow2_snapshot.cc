@@ -115,6 +115,7 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id) {
 
 Status Qcow2Image::ApplySnapshot(const std::string& id) {
   if (!writable_) return Image::ApplySnapshot(id);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("applying a snapshot to"));
   if (header_.HasDataFile()) return NoSnapshotsWithDataFile(filename());
   return WriteStep([&]() REQUIRES(rw_mu_) { return ApplySnapshotLocked(id); });
 }

@@ -97,7 +97,8 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   // Autoclear bits mark extensions kept consistent by the writer. We do not
   // update bitmaps, so their bit is cleared (QEMU then ignores them, as the
   // specification requires); unknown bits are cleared too.
-  const uint64_t keep = kAutoclearDataFileRaw;
+  // A metadata-only open changes no guest byte: the bitmaps stay true.
+  const uint64_t keep = kAutoclearDataFileRaw | (options.metadata_only ? kAutoclearBitmaps : 0);
   if (h.version >= 3 && (h.autoclear_features & ~keep)) {
     h.autoclear_features &= keep;
     uint8_t raw[8];
@@ -105,6 +106,8 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
     DMCOW_RETURN_IF_ERROR(file_->Write(88, raw, sizeof(raw)));
     DMCOW_RETURN_IF_ERROR(file_->Sync());
   }
+  metadata_only_ = options.metadata_only;
+  refcount_cache_bytes_ = options.refcount_cache_bytes;
   refcounts_ = std::make_unique<Qcow2Refcounts>(file_.get(), &header_, options.refcount_cache_bytes);
   DMCOW_RETURN_IF_ERROR(refcounts_->Load());
   DMCOW_RETURN_IF_ERROR(LoadOverlapGuard());
@@ -112,6 +115,15 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   lazy_refcounts_ = h.version >= 3 && (h.compatible_features & kCompatLazyRefcounts);
   writable_ = true;
   return Status::OK();
+}
+
+Status Qcow2Image::RefuseIfMetadataOnly(const char* what) const {
+  const bool bitmaps_kept =
+      header_.has_bitmaps_ext && header_.nb_bitmaps > 0 && (header_.autoclear_features & kAutoclearBitmaps);
+  if (!metadata_only_ || !bitmaps_kept) return Status::OK();
+  return Status::NotSupported(filename() + ": " + what +
+                              " an image with persistent bitmaps is not supported yet (they would become "
+                              "inconsistent); remove them or use qemu-img");
 }
 
 Qcow2Image::~Qcow2Image() {
@@ -287,6 +299,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
 
 Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
   if (!writable_) return Image::Write(offset, buf, len);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("writing to"));
   DMCOW_RETURN_IF_ERROR(CheckWriteRange(offset, len));
   return WriteStep([&]() REQUIRES(rw_mu_) { return WriteLocked(offset, static_cast<const uint8_t*>(buf), len); });
 }
@@ -343,6 +356,7 @@ Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
 
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len) {
   if (!writable_) return Image::WriteZeroes(offset, len);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("writing zeroes to"));
   uint64_t end;
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": zero write past the virtual size");
@@ -352,6 +366,7 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len) {
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   if (!writable_) return Image::Discard(offset, len);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("discarding in"));
   uint64_t end;
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": discard past the virtual size");
@@ -387,6 +402,7 @@ Status Qcow2Image::AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset
 
 Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) {
   if (!writable_) return Image::WriteCompressedCluster(offset, payload, len);
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("writing to"));
   const uint64_t cs = header_.cluster_size;
   if (header_.HasDataFile()) {
     return Status::NotSupported(filename() + ": compressed clusters cannot be stored with an external data file");
@@ -473,6 +489,7 @@ Status Qcow2Image::Flush() {
 // in between leaks clusters at worst.
 Status Qcow2Image::MakeEmpty() {
   if (!writable_) return Image::MakeEmpty();
+  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("emptying"));
   if (info_.data_file_raw) {
     return Status::NotSupported(filename() +
                                 ": cannot empty an image whose external data file must stay a "

@@ -43,6 +43,7 @@ int CmdDd(int argc, char** argv);        // dd: copies part of an image into a n
 int CmdRebase(int argc, char** argv);    // rebase: gives an image another backing file (cmd_rebase.cc)
 int CmdBench(int argc, char** argv);     // bench: times reads or writes (cmd_bench.cc)
 int CmdSnapshot(int argc, char** argv);  // snapshot: internal snapshots (cmd_snapshot.cc)
+int CmdAmend(int argc, char** argv);     // amend: changes a qcow2 image's options (cmd_amend.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the

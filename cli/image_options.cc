@@ -125,6 +125,50 @@ int PrintOptionHelp(const char* filename, const std::string& fmt) {
   return 0;
 }
 
+// QEMU 7.2's qcow2 amend options, in its table order (the order amend
+// validates them in); help lists them sorted by name.
+const OptDesc kQcow2AmendOpts[] = {
+    {"encrypt.state", OptType::kString, nullptr, "Select new state of affected keyslots (active/inactive)", false},
+    {"encrypt.keyslot", OptType::kNumber, nullptr, "Select a single keyslot to modify explicitly", false},
+    {"encrypt.old-secret", OptType::kString, nullptr, "Select all keyslots that match this password", false},
+    {"encrypt.new-secret", OptType::kString, nullptr,
+     "New secret to set in the matching keyslots. Empty string to erase", false},
+    {"encrypt.iter-time", OptType::kNumber, nullptr, "Time to spend in PBKDF in milliseconds", false},
+    {"size", OptType::kSize, nullptr, "Virtual disk size", false},
+    {"compat", OptType::kString, nullptr, "Compatibility level (v2 [0.10] or v3 [1.1])", false},
+    {"backing_file", OptType::kString, nullptr, "File name of a base image", false},
+    {"backing_fmt", OptType::kString, nullptr, "Image format of the base image", false},
+    {"data_file", OptType::kString, nullptr, "File name of an external data file", false},
+    {"data_file_raw", OptType::kBool, nullptr, "The external data file must stay valid as a raw image", false},
+    {"lazy_refcounts", OptType::kBool, nullptr, "Postpone refcount updates", false},
+    {"refcount_bits", OptType::kNumber, nullptr, "Width of a reference count entry in bits", false},
+};
+
+OptList Qcow2AmendOptions() { return {std::begin(kQcow2AmendOpts), std::end(kQcow2AmendOpts)}; }
+
+int PrintAmendHelp(const std::string& fmt) {
+  OptList list;
+  if (!FindFormat(fmt, &list)) {
+    PrintError("Unknown file format '" + fmt + "'");
+    return 1;
+  }
+  if (fmt != "qcow2") {
+    PrintError("Format driver '" + fmt + "' does not support option amendment");
+    return 1;
+  }
+  std::vector<const OptDesc*> opts;
+  for (const OptDesc& d : kQcow2AmendOpts) opts.push_back(&d);
+  std::sort(opts.begin(), opts.end(),
+            [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
+  std::printf("Amend options for '%s':\n", fmt.c_str());
+  for (const OptDesc* d : opts) {
+    std::string line = std::string("  ") + d->name + "=<" + TypeName(d->type) + ">";
+    if (line.size() < 24) line.append(24 - line.size(), ' ');
+    std::printf("%s - %s\n", line.c_str(), d->help);
+  }
+  return 0;
+}
+
 // qemu-img's is_valid_option_list.
 bool IsValidOptionList(const char* s) {
   size_t len = std::strlen(s);

@@ -42,6 +42,13 @@ bool FindFormat(const std::string& fmt, OptList* list);
 // qemu-img's print_block_option_help; returns the exit code.
 int PrintOptionHelp(const char* filename, const std::string& fmt);
 
+// qemu-img amend's options for qcow2 (the only format dmcow-img amends), in
+// QEMU's table order.
+OptList Qcow2AmendOptions();
+
+// qemu-img amend's "-o help" for `fmt`; returns the exit code.
+int PrintAmendHelp(const std::string& fmt);
+
 // qemu-img's is_valid_option_list.
 bool IsValidOptionList(const char* s);
 

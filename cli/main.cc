@@ -38,6 +38,7 @@ const Command kCommands[] = {
      "bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N] [-o OFFSET] [--pattern=BYTE] [-s SIZE] [-S STEP] "
      "[-t CACHE] [-w] [-U] FILE"},
     {"rebase", CmdRebase, "rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U] [-u] -b BACKING [-F FMT] FILE"},
+    {"amend", CmdAmend, "amend [-f FMT] [-t CACHE] [-p] [-q] [--force] -o OPTIONS FILE"},
     {"snapshot", CmdSnapshot, "snapshot [-q] [-U] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE"},
 };
 

@@ -108,6 +108,9 @@ int RunSnapshot(const SnapshotArgs& args) {
   // nothing, so the header-only open (nothing changes, bitmaps stay valid).
   options.writable = !list;
   options.header_only = args.action == Action::kNone;
+  // Creating and deleting change no guest byte: persistent bitmaps stay
+  // valid, as with qemu-img (applying one changes the content).
+  options.metadata_only = args.action == Action::kCreate || args.action == Action::kDelete;
   std::unique_ptr<Image> image;
   if (!OpenImageOrReport(args.filename, path, options, &image).ok()) return 1;
   // The probe's warning is for writers (qemu-img's -l does not print it).

@@ -86,6 +86,17 @@ static const char* TypeName(OptType t) {
 }
 
 // qemu-img's print_block_option_help.
+// qemu's qemu_opts_print_help: the options sorted by name, one line each.
+static void PrintOptionLines(std::vector<const OptDesc*> opts) {
+  std::sort(opts.begin(), opts.end(),
+            [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
+  for (const OptDesc* d : opts) {
+    std::string line = std::string("  ") + d->name + "=<" + TypeName(d->type) + ">";
+    if (line.size() < 24) line.append(24 - line.size(), ' ');
+    std::printf("%s - %s\n", line.c_str(), d->help);
+  }
+}
+
 int PrintOptionHelp(const char* filename, const std::string& fmt) {
   OptList list;
   if (!FindFormat(fmt, &list)) {
@@ -104,19 +115,12 @@ int PrintOptionHelp(const char* filename, const std::string& fmt) {
                                     [](const OptDesc* d) { return std::strcmp(d->name, "preallocation") == 0; });
     if (!has_prealloc) opts.push_back(&kProtoPrealloc);
   }
-  std::sort(opts.begin(), opts.end(),
-            [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
   if (filename) {
     std::printf("Supported options:\n");
   } else {
     std::printf("Supported %s options:\n", fmt.c_str());
   }
-  for (const OptDesc* d : opts) {
-    std::string line = std::string("  ") + d->name + "=<" + TypeName(d->type) + ">";
-    if (line.size() < 24) line.append(24 - line.size(), ' ');
-    line += std::string(" - ") + d->help;
-    std::printf("%s\n", line.c_str());
-  }
+  PrintOptionLines(opts);
   if (!filename) {
     std::printf(
         "\nThe protocol level may support further options.\n"
@@ -158,14 +162,8 @@ int PrintAmendHelp(const std::string& fmt) {
   }
   std::vector<const OptDesc*> opts;
   for (const OptDesc& d : kQcow2AmendOpts) opts.push_back(&d);
-  std::sort(opts.begin(), opts.end(),
-            [](const OptDesc* a, const OptDesc* b) { return std::strcmp(a->name, b->name) < 0; });
   std::printf("Amend options for '%s':\n", fmt.c_str());
-  for (const OptDesc* d : opts) {
-    std::string line = std::string("  ") + d->name + "=<" + TypeName(d->type) + ">";
-    if (line.size() < 24) line.append(24 - line.size(), ' ');
-    std::printf("%s - %s\n", line.c_str(), d->help);
-  }
+  PrintOptionLines(opts);
   return 0;
 }
 

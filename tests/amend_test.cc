@@ -275,19 +275,6 @@ TEST_CASE("amend: persistent bitmaps stay valid, and a downgrade frees them", "[
 
 namespace {
 
-std::vector<uint8_t> Content(Env* env, const std::string& path, const std::string& snapshot = "") {
-  OpenOptions o;
-  o.env = env;
-  o.snapshot = snapshot;
-  std::unique_ptr<Image> image;
-  Status s = OpenImage(path, o, &image);
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-  std::vector<uint8_t> bytes(image->virtual_size());
-  REQUIRE(image->Read(0, bytes.data(), bytes.size()).ok());
-  return bytes;
-}
-
 ImageInfo InfoThrough(Env* env, const std::string& path) {
   OpenOptions o;
   o.env = env;
@@ -352,8 +339,8 @@ TEST_CASE("amend: a crash at any point leaves the image as before or after, with
         };
         CrashEnv original(UINT64_MAX);
         put(&original, img_bytes);
-        const std::vector<uint8_t> active = Content(&original, img);
-        const std::vector<uint8_t> snapshot = Content(&original, img, "1");
+        const std::vector<uint8_t> active = GuestContent(&original, img);
+        const std::vector<uint8_t> snapshot = GuestContent(&original, img, "1");
         REQUIRE(change.before(InfoThrough(&original, img)));
         auto run = [&](CrashEnv* env) {
           std::unique_ptr<Image> image;
@@ -387,7 +374,7 @@ TEST_CASE("amend: a crash at any point leaves the image as before or after, with
             put(&view, state.bytes);
             const ImageInfo info = InfoThrough(&view, img);
             CHECK((change.after(info) || (change.before(info) && !done)));
-            const bool same = Content(&view, img) == active && Content(&view, img, "1") == snapshot;
+            const bool same = GuestContent(&view, img) == active && GuestContent(&view, img, "1") == snapshot;
             CHECK(same);
             std::unique_ptr<Image> writer;
             REQUIRE(OpenImage(img, CrashTestOptions(&view), &writer).ok());
@@ -395,7 +382,7 @@ TEST_CASE("amend: a crash at any point leaves the image as before or after, with
             REQUIRE(writer->Write(0, fill.data(), fill.size()).ok());
             REQUIRE(writer->Flush().ok());
             writer.reset();
-            const bool kept = Content(&view, img, "1") == snapshot;  // (a bool: Catch would print the bytes)
+            const bool kept = GuestContent(&view, img, "1") == snapshot;  // (a bool: Catch would print the bytes)
             CHECK(kept);
             states++;
           }

@@ -208,6 +208,26 @@ TEST_CASE("snapshot: bad input gets qemu-img's message and changes nothing", "[s
 // Narrow refcounts: where one more reference would overflow a refcount,
 // nothing is written (qemu-img fails half way and leaks; its message for -c
 // is the same, -22).
+TEST_CASE("snapshot: -c and -d keep persistent bitmaps valid, as qemu-img", "[snapshot][qemu][bitmap]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  MustRun("cd '" + dir.path() +
+          "' && rm -rf src q o logs && mkdir src logs && (cd src && qemu-img create -q -f qcow2 "
+          "img 4M && qemu-img bitmap --add img b1 && qemu-io -c 'write -P 1 0 1M' img) >/dev/null && cp -a "
+          "--sparse=never src q && cp -a --sparse=never src o");
+  for (const char* step : {"snapshot -c first img", "snapshot -c second img", "snapshot -d first img"}) {
+    StepBoth(dir, step);
+    Result theirs = Exec(dir.path() + "/q", "qemu-img info img 2>&1");
+    Result ours = Exec(dir.path() + "/o", "qemu-img info img 2>&1");
+    INFO(step << "\nqemu-img's image:\n" << theirs.out << "\nours:\n" << ours.out);
+    CHECK(ours.out.find("name: b1") != std::string::npos);
+    CHECK(ours.out.find("inconsistent") == std::string::npos);
+    static const std::regex kDiskSize("disk size: [^\n]*\n");  // the layouts may differ
+    CHECK(std::regex_replace(MaskDates(ours.out), kDiskSize, "") ==
+          std::regex_replace(MaskDates(theirs.out), kDiskSize, ""));
+  }
+}
+
 TEST_CASE("snapshot: a refcount at its maximum refuses before writing", "[snapshot][qemu]") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;
@@ -269,19 +289,6 @@ namespace {
 
 // The guest content of `path` (active state, or the snapshot with id
 // `snapshot`), through `env`.
-std::vector<uint8_t> Content(Env* env, const std::string& path, const std::string& snapshot = "") {
-  OpenOptions o;
-  o.env = env;
-  o.snapshot = snapshot;
-  std::unique_ptr<Image> image;
-  Status s = OpenImage(path, o, &image);
-  INFO(s.ToString());
-  REQUIRE(s.ok());
-  std::vector<uint8_t> bytes(image->virtual_size());
-  REQUIRE(image->Read(0, bytes.data(), bytes.size()).ok());
-  return bytes;
-}
-
 std::vector<std::string> SnapshotIds(Env* env, const std::string& path) {
   OpenOptions o;
   o.env = env;
@@ -335,9 +342,9 @@ TEST_CASE("snapshot: a crash at any point leaves the snapshots and content befor
         original.PutFile(img, img_bytes);
         const std::vector<std::string> ids_before = SnapshotIds(&original, img);
         REQUIRE(ids_before == std::vector<std::string>{"1", "2"});
-        const std::vector<uint8_t> active_before = Content(&original, img);
-        const std::vector<uint8_t> snapshot1 = Content(&original, img, "1");
-        const std::vector<uint8_t> snapshot2 = Content(&original, img, "2");
+        const std::vector<uint8_t> active_before = GuestContent(&original, img);
+        const std::vector<uint8_t> snapshot1 = GuestContent(&original, img, "1");
+        const std::vector<uint8_t> snapshot2 = GuestContent(&original, img, "2");
         const std::vector<uint8_t>& active_after = std::string(op.name) == "apply" ? snapshot1 : active_before;
         auto run = [&](CrashEnv* env) {
           std::unique_ptr<Image> image;
@@ -368,7 +375,7 @@ TEST_CASE("snapshot: a crash at any point leaves the snapshots and content befor
             view.PutFile(img, state.bytes);
             const std::vector<std::string> ids = SnapshotIds(&view, img);
             CHECK((ids == op.ids_after || (ids == ids_before && !done)));
-            const std::vector<uint8_t> active = Content(&view, img);
+            const std::vector<uint8_t> active = GuestContent(&view, img);
             const bool before_or_after = active == active_after || (active == active_before && !done);
             CHECK(before_or_after);
             // Every snapshot there keeps its content, also once the active
@@ -377,7 +384,7 @@ TEST_CASE("snapshot: a crash at any point leaves the snapshots and content befor
               for (const std::string& id : ids) {
                 INFO("snapshot " << id << (pass == 0 ? "" : ", after the active state was overwritten"));
                 const std::vector<uint8_t>& expected = id == "1" ? snapshot1 : id == "2" ? snapshot2 : active_before;
-                const bool kept = Content(&view, img, id) == expected;  // (a bool: Catch would print the bytes)
+                const bool kept = GuestContent(&view, img, id) == expected;  // (a bool: Catch would print the bytes)
                 CHECK(kept);
               }
               if (pass == 1) break;

@@ -237,4 +237,17 @@ std::vector<size_t> SampledIndices(size_t count) {
   return picked;
 }
 
+std::vector<uint8_t> GuestContent(dmcow::Env* env, const std::string& path, const std::string& snapshot) {
+  dmcow::OpenOptions o;
+  o.env = env;
+  o.snapshot = snapshot;
+  std::unique_ptr<dmcow::Image> image;
+  dmcow::Status s = dmcow::OpenImage(path, o, &image);
+  INFO(s.ToString());
+  REQUIRE(s.ok());
+  std::vector<uint8_t> bytes(image->virtual_size());
+  REQUIRE(image->Read(0, bytes.data(), bytes.size()).ok());
+  return bytes;
+}
+
 }  // namespace dmcow_test

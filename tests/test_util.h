@@ -142,6 +142,11 @@ std::string SourceDir();
 // the current test with the engine's message.
 std::unique_ptr<dmcow::Image> MustOpenWritable(const std::string& path, dmcow::Env* env = nullptr);
 
+// What the guest reads of the image at `path` (through `env`), or of its
+// internal snapshot `snapshot` (id or name); a failed open or read fails
+// the current test.
+std::vector<uint8_t> GuestContent(dmcow::Env* env, const std::string& path, const std::string& snapshot = "");
+
 // The block-device calls of a qcow2 or qcow v1 image
 // (Image::AsDeviceImage); an image without them (raw) fails the test.
 dmcow::DeviceImage* Device(dmcow::Image* image);

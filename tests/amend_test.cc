@@ -365,7 +365,11 @@ TEST_CASE("amend: a crash at any point leaves the image as before or after, with
           CrashEnv env(k);
           put(&env, img_bytes);
           const bool done = run(&env);
-          for (const CrashEnv::State& state : env.CrashStates(img, k, 4)) {
+          // The sanitizer pass checks a spread few of each point's states:
+          // a downgrade with 512-byte clusters leaves hundreds pending.
+          const std::vector<CrashEnv::State> all_states = env.CrashStates(img, k, 4);
+          for (const CrashEnv::State* sampled : Sampled(all_states)) {
+            const CrashEnv::State& state = *sampled;
             INFO(change.name << ", cluster_size=" << cluster << ": crash after " << k << " of " << dry.ops()
                              << " writes/syncs, " << state.label << "\n"
                              << env.DescribePending(img));

@@ -332,34 +332,6 @@ TEST_CASE("check and repair agree with qemu-img on damaged images", "[check][qem
   }
 }
 
-// The dirty ranges of `bitmap` as QEMU reads them: qemu-nbd exports it, and
-// map shows its dirty ranges as "data": false. The export is read-only, so
-// SIGKILL ends it at once (qemu-nbd takes over a second to leave by itself).
-std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& dir, const std::string& image,
-                                                           const std::string& bitmap) {
-  MustRun("cd '" + dir +
-          "' && rm -f nbd.sock nbd.pid && qemu-nbd --fork --pid-file=nbd.pid -k \"$PWD/nbd.sock\" -r -B " + bitmap +
-          " -f qcow2 " + image);
-  Result map = Exec(dir,
-                    "qemu-img map --output=json --image-opts driver=nbd,server.type=unix,server.path=nbd.sock,"
-                    "x-dirty-bitmap=qemu:dirty-bitmap:" +
-                        bitmap);
-  MustRun("cd '" + dir +
-          "' && kill -9 $(cat nbd.pid) 2>/dev/null; while kill -0 $(cat nbd.pid) 2>/dev/null; do sleep 0.05; done");
-  REQUIRE(map.rc == 0);
-  std::vector<std::pair<uint64_t, uint64_t>> dirty;
-  for (const auto& e : nlohmann::json::parse(map.out)) {
-    if (e["data"].get<bool>()) continue;
-    const uint64_t start = e["start"], length = e["length"];
-    if (!dirty.empty() && dirty.back().first + dirty.back().second == start) {
-      dirty.back().second += length;
-    } else {
-      dirty.emplace_back(start, length);
-    }
-  }
-  return dirty;
-}
-
 bool Covers(const std::vector<std::pair<uint64_t, uint64_t>>& ranges, uint64_t start, uint64_t len) {
   for (const auto& [s, l] : ranges) {
     if (s <= start && start + len <= s + l) return true;

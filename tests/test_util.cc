@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <set>
 
 namespace dmcow_test {
@@ -248,6 +249,37 @@ std::vector<uint8_t> GuestContent(dmcow::Env* env, const std::string& path, cons
   std::vector<uint8_t> bytes(image->virtual_size());
   REQUIRE(image->Read(0, bytes.data(), bytes.size()).ok());
   return bytes;
+}
+
+// The dirty ranges of `bitmap` as QEMU reads them: qemu-nbd exports it, and
+// map shows its dirty ranges as "data": false. The export is read-only, so
+// SIGKILL ends it at once (qemu-nbd takes over a second to leave by itself);
+// once it is a zombie its files and locks are gone (the reaper here can
+// take a second more).
+std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& dir, const std::string& image,
+                                                           const std::string& bitmap) {
+  MustRun("cd '" + dir +
+          "' && rm -f nbd.sock nbd.pid && qemu-nbd --fork --pid-file=nbd.pid -k \"$PWD/nbd.sock\" -r -B " + bitmap +
+          " -f qcow2 " + image);
+  Result map = Exec(dir,
+                    "qemu-img map --output=json --image-opts driver=nbd,server.type=unix,server.path=nbd.sock,"
+                    "x-dirty-bitmap=qemu:dirty-bitmap:" +
+                        bitmap);
+  MustRun("cd '" + dir +
+          "' && p=$(cat nbd.pid) && kill -9 $p 2>/dev/null; while [ -e /proc/$p ] && "
+          "! grep -q '^[0-9]* (.*) Z' /proc/$p/stat 2>/dev/null; do sleep 0.01; done");
+  REQUIRE(map.rc == 0);
+  std::vector<std::pair<uint64_t, uint64_t>> dirty;
+  for (const auto& e : nlohmann::json::parse(map.out)) {
+    if (e["data"].get<bool>()) continue;
+    const uint64_t start = e["start"], length = e["length"];
+    if (!dirty.empty() && dirty.back().first + dirty.back().second == start) {
+      dirty.back().second += length;
+    } else {
+      dirty.emplace_back(start, length);
+    }
+  }
+  return dirty;
 }
 
 }  // namespace dmcow_test

@@ -104,6 +104,11 @@ auto Sampled(const Container& all) {
   return picked;
 }
 
+// The dirty ranges (start, length) of persistent bitmap `bitmap` of the
+// qcow2 image `image` in `dir`, as QEMU reads them (qemu-nbd exports it).
+std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& dir, const std::string& image,
+                                                           const std::string& bitmap);
+
 // A file's bytes as a string ("" if it cannot be read).
 std::string ReadText(const std::string& path);
 

@@ -22,6 +22,7 @@
 namespace dmcow {
 
 class DeviceImage;
+class Image;
 
 struct OpenOptions {
   std::string format;                       // "raw", "qcow", "qcow2"; empty = detect from content
@@ -135,6 +136,15 @@ struct ImageInfo {
 
 // How far an amend step is: (work done, total work), in the step's units.
 using AmendProgress = std::function<void(uint64_t done, uint64_t total)>;
+
+// One of qemu-img bitmap's actions on a persistent dirty bitmap.
+struct BitmapAction {
+  enum class Kind { kAdd, kRemove, kClear, kEnable, kDisable, kMerge };
+  Kind kind = Kind::kAdd;
+  uint64_t granularity = 0;  // kAdd: bytes per bit (0: QEMU's default for the cluster size)
+  Image* source = nullptr;   // kMerge: the image holding the source bitmap (nullptr: this one)
+  std::string source_name;   // kMerge: the source bitmap
+};
 
 class Image {
  public:
@@ -260,6 +270,18 @@ class Image {
   // The lazy refcounts compatible feature (version 3); turning it off makes
   // every refcount durable first.
   virtual Status SetLazyRefcounts(bool on);
+  // qemu-img bitmap: applies `actions`, in order, to the persistent dirty
+  // bitmap `name` (qcow2 version 3; kAdd makes an enabled bitmap, kMerge
+  // sets every bit covering a range the source bitmap marks dirty, at this
+  // bitmap's granularity). Guest content is untouched, and other bitmaps
+  // stay valid. The outcome is written as one change, durable when this
+  // returns: a crash leaves every bitmap as before or as after, with at
+  // most leaked clusters (qcow/src/qcow2/qcow2_bitmap_change.cc). On a
+  // refusal, *failed (when set) gets the index of the refused action, whose
+  // status, with qemu's words after "PATH: ", is returned; the actions
+  // before it are still written, as qemu-img keeps them. A bitmap in use
+  // (left inconsistent) can only be removed.
+  virtual Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed);
   // Reserves the storage of the guest range (qemu's preallocation=falloc
   // for raw files: fallocate), or with `write_zeroes` writes zeros over it
   // (preallocation=full). Formats other than raw return NotSupported.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "qcow2/qcow2_bitmaps.h"
 #include "util.h"
 
 namespace dmcow {
@@ -74,6 +75,19 @@ Status AmendNotSupported(const Image& image) {
 Status Image::ChangeVersion(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
 Status Image::ChangeRefcountBits(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
 Status Image::SetLazyRefcounts(bool) { return AmendNotSupported(*this); }
+
+// Formats without persistent bitmaps: QEMU's answers (an add is refused by
+// the format, any other action finds no bitmap).
+Status Image::ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) {
+  if (failed) *failed = 0;
+  if (actions.empty()) return Status::OK();
+  if (actions[0].kind == BitmapAction::Kind::kAdd) {
+    DMCOW_RETURN_IF_ERROR(CheckBitmapAddRequest(filename(), name, actions[0].granularity));
+    return Status::NotSupported(filename() + ": Can't store persistent bitmaps to " + filename() +
+                                ": Operation not supported");
+  }
+  return Status::NotFound(filename() + ": Dirty bitmap '" + name + "' not found");
+}
 
 Status Image::ChangeBackingFile(const std::string&, const std::string&) {
   return Status::NotSupported(filename() + ": changing the backing file is not supported for this format (" +

@@ -146,6 +146,15 @@ Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& h, std::vector<Qc
   return ValidateBitmapTables(file, h, std::move(tables));
 }
 
+Status CheckBitmapAddRequest(const std::string& path, const std::string& name, uint64_t granularity) {
+  if (name.empty()) return Status::InvalidArgument(path + ": Bitmap name cannot be empty");
+  if (granularity != 0 &&
+      (granularity < 512 || granularity > (uint64_t{1} << 31) || (granularity & (granularity - 1)))) {
+    return Status::InvalidArgument(path + ": Granularity must be power of 2 and at least 512");
+  }
+  return Status::OK();
+}
+
 Status WriteQcow2BitmapFlags(File* file, const Qcow2Bitmap& bitmap, uint32_t flags) {
   uint8_t raw[4];
   StoreBE32(raw, flags);

@@ -35,6 +35,28 @@ struct Qcow2Bitmap {
   bool enabled() const { return (flags & kAuto) && !in_use(); }
 };
 
+// A bitmap as stored: its table, in the file of the image that holds it
+// (a merge reads bitmaps of another image).
+struct Qcow2StoredBitmap {
+  File* file = nullptr;
+  uint64_t cluster_size = 0;
+  uint64_t table_offset = 0;
+  uint32_t table_entries = 0;
+  uint8_t granularity_bits = 0;
+};
+
+// A bitmap of a directory being planned (qcow2_bitmap_change.cc).
+struct Qcow2PlannedBitmap {
+  Qcow2Bitmap meta;      // name, flags, granularity; its stored table while !rewrite
+  bool rewrite = false;  // its bits change: written anew as the union of `bits_from`
+  std::vector<Qcow2StoredBitmap> bits_from;
+};
+
+// QEMU's first checks of a new bitmap (qmp_block_dirty_bitmap_add): a
+// name, and a granularity (0: the default) that is a power of two from 512
+// bytes to 2 GiB. InvalidArgument with qemu's words after "PATH: ".
+Status CheckBitmapAddRequest(const std::string& path, const std::string& name, uint64_t granularity);
+
 // The bitmap directory with every check QEMU makes when it opens an image
 // (each table of a bitmap not in use is validated too). Empty without the
 // extension (or with its autoclear bit clear: QEMU ignores it then).

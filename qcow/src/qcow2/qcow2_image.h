@@ -22,6 +22,8 @@
 namespace dmcow {
 
 struct Qcow2Bitmap;
+struct Qcow2PlannedBitmap;
+struct Qcow2StoredBitmap;
 
 class Qcow2Image final : public TableImage, public DeviceImage {
  public:
@@ -52,6 +54,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ChangeVersion(uint32_t version, const AmendProgress& progress) override;
   Status ChangeRefcountBits(uint32_t bits, const AmendProgress& progress) override;
   Status SetLazyRefcounts(bool on) override;
+  // qemu-img bitmap's changes (qcow2_bitmap_change.cc, which states their order).
+  Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) override;
   // Block-device serving (qcow2_device.cc).
   DeviceImage* AsDeviceImage() override { return metadata_only_ ? nullptr : this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
@@ -159,6 +163,16 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ChangeRefcountBitsLocked(uint32_t bits, const AmendProgress& progress) REQUIRES(rw_mu_);
   // A fresh refcount view and overlap map, after the refcount structure moved.
   Status ReloadRefcountsLocked() REQUIRES(rw_mu_);
+
+  // qcow2_bitmap_change.cc.
+  Status ChangeBitmapLocked(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed)
+      REQUIRES(rw_mu_);
+  // Writes the bits of `sources` (their union, at b's granularity) as a
+  // new table and data clusters, not synced, and points *b at them.
+  Status StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, Qcow2Bitmap* b) REQUIRES(rw_mu_);
+  // Makes `plan` the bitmap directory (D1-D3), freeing what only `old` named.
+  Status WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& old, const std::vector<Qcow2PlannedBitmap>& plan)
+      REQUIRES(rw_mu_);
 
   // qcow2_snapshot.cc.
   Status CreateSnapshotLocked(SnapshotInfo* snapshot) REQUIRES(rw_mu_);

@@ -232,6 +232,12 @@ std::string OpenFailure(const std::string& path, const Status& s) {
   // The image file itself could not be opened: qemu-img's file-posix words.
   const std::string open_failed = path + ": open: ";
   if (why.rfind(open_failed, 0) == 0) why = "Could not open '" + path + "': " + why.substr(open_failed.size());
+  // -f naming a format QEMU does not have either: its words.
+  const std::string unknown = path + ": unknown image format '";
+  if (why.rfind(unknown, 0) == 0 && why.back() == '\'') {
+    const std::string format = why.substr(unknown.size(), why.size() - unknown.size() - 1);
+    if (!QemuHasDriver(format)) why = "Unknown driver '" + format + "'";
+  }
   return why;
 }
 

@@ -333,6 +333,15 @@ void FillCreateOptions(const OptionSet& set, CreateOptions* co) {
   }
 }
 
+bool QemuHasDriver(const std::string& driver) {
+  static const char* const kQemuDrivers[] = {"vmdk", "vdi",   "vpc",   "vhdx", "qed",         "parallels", "luks",
+                                             "dmg",  "cloop", "bochs", "file", "host_device", "nbd"};
+  for (const char* known : kQemuDrivers) {
+    if (driver == known) return true;
+  }
+  return false;
+}
+
 std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenOptions* options) {
   if (opts.empty()) return "Must specify either driver or file";
   std::string driver, file, file_driver, backing;
@@ -366,11 +375,7 @@ std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenO
     }
   }
   if (!driver.empty() && driver != "raw" && driver != "qcow" && driver != "qcow2") {
-    static const char* const kQemuFormats[] = {"vmdk", "vdi",   "vpc",   "vhdx", "qed",         "parallels", "luks",
-                                               "dmg",  "cloop", "bochs", "file", "host_device", "nbd"};
-    for (const char* known : kQemuFormats) {
-      if (driver == known) return "unsupported image format '" + driver + "'";
-    }
+    if (QemuHasDriver(driver)) return "unsupported image format '" + driver + "'";
     return "Unknown driver '" + driver + "'";
   }
   if (!file_driver.empty() && file_driver != "file") return "unsupported protocol driver '" + file_driver + "'";

@@ -85,6 +85,10 @@ std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& ext
 // Copies the format options in `set` into *co (size excluded).
 void FillCreateOptions(const OptionSet& set, CreateOptions* co);
 
+// Whether QEMU has a block driver of this name that dmcow-img does not
+// open (vmdk, nbd...): "unsupported" rather than qemu's "Unknown driver".
+bool QemuHasDriver(const std::string& driver);
+
 // qemu-img's --image-opts: an image named by options instead of a file
 // name, e.g. "driver=qcow2,file.filename=vm.qcow2,backing=null". Accepted:
 // driver (raw, qcow, qcow2; probed if absent), file.filename, file.driver

@@ -39,6 +39,9 @@ const Command kCommands[] = {
      "[-t CACHE] [-w] [-U] FILE"},
     {"rebase", CmdRebase, "rebase [-f FMT] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U] [-u] -b BACKING [-F FMT] FILE"},
     {"amend", CmdAmend, "amend [-f FMT] [-t CACHE] [-p] [-q] [--force] -o OPTIONS FILE"},
+    {"bitmap", CmdBitmap,
+     "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F "
+     "SOURCE_FMT]] [-g GRANULARITY] [--image-opts | -f FMT] FILE BITMAP"},
     {"snapshot", CmdSnapshot, "snapshot [-q] [-U] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE"},
 };
 

@@ -3,7 +3,7 @@
 // A qemu-io in the background holds an image (qemu_holder.h), and each
 // dmcow-img command is run next to the same qemu-img command:
 //  - writers (create, convert's target with and without -n, commit, check
-//    -r, snapshot -c/-a/-d, amend) are refused while QEMU has the image open read-write, with
+//    -r, snapshot -c/-a/-d, amend, bitmap) are refused while QEMU has the image open read-write, with
 //    qemu-img's message and exit code, and the image (and commit's base)
 //    keeps every byte;
 //  - readers (info, map, check, compare, convert's source, snapshot -l; checksum, which
@@ -99,7 +99,7 @@ TEST_CASE("lock: every writer is refused while QEMU writes the image, which keep
           "convert -O raw src.qcow2 img.qcow2", "convert -n -O qcow2 src.qcow2 img.qcow2",
           "convert -U -O qcow2 src.qcow2 img.qcow2", "commit img.qcow2", "commit -d img.qcow2",
           "check -r all img.qcow2", "snapshot -c s img.qcow2", "snapshot -a s img.qcow2", "snapshot -d s img.qcow2",
-          "amend -o compat=0.10 img.qcow2", "amend -o lazy_refcounts=on img.qcow2"}) {
+          "amend -o compat=0.10 img.qcow2", "amend -o lazy_refcounts=on img.qcow2", "bitmap --add img.qcow2 b"}) {
       INFO("command: " << args);
       const Result r = Same(dir.path(), args);
       CHECK(r.rc == 1);

@@ -2,7 +2,7 @@
 //
 //   convert [-c] [-p] [-q] [-n] [-W] [-C] [-U] [-f FMT] [-O FMT] [-o OPTIONS]
 //           [-B|-b BACKING -F FMT] [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE]
-//           [-T CACHE] [--target-is-zero] SRC... DST
+//           [-T CACHE] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] SRC... DST
 //
 // Options, messages and exit codes as qemu-img 7.2's; beyond it, -b as an
 // alias of -B and `-o compression_level=N` for -c. Several sources are
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cli_common.h"
+#include "convert_bitmaps.h"
 #include "convert_job.h"
 #include "dmcow/compress.h"
 #include "dmcow/create.h"
@@ -72,6 +73,8 @@ struct ConvertArgs {
   bool target_is_zero = false;          // --target-is-zero
   bool image_opts = false;              // --image-opts
   bool force_share = false;             // -U, --force-share
+  bool bitmaps = false;                 // --bitmaps
+  bool skip_broken_bitmaps = false;     // --skip-broken-bitmaps
   uint64_t min_sparse = 4096;           // -S
   int coroutines = 0;                   // -m; 0: not given
   std::vector<std::string> sources;     // SRC...
@@ -84,12 +87,14 @@ struct ConvertArgs {
 // command ends here: 0 after -h or "-o help", 1 after a bad command line
 // (message printed).
 std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
-  enum { kOptTargetIsZero = 256, kOptImageOpts };
+  enum { kOptTargetIsZero = 256, kOptImageOpts, kOptBitmaps, kOptSkipBrokenBitmaps };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"object", required_argument, nullptr, kObjectOption},
                                         {"force-share", no_argument, nullptr, 'U'},
                                         {"target-is-zero", no_argument, nullptr, kOptTargetIsZero},
                                         {"image-opts", no_argument, nullptr, kOptImageOpts},
+                                        {"bitmaps", no_argument, nullptr, kOptBitmaps},
+                                        {"skip-broken-bitmaps", no_argument, nullptr, kOptSkipBrokenBitmaps},
                                         {nullptr, 0, nullptr, 0}};
   std::vector<std::string> files;
   auto on_option = [&](int c, const char* arg) -> std::optional<int> {
@@ -134,6 +139,8 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
       }
       case kOptTargetIsZero: args->target_is_zero = true; break;
       case kOptImageOpts: args->image_opts = true; break;
+      case kOptBitmaps: args->bitmaps = true; break;
+      case kOptSkipBrokenBitmaps: args->skip_broken_bitmaps = true; break;
       case 'U': args->force_share = true; break;  // the sources only, as in qemu-img
       case 'r':
         if (!ParseSize(arg, &args->rate_limit)) {
@@ -148,6 +155,10 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
   };
   if (auto rc = ParseGetopt(argc, argv, ":hf:O:B:b:F:Cco:l:S:pt:T:qnm:WUr:", kLong, on_option, &files)) return rc;
 
+  if (args->skip_broken_bitmaps && !args->bitmaps) {
+    PrintError("Use of --skip-broken-bitmaps requires --bitmaps");
+    return 1;
+  }
   if (!ValidCacheMode(args->cache)) {
     PrintError("Invalid cache option: " + args->cache);
     return 1;
@@ -232,6 +243,14 @@ int RunConvert(const ConvertArgs& args) {
     sources.push_back(std::move(src));
   }
 
+  if (args.bitmaps) {
+    if (sources.size() > 1) {
+      PrintError("Copying bitmaps only possible with single source");
+      return 1;
+    }
+    if (!CheckSourceBitmaps(*sources[0], args.skip_broken_bitmaps)) return 1;
+  }
+
   // Target.
   NoSyncEnv unsafe_create_env(&create_env), unsafe_env(&target_env);
   const bool unsafe = args.cache == "unsafe";
@@ -265,6 +284,8 @@ int RunConvert(const ConvertArgs& args) {
   to.env = env;
   std::unique_ptr<Image> target;
   if (!OpenImageOrReport(dst, to, &target).ok()) return 1;
+  if (args.bitmaps && !CheckTargetTakesBitmaps(*target)) return 1;
+  const std::vector<BitmapInfo> target_bitmaps = target->info().bitmaps;  // convert -n: what it held
   if (target->virtual_size() < total_size) {
     PrintError("Output image is too small (" + std::to_string(target->virtual_size()) + " bytes, " +
                std::to_string(total_size) + " needed)");
@@ -302,6 +323,10 @@ int RunConvert(const ConvertArgs& args) {
   if (ok) progress.Set(100);
   progress.End();
   if (!ok) PrintError(error);
+  if (ok && args.bitmaps) {
+    target.reset();  // written and closed: the bitmaps go in through a metadata-only open
+    ok = CopyBitmaps(sources[0].get(), dst, env, target_bitmaps);
+  }
   return ok ? 0 : 1;
 }
 

@@ -162,7 +162,7 @@ TEST_CASE("bitmap: bad input gets qemu-img's message; a refusal changes nothing"
   MakeSource(dir, "qemu-img create -q -f qcow2 img 16M" + WithBitmaps("16M") +
                       " && qemu-img create -q -f qcow2 -o compat=0.10 v2 16M && qemu-img create -q -f raw r 16M"
                       " && qemu-img create -q -f qcow q1 16M && qemu-img create -q -f qcow2 d 32M"
-                      " && qemu-img bitmap --add d db");
+                      " && qemu-img bitmap --add d db && qemu-img create -q -f qcow2 big 4T");
   const std::string long_name(1024, 'x'), longest_name(1023, 'y');
   for (const std::string& args : std::vector<std::string>{
            "img",
@@ -176,6 +176,7 @@ TEST_CASE("bitmap: bad input gets qemu-img's message; a refusal changes nothing"
            "--add -g x img n",
            "--add -g -1 img n",
            "--add -g 4T img n",
+           "--add -g 512 big n",  // 1 GiB of bits: too many
            "--add img ''",
            "--add img " + long_name,
            "--remove img nosuch",
@@ -216,15 +217,17 @@ TEST_CASE("bitmap: bad input gets qemu-img's message; a refusal changes nothing"
     CHECK(Exec(dir.path(), "diff -r src o").rc == 0);
   }
   // Accepted edge cases.
-  for (const std::string& args :
-       std::vector<std::string>{"--add img " + longest_name, "--add -g 2G img g", "--add -g 1k img g",
-                                "--add -g 0 img b0", "--image-opts --add driver=qcow2,file.filename=img n",
-                                "--object secret,id=s,data=x -f qcow2 --add -- img n"}) {
+  for (const std::string& args : std::vector<std::string>{
+           "--add img " + longest_name, "--add -g 2G img g", "--add -g 1k img g", "--add -g 0 img b0",
+           "--image-opts --add driver=qcow2,file.filename=img n", "--object secret,id=s,data=x -f qcow2 --add -- img n",
+           "--add -g 1k big n"}) {  // 512 MiB of bits: the most allowed
     MustRun("cd '" + dir.path() + "' && rm -rf q o && cp -a src q && cp -a src o");
     INFO("bitmap " << args);
     CheckSameOutput(Run(dir, "q", "qemu-img", args), Run(dir, "o", Ours(), args));
     CHECK(InfoOf(dir / "o") == InfoOf(dir / "q"));
+    CHECK(InfoOf(dir / "o", "big") == InfoOf(dir / "q", "big"));
     CHECK(Exec(dir / "o", "qemu-img check img").rc == 0);
+    CHECK(Exec(dir / "o", "qemu-img check big").rc == 0);
   }
 }
 

@@ -33,10 +33,7 @@ using namespace qcow2;
 
 namespace {
 
-constexpr uint64_t kAllOnesEntry = 1;              // a table entry: every bit of its cluster set
 constexpr uint64_t kMaxDirectoryBytes = 64 << 20;  // QCOW2_MAX_BITMAP_DIRECTORY_SIZE
-constexpr uint64_t kMaxBitmapBytes = 0x20000000;   // BME_MAX_PHYS_SIZE
-constexpr uint64_t kMaxTableEntries = 0x8000000;   // BME_MAX_TABLE_SIZE
 constexpr size_t kMaxNameBytes = 1023;             // BME_MAX_NAME_SIZE
 
 // Reads the bits of a stored bitmap, one data cluster cached. Its table was
@@ -63,7 +60,7 @@ class Qcow2StoredBitmapReader {
       const uint64_t entry_end = std::min(to, (index + 1) * bits_per_cluster_);
       const uint64_t entry = index < table_.size() ? table_[index] : 0;
       const uint64_t offset = entry & kOffsetMask;
-      if (entry == kAllOnesEntry) break;
+      if (entry == kBitmapAllOnesEntry) break;
       if (offset == 0) {
         k = entry_end;
         continue;
@@ -174,7 +171,7 @@ Status Qcow2Image::ChangeBitmapLocked(const std::string& name, const std::vector
         const uint64_t bytes = DivRoundUp(DivRoundUp(disk, granularity), 8);
         if (header_.version < 3) {
           refused = Status::InvalidArgument(cannot + "Cannot store dirty bitmaps in qcow2 v2 files");
-        } else if (bytes > kMaxBitmapBytes || bytes > kMaxTableEntries * header_.cluster_size) {
+        } else if (bytes > kMaxBitmapBytes || bytes > kMaxBitmapTableEntries * header_.cluster_size) {
           refused =
               Status::InvalidArgument(cannot + "Too much space will be occupied by the bitmap. Use larger granularity");
         } else if (disk == 0) {
@@ -276,7 +273,7 @@ Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& s
   const uint64_t disk = header_.DiskSize();
   const uint8_t g = b->granularity_bits;
   const uint64_t bits = BitsFor(disk, g);
-  const uint64_t entries = DivRoundUp(DivRoundUp(bits, 64) * 8, cs);
+  const uint64_t entries = Qcow2BitmapTableEntries(disk, g, cs);
   if (entries == 0) {
     return Status::NotSupported(filename() + ": a bitmap of a 0-byte disk has no table to store, so '" + b->name +
                                 "' is not stored (QEMU loses it too)");
@@ -322,7 +319,7 @@ Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& s
   DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(raw.size() / cs, &b->table_offset));
   DMCOW_RETURN_IF_ERROR(overlap_->CheckWrite(b->table_offset, raw.size(), 0, "bitmap table write"));
   DMCOW_RETURN_IF_ERROR(file_->Write(b->table_offset, raw.data(), raw.size()));
-  b->table_entries = static_cast<uint32_t>(entries);  // <= kMaxTableEntries: checked at add
+  b->table_entries = static_cast<uint32_t>(entries);  // <= kMaxBitmapTableEntries: checked at add
   return Status::OK();
 }
 
@@ -341,6 +338,7 @@ Status Qcow2Image::WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& ol
       return Status::InvalidArgument(filename() + ": the bitmap directory would be larger than 64 MiB");
     }
   }
+  const uint64_t dir_bytes = dir.size();  // before rounding up to clusters
   uint64_t dir_offset = 0;
   if (!dir.empty()) {
     dir.resize(RoundUp(dir.size(), cs), 0);
@@ -352,8 +350,6 @@ Status Qcow2Image::WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& ol
   DMCOW_RETURN_IF_ERROR(refcounts_->Flush());
 
   // (D2) The switch.
-  uint64_t dir_bytes = 0;
-  for (const Qcow2PlannedBitmap& p : plan) dir_bytes += DirectoryEntryBytes(p.meta.name.size());
   const uint64_t old_dir_offset = old.empty() ? 0 : header_.bitmap_directory_offset;
   const uint64_t old_dir_bytes = old.empty() ? 0 : header_.bitmap_directory_size;
   Qcow2Header next = header_;

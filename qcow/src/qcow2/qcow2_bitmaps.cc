@@ -13,7 +13,6 @@ using namespace qcow2;
 namespace {
 
 constexpr uint64_t kEntryReserved = 0xff000000000001feULL;  // BME_TABLE_ENTRY_RESERVED_MASK
-constexpr uint64_t kAllOnes = 1;                            // BME_TABLE_ENTRY_FLAG_ALL_ONES
 
 struct BitmapTableRef {
   uint64_t offset = 0;
@@ -48,7 +47,7 @@ Status ValidateBitmapTables(File* file, const Qcow2Header& h, std::vector<Bitmap
         const uint64_t entry = LoadBE64(&buf[i]);
         const uint64_t offset = entry & kOffsetMask;
         const char* why = (entry & kEntryReserved)                    ? "reserved bits set"
-                          : offset && (entry & kAllOnes)              ? "the all-ones flag set with a data offset"
+                          : offset && (entry & kBitmapAllOnesEntry)   ? "the all-ones flag set with a data offset"
                           : offset && (offset & (h.cluster_size - 1)) ? "a data offset that is not cluster aligned"
                                                                       : nullptr;
         if (why) {
@@ -72,8 +71,6 @@ Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& h, std::vector<Qc
   const std::string& name = file->name();
   // The checks of QEMU's bitmap_list_load and check_dir_entry (block/qcow2-bitmap.c),
   // which QEMU applies on every open, then those of its bitmap_table_load.
-  constexpr uint64_t kMaxTableEntries = 0x8000000;  // BME_MAX_TABLE_SIZE
-  constexpr uint64_t kMaxPhysBytes = 0x20000000;    // BME_MAX_PHYS_SIZE
   constexpr uint32_t kReservedFlags = 0xfffffffc;
   if (h.bitmap_directory_size == 0) return Status::Corrupt(name + ": bitmap directory is empty");
   // Size bounded at open (<= 64 MiB) and known to lie inside the file.
@@ -106,7 +103,7 @@ Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& h, std::vector<Qc
       return Status::Corrupt(name + ": bitmap granularity 2^" + std::to_string(granularity_bits) + " is out of range");
     }
     if (table_entries == 0 || table_offset == 0 || (table_offset & (h.cluster_size - 1)) ||
-        table_entries > kMaxTableEntries || uint64_t{table_entries} * h.cluster_size > kMaxPhysBytes) {
+        table_entries > kMaxBitmapTableEntries || uint64_t{table_entries} * h.cluster_size > kMaxBitmapBytes) {
       return Status::Corrupt(what + " has an invalid bitmap table (" + std::to_string(table_entries) +
                              " entries at offset " + Hex(table_offset) + ")");
     }
@@ -119,8 +116,7 @@ Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& h, std::vector<Qc
       const uint64_t covered = (uint64_t{table_entries} * h.cluster_size * 8) << granularity_bits;  // < 2^63
       // QEMU sizes bitmaps by the disk's length in whole sectors.
       const uint64_t disk = h.DiskSize();
-      const uint64_t words = disk == 0 ? 0 : ((disk - 1) >> granularity_bits >> 6) + 1;
-      const uint64_t expected = DivRoundUp(words * 8, h.cluster_size);
+      const uint64_t expected = Qcow2BitmapTableEntries(disk, granularity_bits, h.cluster_size);
       if (disk > covered || table_entries != expected) {
         return Status::Corrupt(what + " has " + std::to_string(table_entries) + " bitmap table entries where " +
                                std::to_string(expected) + " are needed");
@@ -144,6 +140,11 @@ Status ReadQcow2BitmapDirectory(File* file, const Qcow2Header& h, std::vector<Qc
     if (!b.in_use()) tables.push_back({b.table_offset, uint64_t{b.table_entries} * 8, &b.name});
   }
   return ValidateBitmapTables(file, h, std::move(tables));
+}
+
+uint64_t Qcow2BitmapTableEntries(uint64_t disk, uint8_t granularity_bits, uint64_t cluster_size) {
+  const uint64_t words = disk == 0 ? 0 : ((disk - 1) >> granularity_bits >> 6) + 1;
+  return DivRoundUp(words * 8, cluster_size);
 }
 
 Status CheckBitmapAddRequest(const std::string& path, const std::string& name, uint64_t granularity) {
@@ -181,7 +182,7 @@ Status SetQcow2BitmapBits(File* file, const Qcow2Header& h, const Qcow2Bitmap& b
       const uint64_t entry_at = bitmap.table_offset + index * 8;
       DMCOW_RETURN_IF_ERROR(file->ReadExact(entry_at, sizeof(raw), raw, "bitmap table entry"));
       const uint64_t entry = LoadBE64(raw);
-      if (entry == kAllOnes) continue;
+      if (entry == kBitmapAllOnesEntry) continue;
       const uint64_t offset = entry & kOffsetMask;
       if (offset != 0 && may_write_cluster(offset)) {
         DMCOW_RETURN_IF_ERROR(file->ReadExact(offset, cluster.size(), cluster.data(), "bitmap data cluster"));
@@ -192,7 +193,7 @@ Status SetQcow2BitmapBits(File* file, const Qcow2Header& h, const Qcow2Bitmap& b
         DMCOW_RETURN_IF_ERROR(file->Write(offset, cluster.data(), cluster.size()));
         continue;
       }
-      StoreBE64(raw, kAllOnes);
+      StoreBE64(raw, kBitmapAllOnesEntry);
       DMCOW_RETURN_IF_ERROR(file->Write(entry_at, raw, sizeof(raw)));
     }
   }

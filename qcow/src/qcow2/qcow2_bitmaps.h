@@ -35,6 +35,15 @@ struct Qcow2Bitmap {
   bool enabled() const { return (flags & kAuto) && !in_use(); }
 };
 
+// QEMU's bounds (block/qcow2-bitmap.c) and the table entry flag.
+constexpr uint64_t kBitmapAllOnesEntry = 1;             // BME_TABLE_ENTRY_FLAG_ALL_ONES: every bit of the cluster set
+constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;  // BME_MAX_TABLE_SIZE
+constexpr uint64_t kMaxBitmapBytes = 0x20000000;        // BME_MAX_PHYS_SIZE
+
+// The table entries QEMU serialises a bitmap of a `disk`-byte disk into
+// (64-bit words of bits, in clusters of `cluster_size`); 0 for 0 bytes.
+uint64_t Qcow2BitmapTableEntries(uint64_t disk, uint8_t granularity_bits, uint64_t cluster_size);
+
 // A bitmap as stored: its table, in the file of the image that holds it
 // (a merge reads bitmaps of another image).
 struct Qcow2StoredBitmap {

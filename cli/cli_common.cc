@@ -227,6 +227,13 @@ std::string MessageWithoutPath(const std::string& path, const Status& s) {
   return msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg;
 }
 
+std::string WithInUseBitmapHint(std::string message) {
+  if (message.find("is inconsistent and cannot be used") != std::string::npos) {
+    message += "\nTry block-dirty-bitmap-remove to delete this bitmap from disk";
+  }
+  return message;
+}
+
 std::string OpenFailure(const std::string& path, const Status& s) {
   std::string why = s.ToString();
   // The image file itself could not be opened: qemu-img's file-posix words.

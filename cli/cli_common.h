@@ -129,6 +129,11 @@ Status OpenImageOrReport(const std::string& shown, const std::string& path, cons
 // at all, as qemu-img's do.
 std::string MessageWithoutPath(const std::string& path, const Status& s);
 
+// `message` followed, when it says a persistent bitmap is in use
+// ("is inconsistent and cannot be used"), by the hint qemu-img prints on
+// the next line (a Status holds one line).
+std::string WithInUseBitmapHint(std::string message);
+
 // Why OpenImage(path) failed, in qemu-img's words (what follows
 // "Could not open 'FILE': ").
 std::string OpenFailure(const std::string& path, const Status& s);

@@ -156,11 +156,7 @@ int RunBitmap(const BitmapArgs& args) {
   const Status s = image->ChangeBitmap(bitmap, actions, &failed);
   if (!s.ok()) {
     if (failed < actions.size()) {
-      std::string why = MessageWithoutPath(path, s);
-      // QEMU's hint for a bitmap left in use (a Status holds one line).
-      if (why.find("is inconsistent and cannot be used") != std::string::npos) {
-        why += "\nTry block-dirty-bitmap-remove to delete this bitmap from disk";
-      }
+      const std::string why = WithInUseBitmapHint(MessageWithoutPath(path, s));
       PrintError(std::string("Operation ") + ActionName(actions[failed].kind) + " on bitmap " + bitmap +
                  " failed: " + why);
     } else {

@@ -9,10 +9,9 @@
 // as qemu-img 7.2: "Image resized." on stdout (not with -q), one line on
 // stderr and exit 1 on any error.
 //
-// Not yet: preallocation other than off when growing qcow2, and images
-// with persistent bitmaps (the engine does not resize bitmaps: writing
-// would mark them inconsistent, where qemu-img resizes them). Both are
-// refused before anything is written.
+// Persistent bitmaps are resized with the image, their bits kept.
+// Not yet: preallocation other than off when growing qcow2, refused before
+// anything is written.
 #include <getopt.h>
 
 #include <cerrno>
@@ -124,22 +123,11 @@ int RunResize(const ResizeArgs& args) {
   LockingEnv env(Env::Default(), {path, ImageLock::Mode::kReadOnly});
   options.env = &env;
   options.writable = true;
+  // Guest content does not change, so persistent bitmaps stay valid: they
+  // are resized with the image (Qcow2Image::ResizeBitmapsLocked), as
+  // qemu-img resizes them.
+  options.metadata_only = true;
   std::unique_ptr<Image> image;
-  // Bitmaps are looked at before the writable open, which would mark them
-  // inconsistent (qcow2_write.cc clears their autoclear bit).
-  {
-    OpenOptions peek = options;
-    peek.writable = false;
-    peek.open_backing = false;
-    if (!OpenImageOrReport(args.filename, path, peek, &image).ok()) return 1;
-    if (!image->info().bitmaps.empty()) {
-      PrintError(args.filename +
-                 ": resizing an image with persistent bitmaps is not supported yet (they would become "
-                 "inconsistent); remove them or use qemu-img");
-      return 1;
-    }
-    image.reset();
-  }
   if (!OpenImageOrReport(args.filename, path, options, &image).ok()) return 1;
   if (args.format.empty()) WarnIfProbedRaw(*image, path);
 
@@ -179,7 +167,7 @@ int RunResize(const ResizeArgs& args) {
   }
   if (s.ok()) s = image->Flush();
   if (!s.ok()) {
-    PrintError(MessageWithoutPath(path, s));
+    PrintError(WithInUseBitmapHint(MessageWithoutPath(path, s)));
     return 1;
   }
   if (!args.quiet) std::printf("Image resized.\n");

@@ -4,9 +4,12 @@
 // a resize qemu-img check finds ours clean, qemu-img compare finds both
 // results identical, and qemu-img info (JSON, disk usage aside) agrees.
 // For the plain shapes and the sizes where QEMU's layout is ours, cmp too.
+// Persistent bitmaps are resized with the image: every consistent bitmap
+// has the same dirty ranges in both results, as QEMU reads them (qemu-nbd).
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -61,10 +64,34 @@ const Shape kShapes[] = {
      "qemu-img create -q -f qcow2 -o data_file=img.data img 64M && qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 40M 1M'"
      " img",
      "qcow2", false},
+    // b0 (64 KiB granularity, disabled after two writes), fine (4 KiB,
+    // enabled), with bits near the start, in the middle and at the end.
+    {"persistent bitmaps",
+     "qemu-img create -q -f qcow2 img 64M && qemu-img bitmap --add img b0 && qemu-img bitmap --add -g 4k img fine"
+     " && qemu-io -c 'write -P 1 0 1k' -c 'write -P 2 300k 5k' img && qemu-img bitmap --disable img b0"
+     " && qemu-io -c 'write -P 3 40M 64k' -c 'write -P 4 63M 1M' img",
+     "qcow2", false},
+    {"persistent bitmaps, 512 B clusters, over a backing file with a snapshot",
+     "qemu-img create -q -f qcow2 base 96M && qemu-io -c 'write -P 5 0 96M' base"
+     " && qemu-img create -q -f qcow2 -o cluster_size=512 -b base -F qcow2 img 64M && qemu-img snapshot -c s img"
+     " && qemu-img bitmap --add -g 4k img b4k && qemu-io -c 'write -P 1 1M 3k' -c 'write -P 2 60M 512' img",
+     "qcow2", false},
     // (cmp would read terabytes of holes; the file sizes are compared.)
     {"raw", "qemu-img create -q -f raw img 64M && qemu-io -f raw -c 'write -P 1 0 1M' -c 'write -P 2 40M 1M' img",
      "raw", false},
 };
+
+// Each consistent bitmap's dirty ranges, by name, as QEMU reads them.
+std::map<std::string, std::vector<std::pair<uint64_t, uint64_t>>> DirtyRanges(const std::string& dir) {
+  std::map<std::string, std::vector<std::pair<uint64_t, uint64_t>>> ranges;
+  const nlohmann::json info = nlohmann::json::parse(Exec(dir, "qemu-img info --output=json img").out);
+  for (const nlohmann::json& b : info["format-specific"]["data"].value("bitmaps", nlohmann::json::array())) {
+    bool in_use = false;
+    for (const nlohmann::json& f : b["flags"]) in_use |= f == "in-use";
+    if (!in_use) ranges[b["name"]] = QemuDirtyRanges(dir, "img", b["name"]);
+  }
+  return ranges;
+}
 
 // Runs `args` (with "IMG" for the image) through both tools on fresh copies.
 void ResizeBoth(const TempDir& dir, const Shape& shape, const std::string& args, bool byte_identical = false) {
@@ -79,9 +106,10 @@ void ResizeBoth(const TempDir& dir, const Shape& shape, const std::string& args,
   CHECK(ours.rc == theirs.rc);
   CHECK(ours.out == theirs.out);
   CHECK(ReplaceAll(ours.err, "dmcow-img", "qemu-img") == theirs.err);
-  if (theirs.rc != 0) {
-    // Nothing changed: the image reads and checks as it was made.
+  if (theirs.rc != 0 || ours.rc != 0) {
+    // Nothing changed: ours is the file it was.
     if (!FileExists(dir / "q/img")) return;
+    CHECK(Exec(dir.path(), "cmp src/img o/img").rc == 0);
     CHECK(Exec(dir.path(), std::string("qemu-img compare -f ") + shape.format + " -F " + shape.format + " q/img o/img")
               .rc == 0);
     return;
@@ -110,6 +138,7 @@ void ResizeBoth(const TempDir& dir, const Shape& shape, const std::string& args,
     return j;
   };
   CHECK(info("o") == info("q"));
+  if (std::string(shape.format) == "qcow2") CHECK(DirtyRanges(in_o) == DirtyRanges(in_q));
   if (byte_identical) CHECK(Exec(dir.path(), "cmp q/img o/img").rc == 0);
 }
 
@@ -170,16 +199,46 @@ TEST_CASE("resize refuses what qemu-img refuses, with its words", "[resize][qemu
   ResizeBoth(dir, {"missing", "true", "qcow2", false}, "IMG +16M");
 }
 
-// dmcow-img does not resize bitmaps yet: it refuses rather than writing
-// (which would leave them inconsistent), and the image is untouched.
-TEST_CASE("resize refuses an image with persistent bitmaps, leaving it as it was", "[resize][qemu]") {
+// Bitmaps that cannot be resized: one left in use (qemu-img's refusal, its
+// words), and one too large at the new size, where qemu-img resizes the
+// image, exits 0 and leaves the bitmap in use ("Lost persistent bitmaps"):
+// ours refuses before writing anything, the bitmap kept.
+TEST_CASE("resize with bitmaps it cannot resize: refused, nothing changed", "[resize][qemu]") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;
-  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow2 img 16M && qemu-img bitmap --add img b0");
-  const std::vector<uint8_t> before = ReadWholeFile(dir / "img");
-  SplitResult ours = Exec(dir.path(), dir.path(), Ours() + " resize img +16M");
+  ResizeBoth(dir,
+             {"a bitmap left in use",
+              "qemu-img create -q -f qcow2 img 16M && qemu-img bitmap --add img b0 && qemu-img bitmap --add img b1"
+              " && (ulimit -c 0; qemu-io -c 'write 0 64k' -c abort img; true) 2>/dev/null",
+              "qcow2", false},
+             "IMG +16M");
+  const Shape fine = {"a 512-byte granularity bitmap",
+                      "qemu-img create -q -f qcow2 img 16M && qemu-img bitmap --add -g 512 img fine"
+                      " && qemu-io -c 'write 0 64k' img",
+                      "qcow2", false};
+  ResizeBoth(dir, fine, "IMG 2T");  // 512 MiB of bits: the largest bitmap QEMU stores
+  MustRun("cd '" + dir.path() + "' && rm -rf o && cp -a src o");
+  SplitResult ours = Exec(dir / "o", dir / "o", Ours() + " resize img 4T");
   CHECK(ours.rc == 1);
-  CHECK(ours.err.find("persistent bitmaps") != std::string::npos);
-  const bool unchanged = ReadWholeFile(dir / "img") == before;
-  CHECK(unchanged);
+  CHECK(ours.err ==
+        "dmcow-img: Can't resize: bitmap 'fine' would take too much space at the new size. Use larger "
+        "granularity\n");
+  CHECK(Exec(dir.path(), "cmp src/img o/img").rc == 0);
+}
+
+// amend size= goes through the same resize: the bitmaps follow.
+TEST_CASE("amend size= resizes persistent bitmaps as qemu-img", "[resize][amend][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  const Shape& bitmaps = kShapes[sizeof(kShapes) / sizeof(kShapes[0]) - 3];
+  for (const char* size : {"100M", "48M"}) {
+    MustRun("cd '" + dir.path() + "' && rm -rf src q o && mkdir src && (cd src && " + bitmaps.make +
+            ") >/dev/null && cp -a src q && cp -a src o");
+    const std::string args = std::string(" amend -o size=") + size + " img";
+    CheckSameAsQemu(Exec(dir / "q", dir / "q", "qemu-img" + args), Exec(dir / "o", dir / "o", Ours() + args));
+    CHECK(Exec(dir / "o", "qemu-img check img").rc == 0);
+    CHECK(Exec(dir.path(), "qemu-img compare q/img o/img").rc == 0);
+    CHECK(DirtyRanges(dir / "o") == DirtyRanges(dir / "q"));
+    CHECK(DirtyRanges(dir / "o").size() == 2);
+  }
 }

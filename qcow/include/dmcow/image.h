@@ -39,8 +39,9 @@ struct OpenOptions {
   // kept), for the calls that change no guest-visible byte (qemu-img amend).
   // qcow2 only. While the image has bitmaps, calls that would change guest
   // content (Write, WriteZeroes, Discard, compressed writes, MakeEmpty,
-  // Grow, Shrink, ApplySnapshot) return NotSupported; the image is never
-  // served as a block device.
+  // ApplySnapshot) return NotSupported; Grow and Shrink resize the bitmaps
+  // with the image, as QEMU's truncate does. The image is never served as
+  // a block device.
   bool metadata_only = false;
   // false: an external data file is not opened (qemu-img info does not open
   // it); reading a cluster stored there then fails.

@@ -19,6 +19,12 @@
 //       check -r all frees it).
 // A bitmap whose bits do not change keeps its table, shared by the old and
 // new directories, so it is neither written nor freed.
+//
+// Resizing an image with bitmaps (Grow, Shrink: ResizeBitmapsLocked) is one
+// such change too: QEMU loads a bitmap only if its table has exactly the
+// entries the image's size needs, so every bitmap gets a table for the new
+// size (its bits kept, a grown range clean, as QEMU's truncate leaves them)
+// and the size field moves in the same header write as the directory (D2).
 #include <algorithm>
 #include <set>
 
@@ -264,13 +270,49 @@ Status Qcow2Image::ChangeBitmapLocked(const std::string& name, const std::vector
     if (failed) *failed = done - 1;
     if (done == 1) return refused;  // nothing planned
   }
-  const Status written = WriteBitmapDirectoryLocked(old, plan);
+  const Status written = WriteBitmapDirectoryLocked(old, plan, header_.size);
   return written.ok() ? refused : written;
 }
 
-Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, Qcow2Bitmap* b) {
+bool Qcow2Image::BitmapsKept() const {
+  return metadata_only_ && header_.has_bitmaps_ext && header_.nb_bitmaps > 0 &&
+         (header_.autoclear_features & kAutoclearBitmaps);
+}
+
+Status Qcow2Image::CheckBitmapsResizable(uint64_t new_size) const {
+  if (!BitmapsKept()) return RefuseIfMetadataOnly("resizing");
+  const uint64_t disk = new_size & ~uint64_t{511};
+  for (const BitmapInfo& b : info_.bitmaps) {
+    if (b.in_use) {
+      // QEMU's words (qcow2_truncate_bitmaps_check), before anything is written.
+      return Status::InvalidArgument(filename() + ": Bitmap '" + b.name + "' is inconsistent and cannot be used");
+    }
+    const uint64_t bytes = DivRoundUp(DivRoundUp(disk, b.granularity), 8);
+    if (bytes > kMaxBitmapBytes || bytes > kMaxBitmapTableEntries * header_.cluster_size) {
+      // QEMU resizes it in memory, then fails to store it when it closes
+      // the image and leaves it in use; refused here before any write.
+      return Status::InvalidArgument(filename() + ": Can't resize: bitmap '" + b.name +
+                                     "' would take too much space at the new size. Use larger granularity");
+    }
+  }
+  return Status::OK();
+}
+
+Status Qcow2Image::ResizeBitmapsLocked(uint64_t new_size) {
+  std::vector<Qcow2Bitmap> old;
+  DMCOW_RETURN_IF_ERROR(ReadQcow2BitmapDirectory(file_.get(), header_, &old));
+  std::vector<Qcow2PlannedBitmap> plan;
+  for (const Qcow2Bitmap& b : old) {
+    plan.push_back(
+        {b, true, {{file_.get(), header_.cluster_size, b.table_offset, b.table_entries, b.granularity_bits}}});
+  }
+  DMCOW_RETURN_IF_ERROR(WriteBitmapDirectoryLocked(old, plan, new_size));
+  info_.virtual_size = new_size;
+  return Status::OK();
+}
+
+Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, uint64_t disk, Qcow2Bitmap* b) {
   const uint64_t cs = header_.cluster_size;
-  const uint64_t disk = header_.DiskSize();
   const uint8_t g = b->granularity_bits;
   const uint64_t bits = BitsFor(disk, g);
   const uint64_t entries = Qcow2BitmapTableEntries(disk, g, cs);
@@ -324,14 +366,15 @@ Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& s
 }
 
 Status Qcow2Image::WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& old,
-                                              const std::vector<Qcow2PlannedBitmap>& plan) {
+                                              const std::vector<Qcow2PlannedBitmap>& plan, uint64_t virtual_size) {
   const uint64_t cs = header_.cluster_size;
+  const uint64_t disk = virtual_size & ~uint64_t{511};  // Qcow2Header::DiskSize
   // (D1) New bits, tables and directory, into fresh clusters.
   std::vector<uint8_t> dir;
   std::set<uint64_t> kept_tables;
   for (const Qcow2PlannedBitmap& p : plan) {
     Qcow2Bitmap b = p.meta;
-    if (p.rewrite) DMCOW_RETURN_IF_ERROR(StoreBitmapBitsLocked(p.bits_from, &b));
+    if (p.rewrite) DMCOW_RETURN_IF_ERROR(StoreBitmapBitsLocked(p.bits_from, disk, &b));
     if (!p.rewrite) kept_tables.insert(b.table_offset);
     AppendDirectoryEntry(b, &dir);
     if (dir.size() > kMaxDirectoryBytes) {
@@ -353,6 +396,7 @@ Status Qcow2Image::WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& ol
   const uint64_t old_dir_offset = old.empty() ? 0 : header_.bitmap_directory_offset;
   const uint64_t old_dir_bytes = old.empty() ? 0 : header_.bitmap_directory_size;
   Qcow2Header next = header_;
+  next.size = virtual_size;
   next.has_bitmaps_ext = !plan.empty();
   next.nb_bitmaps = static_cast<uint32_t>(plan.size());
   next.bitmap_directory_offset = plan.empty() ? 0 : dir_offset;

@@ -7,6 +7,9 @@
 //    header no longer does (rules 1, 3, 4);
 //  - the new size is written last: a crash before it leaves the old size
 //    with a larger L1 table, which is valid.
+// Persistent bitmaps kept valid by the open (metadata_only) are resized in
+// the same header write as the size (ResizeBitmapsLocked,
+// qcow2_bitmap_change.cc), so QEMU never sees a table of the wrong size.
 // New clusters read as unallocated. Where the image has a backing file
 // longer than the old size, the new range is zeroed, as QEMU does, so it
 // does not start showing the backing file's content.
@@ -44,11 +47,11 @@ Status Qcow2Image::CheckResize(uint64_t new_size) const {
 
 Status Qcow2Image::Grow(uint64_t new_size) {
   if (!writable_) return Image::Grow(new_size);
-  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("resizing"));
   const uint64_t old_size = info_.virtual_size;
   if (new_size == old_size) return Status::OK();
   if (new_size < old_size) return Status::NotSupported(filename() + ": Grow cannot shrink an image");
   DMCOW_RETURN_IF_ERROR(CheckResize(new_size));
+  DMCOW_RETURN_IF_ERROR(CheckBitmapsResizable(new_size));
   if (DivRoundUp(new_size, header_.cluster_size * header_.l2_entries) > kMaxL1Bytes / 8) {
     // QEMU's words (qcow2_grow_l1_table: -EFBIG past QCOW_MAX_L1_SIZE).
     return Status::InvalidArgument(filename() + ": Failed to grow the L1 table: File too large");
@@ -58,10 +61,10 @@ Status Qcow2Image::Grow(uint64_t new_size) {
 
 Status Qcow2Image::Shrink(uint64_t new_size) {
   if (!writable_) return Image::Shrink(new_size);
-  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("resizing"));
   if (new_size == info_.virtual_size) return Status::OK();
   if (new_size > info_.virtual_size) return Status::NotSupported(filename() + ": Shrink cannot grow an image");
   DMCOW_RETURN_IF_ERROR(CheckResize(new_size));
+  DMCOW_RETURN_IF_ERROR(CheckBitmapsResizable(new_size));
   return WriteStep([&]() REQUIRES(rw_mu_) { return ShrinkLocked(new_size); });
 }
 
@@ -125,6 +128,7 @@ Status Qcow2Image::ShrinkLocked(uint64_t new_size) {
 }
 
 Status Qcow2Image::WriteVirtualSize(uint64_t new_size) {
+  if (BitmapsKept()) return ResizeBitmapsLocked(new_size);  // with the bitmaps, in one header write
   uint8_t size_field[8];
   StoreBE64(size_field, new_size);
   DMCOW_RETURN_IF_ERROR(file_->Write(24, size_field, sizeof(size_field)));

@@ -112,7 +112,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // synced, and takes it as header_. Callers make durable first whatever
   // the new header names (B1).
   Status WriteHeaderLocked(Qcow2Header next) REQUIRES(rw_mu_);
-  // Writes the header's size field, synced, and takes it as the size.
+  // Writes the header's size field, synced, and takes it as the size; with
+  // bitmaps kept (BitmapsKept), resizes them in the same header write.
   Status WriteVirtualSize(uint64_t new_size) REQUIRES(rw_mu_);
   // Unlinks the L2 table at `l2_offset` (0: none) from L1 entry `l1_index`;
   // it and the clusters its first `count` entries map are freed at the next
@@ -167,12 +168,24 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // qcow2_bitmap_change.cc.
   Status ChangeBitmapLocked(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed)
       REQUIRES(rw_mu_);
-  // Writes the bits of `sources` (their union, at b's granularity) as a
-  // new table and data clusters, not synced, and points *b at them.
-  Status StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, Qcow2Bitmap* b) REQUIRES(rw_mu_);
-  // Makes `plan` the bitmap directory (D1-D3), freeing what only `old` named.
-  Status WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& old, const std::vector<Qcow2PlannedBitmap>& plan)
+  // Writes the bits of `sources` (their union, at b's granularity, over a
+  // `disk`-byte disk) as a new table and data clusters, not synced, and
+  // points *b at them.
+  Status StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, uint64_t disk, Qcow2Bitmap* b)
       REQUIRES(rw_mu_);
+  // Makes `plan` the bitmap directory (D1-D3) of an image of `virtual_size`
+  // bytes, written in the same header switch, freeing what only `old` named.
+  Status WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& old, const std::vector<Qcow2PlannedBitmap>& plan,
+                                    uint64_t virtual_size) REQUIRES(rw_mu_);
+  // True when this open keeps persistent bitmaps valid (metadata_only, and
+  // the image has bitmaps QEMU would load): a resize must resize them.
+  bool BitmapsKept() const;
+  // Before a resize writes anything: QEMU's refusal of bitmaps in use, and
+  // bitmaps too large for the new size; RefuseIfMetadataOnly otherwise.
+  Status CheckBitmapsResizable(uint64_t new_size) const;
+  // The size switch of a resize with bitmaps kept: every bitmap rewritten
+  // for `new_size`, the size written with the new directory (D1-D3).
+  Status ResizeBitmapsLocked(uint64_t new_size) REQUIRES(rw_mu_);
 
   // qcow2_snapshot.cc.
   Status CreateSnapshotLocked(SnapshotInfo* snapshot) REQUIRES(rw_mu_);

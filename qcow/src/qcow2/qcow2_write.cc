@@ -118,9 +118,7 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
 }
 
 Status Qcow2Image::RefuseIfMetadataOnly(const char* what) const {
-  const bool bitmaps_kept =
-      header_.has_bitmaps_ext && header_.nb_bitmaps > 0 && (header_.autoclear_features & kAutoclearBitmaps);
-  if (!metadata_only_ || !bitmaps_kept) return Status::OK();
+  if (!BitmapsKept()) return Status::OK();
   return Status::NotSupported(filename() + ": " + what +
                               " an image with persistent bitmaps is not supported yet (they would become "
                               "inconsistent); remove them or use qemu-img");

@@ -2,7 +2,7 @@
 //
 //   convert [-c] [-p] [-q] [-n] [-W] [-C] [-U] [-f FMT] [-O FMT] [-o OPTIONS]
 //           [-B|-b BACKING -F FMT] [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE]
-//           [-T CACHE] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] SRC... DST
+//           [-T CACHE] [--target-is-zero] [--bitmaps [--skip-broken-bitmaps]] [--salvage] SRC... DST
 //
 // Options, messages and exit codes as qemu-img 7.2's; beyond it, -b as an
 // alias of -B and `-o compression_level=N` for -c. Several sources are
@@ -42,11 +42,12 @@ constexpr int kMaxCoroutines = 16;
 void PrintUsage() {
   std::printf(
       "usage: %s convert [-c] [-p] [-q] [-n] [-W] [-f FMT] [-O FMT] [-o OPTIONS] [-B BACKING -F FMT]\n"
-      "         [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] [--image-opts] SRC... DST\n\n"
+      "         [-l SNAPSHOT] [-S SIZE] [-m N] [-t CACHE] [--target-is-zero] [--image-opts] [--salvage] SRC... DST\n\n"
       "Convert (and concatenate) the images SRC into DST of format FMT (raw by default, qcow or\n"
       "qcow2). -c compresses clusters (-o compression_level=1..9, zlib's scale; zstd with\n"
       "-o compression_type=zstd). The same sources and options always give a byte-identical DST.\n"
-      "--image-opts: each SRC is an option list, driver=qcow2,file.filename=F[,backing=null].\n",
+      "--image-opts: each SRC is an option list, driver=qcow2,file.filename=F[,backing=null].\n"
+      "--salvage: a source sector that cannot be read is written as zeros, with a warning.\n",
       kProgName);
 }
 
@@ -75,11 +76,14 @@ struct ConvertArgs {
   bool force_share = false;             // -U, --force-share
   bool bitmaps = false;                 // --bitmaps
   bool skip_broken_bitmaps = false;     // --skip-broken-bitmaps
+  bool salvage = false;                 // --salvage
+  bool copy_range = false;              // -C (accepted; the copy is ours)
   uint64_t min_sparse = 4096;           // -S
-  int coroutines = 0;                   // -m; 0: not given
-  std::vector<std::string> sources;     // SRC...
-  std::string dst;                      // DST
-  OptList out_options;                  // -O's options (FindFormat)
+  bool min_sparse_given = false;
+  int coroutines = 0;                // -m; 0: not given
+  std::vector<std::string> sources;  // SRC...
+  std::string dst;                   // DST
+  OptList out_options;               // -O's options (FindFormat)
 };
 
 // Reads convert's command line into *args as qemu-img convert reads it
@@ -87,7 +91,7 @@ struct ConvertArgs {
 // command ends here: 0 after -h or "-o help", 1 after a bad command line
 // (message printed).
 std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
-  enum { kOptTargetIsZero = 256, kOptImageOpts, kOptBitmaps, kOptSkipBrokenBitmaps };
+  enum { kOptTargetIsZero = 256, kOptImageOpts, kOptBitmaps, kOptSkipBrokenBitmaps, kOptSalvage };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"object", required_argument, nullptr, kObjectOption},
                                         {"force-share", no_argument, nullptr, 'U'},
@@ -95,6 +99,7 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
                                         {"image-opts", no_argument, nullptr, kOptImageOpts},
                                         {"bitmaps", no_argument, nullptr, kOptBitmaps},
                                         {"skip-broken-bitmaps", no_argument, nullptr, kOptSkipBrokenBitmaps},
+                                        {"salvage", no_argument, nullptr, kOptSalvage},
                                         {nullptr, 0, nullptr, 0}};
   std::vector<std::string> files;
   auto on_option = [&](int c, const char* arg) -> std::optional<int> {
@@ -111,6 +116,7 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
         break;
       case 'l': args->snapshot = arg; break;
       case 'S':
+        args->min_sparse_given = true;
         if (!ParseSize(arg, &args->min_sparse)) {
           PrintError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for");
           PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
@@ -141,6 +147,8 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
       case kOptImageOpts: args->image_opts = true; break;
       case kOptBitmaps: args->bitmaps = true; break;
       case kOptSkipBrokenBitmaps: args->skip_broken_bitmaps = true; break;
+      case kOptSalvage: args->salvage = true; break;
+      case 'C': args->copy_range = true; break;
       case 'U': args->force_share = true; break;  // the sources only, as in qemu-img
       case 'r':
         if (!ParseSize(arg, &args->rate_limit)) {
@@ -149,7 +157,7 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
           return 1;
         }
         break;
-      default: break;  // -C, -W: accepted; our writes go in order (reproducible output)
+      default: break;  // -W: accepted; our writes go in order (reproducible output)
     }
     return std::nullopt;
   };
@@ -157,6 +165,19 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
 
   if (args->skip_broken_bitmaps && !args->bitmaps) {
     PrintError("Use of --skip-broken-bitmaps requires --bitmaps");
+    return 1;
+  }
+  // qemu-img's refusals of -C (copy offloading) beside what it cannot serve.
+  if (args->copy_range && args->compress) {
+    PrintError("Cannot enable copy offloading when -c is used");
+    return 1;
+  }
+  if (args->copy_range && args->min_sparse_given) {
+    PrintError("Cannot enable copy offloading when -S is used");
+    return 1;
+  }
+  if (args->copy_range && args->salvage) {
+    PrintError("Cannot use copy offloading in salvaging mode");
     return 1;
   }
   if (!ValidCacheMode(args->cache)) {
@@ -295,7 +316,9 @@ int RunConvert(const ConvertArgs& args) {
   ConvertSettings cs;
   for (auto& src : sources) cs.sources.push_back(src.get());
   cs.target = target.get();
-  cs.ordered_writes = args.out_fmt != "raw";
+  cs.ordered_writes = args.out_fmt != "raw" || args.salvage;  // --salvage: warnings in guest order
+  cs.salvage = args.salvage;
+  cs.quiet = args.quiet;
   cs.cluster_size = args.out_fmt == "raw" ? kSector : target->info().cluster_size;
   cs.compress = args.compress;
   cs.compression.type = target->info().compression_type.empty() ? "zlib" : target->info().compression_type;

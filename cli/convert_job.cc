@@ -62,6 +62,7 @@ void ConvertJob::Worker() {
         break;
       }
       if (!s_.ordered_writes) {
+        PrintWarnings(p);
         if (!Apply(p.ops, p.buf.data())) break;
         Applied(p);
         if (!p.buf.empty()) {
@@ -80,6 +81,7 @@ void ConvertJob::Worker() {
         Planned q = std::move(it->second);
         parked_.erase(it);
         lock.unlock();
+        PrintWarnings(q);
         const bool ok = Apply(q.ops, q.buf.data());
         if (ok) Applied(q);
         lock.lock();
@@ -118,7 +120,7 @@ bool ConvertJob::PlanNext(Planned* p) {
   p->index = plan_index_++;
   p->start = plan_pos_;
   p->end = std::min(plan_pos_ + chunk_size_, total_size_);
-  if (!Describe(p->start, p->end, &p->extents)) return false;
+  if (!Describe(p->start, p->end, &p->extents, &p->warnings)) return false;
   p->hole = s_.plan_holes && !HasData(p->extents);
   while (p->hole && p->end < total_size_ && p->extents.size() < kMaxHoleExtents) {
     // Asked first for the next chunk only, so that a long data run after
@@ -126,9 +128,9 @@ bool ConvertJob::PlanNext(Planned* p) {
     // hole goes on, for the whole run.
     Extent run;
     const uint64_t next_end = std::min(total_size_, p->end + chunk_size_);
-    if (!DescribeRun(p->end, next_end, &run)) return false;
+    if (!DescribeRun(p->end, next_end, &run, &p->warnings)) return false;
     if (HasData({run}) || run.offset + run.length < next_end) break;
-    if (next_end < total_size_ && !DescribeRun(p->end, total_size_, &run)) return false;
+    if (next_end < total_size_ && !DescribeRun(p->end, total_size_, &run, &p->warnings)) return false;
     const uint64_t run_end = run.offset + run.length;
     const uint64_t whole = run_end == total_size_ ? run_end : run_end / chunk_size_ * chunk_size_;
     if (whole <= p->end) break;
@@ -156,7 +158,7 @@ bool ConvertJob::Fail(const std::string& msg) {
 }
 
 // The state of the first run of [offset, end), in target coordinates.
-bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out) {
+bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out, std::vector<std::string>* warnings) {
   uint64_t base = 0;
   for (Image* src : s_.sources) {
     const uint64_t size = src->virtual_size();
@@ -166,26 +168,40 @@ bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out) {
     }
     const uint64_t in_src = offset - base;
     const uint64_t max_len = std::min(end, base + size) - offset;
-    uint64_t len;
-    State state;
-    Status st;
-    if (s_.top_layer_only) {
-      LayerExtent e;
-      st = src->GetLayerStatus(in_src, max_len, &e);
-      len = e.length;
-      state = e.state == ClusterState::kZero || e.host_hole ? State::kZero
-              : e.state != ClusterState::kUnallocated       ? State::kData
-              : src->backing()                              ? State::kSkip
-                                                            : State::kZero;
-    } else {
-      MapExtent e;
-      st = GetMapExtent(src, in_src, max_len, &e);
-      len = e.length;
-      state = e.zero ? State::kZero : State::kData;
-    }
-    if (st.ok() && len == 0) st = Status::Corrupt("empty block status");
-    if (!st.ok()) {
-      return Fail("error while reading block status at offset " + std::to_string(offset) + ": " + st.ToString());
+    uint64_t len = 0;
+    State state = State::kData;
+    auto query = [&](uint64_t ask) {
+      Status st;
+      if (s_.top_layer_only) {
+        LayerExtent e;
+        st = src->GetLayerStatus(in_src, ask, &e);
+        len = e.length;
+        state = e.state == ClusterState::kZero || e.host_hole ? State::kZero
+                : e.state != ClusterState::kUnallocated       ? State::kData
+                : src->backing()                              ? State::kSkip
+                                                              : State::kZero;
+      } else {
+        MapExtent e;
+        st = GetMapExtent(src, in_src, ask, &e);
+        len = e.length;
+        state = e.zero ? State::kZero : State::kData;
+      }
+      if (st.ok() && len == 0) st = Status::Corrupt("empty block status");
+      return st;
+    };
+    uint64_t ask = max_len;
+    for (Status st = query(ask); !st.ok(); st = query(ask)) {
+      const std::string what = "error while reading block status at offset " + std::to_string(in_src) + ": ";
+      if (!s_.salvage) return Fail(what + st.ToString());
+      const uint64_t sectors = (ask + kSector - 1) / kSector;
+      if (sectors > 1) {  // a shorter question, as qemu-img asks
+        ask = std::min(max_len, (sectors + 3) / 4 * kSector);
+        continue;
+      }
+      warnings->push_back("warning: " + what + st.ToString());
+      len = ask;  // one sector, or what is left of the source: read it as data
+      state = State::kData;
+      break;
     }
     *out = Extent{offset, std::min(len, max_len), state};
     return true;
@@ -194,11 +210,11 @@ bool ConvertJob::DescribeRun(uint64_t offset, uint64_t end, Extent* out) {
 }
 
 // The state of each run of [offset, end), in target coordinates.
-bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out) {
+bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out, std::vector<std::string>* warnings) {
   out->clear();
   while (offset < end) {
     Extent e;
-    if (!DescribeRun(offset, end, &e)) return false;
+    if (!DescribeRun(offset, end, &e, warnings)) return false;
     if (!out->empty() && out->back().state == e.state && out->back().offset + out->back().length == offset) {
       out->back().length += e.length;
     } else {
@@ -209,14 +225,13 @@ bool ConvertJob::Describe(uint64_t offset, uint64_t end, std::vector<Extent>* ou
   return true;
 }
 
-bool ConvertJob::ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len) {
+bool ConvertJob::ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len, std::vector<std::string>* warnings) {
   uint64_t base = 0;
   for (Image* src : s_.sources) {
     const uint64_t size = src->virtual_size();
     if (len > 0 && offset < base + size) {
       const uint64_t n = std::min(len, base + size - offset);
-      Status st = src->Read(offset - base, buf, static_cast<size_t>(n));
-      if (!st.ok()) return Fail("error while reading at byte " + std::to_string(offset) + ": " + st.ToString());
+      if (!ReadSource(src, offset, offset - base, buf, n, warnings)) return false;
       offset += n;
       buf += n;
       len -= n;
@@ -224,6 +239,26 @@ bool ConvertJob::ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len) {
     base += size;
   }
   return true;
+}
+
+bool ConvertJob::ReadSource(Image* src, uint64_t offset, uint64_t in_src, uint8_t* buf, uint64_t len,
+                            std::vector<std::string>* warnings) {
+  Status st = src->Read(in_src, buf, static_cast<size_t>(len));
+  if (st.ok()) return true;
+  if (!s_.salvage) return Fail("error while reading at byte " + std::to_string(offset) + ": " + st.ToString());
+  for (uint64_t done = 0; done < len; done += kSector) {
+    const uint64_t n = std::min(kSector, len - done);
+    st = src->Read(in_src + done, buf + done, static_cast<size_t>(n));
+    if (st.ok()) continue;
+    std::memset(buf + done, 0, n);
+    warnings->push_back("warning: error while reading offset " + std::to_string(in_src + done) + ": " + st.ToString());
+  }
+  return true;
+}
+
+void ConvertJob::PrintWarnings(const Planned& p) {
+  if (s_.quiet) return;
+  for (const std::string& w : p.warnings) PrintError(w);
 }
 
 void ConvertJob::AddData(uint64_t start, uint64_t offset, uint64_t length, std::vector<Op>* ops) const {
@@ -252,10 +287,10 @@ bool ConvertJob::ProcessChunk(Planned* p) {
     return true;
   }
   if (s_.compress) {
-    PlanCompressed(p->start, p->extents, &p->buf, &p->ops);
+    PlanCompressed(p);
     return !failed_.load();
   }
-  return PlanPlain(p->start, p->extents, &p->buf, &p->ops);
+  return PlanPlain(p);
 }
 
 // Data is written except its zero runs, which need no write on a target that
@@ -264,8 +299,11 @@ bool ConvertJob::ProcessChunk(Planned* p) {
 // at least min_sparse bytes. Runs are made of granules aligned in the
 // target: sectors for raw targets, clusters for qcow ones, whose zero runs
 // only save space when they cover whole clusters.
-bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
-                           std::vector<Op>* ops) {
+bool ConvertJob::PlanPlain(Planned* p) {
+  const uint64_t start = p->start;
+  const std::vector<Extent>& extents = p->extents;
+  std::vector<uint8_t>* buf = &p->buf;
+  std::vector<Op>* ops = &p->ops;
   const uint64_t end = std::min(start + chunk_size_, total_size_);
   bool any_data = false, any_skip = false;
   for (const Extent& e : extents) {
@@ -285,7 +323,7 @@ bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, s
       }
       if (e.state == State::kZero) {
         std::memset(at, 0, e.length);
-      } else if (!ReadGuest(e.offset, at, e.length)) {
+      } else if (!ReadGuest(e.offset, at, e.length, &p->warnings)) {
         return false;
       }
       if (s_.min_sparse == 0) {
@@ -303,13 +341,13 @@ bool ConvertJob::PlanPlain(uint64_t start, const std::vector<Extent>& extents, s
   for (const Extent& e : extents) {
     uint8_t* at = buf->data() + (e.offset - start);
     if (e.state == State::kData) {
-      if (!ReadGuest(e.offset, at, e.length)) return false;
+      if (!ReadGuest(e.offset, at, e.length, &p->warnings)) return false;
       continue;
     }
     std::memset(at, 0, e.length);
     const uint64_t e_end = e.offset + e.length;
-    for (uint64_t p = (e.offset + g - 1) / g * g; p < e_end && p < end; p += g) {
-      if (std::min(p + g, end) <= e_end) known_zero[(p - start) / g] = 1;
+    for (uint64_t at_g = (e.offset + g - 1) / g * g; at_g < e_end && at_g < end; at_g += g) {
+      if (std::min(at_g + g, end) <= e_end) known_zero[(at_g - start) / g] = 1;
     }
   }
   PlanZeroRuns(start, start, end, &known_zero, buf->data(), ops);
@@ -358,8 +396,11 @@ void ConvertJob::PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const 
 
 // Whole clusters: a cluster with any data is read entirely (through the
 // chain), and stored compressed unless it is all zeros or does not shrink.
-void ConvertJob::PlanCompressed(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
-                                std::vector<Op>* ops) {
+void ConvertJob::PlanCompressed(Planned* p) {
+  const uint64_t start = p->start;
+  const std::vector<Extent>& extents = p->extents;
+  std::vector<uint8_t>* buf = &p->buf;
+  std::vector<Op>* ops = &p->ops;
   const uint64_t cs = s_.cluster_size;
   const uint64_t end = std::min(start + chunk_size_, total_size_);
   size_t next = 0;
@@ -379,7 +420,7 @@ void ConvertJob::PlanCompressed(uint64_t start, const std::vector<Extent>& exten
       }
       continue;
     }
-    if (!ReadGuest(c, at, c_end - c)) return;
+    if (!ReadGuest(c, at, c_end - c, &p->warnings)) return;
     std::memset(at + (c_end - c), 0, cs - (c_end - c));
     if (s_.min_sparse != 0 && IsZero(at, cs)) {
       AddZero(c, c_end - c, ops);

@@ -47,6 +47,11 @@ struct ConvertSettings {
   int threads = 2;
   Progress* progress = nullptr;
   RateLimiter* rate_limiter = nullptr;  // -r; null: no limit
+  // --salvage: a source range whose block status cannot be read is read as
+  // data, sector by sector; a sector that cannot be read is written as
+  // zeros. Each such sector gets a warning (unless quiet), in guest order.
+  bool salvage = false;
+  bool quiet = false;
   // false: every chunk is planned on its own, holes included (the walk
   // before hole planning). Only tests set it, to show both give the same
   // bytes (tests/convert_job_test.cc).
@@ -89,6 +94,7 @@ class ConvertJob {
     std::vector<Extent> extents;
     std::vector<uint8_t> buf;
     std::vector<Op> ops;
+    std::vector<std::string> warnings;  // --salvage: printed when the piece is applied
   };
   static constexpr size_t kMaxParked = 2;
   // Bound on the extents one hole piece collects (zero and -B skip runs
@@ -102,13 +108,21 @@ class ConvertJob {
   bool PlanNext(Planned* p);
   bool HasData(const std::vector<Extent>& extents) const;
   bool ProcessChunk(Planned* p);
-  // The first run of [offset, end): one block-status answer.
-  bool DescribeRun(uint64_t offset, uint64_t end, Extent* out);
-  bool Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out);
-  bool ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len);
-  void PlanCompressed(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf,
-                      std::vector<Op>* ops);
-  bool PlanPlain(uint64_t start, const std::vector<Extent>& extents, std::vector<uint8_t>* buf, std::vector<Op>* ops);
+  // The first run of [offset, end): one block-status answer. With
+  // --salvage, an error narrows the question (to a quarter each time, as
+  // qemu-img) down to one sector, which is then taken as data, with a
+  // warning added to *warnings.
+  bool DescribeRun(uint64_t offset, uint64_t end, Extent* out, std::vector<std::string>* warnings);
+  bool Describe(uint64_t offset, uint64_t end, std::vector<Extent>* out, std::vector<std::string>* warnings);
+  // With --salvage, a failed read is read again sector by sector; a sector
+  // that still fails reads as zeros, with a warning added to *warnings.
+  bool ReadGuest(uint64_t offset, uint8_t* buf, uint64_t len, std::vector<std::string>* warnings);
+  // Reads [offset, offset + len) of one source, at `in_src` in it.
+  bool ReadSource(Image* src, uint64_t offset, uint64_t in_src, uint8_t* buf, uint64_t len,
+                  std::vector<std::string>* warnings);
+  void PlanCompressed(Planned* p);
+  bool PlanPlain(Planned* p);
+  void PrintWarnings(const Planned& p);
   // Plans [from, to) of a chunk read into `buf`: data, except zero runs.
   void PlanZeroRuns(uint64_t start, uint64_t from, uint64_t to, const std::vector<char>* known_zero, const uint8_t* buf,
                     std::vector<Op>* ops);

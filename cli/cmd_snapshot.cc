@@ -109,8 +109,10 @@ int RunSnapshot(const SnapshotArgs& args) {
   options.writable = !list;
   options.header_only = args.action == Action::kNone;
   // Creating and deleting change no guest byte: persistent bitmaps stay
-  // valid, as with qemu-img (applying one changes the content).
-  options.metadata_only = args.action == Action::kCreate || args.action == Action::kDelete;
+  // valid, as with qemu-img. Applying one changes the content, which
+  // qemu-img refuses while the image has bitmaps: the open must not touch
+  // them before that refusal.
+  options.metadata_only = args.action != Action::kNone;
   std::unique_ptr<Image> image;
   if (!OpenImageOrReport(args.filename, path, options, &image).ok()) return 1;
   // The probe's warning is for writers (qemu-img's -l does not print it).
@@ -148,6 +150,8 @@ int RunSnapshot(const SnapshotArgs& args) {
         if (options.format.empty()) WarnIfProbedRaw(*image, path);
         return failed("apply", "Block driver does not support snapshots");
       }
+      // qemu-img's first check (bdrv_snapshot_goto), before the name.
+      if (!image->info().bitmaps.empty()) return failed("apply", "Device has active dirty bitmaps");
       const SnapshotInfo* sn = FindSnapshot(image->info().snapshots, name);
       if (sn == nullptr) return failed("apply", "Failed to load snapshot: No such file or directory");
       const Status s = done(image->ApplySnapshot(sn->id));

@@ -208,14 +208,16 @@ TEST_CASE("snapshot: bad input gets qemu-img's message and changes nothing", "[s
 // Narrow refcounts: where one more reference would overflow a refcount,
 // nothing is written (qemu-img fails half way and leaks; its message for -c
 // is the same, -22).
-TEST_CASE("snapshot: -c and -d keep persistent bitmaps valid, as qemu-img", "[snapshot][qemu][bitmap]") {
+TEST_CASE("snapshot: -c and -d keep persistent bitmaps valid, -a refuses them, as qemu-img",
+          "[snapshot][qemu][bitmap]") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;
   MustRun("cd '" + dir.path() +
           "' && rm -rf src q o logs && mkdir src logs && (cd src && qemu-img create -q -f qcow2 "
           "img 4M && qemu-img bitmap --add img b1 && qemu-io -c 'write -P 1 0 1M' img) >/dev/null && cp -a "
           "--sparse=never src q && cp -a --sparse=never src o");
-  for (const char* step : {"snapshot -c first img", "snapshot -c second img", "snapshot -d first img"}) {
+  for (const char* step : {"snapshot -c first img", "snapshot -c second img", "snapshot -a second img",
+                           "snapshot -a nosuch img", "snapshot -d first img"}) {
     StepBoth(dir, step);
     Result theirs = Exec(dir.path() + "/q", "qemu-img info img 2>&1");
     Result ours = Exec(dir.path() + "/o", "qemu-img info img 2>&1");

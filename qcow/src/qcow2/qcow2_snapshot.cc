@@ -115,7 +115,9 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id) {
 
 Status Qcow2Image::ApplySnapshot(const std::string& id) {
   if (!writable_) return Image::ApplySnapshot(id);
-  DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("applying a snapshot to"));
+  // QEMU's refusal (bdrv_snapshot_goto): the content would change under
+  // bitmaps that do not follow it.
+  if (BitmapsKept()) return Status::InvalidArgument(filename() + ": Device has active dirty bitmaps");
   if (header_.HasDataFile()) return NoSnapshotsWithDataFile(filename());
   return WriteStep([&]() REQUIRES(rw_mu_) { return ApplySnapshotLocked(id); });
 }

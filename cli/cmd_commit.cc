@@ -251,6 +251,7 @@ int RunCommit(const CommitArgs& args) {
   OpenOptions base_options;
   base_options.format = base_in_chain->info().format;
   base_options.writable = true;
+  base_options.maintain_bitmaps = true;  // the base's bitmaps learn what is committed, as in qemu-img
   base_options.env = &env;
   const std::string base_file = base_in_chain->filename();
   std::unique_ptr<Image> base;

@@ -302,6 +302,7 @@ int RunConvert(const ConvertArgs& args) {
   OpenOptions to;
   to.format = args.out_fmt;
   to.writable = true;
+  to.maintain_bitmaps = args.skip_create;  // -n: the target's bitmaps learn what is written, as in qemu-img
   to.env = env;
   std::unique_ptr<Image> target;
   if (!OpenImageOrReport(dst, to, &target).ok()) return 1;

@@ -108,6 +108,7 @@ int RunRebase(const RebaseArgs& args) {
     LockingEnv env(Env::Default(), {path, LockingEnv::ReadMode(args.force_share)});
     options.env = &env;
     options.writable = true;
+    options.maintain_bitmaps = !args.unsafe;  // the copies are noted in the bitmaps, as in qemu-img
     options.open_backing = !args.unsafe;
     options.header_only = args.unsafe;
     std::unique_ptr<Image> image;

@@ -282,4 +282,17 @@ std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& di
   return dirty;
 }
 
+BitmapRanges QemuConsistentBitmaps(const std::string& dir, const std::string& image) {
+  BitmapRanges ranges;
+  const nlohmann::json info =
+      nlohmann::json::parse(Exec(dir, "qemu-img info --output=json " + image).out, nullptr, false);
+  if (!info.is_object() || !info.contains("format-specific")) return ranges;
+  for (const nlohmann::json& b : info["format-specific"]["data"].value("bitmaps", nlohmann::json::array())) {
+    bool in_use = false;
+    for (const nlohmann::json& f : b["flags"]) in_use |= f == "in-use";
+    if (!in_use) ranges[b["name"]] = QemuDirtyRanges(dir, image, b["name"]);
+  }
+  return ranges;
+}
+
 }  // namespace dmcow_test

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -108,6 +109,11 @@ auto Sampled(const Container& all) {
 // qcow2 image `image` in `dir`, as QEMU reads them (qemu-nbd exports it).
 std::vector<std::pair<uint64_t, uint64_t>> QemuDirtyRanges(const std::string& dir, const std::string& image,
                                                            const std::string& bitmap);
+
+// The dirty ranges of every bitmap of `image` in `dir` that QEMU holds
+// consistent (not in use), by name.
+using BitmapRanges = std::map<std::string, std::vector<std::pair<uint64_t, uint64_t>>>;
+BitmapRanges QemuConsistentBitmaps(const std::string& dir, const std::string& image = "img");
 
 // A file's bytes as a string ("" if it cannot be read).
 std::string ReadText(const std::string& path);

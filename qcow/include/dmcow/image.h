@@ -43,6 +43,15 @@ struct OpenOptions {
   // with the image, as QEMU's truncate does. The image is never served as
   // a block device.
   bool metadata_only = false;
+  // With writable: persistent bitmaps are maintained, as QEMU maintains
+  // them: each enabled bitmap is marked in use while the image is open (a
+  // crash leaves it inconsistent, visibly), every guest write is noted, and
+  // when the image closes the bits of what was written are set and the flag
+  // cleared, in one directory switch. qcow2 only; the image is not served as
+  // a block device (the kernel would write past the notes). A resize drops
+  // the bitmaps' autoclear bit instead (inconsistent). Without this or
+  // metadata_only, a writable open makes bitmaps inconsistent at once.
+  bool maintain_bitmaps = false;
   // false: an external data file is not opened (qemu-img info does not open
   // it); reading a cluster stored there then fails.
   bool open_data_file = true;

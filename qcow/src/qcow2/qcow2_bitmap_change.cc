@@ -20,6 +20,19 @@
 // A bitmap whose bits do not change keeps its table, shared by the old and
 // new directories, so it is neither written nor freed.
 //
+// MAINTAINED BITMAPS (OpenOptions::maintain_bitmaps: convert -n, commit,
+// rebase write guest data and keep the bitmaps true, as QEMU does):
+//  (M1) Before the open returns, each enabled bitmap's in-use flag is set
+//       and durable: from the first guest write on, a crash leaves it
+//       visibly inconsistent, never enabled and stale.
+//  (M2) Every guest write (data, zeroes, discard, compressed, emptying) is
+//       noted in memory before it is made.
+//  (M3) When the image closes, after a flush, each bitmap marked in M1 is
+//       written anew with the bits of the noted writes set and its old
+//       flags (rules D1-D3: one directory switch); with nothing noted, its
+//       flags alone are restored in place. A resize instead clears the
+//       bitmaps' autoclear bit: all of them inconsistent, as before M1.
+//
 // Resizing an image with bitmaps (Grow, Shrink: ResizeBitmapsLocked) is one
 // such change too: QEMU loads a bitmap only if its table has exactly the
 // entries the image's size needs, so every bitmap gets a table for the new
@@ -311,7 +324,80 @@ Status Qcow2Image::ResizeBitmapsLocked(uint64_t new_size) {
   return Status::OK();
 }
 
-Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, uint64_t disk, Qcow2Bitmap* b) {
+Status Qcow2Image::StartMaintainingBitmaps() {
+  std::vector<Qcow2Bitmap> bitmaps;
+  DMCOW_RETURN_IF_ERROR(ReadQcow2BitmapDirectory(file_.get(), header_, &bitmaps));
+  for (const Qcow2Bitmap& b : bitmaps) {
+    if (!b.enabled()) continue;  // disabled ones do not track writes; those in use stay so
+    DMCOW_RETURN_IF_ERROR(WriteQcow2BitmapFlags(file_.get(), b, b.flags | Qcow2Bitmap::kInUse));
+    maintained_bitmaps_.push_back(b);
+  }
+  if (maintained_bitmaps_.empty()) return Status::OK();
+  DMCOW_RETURN_IF_ERROR(file_->Sync());  // M1
+  return ReadQcow2Bitmaps(file_.get(), header_, &info_.bitmaps);
+}
+
+void Qcow2Image::NoteGuestWriteLocked(uint64_t offset, uint64_t len) {
+  if (maintained_bitmaps_.empty() || len == 0) return;
+  uint64_t start = offset, end = offset + len;
+  // Merged with every range it touches, so the map stays disjoint.
+  auto it = noted_writes_.upper_bound(start);
+  if (it != noted_writes_.begin() && std::prev(it)->second >= start) it = std::prev(it);
+  while (it != noted_writes_.end() && it->first <= end) {
+    start = std::min(start, it->first);
+    end = std::max(end, it->second);
+    it = noted_writes_.erase(it);
+  }
+  noted_writes_.emplace(start, end);
+}
+
+Status Qcow2Image::StoreMaintainedBitmapsLocked() {
+  if (maintained_bitmaps_.empty()) return Status::OK();
+  std::vector<Qcow2Bitmap> old;
+  DMCOW_RETURN_IF_ERROR(ReadQcow2BitmapDirectory(file_.get(), header_, &old));
+  auto marked = [this](const Qcow2Bitmap& b) -> const Qcow2Bitmap* {
+    for (const Qcow2Bitmap& m : maintained_bitmaps_) {
+      if (m.entry_offset == b.entry_offset && m.table_offset == b.table_offset && m.name == b.name) return &m;
+    }
+    return nullptr;
+  };
+  if (noted_writes_.empty()) {
+    for (const Qcow2Bitmap& b : old) {
+      if (const Qcow2Bitmap* m = marked(b)) DMCOW_RETURN_IF_ERROR(WriteQcow2BitmapFlags(file_.get(), b, m->flags));
+    }
+    DMCOW_RETURN_IF_ERROR(file_->Sync());
+  } else {
+    std::vector<Qcow2PlannedBitmap> plan;
+    for (const Qcow2Bitmap& b : old) {
+      Qcow2PlannedBitmap p{b, false, {}};
+      if (const Qcow2Bitmap* m = marked(b)) {
+        p.meta.flags = m->flags;
+        p.rewrite = true;
+        // Its table was validated when the image was opened, before M1.
+        p.bits_from.push_back({file_.get(), header_.cluster_size, b.table_offset, b.table_entries, b.granularity_bits});
+        p.also_dirty = &noted_writes_;
+      }
+      plan.push_back(std::move(p));
+    }
+    DMCOW_RETURN_IF_ERROR(WriteBitmapDirectoryLocked(old, plan, header_.size));
+  }
+  maintained_bitmaps_.clear();
+  noted_writes_.clear();
+  return ReadQcow2Bitmaps(file_.get(), header_, &info_.bitmaps);
+}
+
+Status Qcow2Image::DropMaintainedBitmapsLocked() {
+  if (maintained_bitmaps_.empty()) return Status::OK();
+  Qcow2Header next = header_;
+  next.autoclear_features &= ~kAutoclearBitmaps;
+  DMCOW_RETURN_IF_ERROR(WriteHeaderLocked(std::move(next)));
+  maintained_bitmaps_.clear();
+  noted_writes_.clear();
+  return ReadQcow2Bitmaps(file_.get(), header_, &info_.bitmaps);
+}
+
+Status Qcow2Image::StoreBitmapBitsLocked(const Qcow2PlannedBitmap& p, uint64_t disk, Qcow2Bitmap* b) {
+  const std::vector<Qcow2StoredBitmap>& sources = p.bits_from;
   const uint64_t cs = header_.cluster_size;
   const uint8_t g = b->granularity_bits;
   const uint64_t bits = BitsFor(disk, g);
@@ -349,6 +435,20 @@ Status Qcow2Image::StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& s
         any = true;
       }
     }
+    if (p.also_dirty != nullptr) {
+      // The noted ranges over [guest_start, guest_end): the first that ends
+      // past guest_start, then on while they start before guest_end.
+      auto it = p.also_dirty->upper_bound(guest_start);
+      if (it != p.also_dirty->begin() && std::prev(it)->second > guest_start) it = std::prev(it);
+      for (; it != p.also_dirty->end() && it->first < guest_end; ++it) {
+        const uint64_t from_byte = std::max(it->first, guest_start), to_byte = std::min(it->second, guest_end);
+        if (from_byte >= to_byte) continue;
+        for (uint64_t bit = (from_byte >> g) - first; bit <= ((to_byte - 1) >> g) - first; bit++) {
+          chunk[bit / 8] |= static_cast<uint8_t>(1u << (bit % 8));
+        }
+        any = true;
+      }
+    }
     if (!any) continue;
     uint64_t offset = 0;
     DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(1, &offset));
@@ -374,7 +474,7 @@ Status Qcow2Image::WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& ol
   std::set<uint64_t> kept_tables;
   for (const Qcow2PlannedBitmap& p : plan) {
     Qcow2Bitmap b = p.meta;
-    if (p.rewrite) DMCOW_RETURN_IF_ERROR(StoreBitmapBitsLocked(p.bits_from, disk, &b));
+    if (p.rewrite) DMCOW_RETURN_IF_ERROR(StoreBitmapBitsLocked(p, disk, &b));
     if (!p.rewrite) kept_tables.insert(b.table_offset);
     AppendDirectoryEntry(b, &dir);
     if (dir.size() > kMaxDirectoryBytes) {

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -59,6 +60,9 @@ struct Qcow2PlannedBitmap {
   Qcow2Bitmap meta;      // name, flags, granularity; its stored table while !rewrite
   bool rewrite = false;  // its bits change: written anew as the union of `bits_from`
   std::vector<Qcow2StoredBitmap> bits_from;
+  // And of these guest byte ranges (start -> end), when not null: the
+  // writes noted while the bitmap was maintained (OpenOptions).
+  const std::map<uint64_t, uint64_t>* also_dirty = nullptr;
 };
 
 // QEMU's first checks of a new bitmap (qmp_block_dirty_bitmap_add): a

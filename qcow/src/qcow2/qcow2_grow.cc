@@ -129,6 +129,7 @@ Status Qcow2Image::ShrinkLocked(uint64_t new_size) {
 
 Status Qcow2Image::WriteVirtualSize(uint64_t new_size) {
   if (BitmapsKept()) return ResizeBitmapsLocked(new_size);  // with the bitmaps, in one header write
+  DMCOW_RETURN_IF_ERROR(DropMaintainedBitmapsLocked());     // in use already: their tables may stay as they are
   uint8_t size_field[8];
   StoreBE64(size_field, new_size);
   DMCOW_RETURN_IF_ERROR(file_->Write(24, size_field, sizeof(size_field)));

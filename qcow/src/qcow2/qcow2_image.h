@@ -15,15 +15,12 @@
 
 #include "image/l1_table.h"
 #include "image/table_cache.h"
+#include "qcow2/qcow2_bitmaps.h"
 #include "qcow2/qcow2_header.h"
 #include "qcow2/qcow2_overlap.h"
 #include "qcow2/qcow2_refcounts.h"
 
 namespace dmcow {
-
-struct Qcow2Bitmap;
-struct Qcow2PlannedBitmap;
-struct Qcow2StoredBitmap;
 
 class Qcow2Image final : public TableImage, public DeviceImage {
  public:
@@ -57,7 +54,7 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // qemu-img bitmap's changes (qcow2_bitmap_change.cc, which states their order).
   Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) override;
   // Block-device serving (qcow2_device.cc).
-  DeviceImage* AsDeviceImage() override { return metadata_only_ ? nullptr : this; }
+  DeviceImage* AsDeviceImage() override { return metadata_only_ || !maintained_bitmaps_.empty() ? nullptr : this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
@@ -171,8 +168,7 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // Writes the bits of `sources` (their union, at b's granularity, over a
   // `disk`-byte disk) as a new table and data clusters, not synced, and
   // points *b at them.
-  Status StoreBitmapBitsLocked(const std::vector<Qcow2StoredBitmap>& sources, uint64_t disk, Qcow2Bitmap* b)
-      REQUIRES(rw_mu_);
+  Status StoreBitmapBitsLocked(const Qcow2PlannedBitmap& p, uint64_t disk, Qcow2Bitmap* b) REQUIRES(rw_mu_);
   // Makes `plan` the bitmap directory (D1-D3) of an image of `virtual_size`
   // bytes, written in the same header switch, freeing what only `old` named.
   Status WriteBitmapDirectoryLocked(const std::vector<Qcow2Bitmap>& old, const std::vector<Qcow2PlannedBitmap>& plan,
@@ -186,6 +182,14 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // The size switch of a resize with bitmaps kept: every bitmap rewritten
   // for `new_size`, the size written with the new directory (D1-D3).
   Status ResizeBitmapsLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  // OpenOptions::maintain_bitmaps (rules M1-M3 at the top of
+  // qcow2_bitmap_change.cc): marks the enabled bitmaps in use; notes a
+  // guest write; at close, stores the noted writes and clears the flags;
+  // on a resize, drops them all (autoclear bit cleared).
+  Status StartMaintainingBitmaps();
+  void NoteGuestWriteLocked(uint64_t offset, uint64_t len) REQUIRES(rw_mu_);
+  Status StoreMaintainedBitmapsLocked() REQUIRES(rw_mu_);
+  Status DropMaintainedBitmapsLocked() REQUIRES(rw_mu_);
 
   // qcow2_snapshot.cc.
   Status CreateSnapshotLocked(SnapshotInfo* snapshot) REQUIRES(rw_mu_);
@@ -243,7 +247,11 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   std::unique_ptr<TableCache> l2_cache_;
 
   bool writable_ = false;
-  bool metadata_only_ = false;                  // OpenOptions::metadata_only
+  bool metadata_only_ = false;  // OpenOptions::metadata_only
+  // OpenOptions::maintain_bitmaps: the bitmaps marked in use at open (as
+  // they were before), and the guest ranges written since (start -> end).
+  std::vector<Qcow2Bitmap> maintained_bitmaps_;
+  std::map<uint64_t, uint64_t> noted_writes_ GUARDED_BY(rw_mu_);
   size_t refcount_cache_bytes_ = 0;             // OpenOptions::refcount_cache_bytes, for ReloadRefcountsLocked
   bool header_writable_ = false;                // opened with OpenOptions::header_only: only ChangeBackingFile writes
   Status stopped_ GUARDED_BY(rw_mu_);           // the failure that stopped writing (WriteStep)

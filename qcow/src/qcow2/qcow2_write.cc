@@ -94,11 +94,12 @@ Status Qcow2Image::CheckWritable() const {
 Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   Qcow2Header& h = header_;
   DMCOW_RETURN_IF_ERROR(CheckWritable());
-  // Autoclear bits mark extensions kept consistent by the writer. We do not
-  // update bitmaps, so their bit is cleared (QEMU then ignores them, as the
+  // Autoclear bits mark extensions kept consistent by the writer. Unless
+  // this open maintains the bitmaps, or changes no guest byte (metadata
+  // only), their bit is cleared (QEMU then ignores them, as the
   // specification requires); unknown bits are cleared too.
-  // A metadata-only open changes no guest byte: the bitmaps stay true.
-  const uint64_t keep = kAutoclearDataFileRaw | (options.metadata_only ? kAutoclearBitmaps : 0);
+  const bool bitmaps_stay = options.metadata_only || options.maintain_bitmaps;
+  const uint64_t keep = kAutoclearDataFileRaw | (bitmaps_stay ? kAutoclearBitmaps : 0);
   if (h.version >= 3 && (h.autoclear_features & ~keep)) {
     h.autoclear_features &= keep;
     uint8_t raw[8];
@@ -114,6 +115,7 @@ Status Qcow2Image::PrepareForWriting(const OpenOptions& options) {
   max_dirty_slices_ = std::max<size_t>(8, l2_cache_->capacity_slices() / 2);
   lazy_refcounts_ = h.version >= 3 && (h.compatible_features & kCompatLazyRefcounts);
   writable_ = true;
+  if (options.maintain_bitmaps && !options.metadata_only) DMCOW_RETURN_IF_ERROR(StartMaintainingBitmaps());
   return Status::OK();
 }
 
@@ -127,7 +129,13 @@ Status Qcow2Image::RefuseIfMetadataOnly(const char* what) const {
 Qcow2Image::~Qcow2Image() {
   // Best effort: callers that care call Flush and check it. After a failed
   // step nothing is written (WriteStep).
-  if (writable_) (void)WriteStep([&]() REQUIRES(rw_mu_) { return FlushLocked(/*closing=*/true); });
+  if (writable_) {
+    (void)WriteStep([&]() REQUIRES(rw_mu_) {
+      DMCOW_RETURN_IF_ERROR(FlushLocked());
+      DMCOW_RETURN_IF_ERROR(StoreMaintainedBitmapsLocked());  // M3; a failure leaves them in use
+      return FlushLocked(/*closing=*/true);
+    });
+  }
 }
 
 Status Qcow2Image::GetL2Entry(uint64_t cluster, uint64_t* entry, uint64_t* bitmap) {
@@ -299,7 +307,10 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
   if (!writable_) return Image::Write(offset, buf, len);
   DMCOW_RETURN_IF_ERROR(RefuseIfMetadataOnly("writing to"));
   DMCOW_RETURN_IF_ERROR(CheckWriteRange(offset, len));
-  return WriteStep([&]() REQUIRES(rw_mu_) { return WriteLocked(offset, static_cast<const uint8_t*>(buf), len); });
+  return WriteStep([&]() REQUIRES(rw_mu_) {
+    NoteGuestWriteLocked(offset, len);
+    return WriteLocked(offset, static_cast<const uint8_t*>(buf), len);
+  });
 }
 
 Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t len, bool discard) {
@@ -359,7 +370,10 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len) {
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": zero write past the virtual size");
   }
-  return WriteStep([&]() REQUIRES(rw_mu_) { return ZeroLocked(offset, len, /*discard=*/false); });
+  return WriteStep([&]() REQUIRES(rw_mu_) {
+    NoteGuestWriteLocked(offset, len);
+    return ZeroLocked(offset, len, /*discard=*/false);
+  });
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
@@ -369,7 +383,10 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   if (!CheckedAdd(offset, len, &end) || end > info_.virtual_size) {
     return Status::InvalidArgument(filename() + ": discard past the virtual size");
   }
-  return WriteStep([&]() REQUIRES(rw_mu_) { return ZeroLocked(offset, len, /*discard=*/true); });
+  return WriteStep([&]() REQUIRES(rw_mu_) {
+    NoteGuestWriteLocked(offset, len);
+    return ZeroLocked(offset, len, /*discard=*/true);
+  });
 }
 
 Status Qcow2Image::AllocateCompressedBytes(uint64_t bytes, uint64_t* host_offset) {
@@ -411,6 +428,7 @@ Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
                                    " (needs a cluster-aligned offset and less than one cluster of payload)");
   }
   return WriteStep([&]() REQUIRES(rw_mu_) -> Status {
+    NoteGuestWriteLocked(offset, std::min(cs, info_.virtual_size - offset));
     const uint64_t cluster = offset >> header_.cluster_bits;
     uint64_t entry, bitmap;
     DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster, &entry, &bitmap));
@@ -493,7 +511,10 @@ Status Qcow2Image::MakeEmpty() {
                                 ": cannot empty an image whose external data file must stay a "
                                 "faithful raw image (data_file_raw)");
   }
-  return WriteStep([&]() REQUIRES(rw_mu_) { return MakeEmptyLocked(); });
+  return WriteStep([&]() REQUIRES(rw_mu_) {
+    NoteGuestWriteLocked(0, info_.virtual_size);
+    return MakeEmptyLocked();
+  });
 }
 
 Status Qcow2Image::MakeEmptyLocked() {

@@ -3,8 +3,8 @@
 # write ordering is called done; CI runs a bounded sample of the same tests.
 #   - crash_boundary_test with every refcount width (1-64) and 8 random
 #     mixes of pending writes per crash point, every crash point;
-#   - rebase_test's, snapshot_test's, amend_test's and bitmap_test's crash
-#     replays (every point);
+#   - rebase_test's, snapshot_test's, amend_test's, bitmap_test's and
+#     bitmap_writers_test's crash replays (every point);
 #   - crash_test (every state CrashEnv lists), make_empty_crash_test and
 #     the qcow2 plugin's crash test at every crash point;
 #   - io_error_test (EIO and ENOSPC at every write and sync, a read error at
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 build="${1:-build}"
 log="$build/crash-replay.log"
 ninja -C "$build" crash_boundary_test crash_test make_empty_crash_test rebase_test snapshot_test amend_test \
-  bitmap_test io_error_test \
+  bitmap_test bitmap_writers_test io_error_test \
   qcow2_plugin_crash_test >/dev/null
 : >"$log"
 run() {
@@ -35,6 +35,7 @@ run DMCOW_CRASH_FULL=1 "$build/tests/rebase_test" "rebase: a crash*"
 run DMCOW_CRASH_FULL=1 "$build/tests/snapshot_test" "snapshot: a crash*"
 run DMCOW_CRASH_FULL=1 "$build/tests/amend_test" "amend: a crash*"
 run DMCOW_CRASH_FULL=1 "$build/tests/bitmap_test" "bitmap: a crash*"
+run DMCOW_CRASH_FULL=1 "$build/tests/bitmap_writers_test" "maintained bitmaps: a crash*"
 run DMCOW_CRASH_FULL=1 "$build/tests/io_error_test"
 run DMCOW_CRASH_FULL=1 "$build/daemon/tests/qcow2_plugin_crash_test"
 grep -q "FAILED" "$log" && { echo "crash-replay: FAILURES (see $log)"; exit 1; }

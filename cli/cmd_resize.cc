@@ -9,9 +9,8 @@
 // as qemu-img 7.2: "Image resized." on stdout (not with -q), one line on
 // stderr and exit 1 on any error.
 //
-// Persistent bitmaps are resized with the image, their bits kept.
-// Not yet: preallocation other than off when growing qcow2, refused before
-// anything is written.
+// Persistent bitmaps are resized with the image, their bits kept. Growing
+// preallocates the new range in qemu-img's modes (Image::Preallocate).
 #include <getopt.h>
 
 #include <cerrno>
@@ -155,15 +154,17 @@ int RunResize(const ResizeArgs& args) {
     PrintError("Image format driver does not support resize");
     return 1;
   }
-  if (args.preallocation != "off" && (format != "raw" || args.preallocation == "metadata")) {
-    PrintError(args.filename + ": preallocation=" + args.preallocation + " when growing a " + format +
-               " image is not supported yet");
+  if (format == "raw" && args.preallocation == "metadata") {
+    PrintError("Unsupported preallocation mode: metadata");  // qemu-img's (raw_co_truncate), before any change
     return 1;
   }
 
   Status s = new_size < current ? image->Shrink(new_size) : image->Grow(new_size);
   if (s.ok() && new_size > current && args.preallocation != "off") {
-    s = image->Preallocate(current, new_size - current, args.preallocation == "full");
+    const Image::Preallocation mode = args.preallocation == "metadata" ? Image::Preallocation::kMetadata
+                                      : args.preallocation == "falloc" ? Image::Preallocation::kFalloc
+                                                                       : Image::Preallocation::kFull;
+    s = image->Preallocate(current, new_size - current, mode);
   }
   if (s.ok()) s = image->Flush();
   if (!s.ok()) {

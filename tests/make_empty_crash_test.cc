@@ -6,8 +6,9 @@
 //   - MakeEmpty: every byte reads either as before or as the backing file
 //     (all of them as the backing file once MakeEmpty returned), and the
 //     internal snapshot keeps its content;
-//   - Grow: the size is the old or the new one, the old range is unchanged
-//     and the new range reads as zeros.
+//   - Grow (and the preallocation of the new range, in each of qemu's
+//     modes): the size is the old or the new one, the old range is
+//     unchanged and the new range reads as zeros.
 #include <catch2/catch.hpp>
 #include <random>
 
@@ -119,45 +120,58 @@ TEST_CASE("MakeEmpty: a crash at any point leaves no corruption and only old or 
 TEST_CASE("Grow: a crash at any point leaves the old or the new size, no corruption", "[qemu][crash]") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;
-  for (const char* options : {"cluster_size=512", "compat=0.10,cluster_size=4k"}) {
-    DYNAMIC_SECTION(options) {
-      MustRun("cd '" + dir.path() + "' && rm -f img.qcow2 && qemu-img create -q -f qcow2 -o " + options +
-              " img.qcow2 100k && qemu-io -c 'write -P 6 0 60k' -c 'write -P 7 80k 20k' img.qcow2 >/dev/null");
-      const std::string path = dir / "img.qcow2";
-      const std::vector<uint8_t> image_bytes = ReadWholeFile(path);
-      const std::vector<uint8_t> before = ReadAll(path);
-      const uint64_t new_size = 3 << 20;  // with 512 B clusters, the L1 table moves
+  struct Mode {
+    const char* name;
+    bool preallocate;
+    Image::Preallocation mode;
+  };
+  const Mode kModes[] = {{"off", false, Image::Preallocation::kMetadata},
+                         {"metadata", true, Image::Preallocation::kMetadata},
+                         {"falloc", true, Image::Preallocation::kFalloc},
+                         {"full", true, Image::Preallocation::kFull}};
+  for (const char* options : {"cluster_size=512", "compat=0.10,cluster_size=4k"})
+    for (const Mode& m : kModes) {
+      DYNAMIC_SECTION(options << ", preallocation=" << m.name) {
+        MustRun("cd '" + dir.path() + "' && rm -f img.qcow2 && qemu-img create -q -f qcow2 -o " + options +
+                " img.qcow2 100k && qemu-io -c 'write -P 6 0 60k' -c 'write -P 7 80k 20k' img.qcow2 >/dev/null");
+        const std::string path = dir / "img.qcow2";
+        const std::vector<uint8_t> image_bytes = ReadWholeFile(path);
+        const std::vector<uint8_t> before = ReadAll(path);
+        const uint64_t new_size = 3 << 20;  // with 512 B clusters, the L1 table moves
 
-      auto run = [&](CrashEnv* env) {
-        OpenOptions o;
-        o.env = env;
-        o.writable = true;
-        std::unique_ptr<Image> image;
-        Status s = OpenImage(path, o, &image);
-        if (s.ok()) s = image->Grow(new_size);
-        if (s.ok()) CHECK(image->virtual_size() == new_size);
-        if (!s.ok()) REQUIRE(env->crashed());
-        return s.ok();
-      };
-      CrashEnv dry(UINT64_MAX);
-      dry.PutFile(path, image_bytes);
-      REQUIRE(run(&dry));
-      for (uint64_t k = 0; k <= dry.ops(); k++) {
-        CrashEnv env(k);
-        env.PutFile(path, image_bytes);
-        const bool done = run(&env);
-        std::mt19937_64 rng(k * 104729 + 3);
-        WriteWholeFile(dir / "crashed.qcow2", env.CrashedContent(path, rng));
-        INFO(options << ": crash after " << k << " of " << dry.ops() << " writes/syncs");
-        ExpectNoCorruption(dir);
-        const std::vector<uint8_t> got = ReadAll(dir / "crashed.qcow2");
-        if (done) REQUIRE(got.size() == new_size);
-        REQUIRE((got.size() == before.size() || got.size() == new_size));
-        REQUIRE(std::equal(before.begin(), before.end(), got.begin()));
-        CHECK(std::all_of(got.begin() + before.size(), got.end(), [](uint8_t b) { return b == 0; }));
+        auto run = [&](CrashEnv* env) {
+          OpenOptions o;
+          o.env = env;
+          o.writable = true;
+          std::unique_ptr<Image> image;
+          Status s = OpenImage(path, o, &image);
+          if (s.ok()) s = image->Grow(new_size);
+          if (s.ok()) CHECK(image->virtual_size() == new_size);
+          if (s.ok() && m.preallocate) s = image->Preallocate(before.size(), new_size - before.size(), m.mode);
+          if (!s.ok()) REQUIRE(env->crashed());
+          return s.ok();
+        };
+        CrashEnv dry(UINT64_MAX);
+        dry.PutFile(path, image_bytes);
+        REQUIRE(run(&dry));
+        // CI: a sample of the points; scripts/crash-replay.sh: every one.
+        for (uint64_t k : CrashPointsToTry(0, dry.ops(), 24)) {
+          CrashEnv env(k);
+          env.PutFile(path, image_bytes);
+          const bool done = run(&env);
+          std::mt19937_64 rng(k * 104729 + 3);
+          WriteWholeFile(dir / "crashed.qcow2", env.CrashedContent(path, rng));
+          INFO(options << ", preallocation=" << m.name << ": crash after " << k << " of " << dry.ops()
+                       << " writes/syncs");
+          ExpectNoCorruption(dir);
+          const std::vector<uint8_t> got = ReadAll(dir / "crashed.qcow2");
+          if (done) REQUIRE(got.size() == new_size);
+          REQUIRE((got.size() == before.size() || got.size() == new_size));
+          REQUIRE(std::equal(before.begin(), before.end(), got.begin()));
+          CHECK(std::all_of(got.begin() + before.size(), got.end(), [](uint8_t b) { return b == 0; }));
+        }
       }
     }
-  }
 }
 
 // Shrink writes the new size first, then unlinks and frees what lies past it,

@@ -292,10 +292,13 @@ class Image {
   // before it are still written, as qemu-img keeps them. A bitmap in use
   // (left inconsistent) can only be removed.
   virtual Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed);
-  // Reserves the storage of the guest range (qemu's preallocation=falloc
-  // for raw files: fallocate), or with `write_zeroes` writes zeros over it
-  // (preallocation=full). Formats other than raw return NotSupported.
-  virtual Status Preallocate(uint64_t offset, uint64_t len, bool write_zeroes);
+  // qemu's preallocation modes for a range that reads as zeros (a resize's
+  // new range): kMetadata allocates clusters (qcow2: tables and refcounts,
+  // the data left as holes), kFalloc reserves their storage too
+  // (fallocate), kFull writes zeros over it. Raw files take kFalloc and
+  // kFull; other formats return NotSupported.
+  enum class Preallocation { kMetadata, kFalloc, kFull };
+  virtual Status Preallocate(uint64_t offset, uint64_t len, Preallocation mode);
 
   // The calls that serve this image as a block device (dmcow/device_image.h,
   // for dmcowd's qcow2 plugin), or nullptr where the format cannot be served

@@ -40,7 +40,7 @@ Status Image::Shrink(uint64_t) {
   return Status::NotSupported(filename() + ": shrinking an image is not supported for this format (" + info().format +
                               ") or the image is not open for writing");
 }
-Status Image::Preallocate(uint64_t, uint64_t, bool) {
+Status Image::Preallocate(uint64_t, uint64_t, Preallocation) {
   return Status::NotSupported(filename() + ": preallocation is not supported for this format (" + info().format +
                               ") or the image is not open for writing");
 }

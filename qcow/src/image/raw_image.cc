@@ -88,9 +88,12 @@ Status RawImage::Shrink(uint64_t new_size) {
   return Status::OK();
 }
 
-Status RawImage::Preallocate(uint64_t offset, uint64_t len, bool write_zeroes) {
-  if (!writable_) return Image::Preallocate(offset, len, write_zeroes);
+Status RawImage::Preallocate(uint64_t offset, uint64_t len, Preallocation mode) {
+  if (!writable_) return Image::Preallocate(offset, len, mode);
+  // QEMU's words (raw_co_truncate).
+  if (mode == Preallocation::kMetadata) return Status::NotSupported("Unsupported preallocation mode: metadata");
   DMCOW_RETURN_IF_ERROR(CheckGuestRange(offset, len));
+  const bool write_zeroes = mode == Preallocation::kFull;
   // full: zeros written (or, where the file system can, blocks allocated
   // as zeros: the same reads and the same space).
   if (!write_zeroes) {

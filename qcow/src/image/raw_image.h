@@ -20,7 +20,7 @@ class RawImage final : public ImageBase {
   Status Flush() override;
   Status Grow(uint64_t new_size) override;
   Status Shrink(uint64_t new_size) override;
-  Status Preallocate(uint64_t offset, uint64_t len, bool write_zeroes) override;
+  Status Preallocate(uint64_t offset, uint64_t len, Preallocation mode) override;
 
  private:
   using ImageBase::ImageBase;

@@ -39,9 +39,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status WriteCompressedCluster(uint64_t offset, const void* payload, size_t len) override;
   Status Flush() override;
-  Status MakeEmpty() override;                                                                       // qcow2_write.cc
-  Status Grow(uint64_t new_size) override;                                                           // qcow2_grow.cc
-  Status Shrink(uint64_t new_size) override;                                                         // qcow2_grow.cc
+  Status MakeEmpty() override;                                                     // qcow2_write.cc
+  Status Grow(uint64_t new_size) override;                                         // qcow2_grow.cc
+  Status Shrink(uint64_t new_size) override;                                       // qcow2_grow.cc
+  Status Preallocate(uint64_t offset, uint64_t len, Preallocation mode) override;  // qcow2_preallocation.cc
   Status ChangeBackingFile(const std::string& backing, const std::string& backing_format) override;  // qcow2_backing.cc
   // Internal snapshots (qcow2_snapshot.cc, which states their ordering).
   Status CreateSnapshot(SnapshotInfo* snapshot) override;
@@ -103,6 +104,10 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard) REQUIRES(rw_mu_);
   Status MakeEmptyLocked() REQUIRES(rw_mu_);
   Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  Status PreallocateLocked(uint64_t offset, uint64_t len, Preallocation mode) REQUIRES(rw_mu_);
+  // Host space for `count` new clusters from guest cluster `cluster` that
+  // reads as zeros (qcow2_preallocation.cc), not yet synced.
+  Status PreallocateRunLocked(uint64_t cluster, uint64_t count, Preallocation mode, uint64_t* host) REQUIRES(rw_mu_);
   Status ShrinkLocked(uint64_t new_size) REQUIRES(rw_mu_);
   // Writes `next` as the header (rules B2 and B3 at the top of
   // qcow2_backing.cc: one sector where it fits, stale bytes zeroed after),

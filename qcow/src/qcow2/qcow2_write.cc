@@ -131,8 +131,10 @@ Qcow2Image::~Qcow2Image() {
   // step nothing is written (WriteStep).
   if (writable_) {
     (void)WriteStep([&]() REQUIRES(rw_mu_) {
-      DMCOW_RETURN_IF_ERROR(FlushLocked());
-      DMCOW_RETURN_IF_ERROR(StoreMaintainedBitmapsLocked());  // M3; a failure leaves them in use
+      if (!maintained_bitmaps_.empty()) {
+        DMCOW_RETURN_IF_ERROR(FlushLocked());
+        DMCOW_RETURN_IF_ERROR(StoreMaintainedBitmapsLocked());  // M3; a failure leaves them in use
+      }
       return FlushLocked(/*closing=*/true);
     });
   }

@@ -140,11 +140,8 @@ TEST_CASE("Grow: a crash at any point leaves the old or the new size, no corrupt
         const uint64_t new_size = 3 << 20;  // with 512 B clusters, the L1 table moves
 
         auto run = [&](CrashEnv* env) {
-          OpenOptions o;
-          o.env = env;
-          o.writable = true;
           std::unique_ptr<Image> image;
-          Status s = OpenImage(path, o, &image);
+          Status s = OpenImage(path, CrashTestOptions(env), &image);
           if (s.ok()) s = image->Grow(new_size);
           if (s.ok()) CHECK(image->virtual_size() == new_size);
           if (s.ok() && m.preallocate) s = image->Preallocate(before.size(), new_size - before.size(), m.mode);
@@ -196,11 +193,8 @@ TEST_CASE("Shrink: a crash at any point leaves the old or the new size, no corru
         const uint64_t new_size = 100 << 10;  // inside the second write: a partial L2 table
 
         auto run = [&](CrashEnv* env) {
-          OpenOptions o;
-          o.env = env;
-          o.writable = true;
           std::unique_ptr<Image> image;
-          Status s = OpenImage(path, o, &image);
+          Status s = OpenImage(path, CrashTestOptions(env), &image);
           if (s.ok()) s = image->Shrink(new_size);
           if (s.ok()) CHECK(image->virtual_size() == new_size);
           if (!s.ok()) REQUIRE(env->crashed());

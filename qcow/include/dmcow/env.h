@@ -49,6 +49,11 @@ class File {
   // PUNCH_HOLE), else by writing zeros. Durable, like Write, only after Sync.
   virtual Status WriteZeroes(uint64_t offset, uint64_t len);
 
+  // Writes zeros over [offset, offset + len) as data, never as an unwritten
+  // extent, so block status sees data there (qemu's preallocation=full).
+  // Durable, like Write, only after Sync.
+  Status WriteZeroBytes(uint64_t offset, uint64_t len);
+
   // Makes [offset, offset + len) read as zeros and gives its storage back
   // where the file system can (fallocate PUNCH_HOLE, as QEMU's write-zeroes
   // with MAY_UNMAP on a raw file), else as WriteZeroes. The file's size does

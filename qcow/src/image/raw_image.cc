@@ -104,12 +104,7 @@ Status RawImage::Preallocate(uint64_t offset, uint64_t len, Preallocation mode) 
   }
   // full: zeros really written, as QEMU writes them, so block status sees
   // data there (an unwritten extent from fallocate reads as a hole).
-  static const std::vector<uint8_t> zeros(1 << 20, 0);
-  for (uint64_t done = 0; done < len;) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), len - done));
-    DMCOW_RETURN_IF_ERROR(file_->Write(offset + done, zeros.data(), n));
-    done += n;
-  }
+  DMCOW_RETURN_IF_ERROR(file_->WriteZeroBytes(offset, len));
   return file_->Sync();
 }
 

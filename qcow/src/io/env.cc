@@ -17,8 +17,10 @@ Status File::ReadExact(uint64_t offset, size_t len, void* buf, const char* what)
   return Status::OK();
 }
 
-Status File::WriteZeroes(uint64_t offset, uint64_t len) {
-  static const std::vector<uint8_t> zeros(64 * 1024, 0);
+Status File::WriteZeroes(uint64_t offset, uint64_t len) { return WriteZeroBytes(offset, len); }
+
+Status File::WriteZeroBytes(uint64_t offset, uint64_t len) {
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
   while (len > 0) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
     DMCOW_RETURN_IF_ERROR(Write(offset, zeros.data(), n));

@@ -104,6 +104,7 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard) REQUIRES(rw_mu_);
   Status MakeEmptyLocked() REQUIRES(rw_mu_);
   Status GrowLocked(uint64_t new_size) REQUIRES(rw_mu_);
+  static constexpr uint64_t kMaxRunClusters = 256;  // clusters allocated and written per step
   Status PreallocateLocked(uint64_t offset, uint64_t len, Preallocation mode) REQUIRES(rw_mu_);
   // Host space for `count` new clusters from guest cluster `cluster` that
   // reads as zeros (qcow2_preallocation.cc), not yet synced.

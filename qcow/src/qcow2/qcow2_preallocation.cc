@@ -6,11 +6,11 @@
 // METADATA ORDERING rules of qcow2_write.cc apply as for a write: the
 // zeros, the file's new length and the refcounts are durable before an L2
 // entry names the cluster, so a crash leaves the range unallocated or
-// allocated, reading zeros either way. Clusters already allocated or
-// reading as zeros through the zero flag (a resize over a longer backing
-// file zeroes its new range so) are left as they are; so is a first
-// cluster the range starts inside of while a backing file could show
-// through its head.
+// allocated, reading zeros either way. A zero cluster without host space
+// (a resize over a longer backing file zeroes its new range so) gets host
+// space too, and keeps its zero flag in metadata mode, as in QEMU. Clusters
+// already allocated are left as they are; so is a first cluster the range
+// starts inside of while a backing file could show through its head.
 //
 // Metadata preallocation, as QEMU detects it (qcow2_detect_metadata_
 // preallocation, block/qcow2-refcount.c): when the image file holds clearly
@@ -29,21 +29,6 @@
 namespace dmcow {
 
 using namespace qcow2;
-
-namespace {
-
-// Zeros really written (preallocation=full: block status then sees data).
-Status WriteZeroBytes(File* file, uint64_t offset, uint64_t len) {
-  static const std::vector<uint8_t> zeros(1 << 20, 0);
-  for (uint64_t done = 0; done < len;) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), len - done));
-    DMCOW_RETURN_IF_ERROR(file->Write(offset + done, zeros.data(), n));
-    done += n;
-  }
-  return Status::OK();
-}
-
-}  // namespace
 
 Status Qcow2Image::Preallocate(uint64_t offset, uint64_t len, Preallocation mode) {
   if (!writable_) return Image::Preallocate(offset, len, mode);
@@ -72,7 +57,7 @@ Status Qcow2Image::PreallocateLocked(uint64_t offset, uint64_t len, Preallocatio
     // A run of them inside one L2 table, all of the same kind.
     const uint64_t kind = entry;
     uint64_t count = 1;
-    while (count < 256 && cluster + count < end_cluster && (cluster + count) % header_.l2_entries != 0) {
+    while (count < kMaxRunClusters && cluster + count < end_cluster && (cluster + count) % header_.l2_entries != 0) {
       DMCOW_RETURN_IF_ERROR(GetL2Entry(cluster + count, &entry, &bitmap));
       if (entry != kind || bitmap != 0) break;
       count++;
@@ -112,13 +97,13 @@ Status Qcow2Image::PreallocateRunLocked(uint64_t cluster, uint64_t count, Preall
     const uint64_t n = inside_end - *host;
     if (mode == Preallocation::kMetadata) DMCOW_RETURN_IF_ERROR(data->Deallocate(*host, n));
     if (mode == Preallocation::kFalloc) DMCOW_RETURN_IF_ERROR(data->WriteZeroes(*host, n));
-    if (mode == Preallocation::kFull) DMCOW_RETURN_IF_ERROR(WriteZeroBytes(data, *host, n));
+    if (mode == Preallocation::kFull) DMCOW_RETURN_IF_ERROR(data->WriteZeroBytes(*host, n));
   }
   if (end <= inside_end) return Status::OK();
   // Past the end: the file grows by a hole (metadata), reserved blocks
   // (falloc; where the file system cannot, a hole, as in QEMU) or zeros.
   const uint64_t from = inside_end;
-  if (mode == Preallocation::kFull) return WriteZeroBytes(data, from, end - from);
+  if (mode == Preallocation::kFull) return data->WriteZeroBytes(from, end - from);
   if (mode == Preallocation::kFalloc) {
     const Status s = data->Allocate(from, end - from);
     if (!s.IsNotSupported()) DMCOW_RETURN_IF_ERROR(s);

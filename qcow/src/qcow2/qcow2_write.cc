@@ -75,7 +75,6 @@ using namespace qcow2;
 
 namespace {
 constexpr uint64_t kAllZero = 0xffffffffULL << 32;
-constexpr uint64_t kMaxRunClusters = 256;  // clusters allocated and written per step
 }  // namespace
 
 Status Qcow2Image::CheckWritable() const {

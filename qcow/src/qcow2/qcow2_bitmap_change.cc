@@ -187,10 +187,9 @@ Status Qcow2Image::ChangeBitmapLocked(const std::string& name, const std::vector
         const uint64_t granularity =
             a.granularity != 0 ? a.granularity : std::clamp<uint64_t>(header_.cluster_size, 4096, 65536);
         const std::string cannot = path + ": Can't make bitmap '" + name + "' persistent in '" + path + "': ";
-        const uint64_t bytes = DivRoundUp(DivRoundUp(disk, granularity), 8);
         if (header_.version < 3) {
           refused = Status::InvalidArgument(cannot + "Cannot store dirty bitmaps in qcow2 v2 files");
-        } else if (bytes > kMaxBitmapBytes || bytes > kMaxBitmapTableEntries * header_.cluster_size) {
+        } else if (Qcow2BitmapTooLarge(disk, granularity, header_.cluster_size)) {
           refused =
               Status::InvalidArgument(cannot + "Too much space will be occupied by the bitmap. Use larger granularity");
         } else if (disk == 0) {
@@ -300,8 +299,7 @@ Status Qcow2Image::CheckBitmapsResizable(uint64_t new_size) const {
       // QEMU's words (qcow2_truncate_bitmaps_check), before anything is written.
       return Status::InvalidArgument(filename() + ": Bitmap '" + b.name + "' is inconsistent and cannot be used");
     }
-    const uint64_t bytes = DivRoundUp(DivRoundUp(disk, b.granularity), 8);
-    if (bytes > kMaxBitmapBytes || bytes > kMaxBitmapTableEntries * header_.cluster_size) {
+    if (Qcow2BitmapTooLarge(disk, b.granularity, header_.cluster_size)) {
       // QEMU resizes it in memory, then fails to store it when it closes
       // the image and leaves it in use; refused here before any write.
       return Status::InvalidArgument(filename() + ": Can't resize: bitmap '" + b.name +
@@ -366,6 +364,7 @@ Status Qcow2Image::StoreMaintainedBitmapsLocked() {
       if (const Qcow2Bitmap* m = marked(b)) DMCOW_RETURN_IF_ERROR(WriteQcow2BitmapFlags(file_.get(), b, m->flags));
     }
     DMCOW_RETURN_IF_ERROR(file_->Sync());
+    DMCOW_RETURN_IF_ERROR(ReadQcow2Bitmaps(file_.get(), header_, &info_.bitmaps));
   } else {
     std::vector<Qcow2PlannedBitmap> plan;
     for (const Qcow2Bitmap& b : old) {
@@ -379,11 +378,11 @@ Status Qcow2Image::StoreMaintainedBitmapsLocked() {
       }
       plan.push_back(std::move(p));
     }
-    DMCOW_RETURN_IF_ERROR(WriteBitmapDirectoryLocked(old, plan, header_.size));
+    DMCOW_RETURN_IF_ERROR(WriteBitmapDirectoryLocked(old, plan, header_.size));  // info_.bitmaps reread there
   }
   maintained_bitmaps_.clear();
   noted_writes_.clear();
-  return ReadQcow2Bitmaps(file_.get(), header_, &info_.bitmaps);
+  return Status::OK();
 }
 
 Status Qcow2Image::DropMaintainedBitmapsLocked() {

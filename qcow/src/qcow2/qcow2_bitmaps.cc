@@ -147,6 +147,11 @@ uint64_t Qcow2BitmapTableEntries(uint64_t disk, uint8_t granularity_bits, uint64
   return DivRoundUp(words * 8, cluster_size);
 }
 
+bool Qcow2BitmapTooLarge(uint64_t disk, uint64_t granularity, uint64_t cluster_size) {
+  const uint64_t bytes = DivRoundUp(DivRoundUp(disk, granularity), 8);
+  return bytes > kMaxBitmapBytes || bytes > kMaxBitmapTableEntries * cluster_size;
+}
+
 Status CheckBitmapAddRequest(const std::string& path, const std::string& name, uint64_t granularity) {
   if (name.empty()) return Status::InvalidArgument(path + ": Bitmap name cannot be empty");
   if (granularity != 0 &&

@@ -45,6 +45,10 @@ constexpr uint64_t kMaxBitmapBytes = 0x20000000;        // BME_MAX_PHYS_SIZE
 // (64-bit words of bits, in clusters of `cluster_size`); 0 for 0 bytes.
 uint64_t Qcow2BitmapTableEntries(uint64_t disk, uint8_t granularity_bits, uint64_t cluster_size);
 
+// QEMU's "Too much space will be occupied by the bitmap": the bits of a
+// `disk`-byte disk at `granularity` exceed what QEMU stores.
+bool Qcow2BitmapTooLarge(uint64_t disk, uint64_t granularity, uint64_t cluster_size);
+
 // A bitmap as stored: its table, in the file of the image that holds it
 // (a merge reads bitmaps of another image).
 struct Qcow2StoredBitmap {

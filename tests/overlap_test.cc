@@ -35,19 +35,6 @@ constexpr uint64_t kCopied = 1ULL << 63;
 constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
 constexpr uint64_t kUnallocatedGuest = 2 * kMiB + 64 * 1024;  // qemu-io writes even clusters only
 
-uint64_t BE64(const std::vector<uint8_t>& b, uint64_t at) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++) v = v << 8 | b.at(at + i);
-  return v;
-}
-uint32_t BE32(const std::vector<uint8_t>& b, uint64_t at) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; i++) v = v << 8 | b.at(at + i);
-  return v;
-}
-void PutBE64(std::vector<uint8_t>& b, uint64_t at, uint64_t v) {
-  for (int i = 7; i >= 0; i--, v >>= 8) b.at(at + i) = static_cast<uint8_t>(v);
-}
 void PutBE16(std::vector<uint8_t>& b, uint64_t at, uint16_t v) {
   b.at(at) = static_cast<uint8_t>(v >> 8);
   b.at(at + 1) = static_cast<uint8_t>(v);

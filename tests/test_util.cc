@@ -125,6 +125,22 @@ void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data) {
   out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
 }
 
+uint64_t BE64(const std::vector<uint8_t>& bytes, uint64_t at) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = v << 8 | bytes.at(at + i);
+  return v;
+}
+
+uint32_t BE32(const std::vector<uint8_t>& bytes, uint64_t at) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; i++) v = v << 8 | bytes.at(at + i);
+  return v;
+}
+
+void PutBE64(std::vector<uint8_t>& bytes, uint64_t at, uint64_t value) {
+  for (int i = 7; i >= 0; i--, value >>= 8) bytes.at(at + i) = static_cast<uint8_t>(value);
+}
+
 std::string Sha256OfFile(const std::string& path) {
   std::string out;
   if (Run("sha256sum '" + path + "'", &out) != 0) return "";

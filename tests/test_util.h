@@ -134,6 +134,11 @@ inline SplitResult Ours(const TempDir& dir, const std::string& args) { return Ex
 std::vector<uint8_t> ReadWholeFile(const std::string& path);
 void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 
+// Big-endian fields of a file's bytes (bounds checked), for crafting images.
+uint64_t BE64(const std::vector<uint8_t>& bytes, uint64_t at);
+uint32_t BE32(const std::vector<uint8_t>& bytes, uint64_t at);
+void PutBE64(std::vector<uint8_t>& bytes, uint64_t at, uint64_t value);
+
 // sha256sum of a file, lowercase hex.
 std::string Sha256OfFile(const std::string& path);
 

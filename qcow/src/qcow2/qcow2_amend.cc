@@ -258,39 +258,6 @@ Status Qcow2Image::ExpandZeroClustersInTree(const std::vector<uint64_t>& l1, con
   return Status::OK();
 }
 
-Status Qcow2Image::FreeBitmapClustersLocked(const std::vector<Qcow2Bitmap>& bitmaps, uint64_t directory_offset,
-                                            uint64_t directory_bytes) {
-  const uint64_t cs = header_.cluster_size;
-  uint64_t file_size = 0;
-  DMCOW_RETURN_IF_ERROR(file_->Size(&file_size));
-  // Frees only what lies inside the file and is counted: a hostile entry
-  // leaks at worst.
-  auto free_range = [&](uint64_t offset, uint64_t bytes) -> Status {
-    if (offset == 0 || bytes == 0 || (offset & (cs - 1)) || offset >= file_size || bytes > file_size - offset) {
-      return Status::OK();
-    }
-    for (uint64_t c = offset / cs; c < DivRoundUp(offset + bytes, cs); c++) {
-      uint64_t refs = 0;
-      DMCOW_RETURN_IF_ERROR(refcounts_->Get(c, &refs));
-      if (refs > 0) refcounts_->FreeLater(c * cs, cs);
-    }
-    return Status::OK();
-  };
-  for (const Qcow2Bitmap& b : bitmaps) {
-    const uint64_t table_bytes = uint64_t{b.table_entries} * 8;
-    if ((b.table_offset & (cs - 1)) || b.table_offset >= file_size || table_bytes > file_size - b.table_offset) {
-      continue;
-    }
-    std::vector<uint8_t> raw(table_bytes);
-    DMCOW_RETURN_IF_ERROR(file_->ReadExact(b.table_offset, raw.size(), raw.data(), "bitmap table"));
-    for (uint64_t i = 0; i < b.table_entries; i++) {
-      DMCOW_RETURN_IF_ERROR(free_range(LoadBE64(&raw[i * 8]) & kOffsetMask, cs));
-    }
-    DMCOW_RETURN_IF_ERROR(free_range(b.table_offset, table_bytes));
-  }
-  return free_range(directory_offset, directory_bytes);
-}
-
 Status Qcow2Image::ChangeRefcountBits(uint32_t bits, const AmendProgress& progress) {
   if (!writable_) return Image::ChangeRefcountBits(bits, progress);
   if (bits == 0 || bits > 64 || (bits & (bits - 1)) != 0) {

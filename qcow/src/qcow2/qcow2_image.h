@@ -161,7 +161,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   template <typename Visit>
   Status VisitL2Entries(const std::vector<uint64_t>& l1, Visit&& visit) REQUIRES(rw_mu_);
   // Frees the persistent bitmaps' directory, tables and data clusters,
-  // once the header no longer names them.
+  // once the header no longer names them: each cluster once, and none that
+  // anything still reachable uses (rules F1-F3 of qcow2_bitmap_free.cc).
   Status FreeBitmapClustersLocked(const std::vector<Qcow2Bitmap>& bitmaps, uint64_t directory_offset,
                                   uint64_t directory_bytes) REQUIRES(rw_mu_);
   Status ChangeRefcountBitsLocked(uint32_t bits, const AmendProgress& progress) REQUIRES(rw_mu_);

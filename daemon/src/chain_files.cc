@@ -26,7 +26,10 @@ const char* TypeName(mode_t m) {
 }
 
 Status OpenError(const std::string& path, Role role, const std::string& referrer, int err) {
-  const std::string msg = path + ": open: " + std::strerror(err);
+  // strerrordesc_np, not strerror: the same English words in any locale,
+  // and no locale lock taken (strerror's, under ASan's interceptor in an
+  // nbdkit that loads p11-kit, deadlocked nbdkit's exit after a refusal).
+  const std::string msg = path + ": open: " + strerrordesc_np(err);
   if (role == Role::kBacking) {
     const std::string m = referrer + ": could not open backing file '" + path + "': " + msg;
     return err == ENOENT ? Status::NotFound(m) : Status::IOError(m);
@@ -39,37 +42,39 @@ Status OpenError(const std::string& path, Role role, const std::string& referrer
 }
 
 // Whether a file of this type may be opened in this role; else the refusal.
-Status CheckType(const std::string& path, Role role, const std::string& referrer, mode_t mode, bool allow_blk) {
+Status CheckType(const std::string& path, Role role, const std::string& referrer, mode_t mode, bool allow_blk,
+                 const std::string& server) {
   if (S_ISREG(mode)) return Status::OK();
   if (role == Role::kImage) {
     if (S_ISBLK(mode)) return Status::OK();
-    return Status::InvalidArgument(path + ": is " + TypeName(mode) + "; attach serves image files (and block devices)");
+    return Status::InvalidArgument(path + ": is " + TypeName(mode) + "; " + server +
+                                   " serves image files (and block devices)");
   }
   if (role == Role::kBacking) {
     if (S_ISBLK(mode) && allow_blk) return Status::OK();
-    return Status::InvalidArgument(referrer + ": backing file '" + path + "' is " + TypeName(mode) +
-                                   ": attach follows only regular files" +
+    return Status::InvalidArgument(referrer + ": backing file '" + path + "' is " + TypeName(mode) + ": " + server +
+                                   " follows only regular files" +
                                    (S_ISBLK(mode) ? " (--allow-device-backing allows block devices)" : ""));
   }
-  return Status::InvalidArgument(referrer + ": external data file '" + path + "' is " + TypeName(mode) +
-                                 ": attach follows only regular files");
+  return Status::InvalidArgument(referrer + ": external data file '" + path + "' is " + TypeName(mode) + ": " + server +
+                                 " follows only regular files");
 }
 
 // O_PATH, fstat, type check: nothing is opened for real, nothing blocks.
-Status LookAt(const std::string& path, Role role, const std::string& referrer, bool allow_blk, UniqueFd* handle,
-              struct stat* st) {
+Status LookAt(const std::string& path, Role role, const std::string& referrer, const ChainPolicy& policy,
+              UniqueFd* handle, struct stat* st) {
   handle->reset(::open(path.c_str(), O_PATH | O_CLOEXEC));
   if (handle->get() < 0) return OpenError(path, role, referrer, errno);
   if (::fstat(handle->get(), st) != 0) return OpenError(path, role, referrer, errno);
-  return CheckType(path, role, referrer, st->st_mode, allow_blk);
+  return CheckType(path, role, referrer, st->st_mode, policy.allow_device_backing, policy.server);
 }
 
 // The one open of a chain file: LookAt, then the same inode opened through
 // its O_PATH handle.
-Status SafeOpen(const std::string& path, int access, Role role, const std::string& referrer, bool allow_blk,
+Status SafeOpen(const std::string& path, int access, Role role, const std::string& referrer, const ChainPolicy& policy,
                 UniqueFd* out, struct stat* st) {
   UniqueFd handle;
-  DMCOW_RETURN_IF_ERROR(LookAt(path, role, referrer, allow_blk, &handle, st));
+  DMCOW_RETURN_IF_ERROR(LookAt(path, role, referrer, policy, &handle, st));
   const int flags = access | O_NONBLOCK | O_CLOEXEC | O_NOCTTY;
   out->reset(::open(("/proc/self/fd/" + std::to_string(handle.get())).c_str(), flags));
   if (out->get() < 0 && errno == ENOENT && ::access("/proc/self/fd", F_OK) != 0) {
@@ -122,8 +127,8 @@ Status OpenChain(const std::string& path, const ChainPolicy& policy, std::vector
     ChainFile f;
     f.name = name;
     const Role role = depth == 0 ? Role::kImage : Role::kBacking;
-    DMCOW_RETURN_IF_ERROR(SafeOpen(open_path, depth == 0 && policy.writable ? O_RDWR : O_RDONLY, role, referrer,
-                                   policy.allow_device_backing, &f.fd, &f.st));
+    const int access = depth == 0 && policy.writable ? O_RDWR : O_RDONLY;
+    DMCOW_RETURN_IF_ERROR(SafeOpen(open_path, access, role, referrer, policy, &f.fd, &f.st));
     if (depth == 0 && policy.real_image_name) {
       name = OpenFileName(f.fd.get());
       if (name.empty() && path[0] == '/') name = path;
@@ -140,18 +145,26 @@ Status OpenChain(const std::string& path, const ChainPolicy& policy, std::vector
       if (above.name != name) msg += " (it is " + above.name + ", already in the backing chain)";
       return Status::Corrupt(msg);
     }
-    // The engine reads this layer's header through the descriptor; a data
-    // file it names is looked at (type first), never served.
+    // The engine reads this layer's header through the descriptor. A data
+    // file it names is opened the same way, once (open_data_files), or only
+    // looked at (type first) for the refusal.
     FdEnv env;
     UniqueFd dup(::fcntl(f.fd.get(), F_DUPFD_CLOEXEC, 3));
     if (dup.get() < 0) return OpenError(name, role, referrer, errno);
     env.Add(name, std::move(dup));
-    env.set_fallback([&name](const std::string& data, dmcow::OpenMode, std::unique_ptr<dmcow::File>*) {
-      UniqueFd handle;
+    env.set_fallback([&](const std::string& data, dmcow::OpenMode mode, std::unique_ptr<dmcow::File>* file) {
       struct stat st;
-      DMCOW_RETURN_IF_ERROR(LookAt(data, Role::kDataFile, name, false, &handle, &st));
-      return Status::NotSupported(name + ": external data files are not supported by attach (data file '" + data +
-                                  "')");
+      if (!policy.open_data_files || !f.data_file_name.empty()) {
+        UniqueFd handle;
+        DMCOW_RETURN_IF_ERROR(LookAt(data, Role::kDataFile, name, policy, &handle, &st));
+        return Status::NotSupported(name + ": external data files are not supported by " + policy.server +
+                                    " (data file '" + data + "')");
+      }
+      DMCOW_RETURN_IF_ERROR(SafeOpen(data, access, Role::kDataFile, name, policy, &f.data_fd, &st));
+      f.data_file_name = data;
+      FdEnv one;
+      one.Add(data, UniqueFd(::fcntl(f.data_fd.get(), F_DUPFD_CLOEXEC, 3)));
+      return one.OpenFile(data, mode, file);
     });
     dmcow::OpenOptions o;
     o.format = hint;

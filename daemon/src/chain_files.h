@@ -19,8 +19,9 @@
 //   the image itself   a regular file or a block device (the user named it)
 //   backing files      regular files; block devices only with
 //                      allow_device_backing (backing images on LVM volumes)
-//   data files         never served (attach refuses external data files);
-//                      their type is checked first for the message
+//   data files         regular files, only with open_data_files (attach
+//                      refuses them; their type is checked first for the
+//                      message)
 // FIFOs, sockets, character devices and directories are always refused,
 // with a message naming the image and the file.
 #ifndef DMCOWD_CHAIN_FILES_H_
@@ -69,6 +70,10 @@ struct ChainFile {
   std::string format;  // "qcow2", "qcow" or "raw"
   UniqueFd fd;         // O_RDWR for a writable image, else O_RDONLY
   struct stat st = {};
+  // Its external data file, with ChainPolicy::open_data_files: the name the
+  // engine opens it by, and the descriptor (opened as `fd` is).
+  std::string data_file_name;
+  UniqueFd data_fd;
 };
 
 struct ChainPolicy {
@@ -81,6 +86,10 @@ struct ChainPolicy {
   // not `path` as given: relative backing names are then found next to the
   // real file. Falls back to `path` made absolute.
   bool real_image_name = false;
+  // External data files are opened (a regular file each, once), else refused.
+  bool open_data_files = false;
+  // Who serves the chain, for the refusals' messages.
+  std::string server = "attach";
 };
 
 // Opens `path` (safely, as above) and, unless told not to, its backing

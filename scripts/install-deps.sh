@@ -15,10 +15,14 @@ PACKAGES=(
   # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)
   libdevmapper-dev
   qemu-utils e2fsprogs
+  # the nbdkit plugin (nbdkit/): its build, and the NBD clients it is tested with
+  nbdkit nbdkit-plugin-dev libnbd-bin
   # a file-system workload on an attached image in the VM (tests/vm/qcow_test.cc)
   bonnie++
   # the kernel target's VM suite: Debian's kernel booted under qemu
   linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static dmsetup kmod cpio
+  # the kernel's NBD client, against nbdkit with our plugin, in the VM (tests/vm/qcow_test.cc)
+  nbd-client
 )
 
 export DEBIAN_FRONTEND=noninteractive

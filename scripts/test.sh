@@ -39,7 +39,7 @@ scripts/check-format.sh
 
 echo "=== release build"
 # The programs the VM suite boots with first, so that it starts early.
-scripts/build.sh release dmcowd dmcow-qcow dmcow-img responder vmtest daemontest qcowtest blkio
+scripts/build.sh release dmcowd dmcow-qcow dmcow-img nbdkit-dmcow-plugin responder vmtest daemontest qcowtest blkio
 
 echo "=== kernel VM suite (release build), in the background; its output follows the other suites'"
 vm_log=$(mktemp)

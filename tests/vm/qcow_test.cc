@@ -1062,6 +1062,59 @@ void TestCacheBound() {
   WriteSeeded("cache-extl2.qcow2", 15);
 }
 
+// The image served by nbdkit with our plugin (nbdkit/) to the kernel's NBD
+// client over two connections (multi-conn): ext4 made, written, checked and
+// read back through it; nbdkit stopped; the host checks the image clean
+// and e2fsck's its content as qemu-img reads it.
+void TestNbd() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/fs.qcow2";
+  const char* const sock = "/tmp/nbd.sock";
+  const char* const pidfile = "/tmp/nbd.pid";
+  unlink(pidfile);
+  Must({"/bin/nbdkit", "-U", sock, "-P", pidfile, "/lib/nbdkit-dmcow-plugin.so", path});
+  pid_t pid = 0;
+  for (int i = 0; i < 200 && pid <= 0; i++) {
+    pid = static_cast<pid_t>(std::atoll(ReadText(pidfile).c_str()));
+    if (pid <= 0) usleep(50000);
+  }
+  CHECK(pid > 0, "nbdkit wrote no pid file");
+  std::string out;
+  const int st = Run({"/sbin/nbd-client", "-unix", sock, "/dev/nbd0", "-C", "2"}, &out);
+  CHECK(st == 0, "nbd-client: exit %d: %s", st, Tail(out).c_str());
+  // Two connections: nbdkit holds its listening socket and two more.
+  std::string fds;
+  Run({"/bin/sh", "-c", Fmt("ls -l /proc/%d/fd | grep -c socket:", static_cast<int>(pid))}, &fds);
+  const int sockets = std::atoi(fds.c_str());
+  CHECK(sockets == 3, "nbdkit holds %d sockets, not 3 (one listening, two connections)", sockets);
+  Must({"/sbin/mke2fs", "-q", "-F", "-t", "ext4", "/dev/nbd0"});
+  mkdir("/tmp/nbd-mnt", 0755);
+  CHECK(mount("/dev/nbd0", "/tmp/nbd-mnt", "ext4", 0, nullptr) == 0, "mount /dev/nbd0: %s", strerror(errno));
+  std::mt19937_64 rng(7);
+  std::vector<std::string> contents;
+  for (int i = 0; i < 6; i++) {
+    std::string text;
+    const size_t n = 1000 + rng() % 3000000;
+    for (size_t j = 0; j < n; j++) text += static_cast<char>('a' + (rng() % 26));
+    contents.push_back(text);
+    WriteText(Fmt("/tmp/nbd-mnt/f%d", i), text);
+  }
+  CHECK(umount("/tmp/nbd-mnt") == 0, "umount: %s", strerror(errno));
+  Must({"/sbin/e2fsck", "-fn", "/dev/nbd0"});
+  CHECK(mount("/dev/nbd0", "/tmp/nbd-mnt", "ext4", MS_RDONLY, nullptr) == 0, "mount: %s", strerror(errno));
+  bool same = true;
+  for (int i = 0; i < 6; i++) same = same && ReadText(Fmt("/tmp/nbd-mnt/f%d", i)) == contents[i];
+  CHECK(umount("/tmp/nbd-mnt") == 0, "umount: %s", strerror(errno));
+  CHECK(same, "a file differs when read back over NBD");
+  CHECK(Run({"/sbin/nbd-client", "-d", "/dev/nbd0"}, &out) == 0, "nbd-client -d: %s", Tail(out).c_str());
+  // nbdkit closes the image (a flush) when it exits.
+  CHECK(kill(pid, SIGTERM) == 0, "kill nbdkit: %s", strerror(errno));
+  for (int i = 0; i < 200 && !ProcessGone(pid); i++) usleep(50000);
+  CHECK(ProcessGone(pid), "nbdkit did not exit on SIGTERM");
+  CopyFile(path, std::string(kOut) + "/nbd.qcow2");
+  AddCheck("fs nbd.qcow2 -");
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -1077,6 +1130,7 @@ const TestCase kTests[] = {
     {"qcow_no_backing", TestNoBacking},
     {"qcow_read_only_untouched", TestReadOnlyUntouched},
     {"qcow_cache_bound", TestCacheBound},
+    {"qcow_nbd", TestNbd},
 };
 
 }  // namespace

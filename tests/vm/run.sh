@@ -75,14 +75,24 @@ cp "$BONNIE" "$R/sbin/bonnie++"
 # qemu-io: QEMU itself, for the lock test (QEMU refuses what we attached).
 QEMU_IO=$(command -v qemu-io)
 cp "$QEMU_IO" "$R/bin/qemu-io"
+# nbdkit with our plugin, and the kernel's NBD client (qcow_nbd).
+NBDKIT_PLUGIN=${NBDKIT_PLUGIN:-$(dirname "$DMCOWD")/../nbdkit/nbdkit-dmcow-plugin.so}
+[ -f "$NBDKIT_PLUGIN" ] || die "no nbdkit plugin at $NBDKIT_PLUGIN (run scripts/build.sh)"
+NBDKIT=$(command -v nbdkit || true)
+NBD_CLIENT=$(command -v nbd-client || true)
+[ -n "$NBDKIT" ] && [ -n "$NBD_CLIENT" ] || die "nbdkit or nbd-client not found (Debian packages nbdkit, nbd-client)"
+cp "$NBDKIT" "$R/bin/nbdkit"
+cp "$NBD_CLIENT" "$R/sbin/nbd-client"
+cp "$NBDKIT_PLUGIN" "$R/lib/nbdkit-dmcow-plugin.so"
 # Shared libraries (and the loader) of these and dmcowd, at their own paths.
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}"
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}" \
+	"$NBDKIT" "$NBD_CLIENT" "$NBDKIT_PLUGIN"
 
 # A virtio disk carries the images qcowtest wrote back to the host (a tar);
 # ext4 for daemon_mount and qcow_filesystem.
 vm_modules $VM_MODS_DM dm-delay:drivers/md/dm-delay dm-zero:drivers/md/dm-zero
 vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
-vm_modules $VM_MODS_VIRTIO_BLK $VM_MODS_EXT4
+vm_modules $VM_MODS_VIRTIO_BLK $VM_MODS_EXT4 nbd:drivers/block/nbd
 
 vm_pack "$OUT/initramfs.gz"
 

@@ -12,7 +12,8 @@
 #   first write  nbdcopy of a 1 GiB raw file into an empty qcow2 image
 # over a 1 GiB image of real files (/usr) stored compressed (zlib) and
 # plain, and a sparse 64 GiB image holding 4 GiB of data in 64 runs.
-# qemu-nbd gets -e 4 (four clients) and, for reads, -r, which makes it
+# qemu-nbd gets -t (it stays up between clients), -e 4 (four clients) and,
+# for reads, -r, which makes it
 # advertise multi-conn (it does not for writable exports: nbdcopy then uses
 # one connection to it). Peak memory: the server's VmHWM at the end.
 #
@@ -55,7 +56,7 @@ start_server() {  # ours|qemu, image, ro|rw
 	else
 		local ro=""
 		[ "$3" = ro ] && ro="-r"
-		qemu-nbd --fork -k "$sock" --pid-file="$work/pid" -e 4 -f qcow2 $ro "$2"
+		qemu-nbd --fork -t -k "$sock" --pid-file="$work/pid" -e 4 -f qcow2 $ro "$2"
 	fi
 	for _ in $(seq 100); do [ -S "$sock" ] && [ -s pid ] && break; sleep 0.05; done
 	server_pid=$(cat pid)

@@ -102,13 +102,16 @@ TEST_CASE("nbdkit: every fixture image reads over NBD as qemu-img reads the file
       const Run3 r = InDir(dir.path(), Serve("readonly=1 '" + image + "'",
                                              "qemu-img convert -f raw \"$uri\" nbd.raw && "
                                              "qemu-img map --output=json -f raw \"$uri\" > nbd.map && "
-                                             "nbdinfo --map \"$uri\" > nbdinfo.map && nbdinfo \"$uri\" > info"));
+                                             "nbdinfo --map \"$uri\" > nbdinfo.map && nbdinfo \"$uri\" > info && "
+                                             "qemu-img convert --image-opts "
+                                             "driver=nbd,server.type=unix,server.path=\"$unixsocket\" opts.raw"));
       INFO(r.out);
       REQUIRE(r.rc == 0);
       // qemu-img run where the manifest says (data file names).
       const std::string qemu_cwd = FixturesDir() + "/" + e["qemu_cwd"].get<std::string>();
       MustRun("cd '" + qemu_cwd + "' && qemu-img convert -O raw '" + image + "' '" + (dir / "file.raw") + "' && cmp '" +
-              (dir / "nbd.raw") + "' '" + (dir / "file.raw") + "'");
+              (dir / "nbd.raw") + "' '" + (dir / "file.raw") + "' && cmp '" + (dir / "opts.raw") + "' '" +
+              (dir / "file.raw") + "'");
       std::string file_map;
       REQUIRE(Run("cd '" + qemu_cwd + "' && qemu-img map --output=json '" + image + "'", &file_map) == 0);
       const Runs expected = FromQemuMap(file_map);
@@ -177,6 +180,22 @@ TEST_CASE("nbdkit: writes over NBD, on one connection and two at once, land as o
       CHECK(compare.rc == 0);
     }
   }
+}
+
+// Multi-conn: what one connection wrote, before any flush, another reads.
+TEST_CASE("nbdkit: a write on one connection is read on another before any flush", "[nbdkit][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  MustRun("cd '" + dir.path() + "' && qemu-img create -q -f qcow2 img 4M");
+  // The writer sleeps with its connection open (qemu-io flushes only when it
+  // closes) while the reader checks the pattern.
+  const Run3 r = InDir(dir.path(), Serve("img",
+                                         "(qemu-io -f raw -c 'write -P 5 64k 128k' -c 'sleep 3000' \"$uri\" "
+                                         ">/dev/null &) && sleep 1 && "
+                                         "qemu-io -f raw -c 'read -P 5 64k 128k' -c 'read -P 0 0 64k' \"$uri\""));
+  INFO(r.out);
+  CHECK(r.rc == 0);
+  CHECK(r.out.find("Pattern verification failed") == std::string::npos);
 }
 
 TEST_CASE("nbdkit: a SIGKILL mid-write keeps what was flushed and corrupts nothing", "[nbdkit][qemu]") {

@@ -99,7 +99,10 @@ int GetReady() {
 }
 
 void Unload() {
-  served.reset();  // flushes; a failure is in nbdkit's log only (no client is left)
+  if (served == nullptr) return;
+  // No client is left to hear a failure: nbdkit's log is.
+  if (const Status s = served->Flush(); !s.ok()) nbdkit_error("closing: %s", s.ToString().c_str());
+  served.reset();  // the close: persistent bitmaps get the written bits
 }
 
 void* Open(int /*readonly*/) { return served.get(); }

@@ -19,8 +19,10 @@ std::string Describe(const dmcow::Image& image, const ServeOptions& options) {
   if (info.cluster_size != 0) d += ", " + Size(info.cluster_size) + " clusters";
   if (!options.snapshot.empty()) d += ", snapshot '" + options.snapshot + "'";
   if (options.no_backing && !info.backing_filename.empty()) d += ", backing file not read";
+  // Base names only: clients need not learn the server's directories.
   for (const dmcow::Image* b = image.backing(); b != nullptr; b = b->backing()) {
-    d += ", over " + b->filename() + " (" + b->info().format + ")";
+    const std::string& name = b->filename();
+    d += ", over " + name.substr(name.rfind('/') + 1) + " (" + b->info().format + ")";
   }
   return d;
 }

@@ -58,8 +58,9 @@ bool IsBlockDevice(const std::string& path) {
 
 // convert's command line, as ParseConvert reads it.
 struct ConvertArgs {
-  std::string fmt;                      // -f
-  std::string out_fmt = "raw";          // -O
+  std::string fmt;              // -f
+  std::string out_fmt = "raw";  // -O
+  bool out_fmt_given = false;
   std::string options;                  // the -o lists, joined (AppendOptionList)
   std::string backing;                  // -B, -b
   std::string backing_fmt;              // -F
@@ -83,6 +84,7 @@ struct ConvertArgs {
   int coroutines = 0;                // -m; 0: not given
   std::vector<std::string> sources;  // SRC...
   std::string dst;                   // DST
+  bool target_image_opts = false;    // --target-image-opts: DST is an option list (needs -n)
   OptList out_options;               // -O's options (FindFormat)
 };
 
@@ -91,7 +93,7 @@ struct ConvertArgs {
 // command ends here: 0 after -h or "-o help", 1 after a bad command line
 // (message printed).
 std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
-  enum { kOptTargetIsZero = 256, kOptImageOpts, kOptBitmaps, kOptSkipBrokenBitmaps, kOptSalvage };
+  enum { kOptTargetIsZero = 256, kOptImageOpts, kOptBitmaps, kOptSkipBrokenBitmaps, kOptSalvage, kOptTargetImageOpts };
   static const struct option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                         {"object", required_argument, nullptr, kObjectOption},
                                         {"force-share", no_argument, nullptr, 'U'},
@@ -100,13 +102,14 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
                                         {"bitmaps", no_argument, nullptr, kOptBitmaps},
                                         {"skip-broken-bitmaps", no_argument, nullptr, kOptSkipBrokenBitmaps},
                                         {"salvage", no_argument, nullptr, kOptSalvage},
+                                        {"target-image-opts", no_argument, nullptr, kOptTargetImageOpts},
                                         {nullptr, 0, nullptr, 0}};
   std::vector<std::string> files;
   auto on_option = [&](int c, const char* arg) -> std::optional<int> {
     switch (c) {
       case 'h': PrintUsage(); return 0;
       case 'f': args->fmt = arg; break;
-      case 'O': args->out_fmt = arg; break;
+      case 'O': args->out_fmt = arg, args->out_fmt_given = true; break;
       case 'B':
       case 'b': args->backing = arg; break;
       case 'F': args->backing_fmt = arg; break;
@@ -148,6 +151,7 @@ std::optional<int> ParseConvert(int argc, char** argv, ConvertArgs* args) {
       case kOptBitmaps: args->bitmaps = true; break;
       case kOptSkipBrokenBitmaps: args->skip_broken_bitmaps = true; break;
       case kOptSalvage: args->salvage = true; break;
+      case kOptTargetImageOpts: args->target_image_opts = true; break;
       case 'C': args->copy_range = true; break;
       case 'U': args->force_share = true; break;  // the sources only, as in qemu-img
       case 'r':
@@ -209,11 +213,30 @@ int RunConvert(const ConvertArgs& args) {
     PrintError("--target-is-zero requires use of -n flag");
     return 1;
   }
+  if (args.target_image_opts && !args.skip_create) {
+    PrintError("--target-image-opts requires use of -n flag");
+    return 1;
+  }
+  // The target as an option list (its key among them), or a file name.
+  std::string dst_path = dst;
+  OpenOptions to;
+  if (!ImageArgument(dst, args.target_image_opts, &dst_path, &to)) return 1;
+  // The target's format: -O, or with --target-image-opts its driver=
+  // (probed when absent; -O is then refused, as qemu-img's img_open does).
+  std::string out_fmt = args.out_fmt;
+  if (args.target_image_opts) {
+    if (args.out_fmt_given) {
+      PrintError("--image-opts and --format are mutually exclusive");
+      return 1;
+    }
+    out_fmt = to.format;
+    if (out_fmt.empty() && !ProbeFormat(Env::Default(), dst_path, &out_fmt).ok()) out_fmt = "raw";
+  }
   if (args.skip_create && !args.options.empty()) {
     PrintError("-o has no effect when skipping image creation");
     return 1;
   }
-  if (args.compress && args.out_fmt == "raw") {
+  if (args.compress && out_fmt == "raw") {
     PrintError("Compression not supported for this file format");
     return 1;
   }
@@ -238,8 +261,8 @@ int RunConvert(const ConvertArgs& args) {
   // created (its backing file only read for its size, force-share) and
   // while it is written (its backing file read-only, -U or not).
   std::vector<std::unique_ptr<LockingEnv>> source_envs;
-  LockingEnv create_env(Env::Default(), {dst, ImageLock::Mode::kReadOnlyShared});
-  LockingEnv target_env(Env::Default(), {dst, ImageLock::Mode::kReadOnly});
+  LockingEnv create_env(Env::Default(), {dst_path, ImageLock::Mode::kReadOnlyShared});
+  LockingEnv target_env(Env::Default(), {dst_path, ImageLock::Mode::kReadOnly});
 
   // Sources.
   std::vector<std::unique_ptr<Image>> sources;
@@ -276,12 +299,21 @@ int RunConvert(const ConvertArgs& args) {
   NoSyncEnv unsafe_create_env(&create_env), unsafe_env(&target_env);
   const bool unsafe = args.cache == "unsafe";
   Env* env = unsafe ? static_cast<Env*>(&unsafe_env) : &target_env;
-  const bool device = args.out_fmt == "raw" && IsBlockDevice(dst);
+  const bool device = out_fmt == "raw" && IsBlockDevice(dst_path);
+  const bool encrypt = set.count("encrypt.format") != 0 || set.count("encryption") != 0;
+  if (args.compress && encrypt) {
+    PrintError("Compression and encryption not supported at the same time");
+    return 1;
+  }
+  if (const std::string missing = MissingSecret(set); !args.skip_create && !missing.empty()) {
+    PrintError(dst + ": error while converting " + out_fmt + ": " + missing);
+    return 1;
+  }
   // -B, or -o backing_file=: qemu-img treats them alike (out_baseimg).
   bool target_has_backing = !args.backing.empty();
   if (!args.skip_create && !device) {
     CreateOptions co;
-    co.format = args.out_fmt;
+    co.format = out_fmt;
     co.size = total_size;
     co.env = unsafe ? static_cast<Env*>(&unsafe_create_env) : &create_env;
     FillCreateOptions(set, &co);
@@ -295,17 +327,18 @@ int RunConvert(const ConvertArgs& args) {
     }
     Status st = CreateImage(dst, co);
     if (!st.ok()) {
-      PrintError(dst + ": error while converting " + args.out_fmt + ": " + MessageWithoutPath(dst, st));
+      PrintError(dst + ": error while converting " + out_fmt + ": " + MessageWithoutPath(dst, st));
       return 1;
     }
   }
-  OpenOptions to;
-  to.format = args.out_fmt;
+  to.format = out_fmt;
   to.writable = true;
+  // A target created encrypted is opened with the key it was made with.
+  if (auto it = set.find("encrypt.key-secret"); it != set.end()) to.layer_secrets = {FindSecret(it->second.raw)};
   to.maintain_bitmaps = args.skip_create;  // -n: the target's bitmaps learn what is written, as in qemu-img
   to.env = env;
   std::unique_ptr<Image> target;
-  if (!OpenImageOrReport(dst, to, &target).ok()) return 1;
+  if (!OpenImageOrReport(dst, dst_path, to, &target).ok()) return 1;
   if (args.bitmaps && !CheckTargetTakesBitmaps(*target)) return 1;
   const std::vector<BitmapInfo> target_bitmaps = target->info().bitmaps;  // convert -n: what it held
   if (target->virtual_size() < total_size) {
@@ -317,10 +350,10 @@ int RunConvert(const ConvertArgs& args) {
   ConvertSettings cs;
   for (auto& src : sources) cs.sources.push_back(src.get());
   cs.target = target.get();
-  cs.ordered_writes = args.out_fmt != "raw" || args.salvage;  // --salvage: warnings in guest order
+  cs.ordered_writes = out_fmt != "raw" || args.salvage;  // --salvage: warnings in guest order
   cs.salvage = args.salvage;
   cs.quiet = args.quiet;
-  cs.cluster_size = args.out_fmt == "raw" ? kSector : target->info().cluster_size;
+  cs.cluster_size = out_fmt == "raw" ? kSector : target->info().cluster_size;
   cs.compress = args.compress;
   cs.compression.type = target->info().compression_type.empty() ? "zlib" : target->info().compression_type;
   if (auto it = set.find("compression_level"); it != set.end()) {
@@ -349,7 +382,7 @@ int RunConvert(const ConvertArgs& args) {
   if (!ok) PrintError(error);
   if (ok && args.bitmaps) {
     target.reset();  // written and closed: the bitmaps go in through a metadata-only open
-    ok = CopyBitmaps(sources[0].get(), dst, env, target_bitmaps);
+    ok = CopyBitmaps(sources[0].get(), dst_path, env, target_bitmaps);
   }
   return ok ? 0 : 1;
 }

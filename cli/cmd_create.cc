@@ -168,13 +168,7 @@ int RunCreate(const CreateArgs& args) {
     std::fflush(stdout);
   }
 
-  bool encrypted = false;
-  for (const auto& [name, opt] : set) {
-    bool on = false;
-    if (name == "encryption") encrypted |= ParseBool(opt.raw, &on) && on;
-    if (name.rfind("encrypt.", 0) == 0) encrypted = true;
-  }
-  if (encrypted) return fail("Encryption is not supported by dmcow-img");
+  if (const std::string missing = MissingSecret(set); !missing.empty()) return fail(missing);
 
   s = CreateImage(filename, co);
   if (!s.ok()) {

@@ -18,6 +18,32 @@
 namespace dmcow::cli {
 namespace {
 
+// QCryptoBlockInfo: the format and, for LUKS, its header (QCryptoBlockInfoLUKS).
+Json EncryptionJson(const EncryptionInfo& e) {
+  Json j = Json::object();
+  j["format"] = e.format;
+  if (e.format != "luks") return j;
+  j["cipher-alg"] = e.cipher_alg;
+  j["cipher-mode"] = e.cipher_mode;
+  j["ivgen-alg"] = e.ivgen_alg;
+  if (!e.ivgen_hash_alg.empty()) j["ivgen-hash-alg"] = e.ivgen_hash_alg;
+  j["hash-alg"] = e.hash_alg;
+  j["payload-offset"] = e.payload_offset;
+  j["master-key-iters"] = e.master_key_iterations;
+  j["uuid"] = e.uuid;
+  Json slots = Json::array();
+  for (const LuksSlotInfo& s : e.slots) {
+    Json slot = Json::object();
+    slot["active"] = s.active;
+    if (s.active) slot["iters"] = s.iterations;
+    if (s.active) slot["stripes"] = s.stripes;
+    slot["key-offset"] = s.key_offset;
+    slots.push_back(slot);
+  }
+  j["slots"] = slots;
+  return j;
+}
+
 // ImageInfoSpecificQCow2 in schema order; null when qemu prints none.
 Json FormatSpecificJson(const ImageInfo& info) {
   if (info.format != "qcow2") return nullptr;
@@ -53,6 +79,7 @@ Json FormatSpecificJson(const ImageInfo& info) {
     }
     data["compression-type"] = compression;
   }
+  if (!info.encryption.format.empty()) data["encrypt"] = EncryptionJson(info.encryption);
   Json spec = Json::object();
   spec["type"] = "qcow2";
   spec["data"] = data;
@@ -151,6 +178,7 @@ int RunInfo(const InfoArgs& args) {
   if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
   std::string top_path;
   OpenOptions top_options;
+  top_options.allow_missing_keys = true;  // info shows what needs no key
   if (!ImageArgument(args.files[0], args.image_opts, &top_path, &top_options)) return 1;
   std::string format = args.image_opts ? top_options.format : args.format;  // of the image opened next
 
@@ -181,6 +209,7 @@ int RunInfo(const InfoArgs& args) {
     options.format = format;
     options.open_backing = false;
     options.open_data_file = false;  // as qemu-img info: only its name is shown
+    options.allow_missing_keys = true;
     options.env = envs.back().get();
     std::unique_ptr<Image> image;
     Status s = OpenImage(filename, options, &image);

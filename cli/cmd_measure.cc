@@ -141,8 +141,8 @@ int RunMeasure(const MeasureArgs& args) {
     PrintError("Invalid options for file format '" + args.out_format + "'");
     return 1;
   }
-  if (set.count("encrypt.format") && set["encrypt.format"].raw == "luks") {
-    PrintError("Encryption is not supported by dmcow-img");
+  if (const std::string missing = MissingSecret(set); !missing.empty()) {
+    PrintError(missing);
     return 1;
   }
   FillCreateOptions(set, &co);

@@ -55,7 +55,8 @@ bool CopyBitmaps(Image* source, const std::string& target_path, Env* env, const 
   OpenOptions options;
   options.format = "qcow2";
   options.writable = true;
-  options.metadata_only = true;  // the other bitmaps stay valid
+  options.metadata_only = true;       // the other bitmaps stay valid
+  options.allow_missing_keys = true;  // no guest data is read or written
   options.open_backing = false;
   options.env = env;
   std::unique_ptr<Image> target;

@@ -1,5 +1,7 @@
 #include "image_options.h"
 
+#include "object_option.h"
+
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -8,6 +10,7 @@
 #include <cstring>
 
 #include "cli_common.h"
+#include "object_option.h"
 
 namespace dmcow::cli {
 namespace {
@@ -326,11 +329,28 @@ void FillCreateOptions(const OptionSet& set, CreateOptions* co) {
   flag("lazy_refcounts", &co->lazy_refcounts);
   flag("extended_l2", &co->extended_l2);
   flag("data_file_raw", &co->data_file_raw);
+  bool legacy_encryption = false;
+  flag("encryption", &legacy_encryption);
+  if (legacy_encryption) co->encrypt_format = "aes";
+  str("encrypt.format", &co->encrypt_format);
+  str("encrypt.cipher-alg", &co->encrypt_cipher_alg);
+  str("encrypt.cipher-mode", &co->encrypt_cipher_mode);
+  str("encrypt.ivgen-alg", &co->encrypt_ivgen_alg);
+  str("encrypt.ivgen-hash-alg", &co->encrypt_ivgen_hash_alg);
+  str("encrypt.hash-alg", &co->encrypt_hash_alg);
+  if (auto it = set.find("encrypt.iter-time"); it != set.end()) co->encrypt_iter_time_ms = it->second.number;
+  if (auto it = set.find("encrypt.key-secret"); it != set.end()) co->encrypt_secret = FindSecret(it->second.raw);
   if (auto it = set.find("cluster_size"); it != set.end()) co->cluster_size = it->second.number;
   if (auto it = set.find("refcount_bits"); it != set.end()) {
     const uint64_t bits = it->second.number;
     co->refcount_bits = bits > 0xffffffffULL ? 3 : static_cast<uint32_t>(bits);  // 3: any invalid width
   }
+}
+
+std::string MissingSecret(const OptionSet& set) {
+  auto it = set.find("encrypt.key-secret");
+  if (it == set.end() || FindSecret(it->second.raw) != nullptr) return "";
+  return "No secret with id '" + it->second.raw + "'";
 }
 
 bool QemuHasDriver(const std::string& driver) {
@@ -342,11 +362,27 @@ bool QemuHasDriver(const std::string& driver) {
   return false;
 }
 
+namespace {
+constexpr char kKeySecret[] = "encrypt.key-secret";
+constexpr int kMaxKeyDepth = 64;
+
+// "encrypt.key-secret" is the key of the image itself (depth 0),
+// "backing.encrypt.key-secret" its backing file's (1), and so on; -1 for
+// another name.
+int KeySecretDepth(const std::string& name) {
+  int depth = 0;
+  size_t at = 0;
+  while (name.compare(at, 8, "backing.") == 0 && depth < kMaxKeyDepth) at += 8, depth++;
+  return name.compare(at, std::string::npos, kKeySecret) == 0 ? depth : -1;
+}
+}  // namespace
+
 std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenOptions* options) {
   if (opts.empty()) return "Must specify either driver or file";
   std::string driver, file, file_driver, backing;
   bool has_file = false, has_backing = false;
   std::vector<std::pair<std::string, std::string>> unknown;
+  std::vector<std::pair<int, std::string>> key_secrets;  // (chain depth, secret id)
   const auto list = SplitOptions(opts);
   // As qemu's parser: a first item without '=' is the value of "file".
   const bool implied_file = opts.substr(0, opts.find(',')).find('=') == std::string::npos;
@@ -364,9 +400,13 @@ std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenO
       file_driver = value;
     else if (name == "backing")
       backing = value, has_backing = true;
+    else if (KeySecretDepth(name) >= 0)
+      key_secrets.emplace_back(KeySecretDepth(name), value);
     else
       unknown.emplace_back(name, value);
   }
+  // A key for a raw image is an option its driver does not have.
+  if (driver == "raw" && !key_secrets.empty()) unknown.emplace_back(kKeySecret, key_secrets.front().second);
   for (const auto& [name, value] : unknown) {
     // "file=NAME" names a block node; qemu-img has none to name.
     if (name == "file") {
@@ -388,6 +428,13 @@ std::string ParseImageOpts(const std::string& opts, std::string* filename, OpenO
   if (file.empty()) return "The 'file' block driver requires a file name";
   if (has_backing && !backing.empty() && backing != "null") {
     return "Could not open backing file: Cannot find device='" + backing + "' nor node-name='" + backing + "'";
+  }
+  for (const auto& [depth, id] : key_secrets) {
+    const std::string* secret = FindSecret(id);
+    // qemu-img info never loads a key, so it never looks the secret up.
+    if (secret == nullptr && !options->allow_missing_keys) return "No secret with id '" + id + "'";
+    if (options->layer_secrets.size() <= static_cast<size_t>(depth)) options->layer_secrets.resize(depth + 1);
+    options->layer_secrets[depth] = secret;
   }
   *filename = file;
   options->format = driver;

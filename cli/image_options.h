@@ -82,8 +82,13 @@ std::string Escaped(const std::string& v);
 std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& extra, const std::string& options,
                             OptionSet* set);
 
-// Copies the format options in `set` into *co (size excluded).
+// Copies the format options in `set` into *co (size excluded); the
+// secret encrypt.key-secret names is looked up (object_option.h).
 void FillCreateOptions(const OptionSet& set, CreateOptions* co);
+
+// QEMU's "No secret with id 'ID'" when encrypt.key-secret names no
+// secret; "" otherwise.
+std::string MissingSecret(const OptionSet& set);
 
 // Whether QEMU has a block driver of this name that dmcow-img does not
 // open (vmdk, nbd...): "unsupported" rather than qemu's "Unknown driver".

@@ -699,8 +699,12 @@ std::vector<Case> Qcow2Cases() {
       "data-file-raw (autoclear feature bit 1) is set but the image has no external data file");
 
   // Encryption.
-  add("crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 1); }), kNotSupported, "image is encrypted (AES)");
-  add("crypt-luks", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 2); }), kNotSupported, "image is encrypted (LUKS)");
+  // Without a key an encrypted image opens only for its metadata
+  // (OpenOptions::allow_missing_keys); LUKS needs its header extension.
+  add("crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 1); }), Status::Code::kInvalidArgument,
+      "Parameter 'encrypt.key-secret' is required for cipher");
+  add("crypt-luks", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 2); }), kCorrupt,
+      "LUKS encryption without its header extension");
   add("crypt-3", Mutate(base, [](Bytes* b) { Put32(b, kHdrCrypt, 3); }), kCorrupt, "unknown encryption method 3");
   add("crypto-ext-without-luks",
       with(Qcow2Spec{}, [](Qcow2Spec* s) { s->raw_extensions = ExtBytes(kExtCrypto, Bytes(16, 0)); }), kCorrupt,
@@ -1133,7 +1137,8 @@ std::vector<Case> Qcow1Cases() {
   add("v1-size-2^63", Mutate(base, [](Bytes* b) { Put64(b, kQ1Size, 1ULL << 63); }), kCorrupt, "is too large");
   add("v1-size-2^62", Mutate(base, [](Bytes* b) { Put64(b, kQ1Size, 1ULL << 62); }), kCorrupt,
       "image is too large: L1 table of 2199023255552 entries");
-  add("v1-crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kQ1Crypt, 1); }), kNotSupported, "image is encrypted (AES)");
+  add("v1-crypt-aes", Mutate(base, [](Bytes* b) { Put32(b, kQ1Crypt, 1); }), Status::Code::kInvalidArgument,
+      "Parameter 'encrypt.key-secret' is required for cipher");
   add("v1-crypt-2", Mutate(base, [](Bytes* b) { Put32(b, kQ1Crypt, 2); }), kCorrupt, "unknown encryption method 2");
   add("v1-backing-name-1024",
       Mutate(base,
@@ -1490,7 +1495,7 @@ TEST_CASE("dmcow-img info refuses malformed files with a one-line message", "[ma
     if (c.stage == Stage::kOpen && c.probe && !Contains(c.name, "backing-loop")) cases.push_back(c);
   }
   const std::vector<std::string> wanted = {
-      "l1-size-huge.qcow2",    "reftable-unaligned.qcow2", "crypt-aes.qcow2",    "unknown-incompat-named.qcow2",
+      "l1-size-huge.qcow2",    "reftable-unaligned.qcow2", "crypt-luks.qcow2",   "unknown-incompat-named.qcow2",
       "snapshots-65537.qcow2", "v1-cluster-bits-17.qcow",  "v1-l1-past-eof.qcow"};
   for (const std::string& name : wanted) {
     const Case* found = nullptr;

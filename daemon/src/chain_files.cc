@@ -169,6 +169,7 @@ Status OpenChain(const std::string& path, const ChainPolicy& policy, std::vector
     dmcow::OpenOptions o;
     o.format = hint;
     o.open_backing = false;
+    o.allow_missing_keys = true;  // only the header's names are read here
     o.env = &env;
     std::unique_ptr<dmcow::Image> image;
     DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(name, o, &image));

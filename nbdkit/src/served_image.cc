@@ -68,11 +68,12 @@ Status ServedImage::Open(const ServeOptions& options, std::unique_ptr<ServedImag
   // persistent bitmaps are kept true as qemu-nbd keeps them: in use while
   // served, the written ranges' bits set at the close.
   o.maintain_bitmaps = s->writable_;
-  DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(options.path, o, &s->image_));
-  const dmcow::ImageInfo& info = s->image_->info();
-  if (info.encrypted) {
-    return Status::NotSupported(options.path + ": encrypted images are not served yet (no key can be given)");
+  Status opened = dmcow::OpenImage(options.path, o, &s->image_);
+  if (const std::string layer = dmcow::LayerMissingKey(opened); !layer.empty()) {
+    return Status::NotSupported(layer + ": image is encrypted; the plugin takes no keys yet");
   }
+  DMCOW_RETURN_IF_ERROR(opened);
+  const dmcow::ImageInfo& info = s->image_->info();
   s->fast_zero_ = info.format == "qcow2" && (info.version >= 3 || s->image_->backing() == nullptr);
   s->description_ = Describe(*s->image_, options);
   *out = std::move(s);

@@ -102,14 +102,17 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     o.writable = !read_only_;
     o.env = &files_;  // the engine opens nothing by name
     o.open_backing = !no_backing_;
-    DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(path, o, &image_));
+    Status opened = dmcow::OpenImage(path, o, &image_);
+    if (const std::string layer = dmcow::LayerMissingKey(opened); !layer.empty()) {
+      return Status::NotSupported(layer + ": image is encrypted; attach takes no keys yet");
+    }
+    DMCOW_RETURN_IF_ERROR(opened);
     const dmcow::ImageInfo& info = image_->info();
     device_ = image_->AsDeviceImage();  // qcow2 and qcow v1 have the serving calls, raw has none
     if (device_ == nullptr) {
       return Status::NotSupported(path + ": is " + info.format +
                                   "; attach serves qcow2 and qcow images (convert it first)");
     }
-    if (info.encrypted) return Status::NotSupported(path + ": encrypted images are not supported");
     if (!info.data_file.empty())
       return Status::NotSupported(path + ": external data files are not supported by attach");
     const bool has_backing = !no_backing_ && !info.backing_filename.empty();

@@ -50,6 +50,19 @@ struct CreateOptions {
   std::string backing_fmt;   // required with backing_file, as in qemu-img 7.2
   bool open_backing = true;  // false: qemu-img -u, the backing file is not opened
 
+  // Encryption (qcow2 and qcow): "" none, "aes" (legacy AES-128-CBC, the
+  // key the secret's first 16 bytes) or "luks" (qcow2 only: a LUKS1
+  // header in the image, data under a random master key). The secret, the
+  // LUKS passphrase or AES key, is not copied: it must outlive the call.
+  std::string encrypt_format;
+  const std::string* encrypt_secret = nullptr;
+  std::string encrypt_cipher_alg = "aes-256";  // LUKS: QEMU's names (qapi/crypto.json)
+  std::string encrypt_cipher_mode = "xts";
+  std::string encrypt_ivgen_alg = "plain64";
+  std::string encrypt_ivgen_hash_alg = "sha256";  // essiv only
+  std::string encrypt_hash_alg = "sha256";
+  uint64_t encrypt_iter_time_ms = 2000;
+
   Env* env = Env::Default();  // all file access
 };
 

@@ -55,6 +55,15 @@ struct OpenOptions {
   // false: an external data file is not opened (qemu-img info does not open
   // it); reading a cluster stored there then fails.
   bool open_data_file = true;
+  // The keys of encrypted layers, by depth in the chain ([0] the image
+  // opened, [1] its backing file, ...): a LUKS passphrase, or a legacy AES
+  // key (the first 16 bytes, zero-padded), as the secret holds it; not
+  // copied, so it must outlive the open. A wrong key is refused at open. A
+  // layer without one (nullptr or no entry) is refused too, unless
+  // allow_missing_keys: then its metadata is read (info, check, map) but
+  // reading one of its data clusters fails.
+  std::vector<const std::string*> layer_secrets;
+  bool allow_missing_keys = false;
   size_t l2_cache_bytes = 1 << 20;  // bound on cached L2 tables, per image in the chain
   int max_chain_depth = 64;         // longer backing chains are refused (hostile chains; loops are found at once)
   // Bound on the memory the L1 tables of all images in a chain hold together
@@ -116,11 +125,35 @@ struct HeaderExtension {  // an extension we do not interpret, kept byte for byt
   std::vector<uint8_t> data;
 };
 
+struct LuksSlotInfo {
+  bool active = false;
+  uint32_t iterations = 0;  // active slots only
+  uint64_t key_offset = 0;  // bytes from the start of the LUKS header
+  uint32_t stripes = 0;     // active slots only
+};
+
+// What an encrypted image says of its encryption, readable without a key
+// (qemu-img info's "encrypt" block).
+struct EncryptionInfo {
+  std::string format;  // "aes" (legacy, crypt_method 1) or "luks"; empty when not encrypted
+  // LUKS only, in QEMU's names (qapi/crypto.json).
+  std::string cipher_alg;      // "aes-256"
+  std::string cipher_mode;     // "xts"
+  std::string ivgen_alg;       // "plain64"
+  std::string ivgen_hash_alg;  // essiv only
+  std::string hash_alg;        // "sha256"
+  std::string uuid;
+  std::vector<LuksSlotInfo> slots;
+  uint64_t payload_offset = 0;  // bytes
+  uint32_t master_key_iterations = 0;
+};
+
 struct ImageInfo {
   std::string format;  // "raw", "qcow", "qcow2"
   uint64_t virtual_size = 0;
   uint64_t cluster_size = 0;  // 0 for raw
   bool encrypted = false;
+  EncryptionInfo encryption;          // format set when encrypted (qcow, qcow2)
   bool dirty = false;                 // qcow2 incompatible bit 0 (lazy refcounts left unflushed)
   std::string backing_filename;       // as stored in the image
   std::string full_backing_filename;  // resolved against the image's directory
@@ -308,6 +341,10 @@ class Image {
 
 // Opens `path` and, unless options say otherwise, its whole backing chain.
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image);
+
+// When `s` is OpenImage's refusal of an encrypted layer given no key (and
+// no allow_missing_keys), that layer's file name; else "".
+std::string LayerMissingKey(const Status& s);
 
 // The snapshot qemu-img means by `id_or_name`: the first whose id is that,
 // else the first whose name is (bdrv_snapshot_find). nullptr when none.

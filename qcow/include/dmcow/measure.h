@@ -29,7 +29,7 @@ struct MeasureResult {
 
 // `options.format` "qcow2" or "raw"; other formats are InvalidArgument,
 // with QEMU's "does not support size measurement" for those QEMU knows
-// (luks, which QEMU measures, waits for encryption support). With `source` null the
+// (the luks format, which QEMU measures, is not made by dmcow; qcow2 with LUKS encryption is). With `source` null the
 // image is empty, of `options.size` bytes; else it holds source's content
 // (its whole backing chain, zeros not counted) and options.size is not
 // used. Options are checked with qemu-img measure's messages (which differ

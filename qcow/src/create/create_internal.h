@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "crypto/luks.h"
 #include "dmcow/create.h"
 #include "dmcow/env.h"
 #include "dmcow/status.h"
@@ -32,6 +33,10 @@ bool ParsePrealloc(const std::string& s, Prealloc* out);
 // QEMU's messages, "PATH: " first) and writes the image (create_qcow2.cc).
 // `o` has been through PrepareCreateOptions.
 Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o);
+
+// LUKS options (encrypt_format "luks") checked as QEMU checks them (the
+// QAPI enums, then the key secret): "" and *lo filled, or QEMU's message.
+std::string CheckLuksOptions(const CreateOptions& o, LuksCreateOptions* lo);
 
 // qcow2_refcount_metadata_size: the bytes of refcount table and blocks
 // that count `clusters` clusters and themselves (the fixed point; with

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "create/create_internal.h"
+#include "crypto/luks.h"
 #include "qcow2/qcow2_header.h"
 #include "util.h"
 
@@ -50,6 +51,8 @@ struct Qcow2Params {
   std::string backing_file;
   std::string backing_fmt;  // stored in the backing format extension when not empty
   uint64_t size = 0;        // multiple of 512
+  uint32_t crypt_method = 0;
+  uint64_t luks_region_bytes = 0;  // LUKS: the encryption header region QEMU allocates last
 };
 
 constexpr uint64_t kInvOffset = UINT64_MAX;  // INV_OFFSET
@@ -91,6 +94,7 @@ class Qcow2Model {
   const std::map<uint64_t, std::vector<uint8_t>>& clusters() const { return store_; }
   uint64_t file_size() const { return file_size_; }
   uint64_t data_file_size() const { return data_file_size_; }
+  uint64_t luks_offset() const { return luks_offset_; }
   // Ranges QEMU extends with falloc/full preallocation, in the image and in
   // the data file.
   struct Range {
@@ -232,6 +236,7 @@ class Qcow2Model {
   std::map<uint64_t, std::vector<uint8_t>> store_;
   uint64_t file_size_ = 0;
   uint64_t data_file_size_ = 0;
+  uint64_t luks_offset_ = 0;
   std::vector<Range> file_prealloc_, data_prealloc_;
 
   std::vector<uint64_t> reftable_;
@@ -707,6 +712,12 @@ int Qcow2Model::BuildHeader(bool with_backing) {
     h.compression_type = p_.zstd ? 1 : 0;
   }
   if (has_data_file_) h.data_file = p_.data_file;
+  h.crypt_method = p_.crypt_method;
+  if (luks_offset_ != 0) {
+    h.has_crypto_ext = true;
+    h.crypto_header_offset = luks_offset_;
+    h.crypto_header_length = p_.luks_region_bytes;
+  }
   if (with_backing) {
     h.backing_file = p_.backing_file;
     h.backing_format = p_.backing_fmt;
@@ -754,6 +765,18 @@ int Qcow2Model::Run(std::string* what) {
   } else {
     BuildHeader(false);
   }
+  if (p_.luks_region_bytes != 0) {
+    // qcow2_set_up_encryption: the region's clusters allocated (and zeroed,
+    // WriteQcow2 writes the LUKS header into them), then the header.
+    const int64_t at = AllocClusters(p_.luks_region_bytes);
+    if (at < 0) {
+      *what = "Could not allocate the encryption header";
+      return static_cast<int>(at);
+    }
+    luks_offset_ = static_cast<uint64_t>(at);
+    file_size_ = std::max(file_size_, luks_offset_ + RoundUp(p_.luks_region_bytes, cs_));
+    BuildHeader(!p_.backing_file.empty());
+  }
   // The final tables (every change was also written as QEMU writes it).
   for (uint64_t i = 0; i < reftable_.size(); i++)
     StoreBE64(Cluster(reftable_offset_ + 8 * i) + ((reftable_offset_ + 8 * i) & (cs_ - 1)), reftable_[i]);
@@ -780,7 +803,7 @@ std::string ErrnoText(int err) {
 
 // Writes a qcow2 image (and its external data file) for already validated
 // parameters. Error messages are QEMU's, without the "PATH: " prefix.
-Status WriteQcow2(Env* env, const std::string& path, const Qcow2Params& params) {
+Status WriteQcow2(Env* env, const std::string& path, const Qcow2Params& params, const std::vector<uint8_t>& luks) {
   auto model = std::make_unique<Qcow2Model>(params);
   std::string what;
   int ret = model->Run(&what);
@@ -808,6 +831,12 @@ Status WriteQcow2(Env* env, const std::string& path, const Qcow2Params& params) 
   DMCOW_RETURN_IF_ERROR(file->Truncate(file_size));
   for (const auto& r : model->file_prealloc()) {
     DMCOW_RETURN_IF_ERROR(PreallocateFileRange(file.get(), r.start, r.end, params.prealloc));
+  }
+  if (model->luks_offset() != 0) {
+    // As QEMU's qcow2_crypto_hdr_init_func: the region's clusters zeroed
+    // (allocated), then the header and key material written.
+    DMCOW_RETURN_IF_ERROR(file->WriteZeroes(model->luks_offset(), RoundUp(params.luks_region_bytes, cs)));
+    DMCOW_RETURN_IF_ERROR(file->Write(model->luks_offset(), luks.data(), luks.size()));
   }
   DMCOW_RETURN_IF_ERROR(file->Sync());
   if (data) {
@@ -842,6 +871,70 @@ int64_t RefcountMetadataSize(int64_t clusters, uint64_t cluster_size, uint32_t r
   if (refblock_count) *refblock_count = static_cast<uint64_t>(blocks);
   return (blocks + table) * static_cast<int64_t>(cluster_size);
 }
+
+namespace {
+
+bool OneOf(const std::string& v, std::initializer_list<const char*> names) {
+  for (const char* n : names) {
+    if (v == n) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string CheckLuksOptions(const CreateOptions& o, LuksCreateOptions* lo) {
+  // The QAPI enums (qapi/crypto.json) first; then what dmcow has.
+  if (!OneOf(o.encrypt_cipher_alg,
+             {"aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128", "serpent-192", "serpent-256",
+              "twofish-128", "twofish-192", "twofish-256", "sm4"})) {
+    return "Parameter 'cipher-alg' does not accept value '" + o.encrypt_cipher_alg + "'";
+  }
+  if (!OneOf(o.encrypt_cipher_mode, {"ecb", "cbc", "xts", "ctr"})) {
+    return "Parameter 'cipher-mode' does not accept value '" + o.encrypt_cipher_mode + "'";
+  }
+  if (!OneOf(o.encrypt_ivgen_alg, {"plain", "plain64", "essiv"})) {
+    return "Parameter 'ivgen-alg' does not accept value '" + o.encrypt_ivgen_alg + "'";
+  }
+  const std::initializer_list<const char*> hashes = {"md5",    "sha1",   "sha224",   "sha256",
+                                                     "sha384", "sha512", "ripemd160"};
+  if (!OneOf(o.encrypt_ivgen_hash_alg, hashes)) {
+    return "Parameter 'ivgen-hash-alg' does not accept value '" + o.encrypt_ivgen_hash_alg + "'";
+  }
+  if (!OneOf(o.encrypt_hash_alg, hashes)) {
+    return "Parameter 'hash-alg' does not accept value '" + o.encrypt_hash_alg + "'";
+  }
+  if (o.encrypt_secret == nullptr) return "Parameter 'encrypt.key-secret' is required for cipher";
+  lo->spec = {o.encrypt_cipher_alg, o.encrypt_cipher_mode, o.encrypt_ivgen_alg,
+              o.encrypt_ivgen_alg == "essiv" ? o.encrypt_ivgen_hash_alg : ""};
+  lo->hash = o.encrypt_hash_alg;
+  lo->iter_time_ms = o.encrypt_iter_time_ms;
+  if (lo->spec.alg.rfind("aes-", 0) != 0)
+    return "cipher " + lo->spec.alg + " is not supported (dmcow encrypts with AES)";
+  return "";
+}
+
+namespace {
+
+// qcow2_set_up_encryption's checks, in QEMU's words, and the LUKS region
+// made (before any file is: a bad option creates nothing).
+Status SetUpEncryption(const std::string& path, const CreateOptions& o, Qcow2Params* p, std::vector<uint8_t>* luks) {
+  if (o.encrypt_format.empty()) return Status::OK();
+  if (o.encrypt_format != "aes" && o.encrypt_format != "luks") {
+    return Bad(path, "Parameter 'format' does not accept value '" + o.encrypt_format + "'");
+  }
+  if (o.encrypt_format == "aes") {
+    if (o.encrypt_secret == nullptr) return Bad(path, "Parameter 'encrypt.key-secret' is required for cipher");
+    p->crypt_method = 1;
+    return Status::OK();
+  }
+  LuksCreateOptions lo;
+  if (const std::string error = CheckLuksOptions(o, &lo); !error.empty()) return Bad(path, error);
+  p->crypt_method = 2;
+  return BuildLuks(lo, *o.encrypt_secret, path, luks, &p->luks_region_bytes);
+}
+
+}  // namespace
 
 Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o) {
   Qcow2Params p;
@@ -918,7 +1011,9 @@ Status CreateQcow2(Env* env, const std::string& path, const CreateOptions& o) {
   p.backing_file = o.backing_file;
   p.backing_fmt = o.backing_fmt;
   p.size = DivRoundUp(o.size, kSector) * kSector;
-  Status s = WriteQcow2(env, path, p);
+  std::vector<uint8_t> luks;
+  DMCOW_RETURN_IF_ERROR(SetUpEncryption(path, o, &p, &luks));
+  Status s = WriteQcow2(env, path, p, luks);
   if (!s.ok() && s.code() == Status::Code::kInvalidArgument) return Bad(path, s.message());
   return s;
 }

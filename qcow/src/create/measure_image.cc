@@ -70,7 +70,16 @@ uint64_t BitmapsSize(const Image& source, uint64_t cluster_size) {
 }
 
 Status MeasureQcow2(const CreateOptions& o, Image* source, MeasureResult* out) {
-  // qcow2_measure's checks, in its order and words.
+  // qcow2_measure's checks, in its order and words: the LUKS options first.
+  uint64_t luks_bytes = 0;
+  if (o.encrypt_format == "luks") {
+    LuksCreateOptions lo;
+    if (const std::string error = create_internal::CheckLuksOptions(o, &lo); !error.empty()) return Bad(error);
+    luks_bytes = LuksRegionBytes(lo.spec);
+    if (luks_bytes == 0) return Bad("cipher " + lo.spec.alg + "-" + lo.spec.mode + " is not supported");
+  } else if (!o.encrypt_format.empty() && o.encrypt_format != "aes") {
+    return Bad("Parameter 'format' does not accept value '" + o.encrypt_format + "'");
+  }
   const uint64_t cs = o.cluster_size;
   if (!IsPowerOfTwo(cs) || cs < (uint64_t{1} << qcow2::kMinClusterBits) ||
       cs > (uint64_t{1} << qcow2::kMaxClusterBits)) {
@@ -118,7 +127,8 @@ Status MeasureQcow2(const CreateOptions& o, Image* source, MeasureResult* out) {
     required = virtual_size;
   }
   const uint32_t refcount_order = static_cast<uint32_t>(__builtin_ctz(o.refcount_bits));
-  out->fully_allocated = Qcow2PreallocSize(virtual_size, cs, refcount_order, o.extended_l2);
+  // The LUKS region, whole clusters, in both (qcow2_measure's luks_payload_size).
+  out->fully_allocated = RoundUp(luks_bytes, cs) + Qcow2PreallocSize(virtual_size, cs, refcount_order, o.extended_l2);
   out->required = out->fully_allocated - virtual_size + required;
   out->has_bitmaps = version >= 3 && source && source->info().format == "qcow2" && source->info().version >= 3;
   out->bitmaps = out->has_bitmaps ? BitmapsSize(*source, cs) : 0;

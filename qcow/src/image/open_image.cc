@@ -19,6 +19,15 @@ std::string WithoutPrefix(const std::string& msg, const std::string& prefix) {
   return msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg;
 }
 
+// A layer's key missing or wrong (QEMU's words end the message).
+bool IsKeyRefusal(const Status& s) {
+  const std::string& why = s.message();
+  auto ends_with = [&](const std::string& tail) {
+    return why.size() >= tail.size() && why.compare(why.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  return s.code() == Status::Code::kInvalidArgument && (ends_with(kNoKeyMessage) || ends_with(kWrongKeyMessage));
+}
+
 // An image of the chain being opened, above the one being opened now.
 struct ChainLink {
   std::string path;
@@ -78,6 +87,8 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
     if (!IsSupportedFormat(format)) return UnsupportedFormat(path, format);
   }
 
+  const std::string* key =
+      static_cast<size_t>(depth) < options.layer_secrets.size() ? options.layer_secrets[depth] : nullptr;
   std::unique_ptr<Image> layer;
   if (format == "raw") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": raw images have no snapshots");
@@ -89,10 +100,10 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
       CheckResult repaired;
       DMCOW_RETURN_IF_ERROR(RepairDirtyQcow2(file.get(), &repaired));
     }
-    DMCOW_RETURN_IF_ERROR(Qcow2Image::Open(std::move(file), options, snapshot, &layer));
+    DMCOW_RETURN_IF_ERROR(Qcow2Image::Open(std::move(file), options, key, snapshot, &layer));
   } else if (format == "qcow") {
     if (!snapshot.empty()) return Status::NotSupported(path + ": qcow images have no snapshots");
-    DMCOW_RETURN_IF_ERROR(Qcow1Image::Open(std::move(file), options, &layer));
+    DMCOW_RETURN_IF_ERROR(Qcow1Image::Open(std::move(file), options, key, &layer));
   } else {
     return Status::NotSupported(path + ": unknown image format '" + format + "'");
   }
@@ -121,8 +132,10 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
         return Status::NotFound(path + ": could not open backing file '" + info.full_backing_filename +
                                 "': " + s.message());
       }
-      // A lock conflict keeps QEMU's words, one prefix per level it passes.
+      // A lock conflict and a missing key keep QEMU's words, one prefix
+      // per level they pass.
       if (s.IsBusy()) return Status::Busy("Could not open backing file: " + s.message());
+      if (IsKeyRefusal(s)) return Status::InvalidArgument("Could not open backing file: " + s.message());
       return s;
     }
     base->SetBacking(std::move(backing));
@@ -143,6 +156,19 @@ Status ProbeFormat(Env* env, const std::string& path, std::string* format) {
 
 std::string ResolveNameBesideImage(const std::string& image_path, const std::string& name) {
   return ResolveRelativeTo(image_path, name);
+}
+
+std::string LayerMissingKey(const Status& s) {
+  std::string why = s.message();
+  const std::string suffix = std::string(": ") + kNoKeyMessage;
+  if (s.code() != Status::Code::kInvalidArgument || why.size() <= suffix.size() ||
+      why.compare(why.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return "";
+  }
+  why.resize(why.size() - suffix.size());
+  const std::string level = "Could not open backing file: ";  // one per layer above it
+  while (why.rfind(level, 0) == 0) why.erase(0, level.size());
+  return why;
 }
 
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image) {

@@ -21,6 +21,8 @@ Status TableImage::GetLayerStatus(uint64_t offset, uint64_t max_len, LayerExtent
     if (len > 0 && len < out->length) out->length = len;
     out->host_hole = !is_data;  // past the end of the file too (SEEK_DATA fails with ENXIO)
   }
+  // As QEMU: no offset for encrypted data, whose host bytes are not the guest's.
+  if (info_.encrypted) out->has_host_offset = false;
   return Status::OK();
 }
 
@@ -41,6 +43,10 @@ Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
       case ClusterState::kUnallocated: DMCOW_RETURN_IF_ERROR(ReadBacking(offset, out, n)); break;
       case ClusterState::kZero: std::memset(out, 0, n); break;
       case ClusterState::kData: {
+        if (info_.encrypted) {
+          DMCOW_RETURN_IF_ERROR(ReadEncrypted(offset, m.extent.host_offset, out, n));
+          break;
+        }
         size_t got = 0;
         DMCOW_RETURN_IF_ERROR(data_file()->Read(m.extent.host_offset, n, out, &got));
         std::memset(out + got, 0, n - got);  // past the end of the file reads as zeros, as in QEMU
@@ -56,6 +62,63 @@ Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
     len -= n;
   }
   return Status::OK();
+}
+
+Status TableImage::NoKey() const { return Status::InvalidArgument(filename() + ": " + kNoKeyMessage); }
+
+Status TableImage::SetUpEncryption(const std::string* key, bool allow_missing, const LuksHeader* luks,
+                                   uint64_t luks_offset) {
+  info_.encrypted = true;
+  iv_from_host_ = luks != nullptr;
+  if (luks != nullptr) {
+    DescribeLuks(*luks, &info_.encryption);
+  } else {
+    info_.encryption.format = "aes";
+  }
+  if (key == nullptr) return allow_missing ? Status::OK() : NoKey();
+  if (luks != nullptr) return UnlockLuks(file_.get(), luks_offset, *luks, *key, filename(), &cipher_);
+  // QEMU's crypto/block-qcow.c: AES-128-CBC, the key the secret's first 16
+  // bytes, zero-padded; the IV the guest sector (plain64).
+  SecureBytes aes_key(16);
+  std::memcpy(aes_key.data(), key->data(), std::min<size_t>(key->size(), 16));
+  return SectorCipher::Create({"aes-128", "cbc", "plain64", ""}, aes_key.data(), aes_key.size(), filename(), &cipher_);
+}
+
+Status TableImage::ReadEncrypted(uint64_t guest, uint64_t host, uint8_t* out, size_t n) const {
+  if (cipher_ == nullptr) return NoKey();
+  // Clusters are sector-aligned in the file, so guest and host share the
+  // offset within a sector.
+  const uint64_t lead = guest % kCryptSectorSize;
+  const uint64_t whole = RoundUp(lead + n, kCryptSectorSize);
+  const uint64_t first_sector = ((iv_from_host_ ? host : guest) - lead) / kCryptSectorSize;
+  const bool direct = lead == 0 && whole == n;
+  std::vector<uint8_t> bounce(direct ? 0 : whole);
+  uint8_t* buf = direct ? out : bounce.data();
+  size_t got = 0;
+  DMCOW_RETURN_IF_ERROR(data_file()->Read(host - lead, whole, buf, &got));
+  std::memset(buf + got, 0, whole - got);  // past the end of the file: zeros, decrypted as QEMU decrypts them
+  DMCOW_RETURN_IF_ERROR(cipher_->Decrypt(first_sector, buf, whole));
+  if (!direct) std::memcpy(out, buf + lead, n);
+  return Status::OK();
+}
+
+Status TableImage::SealForWrite(uint64_t guest, uint64_t host, const uint8_t* data, size_t n,
+                                std::vector<uint8_t>* sealed, uint64_t* sealed_host) const {
+  if (cipher_ == nullptr) return NoKey();
+  const uint64_t lead = guest % kCryptSectorSize;
+  const uint64_t whole = RoundUp(lead + n, kCryptSectorSize);
+  sealed->resize(whole);
+  if (lead != 0) DMCOW_RETURN_IF_ERROR(ReadEncrypted(guest - lead, host - lead, sealed->data(), kCryptSectorSize));
+  if (whole > kCryptSectorSize && (lead + n) % kCryptSectorSize != 0) {
+    const uint64_t tail = whole - kCryptSectorSize;
+    DMCOW_RETURN_IF_ERROR(
+        ReadEncrypted(guest - lead + tail, host - lead + tail, sealed->data() + tail, kCryptSectorSize));
+  } else if (lead == 0 && n % kCryptSectorSize != 0) {
+    DMCOW_RETURN_IF_ERROR(ReadEncrypted(guest, host, sealed->data(), kCryptSectorSize));
+  }
+  std::memcpy(sealed->data() + lead, data, n);
+  *sealed_host = host - lead;
+  return cipher_->Encrypt(((iv_from_host_ ? host : guest) - lead) / kCryptSectorSize, sealed->data(), whole);
 }
 
 Status TableImage::NotServable() const {

@@ -8,10 +8,15 @@
 #include "dmcow/device_image.h"
 #include "dmcow/mutex.h"
 
+#include "crypto/luks.h"
+#include "crypto/sector_cipher.h"
 #include "image/decompress.h"
 #include "image/image_base.h"
 
 namespace dmcow {
+
+// QEMU's words for an encrypted image opened without its key.
+inline constexpr char kNoKeyMessage[] = "Parameter 'encrypt.key-secret' is required for cipher";
 
 class TableImage : public ImageBase {
  public:
@@ -56,6 +61,27 @@ class TableImage : public ImageBase {
   // REQUIRES: the range checked.
   Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest)
       REQUIRES_SHARED(rw_mu_);
+
+  // Encrypted images: data clusters' sectors are decrypted after reading
+  // (and encrypted before writing) by cipher_, each sector's IV from its
+  // host sector (LUKS) or its guest sector (legacy AES). Without a key
+  // (OpenOptions::layer_secrets) cipher_ is null and reading a data
+  // cluster fails, as it must: the bytes are not the guest's.
+  std::unique_ptr<SectorCipher> cipher_;
+  bool iv_from_host_ = false;
+  Status NoKey() const;
+  // Makes this layer encrypted: with LUKS (`luks`, read from file_ at
+  // `luks_offset`) or legacy AES (`luks` null); unlocked with `key` if
+  // given, else NoKey() unless allow_missing.
+  Status SetUpEncryption(const std::string* key, bool allow_missing, const LuksHeader* luks, uint64_t luks_offset);
+  // Reads `n` guest bytes at `guest` stored from `host` in data_file(),
+  // decrypted; the sectors around an unaligned range are read whole.
+  Status ReadEncrypted(uint64_t guest, uint64_t host, uint8_t* out, size_t n) const;
+  // What writing `n` guest bytes at `guest`, stored from `host`, puts in
+  // the file: *sealed, encrypted, to be written at *sealed_host; whole
+  // sectors, those the range covers only in part read back and merged.
+  Status SealForWrite(uint64_t guest, uint64_t host, const uint8_t* data, size_t n, std::vector<uint8_t>* sealed,
+                      uint64_t* sealed_host) const;
 
   std::unique_ptr<CompressedClusterReader> compressed_;
   // Readers share it; a writable driver takes it exclusively to change tables.

@@ -16,7 +16,8 @@ namespace {
 constexpr uint64_t kMaxL1Bytes = 32 << 20;
 }  // namespace
 
-Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, std::unique_ptr<Image>* image) {
+Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string* key,
+                        std::unique_ptr<Image>* image) {
   std::unique_ptr<Qcow1Image> img(new Qcow1Image(std::move(file)));
   const std::string& name = img->filename();
   auto bad = [&](const std::string& what) { return Status::Corrupt(name + ": " + what); };
@@ -46,9 +47,7 @@ Status Qcow1Image::Open(std::unique_ptr<File> file, const OpenOptions& options, 
     return bad("L2 table size 2^" + std::to_string(img->l2_bits_ + 3) + " bytes is out of range (512 to 64k)");
   }
   if (crypt_method > 1) return bad("unknown encryption method " + std::to_string(crypt_method));
-  if (crypt_method == 1) {
-    return Status::NotSupported(name + ": image is encrypted (AES); encrypted images are not supported yet");
-  }
+  if (crypt_method == 1) DMCOW_RETURN_IF_ERROR(img->SetUpEncryption(key, options.allow_missing_keys, nullptr, 0));
   const uint32_t shift = img->cluster_bits_ + img->l2_bits_;
   if (size > UINT64_MAX - (1ULL << shift) || size > static_cast<uint64_t>(INT64_MAX)) {
     return bad("virtual size " + std::to_string(size) + " is too large");

@@ -47,7 +47,8 @@ inline uint64_t EncodeCompressed(uint64_t offset, uint64_t bytes, uint32_t clust
 class Qcow1Image final : public TableImage, public DeviceImage {
  public:
   // Opens `file` as qcow up to its L1 table (LoadTables loads it).
-  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, std::unique_ptr<Image>* image);
+  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string* key,
+                     std::unique_ptr<Image>* image);
   Status LoadTables(const OpenOptions& options, uint64_t* chain_table_bytes) override;
 
   // Write side (see qcow1_write.cc for the ordering rules).
@@ -60,7 +61,7 @@ class Qcow1Image final : public TableImage, public DeviceImage {
   Status MakeEmpty() override;
 
   // Serving as a block device (see qcow1_device.cc).
-  DeviceImage* AsDeviceImage() override { return this; }
+  DeviceImage* AsDeviceImage() override { return info_.encrypted ? nullptr : this; }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
@@ -104,6 +105,8 @@ class Qcow1Image final : public TableImage, public DeviceImage {
   // the L1 table or an L2 table; such places are never written as data.
   bool OverlapsMetadata(uint64_t offset, uint64_t len) const;
   Status WriteFile(uint64_t offset, const void* buf, size_t len);
+  // Guest bytes to the file at `host`, encrypted if the image is.
+  Status WriteGuestData(uint64_t guest, uint64_t host, const uint8_t* data, size_t n);
 
   uint32_t cluster_bits_ = 0;
   uint32_t l2_bits_ = 0;

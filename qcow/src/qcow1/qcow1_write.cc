@@ -102,6 +102,14 @@ Status Qcow1Image::WriteFile(uint64_t offset, const void* buf, size_t len) {
   return file_->Write(offset, buf, len);
 }
 
+Status Qcow1Image::WriteGuestData(uint64_t guest, uint64_t host, const uint8_t* data, size_t n) {
+  if (!info_.encrypted) return WriteFile(host, data, n);
+  std::vector<uint8_t> sealed;
+  uint64_t sealed_host;
+  DMCOW_RETURN_IF_ERROR(SealForWrite(guest, host, data, n, &sealed, &sealed_host));
+  return WriteFile(sealed_host, sealed.data(), sealed.size());
+}
+
 Status Qcow1Image::Append(uint64_t bytes, uint64_t align, const char* what, uint64_t* offset) {
   const uint64_t start = AlignUp(file_end_, align);
   uint64_t end;
@@ -189,7 +197,7 @@ Status Qcow1Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
         return Status::Corrupt(filename() + ": data cluster at offset " + Hex(entry) + " for guest offset " +
                                Hex(cluster << cluster_bits_) + " overlaps the image's metadata; not writing there");
       }
-      DMCOW_RETURN_IF_ERROR(WriteFile(host, buf, static_cast<size_t>(n)));
+      DMCOW_RETURN_IF_ERROR(WriteGuestData(offset, host, buf, static_cast<size_t>(n)));
       // Clusters that lay beyond the end of the file (reading as zeros) are
       // now part of it: nothing may be appended over them.
       file_end_ = std::max(file_end_, entry + AlignUp(in_cluster + n, cs));
@@ -229,7 +237,7 @@ Status Qcow1Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
     uint64_t l2_offset, host;
     DMCOW_RETURN_IF_ERROR(EnsureL2Table(cluster >> l2_bits_, &l2_offset));
     DMCOW_RETURN_IF_ERROR(Append(run.size(), cs, "data clusters", &host));
-    DMCOW_RETURN_IF_ERROR(WriteFile(host, run.data(), run.size()));
+    DMCOW_RETURN_IF_ERROR(WriteGuestData(run_start, host, run.data(), run.size()));
     for (uint64_t i = 0; i < count; i++) DMCOW_RETURN_IF_ERROR(SetL2Entry(cluster + i, host + i * cs));
     offset += n;
     buf += n;
@@ -329,6 +337,8 @@ Status Qcow1Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
     return Status::InvalidArgument(filename() + ": compressed cluster at guest offset " + Hex(offset) +
                                    " is not a cluster inside the disk");
   }
+  if (info_.encrypted)
+    return Status::NotSupported(filename() + ": Compression and encryption not supported at the same time");
   if (payload == nullptr || len == 0 || len >= cs) {
     return Status::InvalidArgument(filename() + ": compressed cluster at guest offset " + Hex(offset) + " has " +
                                    std::to_string(len) + " bytes; it must be 1 to " + std::to_string(cs - 1));

@@ -38,15 +38,23 @@ class UnopenedDataFile final : public File {
 
 Qcow2Image::Qcow2Image(std::unique_ptr<File> file) : TableImage(std::move(file)) {}
 
-Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string& snapshot,
-                        std::unique_ptr<Image>* image) {
+Status Qcow2Image::Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string* key,
+                        const std::string& snapshot, std::unique_ptr<Image>* image) {
   std::unique_ptr<Qcow2Image> img(new Qcow2Image(std::move(file)));
   Qcow2Header& h = img->header_;
   DMCOW_RETURN_IF_ERROR(ParseQcow2Header(img->file_.get(), &h));
   const std::string& name = img->filename();
-  if (h.crypt_method != 0) {
-    return Status::NotSupported(name + ": image is encrypted (" + (h.crypt_method == 1 ? "AES" : "LUKS") +
-                                "); encrypted images are not supported yet");
+  if (h.crypt_method == 1) DMCOW_RETURN_IF_ERROR(img->SetUpEncryption(key, options.allow_missing_keys, nullptr, 0));
+  if (h.crypt_method == 2) {
+    if (!h.has_crypto_ext) return Status::Corrupt(name + ": LUKS encryption without its header extension");
+    if (h.crypto_header_offset % h.cluster_size != 0) {
+      return Status::Corrupt(name + ": LUKS header offset " + Hex(h.crypto_header_offset) +
+                             " is not a multiple of the cluster size");
+    }
+    LuksHeader luks;
+    DMCOW_RETURN_IF_ERROR(
+        ReadLuksHeader(img->file_.get(), h.crypto_header_offset, h.crypto_header_length, name, &luks));
+    DMCOW_RETURN_IF_ERROR(img->SetUpEncryption(key, options.allow_missing_keys, &luks, h.crypto_header_offset));
   }
 
   ImageInfo& info = img->info_;

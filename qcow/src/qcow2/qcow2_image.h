@@ -27,8 +27,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // Opens `file` as qcow2 up to its tables (LoadTables loads them); with a
   // non-empty `snapshot` (id or name), the view is that internal snapshot's
   // content.
-  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string& snapshot,
-                     std::unique_ptr<Image>* image);
+  static Status Open(std::unique_ptr<File> file, const OpenOptions& options, const std::string* key,
+                     const std::string& snapshot, std::unique_ptr<Image>* image);
 
   const std::string& data_filename() const override { return data_file_ ? data_file_->name() : file_->name(); }
 
@@ -55,7 +55,9 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   // qemu-img bitmap's changes (qcow2_bitmap_change.cc, which states their order).
   Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) override;
   // Block-device serving (qcow2_device.cc).
-  DeviceImage* AsDeviceImage() override { return metadata_only_ || !maintained_bitmaps_.empty() ? nullptr : this; }
+  DeviceImage* AsDeviceImage() override {
+    return metadata_only_ || !maintained_bitmaps_.empty() || info_.encrypted ? nullptr : this;
+  }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;
@@ -100,6 +102,8 @@ class Qcow2Image final : public TableImage, public DeviceImage {
     return s;
   }
   // The *Locked helpers: the caller holds rw_mu_ exclusively (WriteStep).
+  // Guest bytes to data_file() at `host`, encrypted if the image is.
+  Status WriteGuestData(uint64_t guest, uint64_t host, const uint8_t* data, size_t n) REQUIRES(rw_mu_);
   Status WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) REQUIRES(rw_mu_);
   Status ZeroLocked(uint64_t offset, uint64_t len, bool discard) REQUIRES(rw_mu_);
   Status MakeEmptyLocked() REQUIRES(rw_mu_);

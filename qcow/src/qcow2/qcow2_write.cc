@@ -231,6 +231,14 @@ Status Qcow2Image::MaybeFlush() {
   return FlushLocked();
 }
 
+Status Qcow2Image::WriteGuestData(uint64_t guest, uint64_t host, const uint8_t* data, size_t n) {
+  if (!info_.encrypted) return data_file()->Write(host, data, n);
+  thread_local std::vector<uint8_t> sealed;
+  uint64_t sealed_host;
+  DMCOW_RETURN_IF_ERROR(SealForWrite(guest, host, data, n, &sealed, &sealed_host));
+  return data_file()->Write(sealed_host, sealed.data(), sealed.size());
+}
+
 Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) {
   const uint64_t cs = header_.cluster_size;
   const uint64_t vsize = info_.virtual_size;
@@ -245,7 +253,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
       const uint64_t host = header_.HasDataFile() && (entry & kOffsetMask) == 0 ? 0 : entry & kOffsetMask;
       const size_t n = static_cast<size_t>(std::min<uint64_t>(len, cs - in_cluster));
       DMCOW_RETURN_IF_ERROR(CheckDataWrite(host + in_cluster, n, "write"));
-      DMCOW_RETURN_IF_ERROR(data_file()->Write(host + in_cluster, buf, n));
+      DMCOW_RETURN_IF_ERROR(WriteGuestData(offset, host + in_cluster, buf, n));
       offset += n;
       buf += n;
       len -= n;
@@ -290,7 +298,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, const uint8_t* buf, size_t len) 
       DMCOW_RETURN_IF_ERROR(refcounts_->Allocate(count, &host));
     }
     DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, count * cs, "write"));
-    DMCOW_RETURN_IF_ERROR(data_file()->Write(host, whole ? buf : run.data(), count * cs));
+    DMCOW_RETURN_IF_ERROR(WriteGuestData(run_start, host, whole ? buf : run.data(), count * cs));
     for (uint64_t i = 0; i < count; i++) {
       DMCOW_RETURN_IF_ERROR(
           SetL2Entry(cluster + i, (host + i * cs) | kCopied, header_.extended_l2 ? kAllSubclustersAllocated : 0));
@@ -423,6 +431,8 @@ Status Qcow2Image::WriteCompressedCluster(uint64_t offset, const void* payload, 
   if (header_.HasDataFile()) {
     return Status::NotSupported(filename() + ": compressed clusters cannot be stored with an external data file");
   }
+  if (info_.encrypted)
+    return Status::NotSupported(filename() + ": Compression and encryption not supported at the same time");
   if ((offset & (cs - 1)) != 0 || offset >= info_.virtual_size || len == 0 || len >= cs) {
     return Status::InvalidArgument(filename() + ": compressed write of " + std::to_string(len) +
                                    " bytes at guest offset " + Hex(offset) +

@@ -88,6 +88,8 @@ struct Amendments {
   std::optional<std::string> backing_file, backing_format;
   std::optional<bool> lazy_refcounts;
   std::optional<uint32_t> refcount_bits;
+  std::optional<KeySlotChange> key_slots;  // encrypt.* (LUKS)
+  std::string missing_secret;              // a secret id named but not given (--object)
 };
 
 // QEMU's validation pass (qcow2_amend_options' loop over its table): ""
@@ -101,7 +103,29 @@ std::string Validate(const OptionSet& set, const Image& image, Amendments* out) 
     const SetOption& value = it->second;
     if (name.rfind("encrypt.", 0) == 0) {
       if (!info.encrypted) return "Can't amend encryption options - encryption not present";
-      return "Only LUKS encryption options can be amended";  // and dmcow-img does not amend those yet
+      if (info.encryption.format != "luks") return "Only LUKS encryption options can be amended";
+      if (!out->key_slots) out->key_slots.emplace();
+      KeySlotChange& k = *out->key_slots;
+      auto secret = [&](const std::string** to) {
+        *to = FindSecret(value.raw);
+        if (*to == nullptr && out->missing_secret.empty())
+          out->missing_secret = "No secret with id '" + value.raw + "'";
+      };
+      if (name == "encrypt.state") {
+        if (value.raw != "active" && value.raw != "inactive") {
+          return "Parameter 'state' does not accept value '" + value.raw + "'";
+        }
+        k.activate = value.raw == "active";
+      } else if (name == "encrypt.keyslot") {
+        k.has_keyslot = true;
+        k.keyslot = static_cast<int64_t>(value.number);
+      } else if (name == "encrypt.old-secret") {
+        secret(&k.old_secret);
+      } else if (name == "encrypt.new-secret") {
+        secret(&k.new_secret);
+      } else if (name == "encrypt.iter-time") {
+        k.iter_time_ms = value.number;
+      }
     } else if (name == "size") {
       out->size = value.number;
     } else if (name == "compat") {
@@ -136,7 +160,8 @@ std::string Validate(const OptionSet& set, const Image& image, Amendments* out) 
       out->refcount_bits = static_cast<uint32_t>(bits);
     }
   }
-  return "";
+  if (out->key_slots && set.count("encrypt.state") == 0) return "Parameter 'state' is missing";
+  return out->missing_secret;
 }
 
 // QEMU's qcow2_amend_helper_cb: the reports of the steps that report
@@ -181,6 +206,9 @@ std::string Apply(const Amendments& a, const std::string& path, Image* image, Pr
   enum { kVersionStep = 1, kWidthStep };
   ProgressOfSteps progress(line, (new_version != old_version) + new_width);
   auto failed = [&](const Status& s) { return s.ok() ? std::string() : MessageWithoutPath(path, s); };
+  if (a.key_slots) {
+    if (std::string why = failed(image->ChangeKeySlots(*a.key_slots)); !why.empty()) return why;
+  }
   if (new_version > old_version) {
     if (std::string why = failed(image->ChangeVersion(new_version, progress.For(kVersionStep))); !why.empty()) {
       return why;

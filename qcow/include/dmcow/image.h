@@ -177,6 +177,18 @@ struct ImageInfo {
   std::vector<HeaderExtension> unknown_extensions;
 };
 
+// qemu-img amend's LUKS key slot options: encrypt.state (activate or
+// erase), encrypt.keyslot, encrypt.old-secret, encrypt.new-secret,
+// encrypt.iter-time.
+struct KeySlotChange {
+  bool activate = false;
+  bool has_keyslot = false;
+  int64_t keyslot = 0;
+  const std::string* old_secret = nullptr;
+  const std::string* new_secret = nullptr;
+  uint64_t iter_time_ms = 2000;
+};
+
 // How far an amend step is: (work done, total work), in the step's units.
 using AmendProgress = std::function<void(uint64_t done, uint64_t total)>;
 
@@ -313,6 +325,9 @@ class Image {
   // The lazy refcounts compatible feature (version 3); turning it off makes
   // every refcount durable first.
   virtual Status SetLazyRefcounts(bool on);
+  // Adds or erases LUKS key slots, as QEMU's qcrypto_block_luks_amend_options
+  // (its checks and words); the image is open writable with its key.
+  virtual Status ChangeKeySlots(const KeySlotChange& change);
   // qemu-img bitmap: applies `actions`, in order, to the persistent dirty
   // bitmap `name` (qcow2 version 3; kAdd makes an enabled bitmap, kMerge
   // sets every bit covering a range the source bitmap marks dirty, at this

@@ -340,32 +340,111 @@ void DescribeLuks(const LuksHeader& h, EncryptionInfo* info) {
   info->master_key_iterations = h.mk_digest_iterations;
 }
 
+namespace {
+
+// QEMU's qcrypto_block_luks_load_key: the master key active slot `index`
+// holds under `passphrase` into *key (key_bytes), *opens whether it
+// matches the header's digest.
+Status LoadKey(File* file, uint64_t offset, const LuksHeader& h, int index, const std::string& passphrase,
+               const std::string& who, SecureBytes* key, bool* opens) {
+  const LuksKeySlot& slot = h.slots[index];
+  *opens = false;
+  SecureBytes split(MaterialBytes(h));
+  SecureBytes slot_key(h.key_bytes);
+  DMCOW_RETURN_IF_ERROR(Pbkdf2(h.hash_spec, reinterpret_cast<const uint8_t*>(passphrase.data()), passphrase.size(),
+                               slot.salt, kLuksSaltBytes, slot.iterations, slot_key.data(), slot_key.size(), who));
+  size_t got = 0;
+  const uint64_t at = offset + uint64_t{slot.key_offset_sectors} * kCryptSectorSize;
+  DMCOW_RETURN_IF_ERROR(file->Read(at, split.size(), split.data(), &got));
+  if (got != split.size()) return Bad(who, "key material at " + Hex(at) + " is past the end of the file");
+  std::unique_ptr<SectorCipher> slot_cipher;
+  DMCOW_RETURN_IF_ERROR(SectorCipher::Create(h.spec, slot_key.data(), slot_key.size(), who, &slot_cipher));
+  DMCOW_RETURN_IF_ERROR(slot_cipher->Decrypt(0, split.data(), split.size()));
+  *key = SecureBytes(h.key_bytes);
+  DMCOW_RETURN_IF_ERROR(AfMerge(h.hash_spec, split.data(), h.key_bytes, slot.stripes, key->data(), who));
+  uint8_t digest[kLuksDigestBytes];
+  DMCOW_RETURN_IF_ERROR(Pbkdf2(h.hash_spec, key->data(), key->size(), h.mk_digest_salt, kLuksSaltBytes,
+                               h.mk_digest_iterations, digest, sizeof(digest), who));
+  *opens = CRYPTO_memcmp(digest, h.mk_digest, sizeof(digest)) == 0;
+  return Status::OK();
+}
+
+// The header's 592 bytes as `h` holds them now.
+void EncodeSlots(const LuksHeader& h, uint8_t* raw) {
+  for (int i = 0; i < kLuksSlots; i++) {
+    uint8_t* p = raw + 208 + 48 * i;
+    const LuksKeySlot& slot = h.slots[i];
+    StoreBE32(p, slot.active ? kLuksSlotActive : kLuksSlotInactive);
+    StoreBE32(p + 4, slot.iterations);
+    std::memcpy(p + 8, slot.salt, kLuksSaltBytes);
+    StoreBE32(p + 40, slot.key_offset_sectors);
+    StoreBE32(p + 44, slot.stripes);
+  }
+}
+
+Status WriteSlotHeader(File* file, uint64_t offset, const LuksHeader& h, const std::string& who) {
+  uint8_t raw[kLuksHeaderBytes];
+  size_t got = 0;
+  DMCOW_RETURN_IF_ERROR(file->Read(offset, sizeof(raw), raw, &got));
+  if (got != sizeof(raw)) return Bad(who, "the header at " + Hex(offset) + " is past the end of the file");
+  EncodeSlots(h, raw);
+  DMCOW_RETURN_IF_ERROR(file->Write(offset, raw, sizeof(raw)));
+  return file->Sync();
+}
+
+}  // namespace
+
 Status UnlockLuks(File* file, uint64_t offset, const LuksHeader& h, const std::string& passphrase,
                   const std::string& who, std::unique_ptr<SectorCipher>* data_cipher) {
-  const auto* pass = reinterpret_cast<const uint8_t*>(passphrase.data());
-  SecureBytes split(MaterialBytes(h));
-  SecureBytes candidate(h.key_bytes);
-  uint8_t digest[kLuksDigestBytes];
-  for (const LuksKeySlot& slot : h.slots) {
-    if (!slot.active) continue;
-    SecureBytes slot_key(h.key_bytes);
-    DMCOW_RETURN_IF_ERROR(Pbkdf2(h.hash_spec, pass, passphrase.size(), slot.salt, kLuksSaltBytes, slot.iterations,
-                                 slot_key.data(), slot_key.size(), who));
-    size_t got = 0;
-    const uint64_t at = offset + uint64_t{slot.key_offset_sectors} * kCryptSectorSize;
-    DMCOW_RETURN_IF_ERROR(file->Read(at, split.size(), split.data(), &got));
-    if (got != split.size()) return Bad(who, "key material at " + Hex(at) + " is past the end of the file");
-    std::unique_ptr<SectorCipher> slot_cipher;
-    DMCOW_RETURN_IF_ERROR(SectorCipher::Create(h.spec, slot_key.data(), slot_key.size(), who, &slot_cipher));
-    DMCOW_RETURN_IF_ERROR(slot_cipher->Decrypt(0, split.data(), split.size()));
-    DMCOW_RETURN_IF_ERROR(AfMerge(h.hash_spec, split.data(), h.key_bytes, slot.stripes, candidate.data(), who));
-    DMCOW_RETURN_IF_ERROR(Pbkdf2(h.hash_spec, candidate.data(), candidate.size(), h.mk_digest_salt, kLuksSaltBytes,
-                                 h.mk_digest_iterations, digest, sizeof(digest), who));
-    if (CRYPTO_memcmp(digest, h.mk_digest, sizeof(digest)) == 0) {
-      return SectorCipher::Create(h.spec, candidate.data(), candidate.size(), who, data_cipher);
-    }
+  for (int i = 0; i < kLuksSlots; i++) {
+    if (!h.slots[i].active) continue;
+    SecureBytes key;
+    bool opens = false;
+    DMCOW_RETURN_IF_ERROR(LoadKey(file, offset, h, i, passphrase, who, &key, &opens));
+    if (opens) return SectorCipher::Create(h.spec, key.data(), key.size(), who, data_cipher);
   }
   return Status::InvalidArgument(who + ": " + kWrongKeyMessage);
+}
+
+Status LuksSlotOpens(File* file, uint64_t offset, const LuksHeader& h, int slot, const std::string& passphrase,
+                     const std::string& who, bool* opens) {
+  *opens = false;
+  if (slot < 0 || slot >= kLuksSlots || !h.slots[slot].active) return Status::OK();
+  SecureBytes key;
+  return LoadKey(file, offset, h, slot, passphrase, who, &key, opens);
+}
+
+Status LuksAddSlot(File* file, uint64_t offset, LuksHeader* h, int slot, const uint8_t* master_key,
+                   const std::string& passphrase, uint64_t iter_time_ms, const std::string& who) {
+  LuksKeySlot& s = h->slots[slot];
+  DMCOW_RETURN_IF_ERROR(CountIterations(h->hash_spec, iter_time_ms, who, &s.iterations));
+  DMCOW_RETURN_IF_ERROR(Random(s.salt, kLuksSaltBytes, who));
+  SecureBytes slot_key(h->key_bytes);
+  DMCOW_RETURN_IF_ERROR(Pbkdf2(h->hash_spec, reinterpret_cast<const uint8_t*>(passphrase.data()), passphrase.size(),
+                               s.salt, kLuksSaltBytes, s.iterations, slot_key.data(), slot_key.size(), who));
+  SecureBytes split(MaterialBytes(*h));
+  DMCOW_RETURN_IF_ERROR(AfSplit(h->hash_spec, master_key, h->key_bytes, s.stripes, split.data(), who));
+  std::unique_ptr<SectorCipher> slot_cipher;
+  DMCOW_RETURN_IF_ERROR(SectorCipher::Create(h->spec, slot_key.data(), slot_key.size(), who, &slot_cipher));
+  DMCOW_RETURN_IF_ERROR(slot_cipher->Encrypt(0, split.data(), split.size()));
+  DMCOW_RETURN_IF_ERROR(
+      file->Write(offset + uint64_t{s.key_offset_sectors} * kCryptSectorSize, split.data(), split.size()));
+  DMCOW_RETURN_IF_ERROR(file->Sync());  // the material before the header names it
+  s.active = true;
+  return WriteSlotHeader(file, offset, *h, who);
+}
+
+Status LuksEraseSlot(File* file, uint64_t offset, LuksHeader* h, int slot, const std::string& who) {
+  LuksKeySlot& s = h->slots[slot];
+  s.active = false;
+  s.iterations = 0;
+  std::memset(s.salt, 0, kLuksSaltBytes);
+  DMCOW_RETURN_IF_ERROR(WriteSlotHeader(file, offset, *h, who));
+  std::vector<uint8_t> noise(MaterialBytes(*h));
+  DMCOW_RETURN_IF_ERROR(Random(noise.data(), noise.size(), who));
+  DMCOW_RETURN_IF_ERROR(
+      file->Write(offset + uint64_t{s.key_offset_sectors} * kCryptSectorSize, noise.data(), noise.size()));
+  return file->Sync();
 }
 
 }  // namespace dmcow

@@ -76,6 +76,23 @@ inline constexpr char kWrongKeyMessage[] = "Invalid password, cannot unlock any 
 Status UnlockLuks(File* file, uint64_t offset, const LuksHeader& h, const std::string& passphrase,
                   const std::string& who, std::unique_ptr<SectorCipher>* data_cipher);
 
+// Whether `passphrase` opens active slot `slot` (QEMU's load_key), its
+// master key checked against the header's digest.
+Status LuksSlotOpens(File* file, uint64_t offset, const LuksHeader& h, int slot, const std::string& passphrase,
+                     const std::string& who, bool* opens);
+
+// Makes inactive slot `slot` hold `master_key` under `passphrase` (PBKDF2
+// for `iter_time_ms`): the key material is written and synced before the
+// header names the slot active, so a crash leaves the slot inactive or
+// whole.
+Status LuksAddSlot(File* file, uint64_t offset, LuksHeader* h, int slot, const uint8_t* master_key,
+                   const std::string& passphrase, uint64_t iter_time_ms, const std::string& who);
+
+// Makes active slot `slot` inactive: the header first (synced), then its
+// key material overwritten with random bytes, so the passphrase opens
+// nothing even in the old bytes.
+Status LuksEraseSlot(File* file, uint64_t offset, LuksHeader* h, int slot, const std::string& who);
+
 // What a new LUKS header is made of (qemu-img create's encrypt.* options).
 struct LuksCreateOptions {
   CipherSpec spec{"aes-256", "xts", "plain64", ""};

@@ -51,6 +51,7 @@ class SectorCipher {
   Status Decrypt(uint64_t first_sector, uint8_t* buf, size_t len) const { return Run(first_sector, buf, len, 0); }
 
   const CipherSpec& spec() const { return spec_; }
+  const SecureBytes& key() const { return key_; }  // for a new LUKS key slot
 
  private:
   SectorCipher() = default;

@@ -75,6 +75,7 @@ Status AmendNotSupported(const Image& image) {
 Status Image::ChangeVersion(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
 Status Image::ChangeRefcountBits(uint32_t, const AmendProgress&) { return AmendNotSupported(*this); }
 Status Image::SetLazyRefcounts(bool) { return AmendNotSupported(*this); }
+Status Image::ChangeKeySlots(const KeySlotChange&) { return AmendNotSupported(*this); }
 
 // Formats without persistent bitmaps: QEMU's answers (an add is refused by
 // the format, any other action finds no bitmap).

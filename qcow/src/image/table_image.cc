@@ -72,6 +72,8 @@ Status TableImage::SetUpEncryption(const std::string* key, bool allow_missing, c
   iv_from_host_ = luks != nullptr;
   if (luks != nullptr) {
     DescribeLuks(*luks, &info_.encryption);
+    luks_ = std::make_unique<LuksHeader>(*luks);
+    luks_offset_ = luks_offset;
   } else {
     info_.encryption.format = "aes";
   }

@@ -69,6 +69,8 @@ class TableImage : public ImageBase {
   // cluster fails, as it must: the bytes are not the guest's.
   std::unique_ptr<SectorCipher> cipher_;
   bool iv_from_host_ = false;
+  std::unique_ptr<LuksHeader> luks_;  // LUKS: the header as read (key slots change it)
+  uint64_t luks_offset_ = 0;
   Status NoKey() const;
   // Makes this layer encrypted: with LUKS (`luks`, read from file_ at
   // `luks_offset`) or legacy AES (`luks` null); unlocked with `key` if

@@ -202,8 +202,11 @@ Status Qcow2Image::ExpandZeroClustersInTree(const std::vector<uint64_t>& l1, con
                                             uint64_t* done, uint64_t total) {
   const uint64_t cs = header_.cluster_size;
   const bool backed = backing() != nullptr || !header_.backing_file.empty();
-  for (uint64_t l1_entry : l1) {
-    const uint64_t l2 = l1_entry & kOffsetMask;
+  // An encrypted image's zeros are the cipher's zeros: host zeros would
+  // read back as noise (QEMU 7.2's downgrade writes those; we do not).
+  const std::vector<uint8_t> zeros(info_.encrypted ? cs : 0, 0);
+  for (uint64_t l1_index = 0; l1_index < l1.size(); l1_index++) {
+    const uint64_t l2 = l1[l1_index] & kOffsetMask;
     const auto entry_done = [&] {
       if (progress) progress(++*done, total);
     };
@@ -239,7 +242,12 @@ Status Qcow2Image::ExpandZeroClustersInTree(const std::vector<uint64_t>& l1, con
         }
         if (host != 0) {
           DMCOW_RETURN_IF_ERROR(CheckDataWrite(host, cs, "zero cluster expansion"));
-          DMCOW_RETURN_IF_ERROR(file_->WriteZeroes(host, cs));
+          if (info_.encrypted) {
+            const uint64_t guest = (l1_index * header_.l2_entries + (s + w * 8) / header_.l2_entry_bytes) * cs;
+            DMCOW_RETURN_IF_ERROR(WriteGuestData(guest, host, zeros.data(), cs));
+          } else {
+            DMCOW_RETURN_IF_ERROR(file_->WriteZeroes(host, cs));
+          }
         }
         if (old_host != 0 && !in_place) {
           for (uint64_t r = 0; r < table_refs; r++) refcounts_->FreeLater(old_host, cs);

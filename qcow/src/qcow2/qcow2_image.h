@@ -52,6 +52,7 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ChangeVersion(uint32_t version, const AmendProgress& progress) override;
   Status ChangeRefcountBits(uint32_t bits, const AmendProgress& progress) override;
   Status SetLazyRefcounts(bool on) override;
+  Status ChangeKeySlots(const KeySlotChange& change) override;
   // qemu-img bitmap's changes (qcow2_bitmap_change.cc, which states their order).
   Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) override;
   // Block-device serving (qcow2_device.cc).

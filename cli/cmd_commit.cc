@@ -176,6 +176,7 @@ struct CommitArgs {
   bool drop = false;                // -d
   bool progress_flag = false;       // -p
   bool quiet = false;               // -q
+  bool image_opts = false;          // --image-opts
   std::vector<std::string> files;   // FILE
 };
 
@@ -190,6 +191,7 @@ std::optional<int> ParseCommit(int argc, char** argv, CommitArgs* args) {
   app.add_flag("-d", args->drop, "Leave FILE as it is after committing");
   app.add_flag("-p", args->progress_flag, "Show progress");
   app.add_flag("-q", args->quiet, "Quiet mode (no progress, no message)");
+  app.add_flag("--image-opts", args->image_opts, "FILE is an option list: driver=qcow2,file.filename=F,...");
   app.add_option("FILE", args->files, "The image to commit");
   return ParseCommandLine(app, argc, argv);
 }
@@ -210,21 +212,24 @@ int RunCommit(const CommitArgs& args) {
     return 1;
   }
   const bool drop = args.drop || !args.base_name.empty();  // as in qemu-img: -b implies -d
-  const std::string& filename = args.files[0];
+  const std::string& filename = args.files[0];             // as given: an option list with --image-opts
+  if (ImageOptsWithFormat(args.image_opts, args.format)) return 1;
+  OpenOptions options;
+  std::string path;
+  if (!ImageArgument(filename, args.image_opts, &path, &options)) return 1;
+  if (!args.image_opts) options.format = args.format;
 
   // Locks as qemu-img commit takes them (locking_env.h): FILE read-write,
   // even with -d (qemu-img opens it so), the chain below read-only, and
   // BASE raised to read-write on the same open file description when it is
   // opened for writing below. No -U: qemu-img commit has none.
-  LockingEnv env(Env::Default(), {filename, ImageLock::Mode::kReadOnly, /*top_read_write=*/true});
+  LockingEnv env(Env::Default(), {path, ImageLock::Mode::kReadOnly, /*top_read_write=*/true});
 
   // FILE is written only to empty it; with -d it is only read.
-  OpenOptions options;
-  options.format = args.format;
   options.writable = !drop;
   options.env = &env;
   std::unique_ptr<Image> top;
-  if (!OpenImageOrReport(filename, options, &top).ok()) return 1;
+  if (!OpenImageOrReport(filename, path, options, &top).ok()) return 1;
 
   Progress progress(args.progress_flag && !args.quiet, 1.0f);
   progress.Set(0);
@@ -253,6 +258,10 @@ int RunCommit(const CommitArgs& args) {
   base_options.writable = true;
   base_options.maintain_bitmaps = true;  // the base's bitmaps learn what is committed, as in qemu-img
   base_options.env = &env;
+  // The keys of BASE and the layers below it: those --image-opts gave them.
+  if (options.layer_secrets.size() > static_cast<size_t>(depth)) {
+    base_options.layer_secrets.assign(options.layer_secrets.begin() + depth, options.layer_secrets.end());
+  }
   const std::string base_file = base_in_chain->filename();
   std::unique_ptr<Image> base;
   Status s = OpenImage(base_file, base_options, &base);

@@ -428,3 +428,33 @@ TEST_CASE("downgrading an encrypted image keeps its zeroed clusters zero", "[enc
     }
   }
 }
+
+TEST_CASE("commit into an encrypted base, each layer with its own key, as qemu-img", "[encryption][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  QemuMake(dir, "create -q -f qcow2 " + kSecret + "-o " + kSettings[1].options + " base.qcow2 2M");
+  MustRun("cd '" + dir.path() + "' && qemu-io " + kSecret + "--image-opts " + Opts("qcow2", "base.qcow2") +
+          " -c 'write -P 1 0 2M' >/dev/null");
+  for (const char* tool : {"theirs", "ours"}) {
+    const std::string t = tool;
+    MustRun("cd '" + dir.path() + "' && cp base.qcow2 base-" + t + ".qcow2");
+    QemuMake(dir, "create -q -f qcow2 " + kSecret +
+                      "-o encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10 -b base-" + t +
+                      ".qcow2 -F qcow2 top-" + t + ".qcow2");
+    const std::string chain =
+        "driver=qcow2,file.filename=top-" + t + ".qcow2,encrypt.key-secret=s1,backing.encrypt.key-secret=s0";
+    MustRun("cd '" + dir.path() + "' && qemu-io " + kSecret + "--image-opts " + chain +
+            " -c 'write -P 2 100000 300000' -c 'write -z 1M 64k' >/dev/null");
+    SplitResult r = t == "ours" ? Ours(dir, "commit " + kSecret + "--image-opts " + chain)
+                                : Exec(dir, "qemu-img", "commit " + kSecret + "--image-opts " + chain);
+    INFO(tool << ": " << r.err);
+    REQUIRE(r.rc == 0);
+    CHECK(r.out == "Image committed.\n");
+    CheckClean(dir, "qcow2", "base-" + t + ".qcow2");
+  }
+  SplitResult same = Exec(dir, "qemu-img",
+                          "compare " + kSecret + "--image-opts " + Opts("qcow2", "base-ours.qcow2") + " " +
+                              Opts("qcow2", "base-theirs.qcow2"));
+  INFO(same.out << same.err);
+  CHECK(same.rc == 0);
+}

@@ -1,7 +1,5 @@
 #include "image_options.h"
 
-#include "object_option.h"
-
 #include <algorithm>
 #include <cctype>
 #include <cerrno>

@@ -23,6 +23,8 @@
 #define DMCOW_DEVICE_IMAGE_H_
 
 #include <cstdint>
+#include <functional>
+#include <string>
 
 #include "dmcow/image.h"
 #include "dmcow/status.h"
@@ -58,6 +60,15 @@ class DeviceImage {
   // larger): a file extended past it holds nothing the image needs.
   // qcow v1: the end of the file as the engine knows it, appends included.
   virtual uint64_t AllocationEnd() const = 0;
+  // An encrypted image's data as the kernel's dm-crypt maps it: `cipher` in
+  // dm-crypt's words ("aes-xts-plain64", "aes-cbc-essiv:sha256") and the
+  // master key, lent to `use` for the call (it stays in the engine's locked
+  // memory: copy it nowhere that outlives the call). Served encrypted images
+  // are LUKS, whose IV is the host sector, so a dm-crypt target over the
+  // whole file with iv_offset 0 reads and writes what the engine does.
+  // NotFound for an unencrypted image.
+  using KernelCipherUse = std::function<Status(const std::string& cipher, const uint8_t* key, size_t key_len)>;
+  virtual Status WithKernelCipher(const KernelCipherUse& use) const = 0;
 
  protected:
   // Not virtual: a DeviceImage is owned and deleted as the Image that

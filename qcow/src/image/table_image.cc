@@ -123,6 +123,27 @@ Status TableImage::SealForWrite(uint64_t guest, uint64_t host, const uint8_t* da
   return cipher_->Encrypt(((iv_from_host_ ? host : guest) - lead) / kCryptSectorSize, sealed->data(), whole);
 }
 
+Status TableImage::KernelCipher(const DeviceImage::KernelCipherUse& use) const {
+  if (!info_.encrypted) return Status::NotFound(filename() + ": not encrypted");
+  if (cipher_ == nullptr) return NoKey();
+  if (!iv_from_host_) {
+    return Status::NotSupported(filename() +
+                                ": legacy AES encryption (its IV is the guest sector) cannot be mapped by dm-crypt");
+  }
+  // dm-crypt's "cipher-chainmode-ivmode[:ivopts]": the algorithm's family
+  // (the key length says which AES), as cryptsetup builds it from a LUKS
+  // header. ecb takes no IV.
+  const CipherSpec& spec = cipher_->spec();
+  std::string cipher = spec.alg.substr(0, spec.alg.find('-')) + "-" + spec.mode;
+  if (!spec.ivgen.empty()) cipher += "-" + spec.ivgen;
+  if (!spec.ivgen_hash.empty()) cipher += ":" + spec.ivgen_hash;
+  // It goes on a table line: nothing but the names above may reach it.
+  if (cipher.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789-:") != std::string::npos) {
+    return Status::NotSupported(filename() + ": cipher '" + cipher + "' has no dm-crypt name");
+  }
+  return use(cipher, cipher_->key().data(), cipher_->key().size());
+}
+
 Status TableImage::NotServable() const {
   return Status::NotSupported(filename() + ": serving as a block device needs a qcow2 image" +
                               std::string(info().format == "qcow2" ? " open for writing" : ""));
@@ -149,13 +170,17 @@ Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint6
     DMCOW_RETURN_IF_ERROR(Lookup(guest, n, &m));
     const bool reads_zeros = m.extent.length >= n && (m.extent.state == ClusterState::kZero ||
                                                       (m.extent.state == ClusterState::kUnallocated && !backing()));
-    if (reads_zeros) {
+    if (reads_zeros && cipher_ == nullptr) {
       DMCOW_RETURN_IF_ERROR(dest->WriteZeroes(host, cs));
       continue;
     }
     buf.resize(cs);
     std::memset(buf.data() + n, 0, cs - n);
-    DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    if (!reads_zeros) DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    if (reads_zeros) std::memset(buf.data(), 0, n);
+    if (cipher_ != nullptr) {
+      DMCOW_RETURN_IF_ERROR(cipher_->Encrypt((iv_from_host_ ? host : guest) / kCryptSectorSize, buf.data(), cs));
+    }
     DMCOW_RETURN_IF_ERROR(dest->Write(host, buf.data(), cs));
   }
   return Status::OK();

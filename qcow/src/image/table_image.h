@@ -58,6 +58,8 @@ class TableImage : public ImageBase {
   // Clusters known to read zeros (zero clusters, unallocated without a
   // backing image) are zeroed with File::WriteZeroes: no data moves, so a
   // small first write into an empty image costs no cluster-sized copy.
+  // Encrypted images get every cluster encrypted (zeros too: a hole would
+  // decrypt to noise).
   // REQUIRES: the range checked.
   Status CopyGuestClustersLocked(uint64_t first, uint64_t count, uint64_t host_offset, File* dest)
       REQUIRES_SHARED(rw_mu_);
@@ -72,6 +74,8 @@ class TableImage : public ImageBase {
   std::unique_ptr<LuksHeader> luks_;  // LUKS: the header as read (key slots change it)
   uint64_t luks_offset_ = 0;
   Status NoKey() const;
+  // DeviceImage::WithKernelCipher for the table formats.
+  Status KernelCipher(const DeviceImage::KernelCipherUse& use) const;
   // Makes this layer encrypted: with LUKS (`luks`, read from file_ at
   // `luks_offset`) or legacy AES (`luks` null); unlocked with `key` if
   // given, else NoKey() unless allow_missing.

@@ -61,7 +61,8 @@ class Qcow1Image final : public TableImage, public DeviceImage {
   Status MakeEmpty() override;
 
   // Serving as a block device (see qcow1_device.cc).
-  DeviceImage* AsDeviceImage() override { return info_.encrypted ? nullptr : this; }
+  DeviceImage* AsDeviceImage() override { return info_.encrypted ? nullptr : this; }  // legacy AES: never
+  Status WithKernelCipher(const KernelCipherUse& use) const override { return KernelCipher(use); }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;

@@ -57,8 +57,12 @@ class Qcow2Image final : public TableImage, public DeviceImage {
   Status ChangeBitmap(const std::string& name, const std::vector<BitmapAction>& actions, size_t* failed) override;
   // Block-device serving (qcow2_device.cc).
   DeviceImage* AsDeviceImage() override {
-    return metadata_only_ || !maintained_bitmaps_.empty() || info_.encrypted ? nullptr : this;
+    // Encrypted: LUKS with its key only (dm-crypt maps it; legacy AES,
+    // keyed by the guest sector, it cannot).
+    const bool servable_crypt = !info_.encrypted || (luks_ != nullptr && cipher_ != nullptr);
+    return metadata_only_ || !maintained_bitmaps_.empty() || !servable_crypt ? nullptr : this;
   }
+  Status WithKernelCipher(const KernelCipherUse& use) const override { return KernelCipher(use); }
   Status DescribeCluster(uint64_t cluster, ClusterPlace* out) override;
   Status ReserveClusters(uint64_t count, uint64_t* host_offset) override;
   Status FillClusters(uint64_t first, uint64_t count, uint64_t host_offset) override;

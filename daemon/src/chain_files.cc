@@ -175,6 +175,7 @@ Status OpenChain(const std::string& path, const ChainPolicy& policy, std::vector
     DMCOW_RETURN_IF_ERROR(dmcow::OpenImage(name, o, &image));
     const dmcow::ImageInfo& info = image->info();
     f.format = info.format;
+    f.encryption = info.encryption.format;
     out->push_back(std::move(f));
     if (!policy.follow_backing || info.backing_filename.empty()) break;
     if (info.backing_filename.rfind("json:", 0) == 0) {

@@ -66,9 +66,10 @@ class UniqueFd {
 
 // One file of the chain, top (the image) first.
 struct ChainFile {
-  std::string name;    // as the engine names it: the image's, or the referrer's backing name resolved
-  std::string format;  // "qcow2", "qcow" or "raw"
-  UniqueFd fd;         // O_RDWR for a writable image, else O_RDONLY
+  std::string name;        // as the engine names it: the image's, or the referrer's backing name resolved
+  std::string format;      // "qcow2", "qcow" or "raw"
+  std::string encryption;  // "luks", "aes" (legacy), "" for none
+  UniqueFd fd;             // O_RDWR for a writable image, else O_RDONLY
   struct stat st = {};
   // Its external data file, with ChainPolicy::open_data_files: the name the
   // engine opens it by, and the descriptor (opened as `fd` is).

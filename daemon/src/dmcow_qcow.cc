@@ -1,7 +1,8 @@
 // dmcow-qcow: QEMU images as kernel block devices.
 //
 //   dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]
-//                     [--scratch-max SIZE] IMAGE        prints /dev/mapper/NAME
+//                     [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE
+//                                                       prints /dev/mapper/NAME
 //   dmcow-qcow detach NAME
 //   dmcow-qcow list [--output human|json]
 //
@@ -19,6 +20,12 @@
 // inherit the descriptors (--opt image_fd=4, chainK=FD:NAME): they open no
 // file of the chain by name, their loop devices sit on these descriptors and
 // their QEMU locks on the same open file descriptions.
+//
+// Encrypted images (LUKS) are attached with the kernel's dm-crypt doing the
+// cryptography (daemon/src/qcow2/qcow2_plugin.cc). Passphrases: --key-file
+// FILE for the image, --key-file N=FILE for the N-th file below it, else
+// asked on the terminal; each daemon gets those of its level and below on
+// inherited memfds (attach_keys.h). Legacy AES images are refused.
 #include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -43,6 +50,7 @@
 #include <thread>
 #include <vector>
 
+#include "attach_keys.h"
 #include "chain_files.h"
 #include "dm.h"
 #include "dmcow/image.h"
@@ -408,19 +416,53 @@ bool StopLevels(const std::vector<Level>& levels, std::string* error) {
 
 const char* const kAttachUsage =
     "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
-    "                         [--scratch-max SIZE] IMAGE";
+    "                         [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE";
+
+// Every encrypted file of the chain has its passphrase (asked for on the
+// terminal where --key-file gave none), and every key names an encrypted
+// file. Returns the exit code of a refusal, else 0.
+int GatherKeys(const std::vector<dmcowd::ChainFile>& chain, dmcowd::KeySet* keys) {
+  for (const auto& [depth, key] : keys->keys()) {
+    const std::string arg = depth == 0 ? "--key-file" : "--key-file " + std::to_string(depth) + "=";
+    if (depth >= chain.size()) {
+      return Fail(arg + ": the chain has " + std::to_string(chain.size()) + " file(s) (" +
+                      (depth == 0 ? "" : "N counts backing files from 1, ") + "--no-backing attaches the image alone)",
+                  2);
+    }
+    if (chain[depth].encryption.empty()) return Fail(arg + ": " + chain[depth].name + " is not encrypted", 2);
+  }
+  for (size_t depth = 0; depth < chain.size(); depth++) {
+    const dmcowd::ChainFile& f = chain[depth];
+    if (f.encryption == "aes") {
+      return Fail(f.name +
+                  ": legacy AES encryption cannot be attached: its IV is the guest sector, which dm-crypt cannot map "
+                  "(QEMU's emulators refuse it too); convert it to LUKS with qemu-img convert -O qcow2 -o "
+                  "encrypt.format=luks first");
+    }
+    if (f.encryption.empty() || keys->Has(depth)) continue;
+    dmcow::Status s = keys->Prompt(depth, f.name);
+    if (s.code() == dmcow::Status::Code::kNotFound) {
+      return Fail(f.name + ": image is encrypted: give its passphrase with --key-file " +
+                  (depth == 0 ? "FILE" : std::to_string(depth) + "=FILE") + " (or run attach on a terminal)");
+    }
+    if (!s.ok()) return Fail(s.ToString());
+  }
+  return 0;
+}
 
 int Attach(int argc, char** argv) {
   std::string name, scratch_max;
   dmcowd::ChainPolicy policy;
   policy.real_image_name = true;
   bool read_only = false;
-  enum { kNoBacking = 1000, kAllowDeviceBacking };
+  dmcowd::KeySet keys;
+  enum { kNoBacking = 1000, kAllowDeviceBacking, kKeyFile };
   static const option kLong[] = {{"name", required_argument, nullptr, 'n'},
                                  {"read-only", no_argument, nullptr, 'r'},
                                  {"scratch-max", required_argument, nullptr, 's'},
                                  {"no-backing", no_argument, nullptr, kNoBacking},
                                  {"allow-device-backing", no_argument, nullptr, kAllowDeviceBacking},
+                                 {"key-file", required_argument, nullptr, kKeyFile},
                                  {nullptr, 0, nullptr, 0}};
   int c;
   optind = 1;
@@ -434,7 +476,9 @@ int Attach(int argc, char** argv) {
       policy.follow_backing = false;
     else if (c == kAllowDeviceBacking)
       policy.allow_device_backing = true;
-    else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes))
+    else if (c == kKeyFile) {
+      if (dmcow::Status s = keys.AddKeyFile(optarg); !s.ok()) return Fail(s.ToString(), 2);
+    } else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes))
       scratch_max = std::to_string(bytes);
     else if (c == 's')
       return Fail(std::string("bad --scratch-max ") + optarg + " (a size: 512M, 2G, 0 for no limit)", 2);
@@ -473,6 +517,8 @@ int Attach(int argc, char** argv) {
                 ")");
   }
 
+  if (int rc = GatherKeys(chain, &keys); rc != 0) return rc;
+
   // Deepest qcow2 first; each level's base is the level below.
   const std::string daemon = FindDaemon();
   size_t qcow2_levels = chain.size();
@@ -495,6 +541,16 @@ int Attach(int argc, char** argv) {
       fds.push_back(chain[i + k].fd.get());
       args.insert(args.end(), {"--opt", "chain" + std::to_string(k) + "=" + std::to_string(3 + fds.size()) + ":" +
                                             chain[i + k].name});
+    }
+    // The passphrases of this level and those below it, by depth from it.
+    std::vector<dmcowd::UniqueFd> secrets;
+    for (const auto& [depth, key] : keys.keys()) {
+      if (depth < i) continue;
+      dmcowd::UniqueFd fd;
+      if (dmcow::Status s = keys.SecretFd(depth, &fd); !s.ok()) return Fail(s.ToString());
+      fds.push_back(fd.get());
+      args.insert(args.end(), {"--opt", "secret" + std::to_string(depth - i) + "=" + std::to_string(3 + fds.size())});
+      secrets.push_back(std::move(fd));
     }
     args.push_back(chain[i].name);
     pid_t pid = 0;
@@ -609,7 +665,7 @@ int List(int argc, char** argv) {
 void Help() {
   std::printf(
       "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
-      "                         [--scratch-max SIZE] IMAGE\n"
+      "                         [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE\n"
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
       "\n"
@@ -640,6 +696,16 @@ void Help() {
       "--scratch-max bounds it per level (default 1G, 0: no bound): past it the oldest\n"
       "copies are dropped, under a brief suspend of the device, and decompressed again\n"
       "when read again.\n"
+      "\n"
+      "Encrypted (LUKS) images are decrypted by the kernel's dm-crypt, with the image's\n"
+      "cipher and each sector's IV its sector in the file, as QEMU encrypts it; the\n"
+      "master key reaches dm-crypt through the kernel keyring, never a table line.\n"
+      "--key-file FILE gives the image's passphrase (the file's bytes, as qemu-img's\n"
+      "--object secret,file=FILE; - reads standard input), --key-file N=FILE that of\n"
+      "the N-th backing file; on a terminal, attach asks for those not given.\n"
+      "Scratch copies of encrypted images stay in memory. Legacy AES images are\n"
+      "refused (their IV is the guest sector; QEMU's emulators refuse them too).\n"
+      "\n"
       "detach flushes, removes the devices, stops their daemons and leaves the image\n"
       "clean (qemu-img check: no errors, no leaks). It refuses while the device is open.\n"
       "list shows what is attached: name, daemon pid, mode, device, image, state.\n"

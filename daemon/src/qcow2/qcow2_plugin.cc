@@ -32,25 +32,43 @@
 //                    image's directory, else /var/tmp; else memory)
 //   scratch_max=BYTES  the scratch file's budget (default 1 GiB; 0: none):
 //                    past it the oldest copies are reclaimed (qcow2_mapper.h)
+//   secretK=FD       the passphrase of an encrypted layer (K = 0: the image,
+//                    K = 1, 2...: the K-th file below it), read from the
+//                    inherited descriptor FD to its end (at most 64 KiB) and
+//                    wiped once the chain is open
+//
+// Encrypted images (LUKS; legacy AES is refused: its IV is the guest
+// sector): the kernel does the cryptography. The image's loop device gets
+// a dm-crypt device, PREFIX-crypt, with the master key (through the kernel
+// keyring: dm_crypt.h) and IV = host sector, and everything that reached
+// the image's loop goes through it instead: kernel reads and writes of
+// allocated clusters, and new clusters the kernel fills. The engine
+// encrypts what the daemon writes itself (cluster fills) with the same key
+// and IVs. Scratch then holds plaintext, so it lives in memory (memfd),
+// never in a file on disk.
 //
 // Devices (all removed at Close; loops vanish with them):
 //   PREFIX-store  the cow device: [scratch file | image file] (dm-linear);
 //                 the image part grows with the file
 //   PREFIX-base   what unallocated chunks read: the backing content, zeros
 //                 past its end or without one (dm-linear + dm-zero)
+//   PREFIX-crypt  encrypted images: the image's loop through dm-crypt
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
 
 #include "chain_files.h"
 #include "dm.h"
+#include "dm_crypt.h"
 #include "dmcow/device_image.h"
 #include "dmcow/image_lock.h"
 #include "log.h"
@@ -85,6 +103,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     prefix_ = get("name").empty() ? "dmcowq" + std::to_string(::getpid()) : get("name");
     scratch_dir_ = get("scratch_dir");
     if (!get("scratch_max").empty()) scratch_max_ = std::stoull(get("scratch_max"));  // checked by MakeQcow2Plugin
+    for (const auto& [key, value] : options.params) {
+      if (key.compare(0, 6, "secret") == 0) secret_fds_[std::stoul(key.substr(6))] = std::stoi(value);  // checked
+    }
   }
   ~Qcow2Plugin() override { (void)Close(); }
 
@@ -102,13 +123,24 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     o.writable = !read_only_;
     o.env = &files_;  // the engine opens nothing by name
     o.open_backing = !no_backing_;
+    std::vector<std::string> secrets;
+    DMCOW_RETURN_IF_ERROR(ReadSecrets(&secrets));
+    for (const std::string& secret : secrets) o.layer_secrets.push_back(secret.empty() ? nullptr : &secret);
     Status opened = dmcow::OpenImage(path, o, &image_);
+    WipeSecrets(&secrets);  // the engine keeps the master keys, not the passphrases
     if (const std::string layer = dmcow::LayerMissingKey(opened); !layer.empty()) {
-      return Status::NotSupported(layer + ": image is encrypted; attach takes no keys yet");
+      return Status::InvalidArgument(layer + ": image is encrypted and no passphrase was given for it");
     }
     DMCOW_RETURN_IF_ERROR(opened);
     const dmcow::ImageInfo& info = image_->info();
     device_ = image_->AsDeviceImage();  // qcow2 and qcow v1 have the serving calls, raw has none
+    if (device_ == nullptr && info.encryption.format == "aes") {
+      return Status::NotSupported(path +
+                                  ": legacy AES encryption cannot be attached: its IV is the guest sector, which "
+                                  "dm-crypt cannot map (QEMU's emulators refuse it too); convert it to LUKS with "
+                                  "qemu-img convert -O qcow2 -o encrypt.format=luks first");
+    }
+    encrypted_ = info.encrypted;
     if (device_ == nullptr) {
       return Status::NotSupported(path + ": is " + info.format +
                                   "; attach serves qcow2 and qcow images (convert it first)");
@@ -146,6 +178,10 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     if (S_ISBLK(st.st_mode) && ::ioctl(fd, BLKGETSIZE64, &original_size_) != 0) return Errno(path + ": size", errno);
     image_bytes_ = original_size_ & ~uint64_t{511};
     DMCOW_RETURN_IF_ERROR(image_loop_.OpenFile(fd, path, read_only_));
+    if (encrypted_) {
+      dm::Init();
+      DMCOW_RETURN_IF_ERROR(CreateCryptDevice());
+    }
 
     // The scratch file: sparse, unlinked, never on the device we serve.
     DMCOW_RETURN_IF_ERROR(OpenScratch(path, geo.scratch_sectors * 512));
@@ -183,8 +219,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     spec->sectors = dev_sectors;
     spec->chunk_sectors = geo.chunk_sectors;
     spec->read_to_daemon = true;
-    // Folded clusters skip the store: linear segments go to the image's loop.
-    spec->direct_path = image_loop_.devnode();
+    // Folded clusters skip the store: linear segments go to the image's loop
+    // (through dm-crypt for an encrypted image).
+    spec->direct_path = encrypted_ ? "/dev/mapper/" + crypt_name() : image_loop_.devnode();
     spec->direct_from_sector = geo.scratch_sectors;
     LOG_INFO("%s: %s v%u, %llu-byte clusters, %s%s, chunks of %u sectors", path.c_str(), info.format.c_str(),
              info.version, static_cast<unsigned long long>(info.cluster_size), read_only_ ? "read-only" : "read-write",
@@ -245,6 +282,11 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
       if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
       store_created_ = false;
     }
+    if (crypt_created_) {  // after the store, which maps onto it
+      Status s = dm::Remove(crypt_name(), &busy);
+      if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
+      crypt_created_ = false;
+    }
     image_loop_.Release();
     scratch_loop_.Release();
     backing_dev_.Release();
@@ -259,11 +301,71 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
  private:
   std::string store_name() const { return prefix_ + "-store"; }
   std::string base_name() const { return prefix_ + "-base"; }
+  std::string crypt_name() const { return prefix_ + "-crypt"; }
+  // What the store's image part and linear segments map onto.
+  const std::string& image_devt() const { return encrypted_ ? crypt_devt_ : image_loop_.devt(); }
+
+  // The passphrases of secretK=FD, by chain depth ("" for a layer given
+  // none); each descriptor read to its end and closed.
+  Status ReadSecrets(std::vector<std::string>* out) {
+    constexpr size_t kMaxSecret = 64 << 10;
+    for (auto& [depth, fd] : secret_fds_) {
+      if (out->size() <= depth) out->resize(depth + 1);
+      std::string& secret = (*out)[depth];
+      secret.reserve(kMaxSecret + 1);  // no reallocation: no stray copies to wipe
+      char buf[4096];
+      ssize_t n;
+      while ((n = ::read(fd, buf, sizeof(buf))) != 0) {
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || secret.size() + static_cast<size_t>(n) > kMaxSecret) {
+          const int err = n < 0 ? errno : EFBIG;
+          ::explicit_bzero(buf, sizeof(buf));
+          WipeSecrets(out);
+          return Errno("secret" + std::to_string(depth) + "=" + std::to_string(fd) + ": reading the passphrase", err);
+        }
+        secret.append(buf, static_cast<size_t>(n));
+      }
+      ::explicit_bzero(buf, sizeof(buf));
+      ::close(fd);
+      fd = -1;
+      if (secret.empty()) {
+        WipeSecrets(out);
+        return Status::InvalidArgument("secret" + std::to_string(depth) + ": an empty passphrase");
+      }
+    }
+    return Status::OK();
+  }
+  static void WipeSecrets(std::vector<std::string>* secrets) {
+    for (std::string& s : *secrets) ::explicit_bzero(s.data(), s.capacity());
+    secrets->clear();
+  }
+
+  // PREFIX-crypt over the image's loop, as long as the image part of the
+  // store (EnsureImageBytes grows both).
+  Status LoadCryptTable() {
+    return device_->WithKernelCipher([&](const std::string& cipher, const uint8_t* key, size_t len) {
+      return dm::LoadCrypt(crypt_name(), dm::CryptTable{cipher, key, len, image_loop_.devt(), image_bytes_ / 512});
+    });
+  }
+  Status CreateCryptDevice() {
+    if (image_bytes_ < 512) return Status::InvalidArgument(options_.args[0] + ": an encrypted image of no sectors");
+    if (dm::Exists(crypt_name())) return Status::InvalidArgument("device " + crypt_name() + " exists already");
+    DMCOW_RETURN_IF_ERROR(dm::Create(crypt_name()));
+    crypt_created_ = true;  // Close removes it
+    DMCOW_RETURN_IF_ERROR(LoadCryptTable());
+    DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name()));
+    struct stat st;
+    const std::string node = "/dev/mapper/" + crypt_name();
+    if (::stat(node.c_str(), &st) != 0) return Errno(node, errno);
+    crypt_devt_ = std::to_string(major(st.st_rdev)) + ":" + std::to_string(minor(st.st_rdev));
+    LOG_INFO("%s: encrypted; the kernel's dm-crypt does the cryptography (%s)", options_.args[0].c_str(), node.c_str());
+    return Status::OK();
+  }
 
   std::vector<dm::Target> StoreTable() const {
     const uint64_t scratch = mapper_->geometry().scratch_sectors;
     std::vector<dm::Target> t{dm::Target{0, scratch, "linear", scratch_loop_devt_ + " 0"}};
-    if (image_bytes_ >= 512) t.push_back(dm::Target{scratch, image_bytes_ / 512, "linear", image_loop_.devt() + " 0"});
+    if (image_bytes_ >= 512) t.push_back(dm::Target{scratch, image_bytes_ / 512, "linear", image_devt() + " 0"});
     return t;
   }
 
@@ -315,7 +417,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
 
   Status OpenScratch(const std::string& image_path, uint64_t bytes) {
     std::vector<std::string> dirs;
-    if (!scratch_dir_.empty())
+    if (encrypted_)
+      ;  // plaintext: memory only (below)
+    else if (!scratch_dir_.empty())
       dirs.push_back(scratch_dir_);
     else
       dirs = {DirOf(image_path), "/var/tmp"};
@@ -324,7 +428,8 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
       if (scratch_fd_ >= 0) break;
       LOG_DEBUG("scratch in %s: %s", dir.c_str(), std::strerror(errno));
     }
-    if (scratch_fd_ < 0 && scratch_dir_.empty()) scratch_fd_ = ::memfd_create("dmcow-scratch", MFD_CLOEXEC);
+    if (scratch_fd_ < 0 && (scratch_dir_.empty() || encrypted_))
+      scratch_fd_ = ::memfd_create("dmcow-scratch", MFD_CLOEXEC);
     if (scratch_fd_ < 0) return Errno("scratch file" + (scratch_dir_.empty() ? "" : " in " + scratch_dir_), errno);
     if (::ftruncate(scratch_fd_, static_cast<off_t>(bytes)) != 0) return Errno("scratch file: size", errno);
     // The loop takes its own reference; keep ours for WriteScratch.
@@ -365,6 +470,11 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     }
     DMCOW_RETURN_IF_ERROR(image_loop_.SetCapacity());
     image_bytes_ = target;
+    if (encrypted_) {  // the crypt device first: the store's new table reaches its new end
+      DMCOW_RETURN_IF_ERROR(LoadCryptTable());
+      DMCOW_RETURN_IF_ERROR(dm::Suspend(crypt_name()));
+      DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name()));
+    }
     // The store only grows at its end: a noflush suspend holds its I/O, none
     // of which waits for us.
     DMCOW_RETURN_IF_ERROR(dm::LoadTargets(store_name(), StoreTable()));
@@ -388,6 +498,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   BlockDev image_loop_, scratch_loop_, backing_dev_;
   std::string scratch_loop_devt_;
   bool store_created_ = false, base_created_ = false;
+  std::map<size_t, int> secret_fds_;  // secretK=FD by K; -1 once read
+  bool encrypted_ = false, crypt_created_ = false;
+  std::string crypt_devt_;  // "major:minor" of PREFIX-crypt
 };
 
 }  // namespace
@@ -400,13 +513,18 @@ Status MakeQcow2Plugin(const PluginOptions& options, std::unique_ptr<Plugin>* ou
   for (const auto& [key, value] : options.params) {
     const bool chain_key = key.size() > 5 && key.compare(0, 5, "chain") == 0 &&
                            key.find_first_not_of("0123456789", 5) == std::string::npos && key[5] != '0';
+    const bool secret_key = key.size() > 6 && key.size() <= 8 && key.compare(0, 6, "secret") == 0 &&
+                            key.find_first_not_of("0123456789", 6) == std::string::npos;
     if (key != "read_only" && key != "backing" && key != "name" && key != "scratch_dir" && key != "scratch_max" &&
-        key != "image_fd" && key != "no_backing" && !chain_key) {
+        key != "image_fd" && key != "no_backing" && !chain_key && !secret_key) {
       return Status::InvalidArgument("the qcow2 plugin has no setting '" + key + "'");
     }
     auto fd_number = [](const std::string& v) {
       return !v.empty() && v.size() <= 6 && v.find_first_not_of("0123456789") == std::string::npos && std::stoi(v) >= 3;
     };
+    if (secret_key && !fd_number(value)) {
+      return Status::InvalidArgument(key + "=" + value + ": expected a descriptor number (3 or more)");
+    }
     if (key == "image_fd" && !fd_number(value)) {
       return Status::InvalidArgument("image_fd=" + value + ": expected a descriptor number (3 or more)");
     }

@@ -74,6 +74,45 @@ qemu-img create -q -f qcow2 -b sparse-base.qcow2 -F qcow2 sparse-top.qcow2 16G
 q -f qcow2 -c 'write -P 0xb1 5G 64k' -c 'write -z 6G 64k' -c "write -P 0xb2 $((16 * 1024 * 1024 - 64))k 64k" \
 	sparse-top.qcow2
 
+# LUKS images (qcow2_luks): qemu-img's default cipher (aes-256-xts-plain64),
+# aes-128-cbc-essiv:sha256, aes-256-cbc-plain64 on qcow2 v2 with 4 KiB
+# clusters, and a LUKS image over a LUKS backing file with another key; a
+# short PBKDF2 time (encrypt.iter-time) keeps this fast. Legacy AES, which
+# attach refuses. Their manifest adds the key files: "<file> <sha256> <key>
+# [<backing key>]".
+printf 'correct horse battery' >key-a
+printf 'staple\n' >key-b
+printf 'wrong horse battery' >key-bad
+sec() { echo "--object secret,id=s$1,file=$2"; }
+lopts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s0${2:+,backing.encrypt.key-secret=s1}"; }
+luks() {	# file, size, key, extra -o options, [backing, backing key]
+	local o="encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10${4:+,$4}"
+	if [ -n "${5:-}" ]; then
+		qemu-img create -q $(sec 0 "$3") $(sec 1 "$6") -f qcow2 -b "$5" -F qcow2 -o "$o" "$1" "$2"
+	else
+		qemu-img create -q $(sec 0 "$3") -f qcow2 -o "$o" "$1" "$2"
+	fi
+}
+luks_io() {	# file, key, [backing key], qemu-io -c commands...
+	local f=$1 k=$2 kb=$3
+	shift 3
+	qemu-io $(sec 0 "$k") ${kb:+$(sec 1 "$kb")} --image-opts "$(lopts "$f" "$kb")" "$@" >/dev/null
+}
+luks luks.qcow2 8M key-a ""
+luks_io luks.qcow2 key-a "" -c 'write -P 0xc1 0 1M' -c 'write -P 0xc2 3M 70k' -c 'write -z 5M 128k' -c 'write -P 0xc3 7M 1k'
+luks luks-essiv.qcow2 8M key-b "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256"
+luks_io luks-essiv.qcow2 key-b "" -c 'write -P 0xc4 64k 2M' -c 'write -P 0xc5 6M 3k'
+luks luks-plain.qcow2 8M key-a "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64,compat=0.10,cluster_size=4096"
+luks_io luks-plain.qcow2 key-a "" -c 'write -P 0xc6 0 512k' -c 'write -P 0xc7 2049k 9k'
+luks luks-top.qcow2 8M key-b "" luks.qcow2 key-a
+luks_io luks-top.qcow2 key-b key-a -c 'write -P 0xc8 512k 1M' -c 'write -P 0xc9 7M 4k'
+qemu-img create -q --object secret,id=s0,data=aeskey -f qcow2 -o encrypt.format=aes,encrypt.key-secret=s0 aes.qcow2 8M
+for entry in "luks.qcow2 key-a" "luks-essiv.qcow2 key-b" "luks-plain.qcow2 key-a" "luks-top.qcow2 key-b key-a"; do
+	set -- $entry
+	qemu-img convert $(sec 0 "$2") ${3:+$(sec 1 "$3")} --image-opts "$(lopts "$1" "${3:-}")" -O raw /tmp/qcow-inputs-$$.raw
+	echo "$1 $(sha256sum </tmp/qcow-inputs-$$.raw | cut -d' ' -f1) ${*:2}"
+done >manifest-luks
+
 for f in v2.qcow2 zlib.qcow2 zstd.qcow2 chain-top.qcow2 chain-mid.qcow2 extl2.qcow2 snap.qcow2 small.qcow2 empty.qcow2 \
 	v1.qcow v1zlib.qcow v1top.qcow scratch.qcow2; do
 	qemu-img convert -O raw $f /tmp/qcow-inputs-$$.raw

@@ -19,6 +19,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -58,9 +59,12 @@ std::string Sha256(const std::string& path) {
   return out.substr(0, out.find(' '));
 }
 
-std::string Attach(const std::string& name, const std::string& image, bool read_only = false) {
+// `extra`: more attach options (--key-file).
+std::string Attach(const std::string& name, const std::string& image, bool read_only = false,
+                   const std::vector<std::string>& extra = {}) {
   std::vector<std::string> args = {kQcow, "attach", "--name", name};
   if (read_only) args.push_back("--read-only");
+  args.insert(args.end(), extra.begin(), extra.end());
   args.push_back(image);
   std::string out;
   const int st = Run(args, &out);
@@ -117,6 +121,43 @@ int CheckLinearOntoImage(const std::string& name, const std::string& image) {
   return linear;
 }
 
+// An encrypted image: the linear targets go to its dm-crypt device
+// (NAME-crypt), a crypt target over the image's loop device whose key is a
+// kernel keyring reference, never the key. Returns the number of linear
+// targets.
+int CheckLinearOntoCrypt(const std::string& name, const std::string& image) {
+  std::string table, crypt, ls;
+  CHECK(Run({"/sbin/dmsetup", "table", name}, &table) == 0, "dmsetup table %s", name.c_str());
+  CHECK(Run({"/sbin/dmsetup", "table", "--showkeys", name + "-crypt"}, &crypt) == 0, "no %s-crypt device",
+        name.c_str());
+  std::istringstream c(crypt);
+  std::string start, len, type, cipher, key, iv_offset, dev, offset;
+  c >> start >> len >> type >> cipher >> key >> iv_offset >> dev >> offset;
+  CHECK(type == "crypt" && iv_offset == "0" && offset == "0", "%s-crypt: %s", name.c_str(), crypt.c_str());
+  CHECK(key.rfind(":", 0) == 0 && key.find(":logon:dmcow:") != std::string::npos,
+        "%s-crypt: the key is not a keyring reference: %s", name.c_str(), crypt.c_str());
+  std::string backing = ReadText("/sys/dev/block/" + dev + "/loop/backing_file");
+  while (!backing.empty() && backing.back() == '\n') backing.pop_back();
+  struct stat st, img;
+  CHECK(stat(image.c_str(), &img) == 0 && stat(backing.c_str(), &st) == 0 && st.st_ino == img.st_ino,
+        "%s-crypt is over %s ('%s'), not the image's loop", name.c_str(), dev.c_str(), backing.c_str());
+  struct stat crypt_node;
+  CHECK(stat(("/dev/mapper/" + name + "-crypt").c_str(), &crypt_node) == 0, "no /dev/mapper/%s-crypt", name.c_str());
+  const std::string crypt_devt = Fmt("%u:%u", major(crypt_node.st_rdev), minor(crypt_node.st_rdev));
+  std::istringstream in(table);
+  std::string line;
+  int linear = 0;
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    f >> start >> len >> type >> dev;
+    if (type != "linear") continue;
+    linear++;
+    CHECK(dev == crypt_devt, "%s: linear target onto %s, not %s-crypt (%s): %s", name.c_str(), dev.c_str(),
+          name.c_str(), crypt_devt.c_str(), line.c_str());
+  }
+  return linear;
+}
+
 void CopyFile(const std::string& from, const std::string& to) {
   mkdir(kOut, 0755);
   Must({"/bin/cp", from, to});
@@ -155,9 +196,18 @@ void TestReadImages() {
 // Seeded writes (partial chunks, unaligned, three threads at once) through
 // the device and into a raw reference; reads checked on the way; the image
 // goes to the host for qemu-img check and compare.
-void WriteSeeded(const std::string& file, uint64_t seed) {
+// `keys`: --key-file options, and the host check's key files after the
+// reference ("writeluks IMAGE REF KEY [BACKING KEY]").
+void WriteSeeded(const std::string& file, uint64_t seed, const std::vector<std::string>& keys = {}) {
   const std::string path = std::string(kWork) + "/" + file;
-  const std::string dev = Attach("qw", path);
+  std::vector<std::string> key_opts, key_names;
+  for (const std::string& k : keys) {
+    const size_t eq = k.find('=');
+    const std::string depth = eq == std::string::npos ? "" : k.substr(0, eq + 1);  // "1="
+    key_names.push_back(k.substr(depth.size()));
+    key_opts.insert(key_opts.end(), {"--key-file", depth + kWork + "/" + key_names.back()});
+  }
+  const std::string dev = Attach("qw", path, false, key_opts);
   mkdir(kOut, 0755);
   const std::string ref = std::string(kOut) + "/" + file + ".ref.raw";
   CopyFile(dev, ref);
@@ -209,14 +259,78 @@ void WriteSeeded(const std::string& file, uint64_t seed) {
   CHECK(dev_sum == Sha256(ref), "%s: device and reference differ after the writes", file.c_str());
   Detach("qw");
   // Reattached, the image shows the same.
-  Attach("qw", path);
-  CHECK(CheckLinearOntoImage("qw", path) > 0, "%s: no written cluster folded at reattach", file.c_str());
+  Attach("qw", path, false, key_opts);
+  if (keys.empty())
+    CHECK(CheckLinearOntoImage("qw", path) > 0, "%s: no written cluster folded at reattach", file.c_str());
+  else
+    CHECK(CheckLinearOntoCrypt("qw", path) > 0, "%s: no written cluster folded at reattach", file.c_str());
   CHECK(Sha256(dev) == dev_sum, "%s: reattached image differs", file.c_str());
   Detach("qw");
   CopyFile(path, std::string(kOut) + "/" + file);
   // qemu-img cannot check qcow v1 images: the host checks them otherwise.
   const bool v1 = file.size() > 5 && file.substr(file.size() - 5) == ".qcow";
-  AddCheck((v1 ? "writev1 " : "write ") + file + " " + file + ".ref.raw");
+  std::string check = (keys.empty() ? (v1 ? "writev1 " : "write ") : "writeluks ") + file + " " + file + ".ref.raw";
+  for (const std::string& k : key_names) check += " " + k;
+  AddCheck(check);
+}
+
+// LUKS images qemu-img made (three cipher settings, and a LUKS image over a
+// LUKS backing file with another key), attached with the kernel's dm-crypt:
+// read whole, identical to qemu-img convert; written and checked by
+// qemu-img on the host with the keys. Wrong, missing and legacy-AES keys
+// are refused with nothing attached and the image untouched.
+void TestLuks() {
+  FreshWork();
+  const std::string w = kWork;
+  std::istringstream manifest(ReadText(std::string(kIn) + "/manifest-luks"));
+  std::string line;
+  int read = 0;
+  while (std::getline(manifest, line)) {
+    std::istringstream f(line);
+    std::string file, sum, key, backing_key;
+    f >> file >> sum >> key >> backing_key;
+    std::vector<std::string> opts = {"--key-file", w + "/" + key};
+    if (!backing_key.empty()) opts.insert(opts.end(), {"--key-file", "1=" + w + "/" + backing_key});
+    const std::string path = w + "/" + file;
+    const std::string before = Sha256(path);
+    const std::string dev = Attach("ql", path, true, opts);
+    CHECK(CheckLinearOntoCrypt("ql", path) >= 0, "crypt table");
+    const std::string got = Sha256(dev);
+    Detach("ql");
+    CHECK(access("/dev/mapper/ql-crypt", F_OK) != 0, "ql-crypt left behind");
+    CHECK(got == sum, "%s read through dm-crypt differs from qemu-img's conversion", file.c_str());
+    CHECK(Sha256(path) == before, "%s changed by a read-only attach", file.c_str());
+    read++;
+  }
+  CHECK(read == 4, "manifest-luks has %d images", read);
+
+  // Refusals: exit 1, the reason, no device, the image as it was.
+  const std::string img = w + "/luks.qcow2";
+  const std::string before = Sha256(img);
+  auto refused = [&](const std::string& cmd, const std::string& want) {
+    std::string out;
+    const int st = Run({"/bin/sh", "-c", cmd + " </dev/null"}, &out);
+    CHECK(st == 1 || st == 2, "%s: exit %d: %s", cmd.c_str(), st, out.c_str());
+    CHECK(out.find(want) != std::string::npos, "%s: no '%s' in: %s", cmd.c_str(), want.c_str(), out.c_str());
+    CHECK(access("/dev/mapper/qbad", F_OK) != 0 && access("/dev/mapper/qbad-crypt", F_OK) != 0, "%s left a device",
+          cmd.c_str());
+    CHECK(Sha256(img) == before, "%s changed the image", cmd.c_str());
+  };
+  const std::string attach = std::string(kQcow) + " attach --name qbad ";
+  refused(attach + "--key-file " + w + "/key-bad " + img, "Invalid password, cannot unlock any keyslot");
+  refused(attach + img, "luks.qcow2: image is encrypted: give its passphrase with --key-file FILE");
+  refused(attach + "--key-file " + w + "/key-a " + w + "/luks-top.qcow2", "--key-file 1=FILE");
+  refused(attach + "--key-file " + w + "/key-a --key-file 1=" + w + "/key-a " + img, "the chain has 1 file");
+  refused(attach + "--key-file " + w + "/key-a " + w + "/v2.qcow2", "v2.qcow2 is not encrypted");
+  refused(attach + "--key-file " + w + "/nothere " + img, "nothere");
+  refused(attach + "--key-file " + w + "/key-a " + w + "/aes.qcow2", "legacy AES encryption cannot be attached");
+
+  // Written through dm-crypt (and the daemon's own fills), then qemu-img's
+  // check and compare on the host. luks.qcow2 first: it is luks-top's
+  // backing file, which the host gets as it was when luks-top was written.
+  WriteSeeded("luks.qcow2", 101, {"key-a"});
+  WriteSeeded("luks-plain.qcow2", 102, {"key-a"});
+  WriteSeeded("luks-top.qcow2", 103, {"key-b", "1=key-a"});
 }
 
 void TestWriteImages() {
@@ -1131,6 +1245,7 @@ const TestCase kTests[] = {
     {"qcow_read_only_untouched", TestReadOnlyUntouched},
     {"qcow_cache_bound", TestCacheBound},
     {"qcow_nbd", TestNbd},
+    {"qcow_luks", TestLuks},
 };
 
 }  // namespace

@@ -91,6 +91,9 @@ vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO
 # A virtio disk carries the images qcowtest wrote back to the host (a tar);
 # ext4 for daemon_mount and qcow_filesystem.
 vm_modules $VM_MODS_DM dm-delay:drivers/md/dm-delay dm-zero:drivers/md/dm-zero
+# dm-crypt and the cipher templates of the LUKS images (qcow_luks; AES, CBC
+# and SHA-256 are built into Debian's kernel).
+vm_modules dm-crypt:drivers/md/dm-crypt ecb:crypto/ecb xts:crypto/xts authenc:crypto/authenc essiv:crypto/essiv
 vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
 vm_modules $VM_MODS_VIRTIO_BLK $VM_MODS_EXT4 nbd:drivers/block/nbd
 
@@ -140,9 +143,9 @@ host_check() {	# name, command...: PASS/FAIL line
 		fail=1
 	fi
 }
-check_clean() {	# image: qemu-img check with no errors and no leaks
+check_clean() {	# [qemu-img options...] image: qemu-img check with no errors and no leaks
 	local out
-	out=$(qemu-img check "$1" 2>&1) || { echo "$out"; return 1; }
+	out=$(qemu-img check "$@" 2>&1) || { echo "$out"; return 1; }
 	echo "$out" | grep -q "No errors were found" && ! echo "$out" | grep -q leaked || { echo "$out"; return 1; }
 }
 check_killed() {	# image: corruption-free; leaks repaired by dmcow-img check -r leaks
@@ -169,6 +172,14 @@ if grep -q "^DMCOW-TEST qcow_" "$LOG" && [ -z "${DMCOW_VM_TESTS:-}" -o -f "$QOUT
 			host_check "host_qemu_img_convert $image" qemu-img convert -O raw "$QOUT/$image" "$QOUT/$image.conv.raw"
 			host_check "host_qemu_img_compare $image" qemu-img compare -q -F raw "$QOUT/$image" "$QOUT/$ref"
 			host_check "host_dmcow_img_check $image" "$DMCOW_IMG" check "$QOUT/$image" ;;
+		writeluks)	# "writeluks IMAGE REF KEY [BACKING KEY]": qemu-img with the keys
+			set -- $ref
+			local_ref=$1 key=$2 bkey=${3:-}
+			sec="--object secret,id=s0,file=$QOUT/$key${bkey:+ --object secret,id=s1,file=$QOUT/$bkey}"
+			opts="driver=qcow2,file.filename=$QOUT/$image,encrypt.key-secret=s0${bkey:+,backing.encrypt.key-secret=s1}"
+			host_check "host_qemu_img_check $image" check_clean $sec --image-opts "$opts"
+			host_check "host_qemu_img_compare $image" qemu-img compare -q $sec --image-opts "$opts" \
+				"driver=raw,file.filename=$QOUT/$local_ref" ;;
 		killed) host_check "host_killed_image_intact $image" check_killed "$QOUT/$image" ;;
 		fs) host_check "host_fs_image $image" check_fs "$QOUT/$image" ;;
 		esac

@@ -219,3 +219,44 @@ TEST_CASE("dmcow-qcow attach refuses bad key files and keys for images that take
   CHECK(Daemon("--plugin qcow2 --name t --opt secretx=4 " + dir / "luks.qcow2", &out) == 2);
   CHECK(out.find("no setting 'secretx'") != std::string::npos);
 }
+
+// The passphrase's way to dmcowd, with a stand-in daemon (DMCOWD) that
+// prints what it got and exits: from --key-file and from the terminal
+// prompt (under script(1); the prompt does not echo it), as secretK=FD of
+// each level (the base level's own key is its secret0), never on a command
+// line. (The sleep: what is typed before the prompt is discarded.)
+TEST_CASE("dmcow-qcow attach hands each daemon its passphrases on descriptors, from a key file or a prompt") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  std::string out;
+  auto make = [&](const std::string& cmd) {
+    MustRun("cd '" + dir.path() + "' && for i in 1 2 3 4 5; do qemu-img create -q -f qcow2 " + cmd + " && break; done");
+  };
+  const std::string o = "-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+  make("--object secret,id=s0,data=base-key " + o + " base.qcow2 1M");
+  make("--object secret,id=s0,data=top-key --object secret,id=s1,data=base-key -b base.qcow2 -F qcow2 " + o +
+       " top.qcow2 1M");
+  MustRun("printf top-key > " + dir / "top.key" + " && printf base-key > " + dir / "base.key");
+  const std::string fake = dir / "fake-dmcowd";
+  MustRun(
+      "printf '%s\\n' '#!/bin/bash' 'echo \"args: $*\" >&2' "
+      "'for a in \"$@\"; do case $a in secret*=*) n=${a#*=}; echo \"${a%%=*}: [$(head -c 99 <&$n)]\" >&2;; "
+      "esac; done' 'exit 1' > " +
+      fake + " && chmod +x " + fake);
+  const std::string qcow = "DMCOWD=" + fake + " " + DMCOW_QCOW_PATH + " attach --name t ";
+  // The chain: the base level starts first and gets its own key as secret0.
+  CHECK(Run(qcow + "--key-file " + dir / "top.key" + " --key-file 1=" + dir / "base.key" + " " + dir / "top.qcow2",
+            &out) == 1);
+  INFO(out);
+  CHECK(out.find("secret0: [base-key]") != std::string::npos);
+  CHECK(out.find("args: ") != std::string::npos);
+  CHECK(out.substr(out.find("args: "), out.find('\n', out.find("args: ")) - out.find("args: ")).find("-key") ==
+        std::string::npos);
+  // The prompt, on a terminal: asked, not echoed, handed over.
+  CHECK(Run("cd '" + dir.path() + "' && (sleep 3; printf 'base-key\\n') | script -qec '" + qcow + dir / "base.qcow2" +
+                "' /dev/null",
+            &out) != 0);
+  CHECK(out.find("Enter passphrase for " + dir / "base.qcow2" + ": ") != std::string::npos);
+  CHECK(out.find("secret0: [base-key]") != std::string::npos);
+  CHECK(out.find("base-key\r") == std::string::npos);  // not echoed
+}

@@ -11,7 +11,7 @@
 #
 # Environment:
 #   DMCOW_VM_TESTS=a,b     run only these tests (default: all, see vmtest list)
-#   DMCOW_VM_TIMEOUT=270   seconds before the VM is killed
+#   DMCOW_VM_TIMEOUT=480   seconds before the VM is killed
 #   DMCOW_TEST_TIMEOUT=60  seconds per test inside the VM
 #   KVER=<version>         kernel to use (default: newest *-amd64 installed)
 #   DMCOW_VM_BIN=<dir>     the static in-guest programs (default: tests/vm
@@ -109,7 +109,7 @@ fi
 TBOOT=$(date +%s)
 rm -f "$OUT/qcow-out.tar"
 truncate -s 512M "$OUT/qcow-out.tar"
-vm_boot "$OUT/initramfs.gz" "$APPEND" "${DMCOW_VM_TIMEOUT:-400}" "$OUT/console.log" 1024 \
+vm_boot "$OUT/initramfs.gz" "$APPEND" "${DMCOW_VM_TIMEOUT:-480}" "$OUT/console.log" 1024 \
 	-drive file="$OUT/qcow-out.tar",format=raw,if=virtio
 TEND=$(date +%s)
 

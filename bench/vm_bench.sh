@@ -28,6 +28,11 @@
 #   qcomp    reads of a compressed image (`qemu-img convert -c` here, of
 #            data deflate halves), each run on a fresh attach / connect: the
 #            whole device in order, and random 4 KiB reads, against qemu-nbd;
+#   qluks    a LUKS image (qemu-img's default aes-256-xts-plain64) attached
+#            with --key-file (dm-crypt does the cryptography): sequential
+#            1 MiB and random 4 KiB reads and writes over written clusters,
+#            and random 4 KiB first writes, each run on a fresh attach,
+#            against qemu-nbd -c on the same image with the same key;
 #   qattach  attach time (from the call to its return, and to the first read)
 #            and table size for a sparse 64 GiB image with SPARSE_WRITES
 #            random 4 KiB writes made by qemu-io here, attached read-only
@@ -48,7 +53,7 @@
 #   bench/vm_bench.sh [OUTDIR]          (default /tmp/dmcow-vmbench)
 #
 # Environment: RUNS=7 MB=256 OPS=65536 (random I/Os per run)
-#   BENCH_GROUPS=mapped,store,first,qmapped,qfirst,qcomp,qattach
+#   BENCH_GROUPS=mapped,store,first,qmapped,qfirst,qcomp,qattach,qluks
 #   SPARSE_WRITES=100000  VM_MEM=1024 VM_SMP=1  VM_APPEND=
 #   (extra kernel arguments)  BENCH_TIMEOUT=1800 (seconds for the VM)
 #   KVER, DMCOWD as for tests/vm/run.sh (dmcow-qcow is taken next to DMCOWD).
@@ -68,7 +73,7 @@ OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-7}
 MB=${MB:-256}
 OPS=${OPS:-65536}
-BENCH_GROUPS=${BENCH_GROUPS:-mapped,store,first,qmapped,qfirst,qcomp,qattach}
+BENCH_GROUPS=${BENCH_GROUPS:-mapped,store,first,qmapped,qfirst,qcomp,qattach,qluks}
 SPARSE_WRITES=${SPARSE_WRITES:-100000}
 VM_MEM=${VM_MEM:-1024}
 VM_SMP=${VM_SMP:-1}
@@ -130,6 +135,10 @@ vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$QEMU_NBD" "$DMCOW
 vm_modules $VM_MODS_DM dm-bufio:drivers/md/dm-bufio dm-snapshot:drivers/md/dm-snapshot
 vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
 vm_modules dm-zero:drivers/md/dm-zero nbd:drivers/block/nbd $VM_MODS_VIRTIO_BLK
+# qluks: dm-crypt, XTS, and the AES-NI driver a real machine loads (qemu's
+# -cpu max has AES-NI; qemu-nbd's crypto library uses it as well).
+vm_modules dm-crypt:drivers/md/dm-crypt ecb:crypto/ecb xts:crypto/xts cryptd:crypto/cryptd \
+	crypto_simd:crypto/crypto_simd aesni-intel:arch/x86/crypto/aesni-intel
 vm_pack "$OUT/initramfs.gz"
 
 APPEND="console=ttyS0 quiet panic=-1 ${VM_APPEND:-} bench.runs=$RUNS bench.mb=$MB bench.ops=$OPS bench.groups=$BENCH_GROUPS"

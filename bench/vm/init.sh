@@ -11,7 +11,7 @@
 #   BENCH-FAIL <why>      and nothing more: the run is void
 #   BENCH-END ok
 # Kernel command line: bench.runs=N bench.mb=N bench.ops=N
-# bench.groups=mapped,store,first,qmapped,qfirst,qcomp,qattach (default all).
+# bench.groups=mapped,store,first,qmapped,qfirst,qcomp,qattach,qluks (default all).
 # The q groups find their images where vm_bench.sh puts them: /qcow/empty.qcow2
 # (MB MiB, nothing allocated) in the initramfs, the compressed image on
 # /dev/vdb and the sparse 64 GiB image on /dev/vda (read-only virtio disks).
@@ -35,7 +35,7 @@ echo "BENCH-BOOT ok"
 RUNS=7
 MB=256
 OPS=65536
-GROUPS_=mapped,store,first,qmapped,qfirst,qcomp,qattach
+GROUPS_=mapped,store,first,qmapped,qfirst,qcomp,qattach,qluks
 DEV_LIN=
 DEV_TAB=
 for a in $(cat /proc/cmdline); do
@@ -300,10 +300,14 @@ qdetach() {	# name
 # the device's size when qemu-nbd's NBD_DO_IT starts, a moment later: ready
 # means a non-zero size.
 NBD_PIDF=/tmp/qemu-nbd.pid
+# With Q_KEY set (a key file), the image is a LUKS image opened with it.
 nbd_cmd() {	# image [qemu-nbd options]: the shell command that connects /dev/nbd0
-	local img=$1
+	local img=$1 what
 	shift
-	echo "/bin/qemu-nbd --pid-file $NBD_PIDF -f qcow2 $* -c /dev/nbd0 $img && i=0 &&
+	what="-f qcow2 $* $img"
+	[ -z "${Q_KEY:-}" ] ||
+		what="--object secret,id=s0,file=$Q_KEY $* --image-opts driver=qcow2,file.filename=$img,encrypt.key-secret=s0"
+	echo "/bin/qemu-nbd --pid-file $NBD_PIDF $what -c /dev/nbd0 && i=0 &&
 		while [ \"\$(cat /sys/block/nbd0/size)\" = 0 ]; do i=\$((i + 1)); [ \$i -lt 30000 ] || exit 1; usleep 1000; done"
 }
 nbd_connect() {	# image [qemu-nbd options]
@@ -386,12 +390,12 @@ fresh_one() {	# target group case run source blkio-args...
 	local t=$1 g=$2 c=$3 r=$4 src=$5 img dev
 	shift 5
 	img=$src
-	if [ "$src" = "$QEMPTY" ]; then
+	if is_empty_source "$src"; then
 		img=/tmp/qf.qcow2
 		cp "$src" "$img" || fail "cp $src"
 	fi
 	case $t in
-	cow) qattach qf "$img"; dev=/dev/mapper/qf ;;
+	cow) qattach qf "$img" ${Q_KEY:+--key-file "$Q_KEY"}; dev=/dev/mapper/qf ;;
 	nbd) nbd_connect "$img"; dev=/dev/nbd0 ;;
 	esac
 	bench "$g" "$c" "$t" "$r" "$dev" "$@"
@@ -399,12 +403,13 @@ fresh_one() {	# target group case run source blkio-args...
 	cow) qdetach qf ;;
 	nbd) nbd_disconnect ;;
 	esac
-	if [ "$src" = "$QEMPTY" ]; then
+	if is_empty_source "$src"; then
 		# Every cluster allocated: the image holds at least the data.
 		[ "$(stat -c %s "$img")" -ge "$BYTES" ] || fail "$g $c $t: image has $(stat -c %s "$img") bytes after the writes"
 		rm -f "$img"
 	fi
 }
+is_empty_source() { [ "$1" = "$QEMPTY" ] || [ "$1" = "${QLE:-}" ]; }
 fresh_pair() {	# group case source blkio-args...
 	local g=$1 c=$2 src=$3 r=1
 	shift 3
@@ -458,6 +463,41 @@ if want qcomp; then
 		r=$((r + 1))
 	done
 	rm -f "$QC"
+fi
+
+# LUKS images (qemu-img's default cipher, aes-256-xts-plain64) made here by
+# qemu-img, against qemu-nbd -c with the same image and key: dm-cow maps the
+# clusters onto a dm-crypt device and the kernel does the cryptography;
+# qemu-nbd decrypts in userspace. An MB MiB image, every cluster written
+# once (through dmcow-qcow), then per run on a fresh attach / connect:
+# sequential 1 MiB and random 4 KiB reads and writes (overwrites); and
+# first writes (random 4 KiB into each cluster of a fresh empty LUKS image,
+# which the daemon fills, encrypted, around each write).
+if want qluks; then
+	Q_KEY=/tmp/luks.key
+	QLE=/tmp/qle.qcow2
+	QL=/tmp/ql.qcow2
+	printf 'bench passphrase' >"$Q_KEY"
+	for try in 1 2 3 4 5; do	# qemu-img's key derivation timing sometimes gives up
+		out=$(/bin/qemu-img create -q -f qcow2 --object secret,id=s0,file=$Q_KEY \
+			-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$QLE" "$BYTES" 2>&1) && break
+	done
+	[ -f "$QLE" ] && [ -z "$out" ] || fail "qemu-img create (LUKS): $out"
+	cp "$QLE" "$QL" || fail "cp $QLE"
+	qattach ql "$QL" --key-file "$Q_KEY"
+	out=$(/bin/blkio /dev/mapper/ql write seq --bs 1M --fsync 2>&1) || fail "fill ql: $out"
+	info "LUKS fill (whole image, 1 MiB in order, fdatasync): $out"
+	info "ql-crypt: $(dmsetup table ql-crypt | awk '{ print $3, $4, $5 }')"
+	qdetach ql
+	L_OPS=$((BYTES / 65536))
+	fresh_pair qluks seq-read-1M "$QL" read seq --bs 1M
+	fresh_pair qluks seq-write-1M "$QL" write seq --bs 1M --fsync
+	fresh_pair qluks rand-read-4K "$QL" read rand --bs 4K --ops $L_OPS
+	fresh_pair qluks rand-write-4K "$QL" write rand --bs 4K --ops $L_OPS --fsync
+	fresh_pair qluks first-rand-4K "$QLE" write chunks-rand --bs 4K --chunk 64K --fsync
+	info "crypto drivers: $(awk '/^driver/ { print $3 }' /proc/crypto | grep -E 'aes|xts' | sort -u | tr '\n' ' ')"
+	Q_KEY=
+	rm -f "$QL" "$QLE"
 fi
 
 # Attach time and table size: a sparse 64 GiB image with scattered clusters

@@ -14,12 +14,8 @@
 
 namespace dmcowd {
 
-namespace {
-
-// Reads `fd` to its end into *out (at most kMaxPassphrase bytes); `what`
-// names it in errors.
-Status ReadAll(int fd, const std::string& what, std::string* out) {
-  out->reserve(kMaxPassphrase + 1);  // never reallocated: no stray copy left unwiped
+Status ReadPassphrase(int fd, const std::string& what, std::string* out) {
+  ReservePassphrase(out);
   char buf[4096];
   Status s;
   for (;;) {
@@ -40,10 +36,18 @@ Status ReadAll(int fd, const std::string& what, std::string* out) {
   return s;
 }
 
-}  // namespace
+void ReservePassphrase(std::string* s) {
+  s->reserve(kMaxPassphrase + 1);
+  (void)::mlock(s->data(), s->capacity());  // best effort: RLIMIT_MEMLOCK may refuse
+}
+
+void WipePassphrase(std::string* s) {
+  ::explicit_bzero(s->data(), s->capacity());
+  s->clear();
+}
 
 KeySet::~KeySet() {
-  for (auto& [depth, key] : keys_) ::explicit_bzero(key.data(), key.capacity());
+  for (auto& [depth, key] : keys_) WipePassphrase(&key);
 }
 
 Status KeySet::AddKeyFile(const std::string& arg) {
@@ -68,10 +72,10 @@ Status KeySet::AddKeyFile(const std::string& arg) {
     if (!S_ISREG(st.st_mode)) return Status::InvalidArgument("--key-file " + path + ": not a regular file");
   }
   std::string key;
-  Status s = ReadAll(fd.get(), "--key-file " + path, &key);
+  Status s = ReadPassphrase(fd.get(), "--key-file " + path, &key);
   if (s.ok() && key.empty()) s = Status::InvalidArgument("--key-file " + path + ": empty");
   if (!s.ok()) {
-    ::explicit_bzero(key.data(), key.capacity());
+    WipePassphrase(&key);
     return s;
   }
   keys_[depth] = std::move(key);  // moved: the buffer itself, no copy
@@ -89,7 +93,7 @@ Status KeySet::Prompt(size_t depth, const std::string& image) {
   std::fflush(stderr);
   if (::tcsetattr(0, TCSAFLUSH, &quiet) != 0) return Errno("terminal", errno);
   std::string key;
-  key.reserve(kMaxPassphrase + 1);
+  ReservePassphrase(&key);
   Status s;
   for (char c;;) {
     const ssize_t n = ::read(0, &c, 1);
@@ -105,7 +109,7 @@ Status KeySet::Prompt(size_t depth, const std::string& image) {
   ::tcsetattr(0, TCSAFLUSH, &saved);
   if (s.ok() && key.empty()) s = Status::InvalidArgument(image + ": an empty passphrase");
   if (!s.ok()) {
-    ::explicit_bzero(key.data(), key.capacity());
+    WipePassphrase(&key);
     return s;
   }
   keys_[depth] = std::move(key);

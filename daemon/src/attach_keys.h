@@ -21,6 +21,15 @@ using dmcow::Status;
 // Longest passphrase taken (qemu-img takes any; this is a bound, not a rule).
 inline constexpr size_t kMaxPassphrase = 64 << 10;
 
+// Gives *s room for a passphrase of kMaxPassphrase bytes, locked in memory
+// where the process may lock it (never swapped out), so that it is never
+// reallocated (no stray copy left unwiped). Wipe with WipePassphrase.
+void ReservePassphrase(std::string* s);
+void WipePassphrase(std::string* s);
+// Reads `fd` to its end into *out (reserved as above; at most
+// kMaxPassphrase bytes, else an error naming `what`).
+Status ReadPassphrase(int fd, const std::string& what, std::string* out);
+
 class KeySet {
  public:
   KeySet() = default;

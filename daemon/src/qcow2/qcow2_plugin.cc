@@ -66,6 +66,7 @@
 #include <cstring>
 #include <map>
 
+#include "attach_keys.h"
 #include "chain_files.h"
 #include "dm.h"
 #include "dm_crypt.h"
@@ -308,35 +309,22 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   // The passphrases of secretK=FD, by chain depth ("" for a layer given
   // none); each descriptor read to its end and closed.
   Status ReadSecrets(std::vector<std::string>* out) {
-    constexpr size_t kMaxSecret = 64 << 10;
     for (auto& [depth, fd] : secret_fds_) {
       if (out->size() <= depth) out->resize(depth + 1);
-      std::string& secret = (*out)[depth];
-      secret.reserve(kMaxSecret + 1);  // no reallocation: no stray copies to wipe
-      char buf[4096];
-      ssize_t n;
-      while ((n = ::read(fd, buf, sizeof(buf))) != 0) {
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 || secret.size() + static_cast<size_t>(n) > kMaxSecret) {
-          const int err = n < 0 ? errno : EFBIG;
-          ::explicit_bzero(buf, sizeof(buf));
-          WipeSecrets(out);
-          return Errno("secret" + std::to_string(depth) + "=" + std::to_string(fd) + ": reading the passphrase", err);
-        }
-        secret.append(buf, static_cast<size_t>(n));
-      }
-      ::explicit_bzero(buf, sizeof(buf));
+      const std::string what = "secret" + std::to_string(depth) + "=" + std::to_string(fd);
+      Status s = ReadPassphrase(fd, what, &(*out)[depth]);
       ::close(fd);
       fd = -1;
-      if (secret.empty()) {
+      if (s.ok() && (*out)[depth].empty()) s = Status::InvalidArgument(what + ": an empty passphrase");
+      if (!s.ok()) {
         WipeSecrets(out);
-        return Status::InvalidArgument("secret" + std::to_string(depth) + ": an empty passphrase");
+        return s;
       }
     }
     return Status::OK();
   }
   static void WipeSecrets(std::vector<std::string>* secrets) {
-    for (std::string& s : *secrets) ::explicit_bzero(s.data(), s.capacity());
+    for (std::string& s : *secrets) WipePassphrase(&s);
     secrets->clear();
   }
 

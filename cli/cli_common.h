@@ -45,6 +45,7 @@ int CmdBench(int argc, char** argv);     // bench: times reads or writes (cmd_be
 int CmdSnapshot(int argc, char** argv);  // snapshot: internal snapshots (cmd_snapshot.cc)
 int CmdAmend(int argc, char** argv);     // amend: changes a qcow2 image's options (cmd_amend.cc)
 int CmdBitmap(int argc, char** argv);    // bitmap: changes persistent dirty bitmaps (cmd_bitmap.cc)
+int CmdManifest(int argc, char** argv);  // manifest: what CI pins about images, and the check (cmd_manifest.cc)
 
 // Every command has one shape (issue 16): an options struct Args that a
 // parse step fills from the command line, returning an exit code when the

@@ -43,6 +43,7 @@ const Command kCommands[] = {
      "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F "
      "SOURCE_FMT]] [-g GRANULARITY] [--image-opts | -f FMT] FILE BITMAP"},
     {"snapshot", CmdSnapshot, "snapshot [-q] [-U] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE"},
+    {"manifest", CmdManifest, "manifest [--output human|json] [-U] FILE... | manifest --verify MANIFEST [-U]"},
 };
 
 void PrintHelp() {

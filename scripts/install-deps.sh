@@ -23,6 +23,8 @@ PACKAGES=(
   linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static dmsetup kmod cpio
   # the kernel's NBD client, against nbdkit with our plugin, in the VM (tests/vm/qcow_test.cc)
   nbd-client
+  # the man pages (man/*.scd): rendered by the build, checked by tests/man_test.sh
+  scdoc
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -91,9 +91,9 @@ Status Describe(const std::string& file, bool force_share, Json* out) {
   std::string digest;
   s = ComputeBlockDigest(image.get(), &digest);
   if (!s.ok()) return Status::IOError(file + ": reading its content: " + s.ToString());
-  image.reset();  // the check opens the file itself
   CheckOptions check;
-  check.format = info.format;
+  check.format = info.format;  // before the reset: info is the image's
+  image.reset();               // the check opens the file itself
   check.env = &env;
   check.max_findings = 0;
   CheckResult result;

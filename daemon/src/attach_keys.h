@@ -18,6 +18,12 @@ namespace dmcowd {
 
 using dmcow::Status;
 
+// Why a legacy AES image is not attached (dmcow-qcow before starting
+// anything, the qcow2 plugin if asked directly), after the image's name.
+inline constexpr char kLegacyAesRefusal[] =
+    ": legacy AES encryption cannot be attached: its IV is the guest sector, which dm-crypt cannot map (QEMU's "
+    "emulators refuse it too); convert it to LUKS with qemu-img convert -O qcow2 -o encrypt.format=luks first";
+
 // Longest passphrase taken (qemu-img takes any; this is a bound, not a rule).
 inline constexpr size_t kMaxPassphrase = 64 << 10;
 

@@ -434,10 +434,7 @@ int GatherKeys(const std::vector<dmcowd::ChainFile>& chain, dmcowd::KeySet* keys
   for (size_t depth = 0; depth < chain.size(); depth++) {
     const dmcowd::ChainFile& f = chain[depth];
     if (f.encryption == "aes") {
-      return Fail(f.name +
-                  ": legacy AES encryption cannot be attached: its IV is the guest sector, which dm-crypt cannot map "
-                  "(QEMU's emulators refuse it too); convert it to LUKS with qemu-img convert -O qcow2 -o "
-                  "encrypt.format=luks first");
+      return Fail(f.name + dmcowd::kLegacyAesRefusal);
     }
     if (f.encryption.empty() || keys->Has(depth)) continue;
     dmcow::Status s = keys->Prompt(depth, f.name);

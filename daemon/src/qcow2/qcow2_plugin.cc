@@ -136,10 +136,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     const dmcow::ImageInfo& info = image_->info();
     device_ = image_->AsDeviceImage();  // qcow2 and qcow v1 have the serving calls, raw has none
     if (device_ == nullptr && info.encryption.format == "aes") {
-      return Status::NotSupported(path +
-                                  ": legacy AES encryption cannot be attached: its IV is the guest sector, which "
-                                  "dm-crypt cannot map (QEMU's emulators refuse it too); convert it to LUKS with "
-                                  "qemu-img convert -O qcow2 -o encrypt.format=luks first");
+      return Status::NotSupported(path + kLegacyAesRefusal);
     }
     encrypted_ = info.encrypted;
     if (device_ == nullptr) {

@@ -175,9 +175,12 @@ Status TableImage::CopyGuestClustersLocked(uint64_t first, uint64_t count, uint6
       continue;
     }
     buf.resize(cs);
-    std::memset(buf.data() + n, 0, cs - n);
-    if (!reads_zeros) DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
-    if (reads_zeros) std::memset(buf.data(), 0, n);
+    if (reads_zeros) {
+      std::memset(buf.data(), 0, cs);
+    } else {
+      std::memset(buf.data() + n, 0, cs - n);
+      DMCOW_RETURN_IF_ERROR(ReadLocked(guest, buf.data(), n));
+    }
     if (cipher_ != nullptr) {
       DMCOW_RETURN_IF_ERROR(cipher_->Encrypt((iv_from_host_ ? host : guest) / kCryptSectorSize, buf.data(), cs));
     }

@@ -15,6 +15,8 @@ PACKAGES=(
   # dmcowd loads and swaps device tables through libdevmapper (pkg-config devmapper)
   libdevmapper-dev
   qemu-utils e2fsprogs
+  # sfdisk: partition tables on test images, as a user's tools make them (attach maps partitions)
+  fdisk
   # the nbdkit plugin (nbdkit/): its build, and the NBD clients it is tested with
   nbdkit nbdkit-plugin-dev libnbd-bin
   # a file-system workload on an attached image in the VM (tests/vm/qcow_test.cc)

@@ -24,6 +24,14 @@
 
 namespace dmcowd {
 
+bool ValidUuid(const std::string& s) {
+  if (s.size() > 128) return false;
+  for (char c : s) {
+    if (!isalnum(static_cast<unsigned char>(c)) && !std::strchr("_.-:+", c)) return false;
+  }
+  return true;
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -97,6 +105,9 @@ Status Daemon::Start() {
   if (name.empty() || name.size() > 127 || name.find('/') != std::string::npos) {
     return Status::InvalidArgument("device name '" + name + "' is not valid");
   }
+  if (!ValidUuid(options_.uuid)) {
+    return Status::InvalidArgument("uuid '" + options_.uuid + "': " + kUuidRule);
+  }
   dm::Init();
   if (options_.lock_memory && prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
     LOG_WARN("PR_SET_IO_FLUSHER: %s (memory pressure may deadlock the device)", std::strerror(errno));
@@ -127,7 +138,7 @@ Status Daemon::Start() {
   }
 
   if (dm::Exists(name)) return fail(Status::InvalidArgument("device " + name + " exists already"));
-  s = dm::Create(name);
+  s = dm::Create(name, options_.uuid);
   if (!s.ok()) return fail(s);
   created_ = true;
 
@@ -166,7 +177,7 @@ Status Daemon::Start() {
     }
   }
   s = SendAll(&chan_, push, "initial mapping");
-  if (s.ok()) s = dm::Resume(name);
+  if (s.ok()) s = dm::Resume(name, /*wait_for_udev=*/true);
   if (!s.ok()) return fail(s);
   linear_ = linear;
   // The table holds the devices now; the loops go away with it.

@@ -19,9 +19,15 @@
 
 namespace dmcowd {
 
+// What device-mapper takes as a UUID without mangling it (libdevmapper
+// rewrites other characters); empty: none.
+bool ValidUuid(const std::string& uuid);
+inline constexpr const char* kUuidRule = "up to 128 characters of A-Z a-z 0-9 _ . - : +";
+
 struct DaemonOptions {
   std::string name;              // /dev/mapper/NAME
   std::string ident;             // channel ident; empty = name
+  std::string uuid;              // the device's DM UUID; empty: none
   int reload_interval_s = 10;    // 0: no periodic reloads
   uint64_t max_targets = 65536;  // table size bound (<= kDmMaxTargets)
   bool lock_memory = true;       // PR_SET_IO_FLUSHER + mlockall

@@ -59,11 +59,31 @@ Status RunTask(Task& t, const char* what, const std::string& name) {
   return ok ? Status::OK() : Fail(what, name);
 }
 
+// Runs a task that carries a udev cookie, then waits for udev's rules to
+// finish with the device (or, where udev does not run, for libdevmapper to
+// make the nodes itself). The wait comes after a failed run too: it is what
+// releases the cookie.
+Status RunTaskWaitingForUdev(Task& t, const char* what, const std::string& name) {
+  uint32_t cookie = 0;
+  if (t && !dm_task_set_cookie(t.get(), &cookie, 0)) t.reset();
+  g_last_error.clear();
+  if (!t) return Fail(what, name);
+  const int ok = dm_task_run(t.get());
+  dm_udev_wait(cookie);
+  dm_task_update_nodes();
+  return ok ? Status::OK() : Fail(what, name);
+}
+
 }  // namespace
 
 void Init() {
   dm_log_with_errno_init(DmLog);
   dm_udev_set_sync_support(0);
+}
+
+void InitSyncedWithUdev() {
+  dm_log_with_errno_init(DmLog);
+  dm_udev_set_sync_support(1);  // libdevmapper turns it off itself where udev does not run
 }
 
 bool Exists(const std::string& name) {
@@ -73,10 +93,33 @@ bool Exists(const std::string& name) {
   return info.exists;
 }
 
-Status Create(const std::string& name) {
+Status Create(const std::string& name, const std::string& uuid) {
   Task t = NewTask(DM_DEVICE_CREATE, name);
   if (t) dm_task_set_add_node(t.get(), DM_ADD_NODE_ON_RESUME);
+  if (t && !uuid.empty() && !dm_task_set_uuid(t.get(), uuid.c_str())) t.reset();
   return RunTask(t, "create", name);
+}
+
+Status CreateActive(const std::string& name, const std::string& uuid, const std::vector<Target>& targets,
+                    bool read_only) {
+  Task t = NewTask(DM_DEVICE_CREATE, name);
+  if (t && !uuid.empty() && !dm_task_set_uuid(t.get(), uuid.c_str())) t.reset();
+  if (t && read_only && !dm_task_set_ro(t.get())) t.reset();
+  for (const Target& x : targets) {
+    if (t && !dm_task_add_target(t.get(), x.start, x.len, x.type.c_str(), x.params.c_str())) t.reset();
+  }
+  return RunTaskWaitingForUdev(t, "create", name);
+}
+
+Status GetInfo(const std::string& name, Info* out) {
+  Task t = NewTask(DM_DEVICE_INFO, name);
+  dm_info info{};
+  g_last_error.clear();
+  if (!t || !dm_task_run(t.get()) || !dm_task_get_info(t.get(), &info)) return Fail("info", name);
+  if (!info.exists) return Status::NotFound("/dev/mapper/" + name + " does not exist");
+  const char* uuid = dm_task_get_uuid(t.get());
+  *out = Info{uuid ? uuid : "", info.open_count, info.major, info.minor};
+  return Status::OK();
 }
 
 Status Load(const std::string& name, const std::vector<Segment>& segments, const TableDevices& devices) {
@@ -105,16 +148,20 @@ Status Suspend(const std::string& name) {
   return RunTask(t, "suspend", name);
 }
 
-Status Resume(const std::string& name) {
+Status Resume(const std::string& name, bool wait_for_udev) {
   Task t = NewTask(DM_DEVICE_RESUME, name);
   if (t) dm_task_set_add_node(t.get(), DM_ADD_NODE_ON_RESUME);
-  return RunTask(t, "resume", name);
+  if (!wait_for_udev) return RunTask(t, "resume", name);
+  dm_udev_set_sync_support(1);  // for this one task: reloads never wait on udev
+  Status s = RunTaskWaitingForUdev(t, "resume", name);
+  dm_udev_set_sync_support(0);
+  return s;
 }
 
 Status Remove(const std::string& name, bool* busy) {
   *busy = false;
   Task t = NewTask(DM_DEVICE_REMOVE, name);
-  Status s = RunTask(t, "remove", name);
+  Status s = RunTaskWaitingForUdev(t, "remove", name);
   if (!s.ok() && s.message().find("busy") != std::string::npos) *busy = true;
   return s;
 }

@@ -1,5 +1,9 @@
-// Device-mapper operations through libdevmapper, without udev (the daemon
-// creates /dev/mapper nodes itself, as `dmsetup --noudevsync` does).
+// Device-mapper operations through libdevmapper. The daemon creates
+// /dev/mapper nodes itself, as `dmsetup --noudevsync` does, so that its
+// table reloads never wait on udev; only a device's first activation
+// (Resume with wait_for_udev) and dmcow-qcow's partition mappings wait, where
+// udev runs, for udev's rules to finish (libdevmapper's udev cookie), so that
+// /dev/disk/by-* links exist when attach returns.
 // Errors carry libdevmapper's last message.
 //
 // Thread safety: call from one thread (libdevmapper keeps global state).
@@ -19,10 +23,12 @@ using dmcow::Status;
 
 // Routes libdevmapper's messages to our log; disables udev sync.
 void Init();
+// Init, but with udev sync where udev runs (dmcow-qcow's partition mappings).
+void InitSyncedWithUdev();
 
 bool Exists(const std::string& name);
-// A device with no table.
-Status Create(const std::string& name);
+// A device with no table; `uuid` may be empty.
+Status Create(const std::string& name, const std::string& uuid = "");
 // Loads `segments` as the inactive table.
 Status Load(const std::string& name, const std::vector<Segment>& segments, const TableDevices& devices);
 // A plain table (linear, zero...) for helper devices.
@@ -31,9 +37,21 @@ struct Target {
   std::string type, params;
 };
 Status LoadTargets(const std::string& name, const std::vector<Target>& targets);
+// A device created, loaded and activated in one step (as kpartx makes its
+// mappings), waiting for udev where it is synced (InitSyncedWithUdev).
+Status CreateActive(const std::string& name, const std::string& uuid, const std::vector<Target>& targets,
+                    bool read_only);
+struct Info {
+  std::string uuid;    // "" if it has none
+  int open_count = 0;  // openers, mappings over it included
+  uint32_t major = 0, minor = 0;
+};
+// NotFound if there is no such device.
+Status GetInfo(const std::string& name, Info* info);
 // noflush + skip lockfs: does not wait for I/O held for the daemon.
 Status Suspend(const std::string& name);
-Status Resume(const std::string& name);
+// wait_for_udev: where udev runs, returns once its rules for the device ran.
+Status Resume(const std::string& name, bool wait_for_udev = false);
 // *busy tells whether it failed because the device is open.
 Status Remove(const std::string& name, bool* busy);
 

@@ -1,7 +1,7 @@
 // dmcow-qcow: QEMU images as kernel block devices.
 //
 //   dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]
-//                     [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE
+//                     [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE
 //                                                       prints /dev/mapper/NAME
 //   dmcow-qcow detach NAME
 //   dmcow-qcow list [--output human|json]
@@ -26,6 +26,10 @@
 // FILE for the image, --key-file N=FILE for the N-th file below it, else
 // asked on the terminal; each daemon gets those of its level and below on
 // inherited memfds (attach_keys.h). Legacy AES images are refused.
+//
+// The top device has the DM UUID DMCOW-QCOW-NAME; the partitions of its
+// table are mapped as kpartx maps them (partition_maps.h) once it is up,
+// and removed first by detach.
 #include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -54,6 +58,8 @@
 #include "chain_files.h"
 #include "dm.h"
 #include "dmcow/image.h"
+#include "partition_maps.h"
+#include "partition_table.h"
 #include "size_arg.h"
 
 namespace {
@@ -61,6 +67,7 @@ namespace {
 using json = nlohmann::json;
 
 const char* const kStateDir = "/run/dmcow-qcow";
+const char* const kUuidPrefix = "DMCOW-QCOW-";
 
 int Fail(const std::string& msg, int code = 1) {
   std::fprintf(stderr, "dmcow-qcow: %s\n", msg.c_str());
@@ -355,6 +362,35 @@ bool ParseLevels(const std::string& name, const json& state, std::vector<Level>*
   return true;
 }
 
+// The partition mappings a state file records: names as attach makes them
+// (kpartx's, from NAME and the number), so that an edited file cannot make
+// detach remove another device.
+bool ParsePartitions(const std::string& name, const json& state, std::vector<std::string>* names, std::string* error) {
+  names->clear();
+  if (!state.contains("partitions")) return true;  // none, or an older dmcow-qcow
+  const json& list = state["partitions"];
+  if (!list.is_array() || list.size() > dmcowd::kMaxPartitions) {
+    *error = StatePath(name) + ": \"partitions\" is not a list of at most " + std::to_string(dmcowd::kMaxPartitions);
+    return false;
+  }
+  for (size_t i = 0; i < list.size(); i++) {
+    const json& p = list[i];
+    const std::string where = StatePath(name) + ": partition " + std::to_string(i) + ": ";
+    if (!p.is_object() || !p.contains("number") || !p["number"].is_number_unsigned() ||
+        p["number"].get<uint64_t>() < 1 || p["number"].get<uint64_t>() > dmcowd::kMaxPartitions) {
+      *error = where + "no \"number\" from 1 to " + std::to_string(dmcowd::kMaxPartitions);
+      return false;
+    }
+    const std::string want = dmcowd::PartitionName(name, static_cast<uint32_t>(p["number"].get<uint64_t>()));
+    if (!p.contains("name") || !p["name"].is_string() || p["name"].get<std::string>() != want) {
+      *error = where + "\"name\" is not " + want;
+      return false;
+    }
+    names->push_back(want);
+  }
+  return true;
+}
+
 // Removes what a dead daemon left of its level: the devices themselves
 // (loops go with them).
 bool RemoveDeadLevel(const std::string& name, std::string* error) {
@@ -416,7 +452,7 @@ bool StopLevels(const std::vector<Level>& levels, std::string* error) {
 
 const char* const kAttachUsage =
     "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
-    "                         [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE";
+    "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE";
 
 // Every encrypted file of the chain has its passphrase (asked for on the
 // terminal where --key-file gave none), and every key names an encrypted
@@ -451,15 +487,16 @@ int Attach(int argc, char** argv) {
   std::string name, scratch_max;
   dmcowd::ChainPolicy policy;
   policy.real_image_name = true;
-  bool read_only = false;
+  bool read_only = false, partitions = true;
   dmcowd::KeySet keys;
-  enum { kNoBacking = 1000, kAllowDeviceBacking, kKeyFile };
+  enum { kNoBacking = 1000, kAllowDeviceBacking, kKeyFile, kNoPartitions };
   static const option kLong[] = {{"name", required_argument, nullptr, 'n'},
                                  {"read-only", no_argument, nullptr, 'r'},
                                  {"scratch-max", required_argument, nullptr, 's'},
                                  {"no-backing", no_argument, nullptr, kNoBacking},
                                  {"allow-device-backing", no_argument, nullptr, kAllowDeviceBacking},
                                  {"key-file", required_argument, nullptr, kKeyFile},
+                                 {"no-partitions", no_argument, nullptr, kNoPartitions},
                                  {nullptr, 0, nullptr, 0}};
   int c;
   optind = 1;
@@ -473,6 +510,8 @@ int Attach(int argc, char** argv) {
       policy.follow_backing = false;
     else if (c == kAllowDeviceBacking)
       policy.allow_device_backing = true;
+    else if (c == kNoPartitions)
+      partitions = false;
     else if (c == kKeyFile) {
       if (dmcow::Status s = keys.AddKeyFile(optarg); !s.ok()) return Fail(s.ToString(), 2);
     } else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes))
@@ -521,12 +560,22 @@ int Attach(int argc, char** argv) {
   size_t qcow2_levels = chain.size();
   if (chain.back().format == "raw") qcow2_levels--;
   json levels = json::array();
+  auto stop_all = [&levels, &ignored_error] {
+    std::vector<Level> started;  // the records just made (LevelRecord), top first
+    for (const json& r : levels) {
+      started.push_back(
+          {r["name"].get<std::string>(),
+           {r["pid"].get<pid_t>(), r.value("start_time", std::string()), r.value("boot_id", std::string())}});
+    }
+    StopLevels(started, &ignored_error);
+  };
   std::string below;  // base of the next level up: a device (a raw bottom is found through chainK)
   for (size_t i = qcow2_levels; i-- > 0;) {
     const std::string level_name = i == 0 ? name : name + "-b" + std::to_string(i);
     std::vector<std::string> args = {daemon,  "--plugin",           "qcow2",      "--name", level_name,
                                      "--opt", "name=" + level_name, "--ready-fd", "3"};
     if (std::getenv("DMCOW_QCOW_VERBOSE")) args.push_back("-v");
+    if (i == 0) args.insert(args.end(), {"--uuid", kUuidPrefix + name});
     if (i > 0 || read_only) args.insert(args.end(), {"--opt", "read_only=1"});
     if (!policy.follow_backing) args.insert(args.end(), {"--opt", "no_backing=1"});
     if (!below.empty()) args.insert(args.end(), {"--opt", "backing=" + below});
@@ -553,13 +602,7 @@ int Attach(int argc, char** argv) {
     pid_t pid = 0;
     std::string error;
     if (!StartDaemon(args, fds, &pid, &error)) {
-      std::vector<Level> started;  // the records just made (LevelRecord), top first
-      for (const json& r : levels) {
-        started.push_back(
-            {r["name"].get<std::string>(),
-             {r["pid"].get<pid_t>(), r.value("start_time", std::string()), r.value("boot_id", std::string())}});
-      }
-      StopLevels(started, &ignored_error);
+      stop_all();
       return Fail("attaching " + chain[i].name + ": " + error);
     }
     levels.insert(levels.begin(), LevelRecord(level_name, pid, chain[i].name));
@@ -573,7 +616,32 @@ int Attach(int argc, char** argv) {
       std::fprintf(stderr, "dmcow-qcow: warning: %s: BLKROSET: %s\n", device.c_str(), std::strerror(errno));
     if (fd >= 0) ::close(fd);
   }
-  state = json{{"name", name}, {"image", image}, {"device", device}, {"read_only", read_only}, {"levels", levels}};
+  json partition_records = json::array();
+  if (partitions) {
+    dmcowd::dm::InitSyncedWithUdev();
+    std::vector<dmcowd::PartitionMap> maps;
+    std::vector<std::string> warnings;
+    if (dmcow::Status s = dmcowd::MapPartitions(name, read_only, &maps, &warnings); !s.ok()) {
+      stop_all();
+      return Fail("mapping the partitions of " + device + ": " + s.ToString() + " (--no-partitions attaches without)");
+    }
+    for (const std::string& w : warnings)
+      std::fprintf(stderr, "dmcow-qcow: warning: %s: %s\n", device.c_str(), w.c_str());
+    for (const dmcowd::PartitionMap& m : maps) {
+      partition_records.push_back({{"name", m.name},
+                                   {"number", m.number},
+                                   {"device", "/dev/mapper/" + m.name},
+                                   {"start_sector", m.start_sector},
+                                   {"sectors", m.sectors}});
+    }
+  }
+  state = json{{"name", name},
+               {"image", image},
+               {"device", device},
+               {"uuid", kUuidPrefix + name},
+               {"read_only", read_only},
+               {"levels", levels},
+               {"partitions", partition_records}};
   {
     const std::string tmp = StatePath(name) + ".tmp";
     std::ofstream out(tmp);
@@ -588,7 +656,7 @@ int Attach(int argc, char** argv) {
 }
 
 int Detach(int argc, char** argv) {
-  dmcowd::dm::Init();
+  dmcowd::dm::InitSyncedWithUdev();
   if (argc != 2) return Fail("usage: dmcow-qcow detach NAME", 2);
   const std::string name = argv[1];
   if (!ValidName(name)) return Fail("name '" + name + "' is not valid", 2);
@@ -600,7 +668,15 @@ int Detach(int argc, char** argv) {
     return Fail("damaged state file, nothing was stopped: " + error);
   }
   std::vector<Level> levels;
-  if (!ParseLevels(name, state, &levels, &error)) return Fail("damaged state file, nothing was stopped: " + error);
+  std::vector<std::string> partitions;
+  if (!ParseLevels(name, state, &levels, &error) || !ParsePartitions(name, state, &partitions, &error)) {
+    return Fail("damaged state file, nothing was stopped: " + error);
+  }
+  // Partitions first, as they sit on the device; nothing is removed while
+  // any of it is in use.
+  if (dmcow::Status s = dmcowd::CheckUnused(name, partitions); !s.ok())
+    return Fail(s.message() + "; unmount or close it first");
+  if (dmcow::Status s = dmcowd::UnmapPartitions(partitions); !s.ok()) return Fail(s.ToString());
   if (!StopLevels(levels, &error)) return Fail(error);
   ::unlink(StatePath(name).c_str());
   return 0;
@@ -655,6 +731,13 @@ int List(int argc, char** argv) {
     const bool ro = st.contains("read_only") && st["read_only"].is_boolean() && st["read_only"].get<bool>();
     std::printf("%-20s %-8d %-8s %-24s %s (%s)\n", str(st, "name").c_str(), st["pid"].get<int>(), ro ? "ro" : "rw",
                 str(st, "device").c_str(), str(st, "image").c_str(), str(st, "state").c_str());
+    std::vector<std::string> partitions;
+    std::string error;
+    if (!ParsePartitions(str(st, "name"), st, &partitions, &error)) continue;
+    for (const std::string& p : partitions) {
+      std::printf("%-20s %-8s %-8s %-24s partition of %s\n", p.c_str(), "-", ro ? "ro" : "rw",
+                  ("/dev/mapper/" + p).c_str(), str(st, "name").c_str());
+    }
   }
   return 0;
 }
@@ -662,7 +745,7 @@ int List(int argc, char** argv) {
 void Help() {
   std::printf(
       "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
-      "                         [--scratch-max SIZE] [--key-file [N=]FILE]... IMAGE\n"
+      "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE\n"
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
       "\n"
@@ -694,6 +777,13 @@ void Help() {
       "copies are dropped, under a brief suspend of the device, and decompressed again\n"
       "when read again.\n"
       "\n"
+      "The device's partitions (GPT, or MBR with logical partitions) are mapped as\n"
+      "kpartx maps them, before attach returns: /dev/mapper/NAME1, NAME2... (NAMEp1...\n"
+      "when NAME ends in a digit), with DM UUIDs partN-DMCOW-QCOW-NAME under the\n"
+      "device's DMCOW-QCOW-NAME; where udev runs, attach returns once its rules ran\n"
+      "(/dev/disk/by-id/dm-uuid-*, by-uuid, by-label). Partitions that do not fit\n"
+      "the device are not mapped (a warning says why). --no-partitions maps none.\n"
+      "\n"
       "Encrypted (LUKS) images are decrypted by the kernel's dm-crypt, with the image's\n"
       "cipher and each sector's IV its sector in the file, as QEMU encrypts it; the\n"
       "master key reaches dm-crypt through the kernel keyring, never a table line.\n"
@@ -703,9 +793,11 @@ void Help() {
       "Scratch copies of encrypted images stay in memory. Legacy AES images are\n"
       "refused (their IV is the guest sector; QEMU's emulators refuse them too).\n"
       "\n"
-      "detach flushes, removes the devices, stops their daemons and leaves the image\n"
-      "clean (qemu-img check: no errors, no leaks). It refuses while the device is open.\n"
-      "list shows what is attached: name, daemon pid, mode, device, image, state.\n"
+      "detach removes the partition mappings, flushes, removes the devices, stops their\n"
+      "daemons and leaves the image clean (qemu-img check: no errors, no leaks). It\n"
+      "refuses while the device or a partition is open or mounted.\n"
+      "list shows what is attached: name, daemon pid, mode, device, image, state, and\n"
+      "a line per partition.\n"
       "\n"
       "Needs root (device-mapper, loop devices) and the dm-cow kernel module. Each level\n"
       "is served by a dmcowd process (found next to dmcow-qcow, or $DMCOWD), logging to\n"

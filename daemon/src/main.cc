@@ -56,6 +56,8 @@ void PrintHelp() {
       "  --name NAME            device name (/dev/mapper/NAME); required\n"
       "  --plugin PLUGIN        allocation plugin (default cow)\n"
       "  --ident IDENT          channel ident (/dev/dm-cow/IDENT); default NAME\n"
+      "  --uuid UUID            the device's device-mapper UUID (udev's\n"
+      "                         /dev/disk/by-id/dm-uuid-UUID); default none\n"
       "  --chunk-size SIZE      chunk size, 4K..32M, power of two (suffix K, M; default:\n"
       "                         the COW's, 64K for a new one)\n"
       "  --format               initialise the COW, destroying what it holds\n"
@@ -103,11 +105,25 @@ bool ParseUint(const char* text, uint64_t* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  enum { kName = 1000, kPlugin, kIdent, kChunk, kFormat, kOpt, kReload, kMaxTargets, kNoMlock, kSyslog, kReadyFd };
+  enum {
+    kName = 1000,
+    kPlugin,
+    kIdent,
+    kUuid,
+    kChunk,
+    kFormat,
+    kOpt,
+    kReload,
+    kMaxTargets,
+    kNoMlock,
+    kSyslog,
+    kReadyFd
+  };
   static const option kLong[] = {
       {"name", required_argument, nullptr, kName},
       {"plugin", required_argument, nullptr, kPlugin},
       {"ident", required_argument, nullptr, kIdent},
+      {"uuid", required_argument, nullptr, kUuid},
       {"chunk-size", required_argument, nullptr, kChunk},
       {"format", no_argument, nullptr, kFormat},
       {"opt", required_argument, nullptr, kOpt},
@@ -138,6 +154,10 @@ int main(int argc, char** argv) {
         ready_fd = static_cast<int>(v);
         break;
       case kIdent: d.ident = optarg; break;
+      case kUuid:
+        if (!dmcowd::ValidUuid(optarg)) return Usage(std::string("--uuid '") + optarg + "': " + dmcowd::kUuidRule);
+        d.uuid = optarg;
+        break;
       case kChunk:
         if (!ParseSizeArg(optarg, &v) || v > (uint64_t{1} << 40) || v % 512 || v / 512 > UINT32_MAX)
           return Usage(std::string("bad --chunk-size ") + optarg);

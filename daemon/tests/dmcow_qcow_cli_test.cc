@@ -27,6 +27,8 @@ TEST_CASE("dmcow-qcow refuses bad command lines with exit 2") {
   CHECK(out.find("name 'a/b'") != std::string::npos);
   CHECK(Qcow("attach --name abcdefghijklmnopqrstuvwxyz0123 x.qcow2", &out) == 2);  // 30 characters
   CHECK(Qcow("attach --bogus x.qcow2", &out) == 2);
+  CHECK(Qcow("attach --no-partitions=1 x.qcow2", &out) == 2);
+  CHECK(out.find("usage: dmcow-qcow attach") != std::string::npos);
   for (const char* bad : {"-1", "1T", "12Q", "", "9999999G"}) {
     CHECK(Qcow(std::string("attach --scratch-max '") + bad + "' x.qcow2", &out) == 2);
     CHECK(out.find("bad --scratch-max") != std::string::npos);
@@ -80,6 +82,13 @@ TEST_CASE("dmcowd's qcow2 plugin refuses bad settings with exit 2") {
   CHECK(out.find("chunk is the image's cluster") != std::string::npos);
   CHECK(Daemon("--plugin qcow2 --name t", &out) == 2);
   CHECK(out.find("one argument, IMAGE") != std::string::npos);
+  for (const char* bad : {"'a b'", "x/y", "'\xc3\xa9'", "\"$(printf %0129d 0)\""}) {
+    CHECK(Daemon(std::string("--plugin qcow2 --name t --uuid ") + bad + " " + img, &out) == 2);
+    CHECK(out.find("--uuid") != std::string::npos);
+    CHECK(out.find("up to 128 characters") != std::string::npos);
+  }
+  CHECK(Daemon("--plugin qcow2 --name t --uuid " + std::string(128, 'u') + " --bogus " + img, &out) == 2);
+  CHECK(out.find("--uuid") == std::string::npos);  // 128 characters pass
   CHECK(Daemon("--plugin qcow2 --name t --ready-fd 1 " + img, &out) == 2);
   CHECK(out.find("bad --ready-fd") != std::string::npos);
 }

@@ -74,6 +74,33 @@ qemu-img create -q -f qcow2 -b sparse-base.qcow2 -F qcow2 sparse-top.qcow2 16G
 q -f qcow2 -c 'write -P 0xb1 5G 64k' -c 'write -z 6G 64k' -c "write -P 0xb2 $((16 * 1024 * 1024 - 64))k 64k" \
 	sparse-top.qcow2
 
+# Partitioned disks (qcow_partitions), as a user's tools make them: sfdisk's
+# tables, ext4 made by mke2fs with a file in each ("hello": "<image>
+# partition <N>"). GPT with two partitions; MBR with a primary, an extended
+# and two logical partitions; and an MBR whose second entry runs past the end
+# of the disk (mapped without it).
+parted_disk() {	# image, sfdisk script (@: the disk), ext4 partitions...
+	local image=$1 script=$2 raw=/tmp/qcow-inputs-$$.disk n start size
+	shift 2
+	rm -f "$raw"
+	truncate -s 64M "$raw"
+	printf "${script//@/$raw}" | sfdisk -q "$raw"
+	for n in "$@"; do
+		read -r start size < <(sfdisk -d "$raw" | sed -n "s|^$raw$n : start= *\([0-9]*\), size= *\([0-9]*\).*|\1 \2|p")
+		rm -rf /tmp/qcow-inputs-$$.d
+		mkdir /tmp/qcow-inputs-$$.d
+		printf '%s partition %s\n' "$image" "$n" >/tmp/qcow-inputs-$$.d/hello
+		mke2fs -q -F -t ext4 -d /tmp/qcow-inputs-$$.d -E offset=$((start * 512)) "$raw" $((size / 2))k
+	done
+	qemu-img convert -f raw -O qcow2 "$raw" "$image"
+	rm -rf "$raw" /tmp/qcow-inputs-$$.d
+}
+parted_disk gpt.qcow2 'label: gpt\nsize=16MiB\nsize=20MiB\n' 1 2
+parted_disk mbr.qcow2 'label: dos\n@1 : size=8MiB, type=83\n@2 : size=40MiB, type=5\n@5 : size=12MiB, type=83\n@6 : size=16MiB, type=83\n' 1 5 6
+parted_disk mbr-bad.qcow2 'label: dos\n@1 : size=8MiB, type=83\n@2 : size=8MiB, type=83\n' 1
+# entry 2's start (bytes 0x1d6-0x1d9) gets 0x40 as its top byte: 512 GiB into a 64 MiB disk
+qemu-io -f qcow2 -c 'write -P 0x40 0x1d9 1' mbr-bad.qcow2 >/dev/null
+
 # LUKS images (qcow2_luks): qemu-img's default cipher (aes-256-xts-plain64),
 # aes-128-cbc-essiv:sha256, aes-256-cbc-plain64 on qcow2 v2 with 4 KiB
 # clusters and a snapshot, and a LUKS image over a LUKS backing file with

@@ -615,6 +615,7 @@ void TestDetachReusedPid() {
   // Damaged or old state files: exit 1, one line naming the damage (and
   // the file), no crash, nothing signalled (the pid given is `other`'s).
   const std::string pid = std::to_string(other);
+  const std::string level = "{\"name\": \"qz\", \"pid\": " + pid + ", \"start_time\": \"1\"}";
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"garbage {", "damaged state file"},
       {"{\"levels\": 5}", "damaged state file"},
@@ -625,6 +626,13 @@ void TestDetachReusedPid() {
       {"{\"levels\": [{\"name\": \"../qz\", \"pid\": " + pid + "}]}", "qz-bN"},
       {"{\"levels\": [{\"name\": \"qz\", \"pid\": " + pid + ", \"start_time\": 7}]}", "start_time"},
       {"{\"levels\": [{\"name\": \"qz\", \"pid\": " + pid + ", \"start_time\": \"x1\"}]}", "start_time"},
+      // Partition mappings only by the names attach gives them.
+      {"{\"levels\": [" + level + "], \"partitions\": 5}", "\"partitions\" is not a list"},
+      {"{\"levels\": [" + level + "], \"partitions\": [{\"name\": \"sda\", \"number\": 1}]}", "is not qz1"},
+      {"{\"levels\": [" + level + "], \"partitions\": [{\"name\": \"qz1\", \"number\": 0}]}", "number"},
+      {"{\"levels\": [" + level + "], \"partitions\": [{\"name\": \"qz1\", \"number\": \"1\"}]}", "number"},
+      {"{\"levels\": [" + level + "], \"partitions\": [{\"name\": \"qz300\", \"number\": 300}]}", "number"},
+      {"{\"levels\": [" + level + "], \"partitions\": [{\"number\": 2}]}", "is not qz2"},
       // From before start times were recorded: the pid cannot be confirmed.
       {"{\"name\": \"qz\", \"device\": \"/dev/mapper/qz\", \"levels\": [{\"name\": \"qz\", \"pid\": " + pid + "}]}",
        "not signalled"},
@@ -1229,6 +1237,112 @@ void TestNbd() {
   AddCheck("fs nbd.qcow2 -");
 }
 
+// Partitioned images made on the host (sfdisk, mke2fs): the partitions are
+// there when attach returns, named, numbered and identified as kpartx does;
+// they mount, read the host's files and take writes (checked on the host:
+// qemu-img check, e2fsck, the files); detach refuses while one is mounted,
+// removes them first, and a table that does not fit the disk maps the rest.
+uint64_t DeviceBytes(const std::string& dev) {
+  const int fd = open(dev.c_str(), O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0, "%s missing: %s", dev.c_str(), strerror(errno));
+  uint64_t bytes = 0;
+  CHECK(ioctl(fd, BLKGETSIZE64, &bytes) == 0, "BLKGETSIZE64 %s", dev.c_str());
+  close(fd);
+  return bytes;
+}
+
+std::string DmUuid(const std::string& name) {
+  std::string out;
+  CHECK(Run({"/sbin/dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name}, &out) == 0, "dmsetup info %s: %s",
+        name.c_str(), out.c_str());
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+
+// Mounts the partition, checks the host's file, writes one for the host.
+void MountReadWrite(const std::string& dev, const std::string& image, int number) {
+  mkdir("/tmp/qp-mnt", 0755);
+  CHECK(mount(dev.c_str(), "/tmp/qp-mnt", "ext4", 0, nullptr) == 0, "mount %s: %s", dev.c_str(), strerror(errno));
+  const std::string hello = ReadText("/tmp/qp-mnt/hello");
+  WriteText("/tmp/qp-mnt/from-vm", Fmt("written in the VM to %s partition %d\n", image.c_str(), number));
+  CHECK(umount("/tmp/qp-mnt") == 0, "umount %s: %s", dev.c_str(), strerror(errno));
+  CHECK(hello == Fmt("%s partition %d\n", image.c_str(), number), "%s: hello reads '%s'", dev.c_str(), hello.c_str());
+}
+
+void TestPartitions() {
+  FreshWork();
+  std::string out;
+  // GPT, a name that does not end in a digit: gpt1, gpt2.
+  const std::string gpt = std::string(kWork) + "/gpt.qcow2";
+  Attach("gpt", gpt);
+  CHECK(DmUuid("gpt") == "DMCOW-QCOW-gpt", "uuid of gpt: %s", DmUuid("gpt").c_str());
+  const uint64_t gpt_sizes[] = {32768 * 512, 40960 * 512};
+  for (int n = 1; n <= 2; n++) {
+    const std::string dev = Fmt("/dev/mapper/gpt%d", n);
+    CHECK(DeviceBytes(dev) == gpt_sizes[n - 1], "%s: %llu bytes", dev.c_str(), (unsigned long long)DeviceBytes(dev));
+    CHECK(DmUuid(Fmt("gpt%d", n)) == Fmt("part%d-DMCOW-QCOW-gpt", n), "uuid of gpt%d", n);
+    MountReadWrite(dev, "gpt.qcow2", n);
+  }
+  CHECK(access("/dev/mapper/gpt3", F_OK) != 0, "gpt3 mapped");
+  CHECK(Run({kQcow, "list"}, &out) == 0 && out.find("/dev/mapper/gpt2") != std::string::npos &&
+            out.find("partition of gpt") != std::string::npos,
+        "list: %s", out.c_str());
+  CHECK(Run({kQcow, "list", "--output", "json"}, &out) == 0 && out.find("\"start_sector\": 34816") != std::string::npos,
+        "list json: %s", out.c_str());
+  // Mounted: detach refuses and removes nothing.
+  CHECK(mount("/dev/mapper/gpt2", "/tmp/qp-mnt", "ext4", MS_RDONLY, nullptr) == 0, "mount: %s", strerror(errno));
+  const int busy = Run({kQcow, "detach", "gpt"}, &out);
+  const bool all_there = access("/dev/mapper/gpt1", F_OK) == 0 && access("/dev/mapper/gpt", F_OK) == 0;
+  CHECK(umount("/tmp/qp-mnt") == 0, "umount: %s", strerror(errno));
+  CHECK(busy == 1 && out.find("/dev/mapper/gpt2 is in use") != std::string::npos, "detach while mounted: %d %s", busy,
+        out.c_str());
+  CHECK(all_there, "detach removed devices while a partition was mounted");
+  Detach("gpt");
+  CHECK(access("/dev/mapper/gpt1", F_OK) != 0 && access("/dev/mapper/gpt2", F_OK) != 0, "partitions left after detach");
+  CopyFile(gpt, std::string(kOut) + "/gpt.qcow2");
+  AddCheck("parts gpt.qcow2 1,2");
+
+  // MBR, a name ending in a digit: mbr0p1, the extended mbr0p2 (1 KiB), logical mbr0p5 and mbr0p6.
+  const std::string mbr = std::string(kWork) + "/mbr.qcow2";
+  Attach("mbr0", mbr);
+  CHECK(DeviceBytes("/dev/mapper/mbr0p2") == 1024, "the extended partition maps its first 1 KiB");
+  CHECK(access("/dev/mapper/mbr0p3", F_OK) != 0 && access("/dev/mapper/mbr01", F_OK) != 0, "wrong names");
+  for (int n : {1, 5, 6}) MountReadWrite(Fmt("/dev/mapper/mbr0p%d", n), "mbr.qcow2", n);
+  Detach("mbr0");
+  for (int n : {1, 2, 5, 6}) CHECK(access(Fmt("/dev/mapper/mbr0p%d", n).c_str(), F_OK) != 0, "mbr0p%d left", n);
+  CopyFile(mbr, std::string(kOut) + "/mbr.qcow2");
+  AddCheck("parts mbr.qcow2 1,5,6");
+
+  // Read-only: the partitions too. --no-partitions: none.
+  Attach("gpt", gpt, true);
+  int ro = 0;
+  const int fd = open("/dev/mapper/gpt1", O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0 && ioctl(fd, BLKROGET, &ro) == 0 && ro == 1, "gpt1 of a read-only attach is writable");
+  close(fd);
+  Detach("gpt");
+  Attach("gpt", gpt, false, {"--no-partitions"});
+  CHECK(access("/dev/mapper/gpt1", F_OK) != 0, "--no-partitions mapped gpt1");
+  Detach("gpt");
+
+  // Entry 2 lies past the end of the disk: partition 1 alone, and a warning.
+  CHECK(Run({kQcow, "attach", "--name", "bad", std::string(kWork) + "/mbr-bad.qcow2"}, &out) == 0, "attach: %s",
+        out.c_str());
+  CHECK(out.find("warning: /dev/mapper/bad: partition 2 (sectors 1073760256+16384) does not lie within the device") !=
+            std::string::npos,
+        "no warning: %s", out.c_str());
+  CHECK(access("/dev/mapper/bad1", F_OK) == 0 && access("/dev/mapper/bad2", F_OK) != 0, "bad1/bad2");
+  Detach("bad");
+
+  // A partition's name is taken: attach fails, and leaves nothing attached.
+  Must({"/sbin/dmsetup", "create", "gpt1", "--table", "0 8 zero"});
+  const int taken = Run({kQcow, "attach", "--name", "gpt", gpt}, &out);
+  Must({"/sbin/dmsetup", "remove", "gpt1"});
+  CHECK(taken == 1 && out.find("/dev/mapper/gpt1 exists already") != std::string::npos, "attach over gpt1: %d %s",
+        taken, out.c_str());
+  CHECK(access("/dev/mapper/gpt", F_OK) != 0 && access("/run/dmcow-qcow/gpt.json", F_OK) != 0,
+        "a failed attach left gpt behind");
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -1246,6 +1360,7 @@ const TestCase kTests[] = {
     {"qcow_cache_bound", TestCacheBound},
     {"qcow_nbd", TestNbd},
     {"qcow_luks", TestLuks},
+    {"qcow_partitions", TestPartitions},
 };
 
 }  // namespace

@@ -20,7 +20,7 @@
 #                          build/daemon/dmcowd, built by scripts/build.sh)
 #
 # Needs: linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static
-# dmsetup kmod cpio g++ make e2fsprogs; when run as root on Debian/Ubuntu, missing
+# dmsetup kmod cpio g++ make e2fsprogs fdisk; when run as root on Debian/Ubuntu, missing
 # packages are installed with apt-get.
 set -euo pipefail
 
@@ -155,6 +155,19 @@ check_killed() {	# image: corruption-free; leaks repaired by dmcow-img check -r 
 	"$DMCOW_IMG" check -r leaks "$1" >/dev/null 2>&1 || [ $? = 3 ] || return 1
 	check_clean "$1"
 }
+check_parts() {	# image N,N...: clean; each partition N e2fsck-clean, with the VM's file in it
+	local n start size
+	check_clean "$1" || return 1
+	qemu-img convert -O raw "$1" "$1.raw" || return 1
+	for n in ${2//,/ }; do
+		read -r start size < <(sfdisk -d "$1.raw" | sed -n "s|^$1.raw$n : start= *\([0-9]*\), size= *\([0-9]*\).*|\1 \2|p")
+		[ -n "$size" ] || { echo "no partition $n in $1"; return 1; }
+		dd if="$1.raw" of="$1.p$n" bs=512 skip="$start" count="$size" status=none
+		e2fsck -fn "$1.p$n" || return 1
+		[ "$(debugfs -R 'cat /from-vm' "$1.p$n" 2>/dev/null)" = "written in the VM to $(basename "$1") partition $n" ] ||
+			{ echo "partition $n: /from-vm is not what the VM wrote"; return 1; }
+	done
+}
 check_fs() {	# image: clean, and e2fsck is happy with qemu-img's view of it
 	check_clean "$1" || return 1
 	qemu-img convert -O raw "$1" "$1.raw" && e2fsck -fn "$1.raw"
@@ -182,6 +195,7 @@ if grep -q "^DMCOW-TEST qcow_" "$LOG" && [ -z "${DMCOW_VM_TESTS:-}" -o -f "$QOUT
 				"driver=raw,file.filename=$QOUT/$local_ref" ;;
 		killed) host_check "host_killed_image_intact $image" check_killed "$QOUT/$image" ;;
 		fs) host_check "host_fs_image $image" check_fs "$QOUT/$image" ;;
+		parts) host_check "host_partitions $image" check_parts "$QOUT/$image" "$ref" ;;
 		esac
 	done <"$QOUT/checks" 2>/dev/null || true
 fi

@@ -46,8 +46,11 @@ for cmd in info check convert manifest; do
 	[ -n "$opts" ] || { echo "FAIL dmcow-img $cmd --help names no option"; fail=1; }
 	offers dmcow-img "$cmd" -- :: $opts
 done
-offers dmcow-qcow "" :: attach detach list
-offers dmcow-qcow attach -- :: --name --read-only --no-backing --allow-device-backing --scratch-max --key-file
+offers dmcow-qcow "" :: attach detach list mount umount
+offers dmcow-qcow attach -- :: --name --read-only --no-backing --allow-device-backing --scratch-max --key-file \
+	--no-partitions
+offers dmcow-qcow mount -- :: --partition --read-only --name --key-file --no-partitions
+offers dmcow-qcow umount /u :: /usr
 offers dmcow-qcow list --output "" :: human json
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT

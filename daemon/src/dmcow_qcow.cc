@@ -34,42 +34,46 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <linux/fs.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
-#include <climits>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "attach_keys.h"
+#include "attach_levels.h"
+#include "attach_state.h"
 #include "chain_files.h"
 #include "dm.h"
 #include "dmcow/image.h"
 #include "partition_maps.h"
 #include "partition_table.h"
+#include "qcow_commands.h"
 #include "size_arg.h"
 
-namespace {
+namespace dmcow_qcow {
 
-using json = nlohmann::json;
+using dmcowd::DaemonState;
+using dmcowd::kStateDir;
+using dmcowd::Level;
+using dmcowd::LevelRecord;
+using dmcowd::ParseLevels;
+using dmcowd::ParsePartitions;
+using dmcowd::ReadState;
+using dmcowd::StartDaemon;
+using dmcowd::StatePath;
+using dmcowd::StopLevels;
 
-const char* const kStateDir = "/run/dmcow-qcow";
 const char* const kUuidPrefix = "DMCOW-QCOW-";
 
-int Fail(const std::string& msg, int code = 1) {
+int Fail(const std::string& msg, int code) {
   std::fprintf(stderr, "dmcow-qcow: %s\n", msg.c_str());
   return code;
 }
@@ -108,348 +112,6 @@ std::string DefaultName(const std::string& image) {
   return out.empty() ? "qcow" : out;
 }
 
-// A daemon that has exited is not alive, even while it waits as a zombie
-// for its parent (init, once dmcow-qcow attach has returned) to reap it: an
-// init that reaps late (a shell as PID 1 in a VM or container) must not make
-// detach wait for a daemon that is gone.
-bool Alive(pid_t pid) {
-  if (pid <= 0 || (::kill(pid, 0) != 0 && errno != EPERM)) return false;
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return true;  // no /proc: trust kill()
-  const size_t paren = line.rfind(')');        // the state follows "(comm)"
-  return paren == std::string::npos || line.size() < paren + 3 || line[paren + 2] != 'Z';
-}
-
-// Which process a recorded pid meant: a pid alone names whatever process
-// has it now, and after the daemon died that may be any other process. So
-// attach records, with each daemon's pid, its start time (field 22 of
-// /proc/PID/stat, clock ticks since boot) and the boot it started in
-// (/proc/sys/kernel/random/boot_id); nothing is signalled unless both still
-// match. State files from before these fields carry no identity: their
-// daemons are never signalled (detach says so and stops).
-struct DaemonId {
-  pid_t pid = 0;
-  std::string start_time;  // decimal; empty: not recorded (older state file)
-  std::string boot_id;
-};
-
-std::string BootId() {
-  std::ifstream in("/proc/sys/kernel/random/boot_id");
-  std::string id;
-  std::getline(in, id);
-  return id;
-}
-
-// Field 22 of /proc/PID/stat; false if there is no such (live) process.
-bool StartTime(pid_t pid, std::string* start_time) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (pid <= 0 || !std::getline(stat, line)) return false;
-  const size_t paren = line.rfind(')');  // comm may hold spaces and parentheses
-  if (paren == std::string::npos) return false;
-  std::istringstream fields(line.substr(paren + 1));
-  std::string field;
-  for (int i = 3; i <= 22; i++) {  // fields 3 (state) .. 22 (starttime)
-    if (!(fields >> field)) return false;
-    if (i == 3 && field == "Z") return false;  // exited, not yet reaped
-  }
-  *start_time = field;
-  return true;
-}
-
-enum class DaemonState {
-  kRunning,      // the very process attach started
-  kGone,         // exited, or its pid now belongs to another process
-  kUnconfirmed,  // a process has the pid; the record cannot tell whose it is
-};
-
-DaemonState State(const DaemonId& d) {
-  if (!Alive(d.pid)) return DaemonState::kGone;
-  if (d.start_time.empty()) return DaemonState::kUnconfirmed;
-  std::string now;
-  if (!StartTime(d.pid, &now)) return Alive(d.pid) ? DaemonState::kUnconfirmed : DaemonState::kGone;
-  if (now != d.start_time) return DaemonState::kGone;
-  if (!d.boot_id.empty() && d.boot_id != BootId()) return DaemonState::kGone;
-  return DaemonState::kRunning;
-}
-
-// Starts dmcowd and waits until it reports the device usable. On failure,
-// *error holds what the daemon said. The daemon inherits `fds` as 4, 5...
-bool StartDaemon(const std::vector<std::string>& args, const std::vector<int>& fds, pid_t* pid, std::string* error) {
-  int ready[2], err[2];
-  if (::pipe2(ready, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
-    *error = std::string("pipe: ") + std::strerror(errno);
-    return false;
-  }
-  const pid_t child = ::fork();
-  if (child < 0) {
-    *error = std::string("fork: ") + std::strerror(errno);
-    return false;
-  }
-  if (child == 0) {
-    ::setsid();
-    const int null_fd = ::open("/dev/null", O_RDWR);
-    ::dup2(null_fd, 0);
-    ::dup2(null_fd, 1);
-    if (!std::getenv("DMCOW_QCOW_DAEMON_STDERR")) ::dup2(err[1], 2);
-    // Out of the way first (a source may sit where another goes), then into
-    // place: dup2 clears O_CLOEXEC on the copy; everything else closes at exec.
-    const int past = static_cast<int>(4 + fds.size());  // above every target
-    std::vector<int> from = {::fcntl(ready[1], F_DUPFD_CLOEXEC, past)};
-    for (int fd : fds) from.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, past));
-    for (size_t i = 0; i < from.size(); i++) {
-      if (from[i] < 0 || ::dup2(from[i], static_cast<int>(3 + i)) < 0) {
-        std::fprintf(stderr, "cannot pass descriptors to dmcowd: %s\n", std::strerror(errno));
-        ::_exit(126);
-      }
-    }
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execvp(argv[0], argv.data());
-    std::fprintf(stderr, "cannot run %s: %s\n", argv[0], std::strerror(errno));
-    ::_exit(127);
-  }
-  ::close(ready[1]);
-  ::close(err[1]);
-  std::string said, out;
-  bool ok = false;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  for (bool ready_open = true, err_open = true; ready_open || err_open;) {
-    pollfd p[2] = {{ready_open ? ready[0] : -1, POLLIN, 0}, {err_open ? err[0] : -1, POLLIN, 0}};
-    const int left = static_cast<int>(
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count());
-    if (left <= 0 || ::poll(p, 2, left) <= 0) {
-      if (errno == EINTR) continue;
-      said += "(no answer within 60 s)";
-      ::kill(child, SIGKILL);
-      break;
-    }
-    char buf[4096];
-    if (p[0].revents) {
-      const ssize_t n = ::read(ready[0], buf, sizeof(buf));
-      if (n > 0) out.append(buf, static_cast<size_t>(n));
-      if (out.find("ready") != std::string::npos) {
-        ok = true;
-        break;
-      }
-      if (n <= 0) ready_open = false;
-    }
-    if (p[1].revents) {
-      const ssize_t n = ::read(err[0], buf, sizeof(buf));
-      if (n > 0)
-        said.append(buf, std::min<size_t>(static_cast<size_t>(n), 65536 - std::min<size_t>(said.size(), 65536)));
-      if (n <= 0) err_open = false;
-    }
-  }
-  ::close(ready[0]);
-  ::close(err[0]);  // the daemon switches to syslog once ready
-  if (!ok) {
-    int status = 0;
-    ::waitpid(child, &status, 0);
-    *error = said.empty() ? "dmcowd exited before the device was ready" : said;
-    while (!error->empty() && error->back() == '\n') error->pop_back();
-    return false;
-  }
-  *pid = child;
-  return true;
-}
-
-bool WaitGone(const DaemonId& d, int seconds) {
-  for (int i = 0; i < seconds * 20; i++) {
-    int status;
-    if (::waitpid(d.pid, &status, WNOHANG) == d.pid || State(d) == DaemonState::kGone) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return false;
-}
-
-std::string StatePath(const std::string& name) { return std::string(kStateDir) + "/" + name + ".json"; }
-
-// One level of an attachment as recorded: its device name and its daemon.
-struct Level {
-  std::string name;
-  DaemonId daemon;
-};
-
-// The record attach writes for a level it started.
-json LevelRecord(const std::string& name, pid_t pid, const std::string& image) {
-  json level = {{"name", name}, {"pid", pid}, {"image", image}};
-  std::string start_time;
-  if (StartTime(pid, &start_time)) {
-    level["start_time"] = start_time;
-    level["boot_id"] = BootId();
-  }
-  return level;
-}
-
-// NAME.json: false with *error when it cannot be read or parsed; *missing
-// tells whether it does not exist at all.
-bool ReadState(const std::string& name, json* out, std::string* error = nullptr, bool* missing = nullptr) {
-  std::ifstream in(StatePath(name));
-  if (missing) *missing = !in;
-  if (!in) {
-    if (error) *error = StatePath(name) + ": " + std::strerror(errno);
-    return false;
-  }
-  try {
-    *out = json::parse(in);
-  } catch (const std::exception& e) {
-    if (error) *error = StatePath(name) + ": not valid JSON (" + e.what() + ")";
-    return false;
-  }
-  if (!out->is_object() || !out->contains("levels") || !(*out)["levels"].is_array()) {
-    if (error) *error = StatePath(name) + ": no \"levels\" list";
-    return false;
-  }
-  return true;
-}
-
-// The levels of a state file, checked field by field: a damaged or edited
-// file must give a clear error, never a crash or a signal sent to a pid
-// read from garbage. Device names must be NAME or NAME-bN, as attach makes.
-bool ParseLevels(const std::string& name, const json& state, std::vector<Level>* levels, std::string* error) {
-  levels->clear();
-  const json& list = state["levels"];
-  if (list.empty()) {
-    *error = StatePath(name) + ": no levels recorded";
-    return false;
-  }
-  for (size_t i = 0; i < list.size(); i++) {
-    const json& l = list[i];
-    const std::string where = StatePath(name) + ": level " + std::to_string(i) + ": ";
-    if (!l.is_object()) {
-      *error = where + "not an object";
-      return false;
-    }
-    Level level;
-    if (!l.contains("name") || !l["name"].is_string()) {
-      *error = where + "no \"name\" string";
-      return false;
-    }
-    level.name = l["name"].get<std::string>();
-    const std::string want = i == 0 ? name : name + "-b" + std::to_string(i);
-    if (level.name != want && !(i > 0 && level.name.rfind(name + "-b", 0) == 0 && level.name.size() > name.size() + 2 &&
-                                level.name.find_first_not_of("0123456789", name.size() + 2) == std::string::npos)) {
-      *error = where + "device name '" + level.name + "' is not " + name + " or " + name + "-bN";
-      return false;
-    }
-    if (!l.contains("pid") || !l["pid"].is_number_integer() || l["pid"].get<int64_t>() <= 0 ||
-        l["pid"].get<int64_t>() > INT_MAX) {
-      *error = where + "no valid \"pid\"";
-      return false;
-    }
-    level.daemon.pid = static_cast<pid_t>(l["pid"].get<int64_t>());
-    if (l.contains("start_time")) {
-      const json& t = l["start_time"];
-      if (!t.is_string() || t.get<std::string>().empty() ||
-          t.get<std::string>().find_first_not_of("0123456789") != std::string::npos) {
-        *error = where + "\"start_time\" is not a decimal string";
-        return false;
-      }
-      level.daemon.start_time = t.get<std::string>();
-      if (l.contains("boot_id")) {
-        if (!l["boot_id"].is_string()) {
-          *error = where + "\"boot_id\" is not a string";
-          return false;
-        }
-        level.daemon.boot_id = l["boot_id"].get<std::string>();
-      }
-    }
-    levels->push_back(level);
-  }
-  return true;
-}
-
-// The partition mappings a state file records: names as attach makes them
-// (kpartx's, from NAME and the number), so that an edited file cannot make
-// detach remove another device.
-bool ParsePartitions(const std::string& name, const json& state, std::vector<std::string>* names, std::string* error) {
-  names->clear();
-  if (!state.contains("partitions")) return true;  // none, or an older dmcow-qcow
-  const json& list = state["partitions"];
-  if (!list.is_array() || list.size() > dmcowd::kMaxPartitions) {
-    *error = StatePath(name) + ": \"partitions\" is not a list of at most " + std::to_string(dmcowd::kMaxPartitions);
-    return false;
-  }
-  for (size_t i = 0; i < list.size(); i++) {
-    const json& p = list[i];
-    const std::string where = StatePath(name) + ": partition " + std::to_string(i) + ": ";
-    if (!p.is_object() || !p.contains("number") || !p["number"].is_number_unsigned() ||
-        p["number"].get<uint64_t>() < 1 || p["number"].get<uint64_t>() > dmcowd::kMaxPartitions) {
-      *error = where + "no \"number\" from 1 to " + std::to_string(dmcowd::kMaxPartitions);
-      return false;
-    }
-    const std::string want = dmcowd::PartitionName(name, static_cast<uint32_t>(p["number"].get<uint64_t>()));
-    if (!p.contains("name") || !p["name"].is_string() || p["name"].get<std::string>() != want) {
-      *error = where + "\"name\" is not " + want;
-      return false;
-    }
-    names->push_back(want);
-  }
-  return true;
-}
-
-// Removes what a dead daemon left of its level: the devices themselves
-// (loops go with them).
-bool RemoveDeadLevel(const std::string& name, std::string* error) {
-  for (const std::string& n : {name, name + "-store", name + "-base"}) {
-    bool busy = false;
-    if (!dmcowd::dm::Exists(n)) continue;
-    dmcow::Status s = dmcowd::dm::Remove(n, &busy);
-    if (!s.ok()) {
-      *error = busy ? "/dev/mapper/" + n + " (its daemon died) is in use; close it first" : s.ToString();
-      return false;
-    }
-  }
-  return true;
-}
-
-// Stops daemons in the given order (top first). Returns false if one
-// refused (device busy) or would not stop, or if a recorded pid cannot be
-// confirmed to be the daemon (then nothing is signalled).
-bool StopLevels(const std::vector<Level>& levels, std::string* error) {
-  // Confirm every level before stopping any: a half-stopped chain helps nobody.
-  for (const Level& level : levels) {
-    if (State(level.daemon) != DaemonState::kUnconfirmed) continue;
-    const std::string pid = std::to_string(level.daemon.pid);
-    *error = "/dev/mapper/" + level.name + ": process " + pid +
-             " is running, but the state file (from an older dmcow-qcow) does not record which process its "
-             "daemon was, so it was not signalled; if " +
-             pid + " is the daemon (see /proc/" + pid + "/cmdline), stop it (kill " + pid + ") and run detach again";
-    return false;
-  }
-  for (const Level& level : levels) {
-    const std::string dev = "/dev/mapper/" + level.name;
-    if (State(level.daemon) != DaemonState::kRunning) {
-      // Its daemon died (killed), whatever process has its pid now: the
-      // kernel fails the device's I/O; nothing is signalled.
-      if (!RemoveDeadLevel(level.name, error)) return false;
-      continue;
-    }
-    // An open or mounted device cannot be removed: say so instead of waiting.
-    const int fd = ::open(dev.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC);
-    if (fd < 0 && errno == EBUSY) {
-      *error = dev + " is in use (mounted or open); unmount or close it first";
-      return false;
-    }
-    if (fd >= 0) ::close(fd);
-    // Confirmed again right before the signal: the daemon may have died
-    // since the check above, and its pid been reused.
-    if (State(level.daemon) != DaemonState::kRunning) {
-      if (!RemoveDeadLevel(level.name, error)) return false;
-      continue;
-    }
-    ::kill(level.daemon.pid, SIGTERM);
-    if (!WaitGone(level.daemon, 120)) {
-      *error = "dmcowd " + std::to_string(level.daemon.pid) + " serving " + dev + " did not stop";
-      return false;
-    }
-  }
-  return true;
-}
-
 const char* const kAttachUsage =
     "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
     "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE";
@@ -483,13 +145,10 @@ int GatherKeys(const std::vector<dmcowd::ChainFile>& chain, dmcowd::KeySet* keys
   return 0;
 }
 
-int Attach(int argc, char** argv) {
-  std::string name, scratch_max;
-  dmcowd::ChainPolicy policy;
-  policy.real_image_name = true;
-  bool read_only = false, partitions = true;
-  dmcowd::KeySet keys;
-  enum { kNoBacking = 1000, kAllowDeviceBacking, kKeyFile, kNoPartitions };
+int ParseAttach(int argc, char** argv, const char* usage, AttachRequest* req, uint32_t* partition,
+                std::vector<std::string>* positional) {
+  req->policy.real_image_name = true;
+  enum { kNoBacking = 1000, kAllowDeviceBacking, kKeyFile, kNoPartitions, kPartition };
   static const option kLong[] = {{"name", required_argument, nullptr, 'n'},
                                  {"read-only", no_argument, nullptr, 'r'},
                                  {"scratch-max", required_argument, nullptr, 's'},
@@ -497,38 +156,60 @@ int Attach(int argc, char** argv) {
                                  {"allow-device-backing", no_argument, nullptr, kAllowDeviceBacking},
                                  {"key-file", required_argument, nullptr, kKeyFile},
                                  {"no-partitions", no_argument, nullptr, kNoPartitions},
+                                 {"partition", required_argument, nullptr, kPartition},
                                  {nullptr, 0, nullptr, 0}};
   int c;
   optind = 1;
+  opterr = 0;
   while ((c = getopt_long(argc, argv, "+n:r", kLong, nullptr)) != -1) {
     uint64_t bytes;
     if (c == 'n')
-      name = optarg;
+      req->name = optarg;
     else if (c == 'r')
-      read_only = true;
+      req->read_only = true;
     else if (c == kNoBacking)
-      policy.follow_backing = false;
+      req->policy.follow_backing = false;
     else if (c == kAllowDeviceBacking)
-      policy.allow_device_backing = true;
+      req->policy.allow_device_backing = true;
     else if (c == kNoPartitions)
-      partitions = false;
-    else if (c == kKeyFile) {
-      if (dmcow::Status s = keys.AddKeyFile(optarg); !s.ok()) return Fail(s.ToString(), 2);
+      req->partitions = false;
+    else if (c == kPartition && partition) {
+      char* end = nullptr;
+      errno = 0;
+      const unsigned long n = std::strtoul(optarg, &end, 10);
+      if (!std::isdigit(static_cast<unsigned char>(optarg[0])) || *end || errno || n < 1 ||
+          n > dmcowd::kMaxPartitions) {
+        return Fail(std::string("bad --partition ") + optarg + " (a partition number, 1 to " +
+                        std::to_string(dmcowd::kMaxPartitions) + ")",
+                    2);
+      }
+      *partition = static_cast<uint32_t>(n);
+    } else if (c == kKeyFile) {
+      if (dmcow::Status s = req->keys.AddKeyFile(optarg); !s.ok()) return Fail(s.ToString(), 2);
     } else if (c == 's' && dmcowd::ParseSizeArg(optarg, &bytes))
-      scratch_max = std::to_string(bytes);
+      req->scratch_max = std::to_string(bytes);
     else if (c == 's')
       return Fail(std::string("bad --scratch-max ") + optarg + " (a size: 512M, 2G, 0 for no limit)", 2);
     else
-      return Fail(kAttachUsage, 2);
+      return Fail(usage, 2);
   }
-  if (optind + 1 != argc) return Fail(kAttachUsage, 2);
-  if (!name.empty() && !ValidName(name)) return Fail("name '" + name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
-  policy.writable = !read_only;
+  positional->assign(argv + optind, argv + argc);
+  if (!req->name.empty() && !ValidName(req->name)) {
+    return Fail("name '" + req->name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
+  }
+  req->policy.writable = !req->read_only;
+  return 0;
+}
 
+int AttachImage(AttachRequest& req, json* recorded) {
+  dmcowd::ChainPolicy& policy = req.policy;
+  const bool read_only = req.read_only;
+  std::string& name = req.name;
+  dmcowd::KeySet& keys = req.keys;
   // The chain, top first: each file opened once, here, and only what may be
   // followed (chain_files.h); the daemons get these descriptors.
   std::vector<dmcowd::ChainFile> chain;
-  if (dmcow::Status s = dmcowd::OpenChain(argv[optind], policy, &chain); !s.ok()) return Fail(s.ToString());
+  if (dmcow::Status s = dmcowd::OpenChain(req.image, policy, &chain); !s.ok()) return Fail(s.ToString());
   const std::string image = chain[0].name;
   if (name.empty()) name = DefaultName(image);
   if (!ValidName(name)) return Fail("name '" + name + "': 1-28 characters of A-Z a-z 0-9 _ . -", 2);
@@ -579,7 +260,7 @@ int Attach(int argc, char** argv) {
     if (i > 0 || read_only) args.insert(args.end(), {"--opt", "read_only=1"});
     if (!policy.follow_backing) args.insert(args.end(), {"--opt", "no_backing=1"});
     if (!below.empty()) args.insert(args.end(), {"--opt", "backing=" + below});
-    if (!scratch_max.empty()) args.insert(args.end(), {"--opt", "scratch_max=" + scratch_max});
+    if (!req.scratch_max.empty()) args.insert(args.end(), {"--opt", "scratch_max=" + req.scratch_max});
     // This level's image and every file below it, as descriptors 4, 5...
     std::vector<int> fds = {chain[i].fd.get()};
     args.insert(args.end(), {"--opt", "image_fd=4"});
@@ -617,7 +298,7 @@ int Attach(int argc, char** argv) {
     if (fd >= 0) ::close(fd);
   }
   json partition_records = json::array();
-  if (partitions) {
+  if (req.partitions) {
     dmcowd::dm::InitSyncedWithUdev();
     std::vector<dmcowd::PartitionMap> maps;
     std::vector<std::string> warnings;
@@ -632,7 +313,8 @@ int Attach(int argc, char** argv) {
                                    {"number", m.number},
                                    {"device", "/dev/mapper/" + m.name},
                                    {"start_sector", m.start_sector},
-                                   {"sectors", m.sectors}});
+                                   {"sectors", m.sectors},
+                                   {"extended", m.extended}});
     }
   }
   state = json{{"name", name},
@@ -642,23 +324,32 @@ int Attach(int argc, char** argv) {
                {"read_only", read_only},
                {"levels", levels},
                {"partitions", partition_records}};
-  {
-    const std::string tmp = StatePath(name) + ".tmp";
-    std::ofstream out(tmp);
-    out << state.dump(2) << "\n";
-    out.close();
-    if (!out || ::rename(tmp.c_str(), StatePath(name).c_str()) != 0) {
-      std::fprintf(stderr, "dmcow-qcow: warning: cannot record %s in %s\n", name.c_str(), kStateDir);
-    }
+  if (!dmcowd::WriteState(name, state)) {
+    std::fprintf(stderr, "dmcow-qcow: warning: cannot record %s in %s\n", name.c_str(), kStateDir);
   }
-  std::printf("%s\n", device.c_str());
+  *recorded = state;
+  return 0;
+}
+
+int Attach(int argc, char** argv) {
+  AttachRequest req;
+  std::vector<std::string> positional;
+  if (int rc = ParseAttach(argc, argv, kAttachUsage, &req, nullptr, &positional); rc != 0) return rc;
+  if (positional.size() != 1) return Fail(kAttachUsage, 2);
+  req.image = positional[0];
+  json state;
+  if (int rc = AttachImage(req, &state); rc != 0) return rc;
+  std::printf("%s\n", state["device"].get<std::string>().c_str());
   return 0;
 }
 
 int Detach(int argc, char** argv) {
-  dmcowd::dm::InitSyncedWithUdev();
   if (argc != 2) return Fail("usage: dmcow-qcow detach NAME", 2);
-  const std::string name = argv[1];
+  return DetachName(argv[1]);
+}
+
+int DetachName(const std::string& name) {
+  dmcowd::dm::InitSyncedWithUdev();
   if (!ValidName(name)) return Fail("name '" + name + "' is not valid", 2);
   json state;
   std::string error;
@@ -729,8 +420,12 @@ int List(int argc, char** argv) {
   };
   for (const json& st : all) {
     const bool ro = st.contains("read_only") && st["read_only"].is_boolean() && st["read_only"].get<bool>();
+    std::string state = str(st, "state");
+    if (st.contains("mount") && st["mount"].is_object() && st["mount"].value("dir", json()).is_string()) {
+      state += ", mounted on " + st["mount"]["dir"].get<std::string>();
+    }
     std::printf("%-20s %-8d %-8s %-24s %s (%s)\n", str(st, "name").c_str(), st["pid"].get<int>(), ro ? "ro" : "rw",
-                str(st, "device").c_str(), str(st, "image").c_str(), str(st, "state").c_str());
+                str(st, "device").c_str(), str(st, "image").c_str(), state.c_str());
     std::vector<std::string> partitions;
     std::string error;
     if (!ParsePartitions(str(st, "name"), st, &partitions, &error)) continue;
@@ -748,6 +443,8 @@ void Help() {
       "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE\n"
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
+      "       dmcow-qcow mount [--partition N] [--read-only] [attach options] IMAGE DIR\n"
+      "       dmcow-qcow umount DIR\n"
       "\n"
       "attach makes a qcow2 image (v2 or v3) or a legacy qcow (v1) image, with its\n"
       "backing chain, a block device,\n"
@@ -799,6 +496,12 @@ void Help() {
       "list shows what is attached: name, daemon pid, mode, device, image, state, and\n"
       "a line per partition.\n"
       "\n"
+      "mount attaches IMAGE (with any attach option) and mounts a file system of it on\n"
+      "DIR: partition N, else its only partition, else the whole device (several\n"
+      "partitions: say which); --read-only mounts read-only. If the mount fails, the\n"
+      "image is detached again. umount DIR unmounts what mount mounted there (only if\n"
+      "it is still that device's file system) and detaches the image.\n"
+      "\n"
       "Needs root (device-mapper, loop devices) and the dm-cow kernel module. Each level\n"
       "is served by a dmcowd process (found next to dmcow-qcow, or $DMCOWD), logging to\n"
       "syslog once the device is up (DMCOW_QCOW_VERBOSE=1: debug messages). State:\n"
@@ -806,9 +509,10 @@ void Help() {
       kStateDir);
 }
 
-}  // namespace
+}  // namespace dmcow_qcow
 
 int main(int argc, char** argv) {
+  using namespace dmcow_qcow;
   signal(SIGPIPE, SIG_IGN);
   if (argc < 2) {
     Help();
@@ -818,9 +522,11 @@ int main(int argc, char** argv) {
   if (cmd == "attach") return Attach(argc - 1, argv + 1);
   if (cmd == "detach") return Detach(argc - 1, argv + 1);
   if (cmd == "list") return List(argc - 1, argv + 1);
+  if (cmd == "mount") return Mount(argc - 1, argv + 1);
+  if (cmd == "umount") return Umount(argc - 1, argv + 1);
   if (cmd == "-h" || cmd == "--help" || cmd == "help") {
     Help();
     return 0;
   }
-  return Fail("unknown command '" + cmd + "' (attach, detach, list)", 2);
+  return Fail("unknown command '" + cmd + "' (attach, detach, list, mount, umount)", 2);
 }

@@ -39,7 +39,7 @@ Status MapPartitions(const std::string& whole, bool read_only, std::vector<Parti
   *warnings = table.warnings;
   const std::string linear_onto = std::to_string(info.major) + ":" + std::to_string(info.minor) + " ";
   for (const Partition& p : table.partitions) {
-    PartitionMap m{PartitionName(whole, p.number), p.number, p.start_sector, p.sectors};
+    PartitionMap m{PartitionName(whole, p.number), p.number, p.start_sector, p.sectors, p.extended};
     if (dm::Exists(m.name)) {
       s = Status::InvalidArgument("partition " + std::to_string(p.number) + " of " + device + ": /dev/mapper/" +
                                   m.name + " exists already (another device's name?)");

@@ -19,6 +19,7 @@ struct PartitionMap {
   std::string name;  // under /dev/mapper
   uint32_t number = 0;
   uint64_t start_sector = 0, sectors = 0;
+  bool extended = false;  // an MBR extended partition's first 1 KiB: no file system
 };
 
 // Reads the table of /dev/mapper/WHOLE and maps its partitions (read-only

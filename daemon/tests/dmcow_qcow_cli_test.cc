@@ -33,6 +33,19 @@ TEST_CASE("dmcow-qcow refuses bad command lines with exit 2") {
     CHECK(Qcow(std::string("attach --scratch-max '") + bad + "' x.qcow2", &out) == 2);
     CHECK(out.find("bad --scratch-max") != std::string::npos);
   }
+  CHECK(Qcow("mount", &out) == 2);
+  CHECK(out.find("usage: dmcow-qcow mount") != std::string::npos);
+  CHECK(Qcow("mount x.qcow2", &out) == 2);
+  CHECK(Qcow("mount x.qcow2 /tmp extra", &out) == 2);
+  for (const char* bad : {"0", "257", "-1", "1x", "", "99999999999999999999"}) {
+    CHECK(Qcow(std::string("mount --partition '") + bad + "' x.qcow2 /tmp", &out) == 2);
+    CHECK(out.find("bad --partition") != std::string::npos);
+  }
+  CHECK(Qcow("mount --partition 1 --no-partitions x.qcow2 /tmp", &out) == 2);
+  CHECK(Qcow("mount --bogus x.qcow2 /tmp", &out) == 2);
+  CHECK(Qcow("attach --partition 1 x.qcow2", &out) == 2);  // mount's alone
+  CHECK(Qcow("umount", &out) == 2);
+  CHECK(Qcow("umount a b", &out) == 2);
   CHECK(Qcow("detach", &out) == 2);
   CHECK(Qcow("detach ..", &out) == 2);
   CHECK(Qcow("list --output xml", &out) == 2);
@@ -62,6 +75,15 @@ TEST_CASE("dmcow-qcow refuses images it cannot serve, naming the file") {
           dir / "enc.qcow2" + " bs=1 seek=32 conv=notrunc status=none");
   CHECK(Qcow("attach " + dir / "enc.qcow2", &out) == 1);
   CHECK(out.find("enc.qcow2: legacy AES encryption cannot be attached") != std::string::npos);
+  // mount: DIR is checked before anything is attached; umount: only what mount mounted.
+  CHECK(Qcow("mount " + dir / "enc.qcow2" + " " + dir / "nothere", &out) == 1);
+  CHECK(out.find("nothere: No such file or directory") != std::string::npos);
+  CHECK(Qcow("mount " + dir / "enc.qcow2" + " " + dir / "enc.qcow2", &out) == 1);
+  CHECK(out.find("enc.qcow2: not a directory") != std::string::npos);
+  CHECK(Qcow("umount " + dir.path(), &out) == 1);
+  CHECK(out.find("nothing dmcow-qcow mount mounted is there") != std::string::npos);
+  CHECK(Qcow("umount " + dir / "nothere", &out) == 1);
+  CHECK(out.find("No such file or directory") != std::string::npos);
   CHECK(Qcow("detach nothere", &out) == 1);
   CHECK(out.find("nothere: not attached") != std::string::npos);
 }

@@ -98,6 +98,12 @@ parted_disk() {	# image, sfdisk script (@: the disk), ext4 partitions...
 parted_disk gpt.qcow2 'label: gpt\nsize=16MiB\nsize=20MiB\n' 1 2
 parted_disk mbr.qcow2 'label: dos\n@1 : size=8MiB, type=83\n@2 : size=40MiB, type=5\n@5 : size=12MiB, type=83\n@6 : size=16MiB, type=83\n' 1 5 6
 parted_disk mbr-bad.qcow2 'label: dos\n@1 : size=8MiB, type=83\n@2 : size=8MiB, type=83\n' 1
+# a file system on the whole disk, no partition table (qcow_mount)
+rm -rf /tmp/qcow-inputs-$$.d && mkdir /tmp/qcow-inputs-$$.d
+printf 'wholefs.qcow2 whole disk\n' >/tmp/qcow-inputs-$$.d/hello
+mke2fs -q -F -t ext4 -d /tmp/qcow-inputs-$$.d /tmp/qcow-inputs-$$.disk 16M
+qemu-img convert -f raw -O qcow2 /tmp/qcow-inputs-$$.disk wholefs.qcow2
+rm -rf /tmp/qcow-inputs-$$.d /tmp/qcow-inputs-$$.disk
 # entry 2's start (bytes 0x1d6-0x1d9) gets 0x40 as its top byte: 512 GiB into a 64 MiB disk
 qemu-io -f qcow2 -c 'write -P 0x40 0x1d9 1' mbr-bad.qcow2 >/dev/null
 

@@ -1343,6 +1343,84 @@ void TestPartitions() {
         "a failed attach left gpt behind");
 }
 
+bool Attached(const std::string& name) {
+  return access(("/dev/mapper/" + name).c_str(), F_OK) == 0 ||
+         access(("/run/dmcow-qcow/" + name + ".json").c_str(), F_OK) == 0;
+}
+
+// dmcow-qcow mount / umount: a partition (asked for, or the only one) or a
+// whole-disk file system, mounted in one command and unmounted and detached
+// in one; refusals leave nothing attached; umount never unmounts another
+// file system mounted over the image's, nor a busy one.
+void TestMount() {
+  FreshWork();
+  const std::string dir = "/tmp/qm";
+  mkdir(dir.c_str(), 0755);
+  const std::string gpt = std::string(kWork) + "/gpt.qcow2";
+  std::string out;
+  auto qcow = [&](const std::vector<std::string>& args) {
+    std::vector<std::string> all = {kQcow};
+    all.insert(all.end(), args.begin(), args.end());
+    return Run(all, &out);
+  };
+  CHECK(qcow({"mount", "--partition", "2", gpt, dir}) == 0, "mount: %s", out.c_str());
+  CHECK(ReadText(dir + "/hello") == "gpt.qcow2 partition 2\n", "hello: %s", ReadText(dir + "/hello").c_str());
+  WriteText(dir + "/from-vm", "written in the VM to gpt-mount.qcow2 partition 2\n");
+  CHECK(qcow({"list"}) == 0 && out.find("mounted on /tmp/qm") != std::string::npos, "list: %s", out.c_str());
+  CHECK(qcow({"mount", "--name", "other", std::string(kWork) + "/wholefs.qcow2", dir}) == 1 &&
+            out.find("gpt is mounted there already") != std::string::npos && !Attached("other"),
+        "second mount on the same directory: %s", out.c_str());
+  // Busy: refused, still mounted and attached.
+  const int open_fd = open((dir + "/from-vm").c_str(), O_RDONLY | O_CLOEXEC);
+  const int busy = qcow({"umount", dir});
+  close(open_fd);
+  CHECK(busy == 1 && out.find("Device or resource busy") != std::string::npos && Attached("gpt") &&
+            access((dir + "/hello").c_str(), F_OK) == 0,
+        "umount while busy: %d %s", busy, out.c_str());
+  // Something mounted over it since: not unmounted.
+  Must({"/bin/mount", "-t", "tmpfs", "none", dir});
+  const int over = qcow({"umount", dir});
+  Must({"/bin/umount", dir});
+  CHECK(over == 1 && out.find("is not /dev/mapper/gpt2's") != std::string::npos && Attached("gpt"),
+        "umount with tmpfs on top: %d %s", over, out.c_str());
+  CHECK(qcow({"umount", dir}) == 0, "umount: %s", out.c_str());
+  CHECK(!Attached("gpt") && access((dir + "/hello").c_str(), F_OK) != 0, "still attached or mounted after umount");
+  CopyFile(gpt, std::string(kOut) + "/gpt-mount.qcow2");
+  AddCheck("parts gpt-mount.qcow2 2");
+
+  // Which file system: several partitions need --partition; a partition
+  // that is not there, or an extended one, is refused; nothing stays attached.
+  CHECK(qcow({"mount", gpt, dir}) == 1 &&
+            out.find("has partitions 1, 2: say which with --partition N") != std::string::npos,
+        "mount of two partitions: %s", out.c_str());
+  CHECK(!Attached("gpt"), "a refused mount left gpt attached");
+  const std::string mbr = std::string(kWork) + "/mbr.qcow2";
+  for (const char* n : {"2", "3"}) {
+    CHECK(qcow({"mount", "--partition", n, mbr, dir}) == 1 &&
+              out.find(Fmt("has no partition %s (its partitions: 1, 5, 6)", n)) != std::string::npos,
+          "mount --partition %s: %s", n, out.c_str());
+    CHECK(!Attached("mbr"), "a refused mount left mbr attached");
+  }
+  // A mount that fails (no file system on the whole disk of an empty image): detached again.
+  CHECK(
+      qcow({"mount", std::string(kWork) + "/empty.qcow2", dir}) == 1 && out.find("detached again") != std::string::npos,
+      "mount of an empty image: %s", out.c_str());
+  CHECK(!Attached("empty"), "a failed mount left empty attached");
+  // The only partition; read-only; a whole-disk file system; unmounted by hand first.
+  CHECK(qcow({"mount", "--name", "one", std::string(kWork) + "/mbr-bad.qcow2", dir}) == 0, "mount: %s", out.c_str());
+  CHECK(ReadText(dir + "/hello") == "mbr-bad.qcow2 partition 1\n", "the only partition is not the one mounted");
+  CHECK(qcow({"umount", dir}) == 0 && !Attached("one"), "umount: %s", out.c_str());
+  CHECK(qcow({"mount", "--read-only", "--partition", "5", mbr, dir}) == 0, "mount --read-only: %s", out.c_str());
+  const int wfd = open((dir + "/new").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  const int werr = errno;
+  CHECK(qcow({"umount", dir}) == 0, "umount: %s", out.c_str());
+  CHECK(wfd < 0 && werr == EROFS, "a --read-only mount took a new file");
+  CHECK(qcow({"mount", std::string(kWork) + "/wholefs.qcow2", dir}) == 0, "mount: %s", out.c_str());
+  CHECK(ReadText(dir + "/hello") == "wholefs.qcow2 whole disk\n", "whole-disk file system not mounted");
+  CHECK(umount(dir.c_str()) == 0, "umount(2): %s", strerror(errno));
+  CHECK(qcow({"umount", dir}) == 0 && !Attached("wholefs"), "umount after a manual umount: %s", out.c_str());
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -1361,6 +1439,7 @@ const TestCase kTests[] = {
     {"qcow_nbd", TestNbd},
     {"qcow_luks", TestLuks},
     {"qcow_partitions", TestPartitions},
+    {"qcow_mount", TestMount},
 };
 
 }  // namespace

@@ -27,6 +27,8 @@ PACKAGES=(
   nbd-client
   # the man pages (man/*.scd): rendered by the build, checked by tests/man_test.sh
   scdoc
+  # systemd-analyze verify of the boot-time unit (tests/systemd_unit_test.sh)
+  systemd
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -51,11 +51,14 @@ offers dmcow-qcow attach -- :: --name --read-only --no-backing --allow-device-ba
 	--no-partitions
 offers dmcow-qcow mount -- :: --partition --read-only --name --key-file --no-partitions
 offers dmcow-qcow umount /u :: /usr
+offers dmcow-qcow attach -- :: --tab
 offers dmcow-qcow list --output "" :: human json
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT
 touch "$state/vm1.json" "$state/web.json"
 DMCOW_QCOW_STATE_DIR=$state offers dmcow-qcow detach "" :: vm1 web
 DMCOW_QCOW_STATE_DIR=$state offers dmcow-qcow detach w :: web
+printf '# NAME IMAGE\nvm0 /a.qcow2\n  data /b.qcow2 read-only\n' >"$state/tab"
+DMCOWTAB=$state/tab offers dmcow-qcow attach --tab "" :: vm0 data
 [ $fail = 0 ] && echo "completion_test: all passed"
 exit $fail

@@ -27,7 +27,7 @@ fail() {
   failures=$((failures + 1))
 }
 
-pages=(dmcow-img.1 dmcow-qcow.8 dmcowd.8 dm-cow.4)
+pages=(dmcow-img.1 dmcow-qcow.8 dmcowd.8 dm-cow.4 dmcowtab.5)
 for page in "${pages[@]}"; do
   src="$man_dir/$page.scd"
   if [[ ! -f $src ]]; then

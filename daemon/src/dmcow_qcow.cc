@@ -53,6 +53,7 @@
 #include "chain_files.h"
 #include "dm.h"
 #include "dmcow/image.h"
+#include "dmcowtab.h"
 #include "partition_maps.h"
 #include "partition_table.h"
 #include "qcow_commands.h"
@@ -114,7 +115,8 @@ std::string DefaultName(const std::string& image) {
 
 const char* const kAttachUsage =
     "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
-    "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE";
+    "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE\n"
+    "       dmcow-qcow attach --tab NAME";
 
 // Every encrypted file of the chain has its passphrase (asked for on the
 // terminal where --key-file gave none), and every key names an encrypted
@@ -331,7 +333,28 @@ int AttachImage(AttachRequest& req, json* recorded) {
   return 0;
 }
 
+int Attach(int argc, char** argv);
+
+// attach --tab NAME: NAME's line of /etc/dmcowtab ($DMCOWTAB) as attach's options.
+int AttachFromTab(const std::string& name) {
+  const char* env = std::getenv("DMCOWTAB");
+  const std::string path = env && *env ? env : dmcowd::kDmcowtab;
+  dmcowd::TabEntry entry;
+  if (dmcow::Status s = dmcowd::FindTabEntry(path, name, &entry); !s.ok()) return Fail(s.message());
+  std::vector<std::string> args = {"attach", "--name", name};
+  args.insert(args.end(), entry.attach_args.begin(), entry.attach_args.end());
+  args.push_back(entry.image);
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  return Attach(static_cast<int>(args.size()), argv.data());
+}
+
 int Attach(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "--tab") {
+    if (argc != 3) return Fail(kAttachUsage, 2);
+    return AttachFromTab(argv[2]);
+  }
   AttachRequest req;
   std::vector<std::string> positional;
   if (int rc = ParseAttach(argc, argv, kAttachUsage, &req, nullptr, &positional); rc != 0) return rc;
@@ -441,6 +464,7 @@ void Help() {
   std::printf(
       "usage: dmcow-qcow attach [--name NAME] [--read-only] [--no-backing] [--allow-device-backing]\n"
       "                         [--scratch-max SIZE] [--key-file [N=]FILE]... [--no-partitions] IMAGE\n"
+      "       dmcow-qcow attach --tab NAME\n"
       "       dmcow-qcow detach NAME\n"
       "       dmcow-qcow list [--output human|json]\n"
       "       dmcow-qcow mount [--partition N] [--read-only] [attach options] IMAGE DIR\n"
@@ -495,6 +519,10 @@ void Help() {
       "refuses while the device or a partition is open or mounted.\n"
       "list shows what is attached: name, daemon pid, mode, device, image, state, and\n"
       "a line per partition.\n"
+      "\n"
+      "attach --tab NAME attaches what NAME's line of /etc/dmcowtab says (NAME IMAGE\n"
+      "OPTIONS: attach's long options without dashes, comma-separated; dmcowtab(5));\n"
+      "the unit dmcow-qcow@NAME.service runs it at boot, and detach NAME at shutdown.\n"
       "\n"
       "mount attaches IMAGE (with any attach option) and mounts a file system of it on\n"
       "DIR: partition N, else its only partition, else the whole device (several\n"

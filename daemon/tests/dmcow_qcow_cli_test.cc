@@ -75,6 +75,23 @@ TEST_CASE("dmcow-qcow refuses images it cannot serve, naming the file") {
           dir / "enc.qcow2" + " bs=1 seek=32 conv=notrunc status=none");
   CHECK(Qcow("attach " + dir / "enc.qcow2", &out) == 1);
   CHECK(out.find("enc.qcow2: legacy AES encryption cannot be attached") != std::string::npos);
+  // attach --tab NAME: /etc/dmcowtab's line ($DMCOWTAB here), refused as attach refuses it.
+  CHECK(Qcow("attach --tab", &out) == 2);
+  CHECK(Qcow("attach --tab a b", &out) == 2);
+  CHECK(Qcow("attach --read-only --tab a", &out) == 2);
+  MustRun("printf 'vm0 relative.qcow2\\nvm1 /x.qcow2 scratch-max=lots\\nvm2 " + dir / "enc.qcow2" + "\\n' > " +
+          dir / "tab");
+  const std::string tab = "DMCOWTAB=" + dir / "tab" + " ";
+  CHECK(Run(tab + DMCOW_QCOW_PATH + " attach --tab vm0", &out) == 1);
+  CHECK(out.find("tab:1: image 'relative.qcow2' is not an absolute path") != std::string::npos);
+  CHECK(Run(tab + DMCOW_QCOW_PATH + " attach --tab vm1", &out) == 2);
+  CHECK(out.find("bad --scratch-max lots") != std::string::npos);
+  CHECK(Run(tab + DMCOW_QCOW_PATH + " attach --tab vm2", &out) == 1);
+  CHECK(out.find("enc.qcow2: legacy AES encryption cannot be attached") != std::string::npos);
+  CHECK(Run(tab + DMCOW_QCOW_PATH + " attach --tab nothere", &out) == 1);
+  CHECK(out.find("tab: no line for nothere") != std::string::npos);
+  CHECK(Run("DMCOWTAB=" + dir / "none " + DMCOW_QCOW_PATH + " attach --tab vm0", &out) == 1);
+  CHECK(out.find("none: cannot be read") != std::string::npos);
   // mount: DIR is checked before anything is attached; umount: only what mount mounted.
   CHECK(Qcow("mount " + dir / "enc.qcow2" + " " + dir / "nothere", &out) == 1);
   CHECK(out.find("nothere: No such file or directory") != std::string::npos);

@@ -1259,12 +1259,14 @@ std::string DmUuid(const std::string& name) {
   return out;
 }
 
-// Mounts the partition, checks the host's file, writes one for the host.
-void MountReadWrite(const std::string& dev, const std::string& image, int number) {
+// Mounts the partition, checks the host's file, writes one for the host
+// (for the host check of `copy`, the name the image goes out as).
+void MountReadWrite(const std::string& dev, const std::string& image, int number, std::string copy = "") {
+  if (copy.empty()) copy = image;
   mkdir("/tmp/qp-mnt", 0755);
   CHECK(mount(dev.c_str(), "/tmp/qp-mnt", "ext4", 0, nullptr) == 0, "mount %s: %s", dev.c_str(), strerror(errno));
   const std::string hello = ReadText("/tmp/qp-mnt/hello");
-  WriteText("/tmp/qp-mnt/from-vm", Fmt("written in the VM to %s partition %d\n", image.c_str(), number));
+  WriteText("/tmp/qp-mnt/from-vm", Fmt("written in the VM to %s partition %d\n", copy.c_str(), number));
   CHECK(umount("/tmp/qp-mnt") == 0, "umount %s: %s", dev.c_str(), strerror(errno));
   CHECK(hello == Fmt("%s partition %d\n", image.c_str(), number), "%s: hello reads '%s'", dev.c_str(), hello.c_str());
 }
@@ -1421,6 +1423,69 @@ void TestMount() {
   CHECK(qcow({"umount", dir}) == 0 && !Attached("wholefs"), "umount after a manual umount: %s", out.c_str());
 }
 
+// The unit's commands for a dmcowtab line, as systemd would run them
+// (ExecStart/ExecStop of the unit as built, %i the name), in the unit's
+// order: attach, use, detach.
+std::string UnitCommand(const std::string& key, const std::string& name) {
+  std::istringstream unit(ReadText("/lib/systemd/system/dmcow-qcow@.service"));
+  std::string line;
+  while (std::getline(unit, line)) {
+    if (line.rfind(key + "=", 0) != 0) continue;
+    std::string command = line.substr(key.size() + 1);
+    for (size_t at; (at = command.find("%i")) != std::string::npos;) command.replace(at, 2, name);
+    return command;
+  }
+  CHECK(false, "the unit has no %s", key.c_str());
+  return "";
+}
+
+int RunUnitCommand(const std::string& key, const std::string& name, std::string* out) {
+  std::istringstream words(UnitCommand(key, name));
+  std::vector<std::string> args;
+  for (std::string w; words >> w;) args.push_back(w);
+  return Run(args, out);
+}
+
+void TestDmcowtab() {
+  FreshWork();
+  const std::string gpt = std::string(kWork) + "/gpt.qcow2";
+  WriteText("/etc/dmcowtab",
+            "# NAME IMAGE OPTIONS\n"
+            "disk0 " +
+                gpt +
+                " scratch-max=64M  # partitions: disk0p1, disk0p2\n"
+                "ro " +
+                std::string(kWork) +
+                "/mbr.qcow2 read-only,no-partitions\n"
+                "typo " +
+                gpt + " read-only,no-partition\n");
+  std::string out;
+  CHECK(RunUnitCommand("ExecStart", "disk0", &out) == 0, "ExecStart for disk0: %s", out.c_str());
+  CHECK(access("/dev/mapper/disk0p1", F_OK) == 0 && access("/dev/mapper/disk0p2", F_OK) == 0,
+        "disk0's partitions missing once ExecStart returned");
+  MountReadWrite("/dev/mapper/disk0p1", "gpt.qcow2", 1, "gpt-tab.qcow2");
+  CHECK(RunUnitCommand("ExecStart", "ro", &out) == 0, "ExecStart for ro: %s", out.c_str());
+  int ro = 0;
+  const int fd = open("/dev/mapper/ro", O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0 && ioctl(fd, BLKROGET, &ro) == 0 && ro == 1, "ro is not read-only");
+  close(fd);
+  CHECK(access("/dev/mapper/rop1", F_OK) != 0, "no-partitions ignored");
+  // A line the table gets wrong fails its unit alone, with the line named.
+  CHECK(RunUnitCommand("ExecStart", "typo", &out) == 1 &&
+            out.find("/etc/dmcowtab:4: unknown option 'no-partition'") != std::string::npos,
+        "ExecStart for typo: %s", out.c_str());
+  CHECK(!Attached("typo"), "typo attached");
+  CHECK(RunUnitCommand("ExecStart", "missing", &out) == 1 && out.find("no line for missing") != std::string::npos,
+        "ExecStart for a name not in the table: %s", out.c_str());
+  for (const char* name : {"disk0", "ro"}) {
+    CHECK(RunUnitCommand("ExecStop", name, &out) == 0, "ExecStop for %s: %s", name, out.c_str());
+    CHECK(!Attached(name), "%s still attached after ExecStop", name);
+  }
+  unlink("/etc/dmcowtab");
+  CopyFile(gpt, std::string(kOut) + "/gpt-tab.qcow2");
+  AddCheck("parts gpt-tab.qcow2 1");
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -1440,6 +1505,7 @@ const TestCase kTests[] = {
     {"qcow_luks", TestLuks},
     {"qcow_partitions", TestPartitions},
     {"qcow_mount", TestMount},
+    {"qcow_dmcowtab", TestDmcowtab},
 };
 
 }  // namespace

@@ -57,6 +57,15 @@ command -v qemu-img >/dev/null || die "qemu-img not found (Debian package qemu-u
 # ---- initramfs ----------------------------------------------------------------
 vm_initramfs_begin "$OUT/initramfs" "$SRC/tests/vm/init.sh"
 cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$OUT/qcowtest" "$DMCOWD" "$DMCOW_QCOW" "$R/bin/"
+# The boot-time unit as built (qcow_dmcowtab runs its ExecStart/ExecStop),
+# its commands' path leading to our dmcow-qcow.
+UNIT=$(dirname "$DMCOWD")/../systemd/dmcow-qcow@.service
+[ -f "$UNIT" ] || die "no $UNIT (run scripts/build.sh)"
+mkdir -p "$R/lib/systemd/system"
+cp "$UNIT" "$R/lib/systemd/system/"
+UNIT_SBIN=$(sed -n 's|^ExecStart=\(.*\)/dmcow-qcow .*|\1|p' "$UNIT")
+mkdir -p "$R$UNIT_SBIN"
+ln -sf /bin/dmcow-qcow "$R$UNIT_SBIN/dmcow-qcow"
 # Images for qcowtest, made by the real qemu-img here.
 mkdir -p "$R/qcow"
 "$SRC/tests/vm/qcow_inputs.sh" "$R/qcow/in"

@@ -22,9 +22,17 @@ constexpr uint64_t kSector = 512;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)
 
+// A message with arguments is formatted; one without is printed as it is
+// (never passed as a format: -Wformat-security, which Debian's build flags
+// make an error).
 template <typename... Args>
 void Say(const char* fmt, Args... args) {
-  if (!g_quiet) std::printf(fmt, args...);
+  if (g_quiet) return;
+  if constexpr (sizeof...(args) == 0) {
+    std::fputs(fmt, stdout);
+  } else {
+    std::printf(fmt, args...);
+  }
 }
 
 // The block status bits qemu compares in strict mode.

@@ -27,8 +27,10 @@ PACKAGES=(
   nbd-client
   # the man pages (man/*.scd): rendered by the build, checked by tests/man_test.sh
   scdoc
-  # systemd-analyze verify of the boot-time unit (tests/systemd_unit_test.sh)
-  systemd
+  # systemd-analyze verify of the boot-time unit (tests/systemd_unit_test.sh); udevd in the VM (qcow_udev)
+  systemd udev
+  # the Debian packages (debian/, tests/debian_package_test.sh)
+  debhelper dh-dkms dkms
 )
 
 export DEBIAN_FRONTEND=noninteractive

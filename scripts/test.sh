@@ -2,7 +2,9 @@
 # README's second command, and what CI runs (.ci/run): the whole suite.
 #  0. the formatting check (clang-format, .clang-format);
 #  1. the release build of what the kernel VM suite runs (tests/vm, label
-#     "vm"), and that suite: Debian's kernel under TCG, one core, ~5 minutes;
+#     "vm"); the Debian packages built, installed in a clean root, checked
+#     and removed (tests/debian_package_test.sh), and the VM suite with the
+#     module DKMS built there: Debian's kernel under TCG, one core, ~5 minutes;
 #  2. beside the VM suite, at lower priority (so the VM's timeouts see a whole
 #     core): the libFuzzer target over "open an image and read all of it",
 #     bounded, then the ASan + UBSan build and every other test in it.
@@ -41,9 +43,13 @@ echo "=== release build"
 # The programs the VM suite boots with first, so that it starts early.
 scripts/build.sh release dmcowd dmcow-qcow dmcow-img nbdkit-dmcow-plugin responder vmtest daemontest qcowtest blkio
 
-echo "=== kernel VM suite (release build), in the background; its output follows the other suites'"
+echo "=== Debian packages, then the kernel VM suite (release build), in the background; their output follows"
+# The VM suite loads the dm-cow.ko that DKMS built from the dm-cow-dkms
+# package in a clean root (tests/debian_package_test.sh).
 vm_log=$(mktemp)
-(run_ctest --test-dir build --output-on-failure -L vm >"$vm_log" 2>&1) &
+pkg_out=$(mktemp -d)
+(tests/debian_package_test.sh "$pkg_out" >"$vm_log" 2>&1 &&
+  DMCOW_KO=$pkg_out/dm-cow.ko run_ctest --test-dir build --output-on-failure -L vm >>"$vm_log" 2>&1) &
 vm_pid=$!
 trap 'kill "$vm_pid" 2>/dev/null || true' EXIT
 
@@ -73,9 +79,9 @@ wait "$vm_pid"
 vm_rc=$?
 set -e
 trap - EXIT
-echo "=== kernel VM suite (release build)"
+echo "=== Debian packages and the kernel VM suite (release build)"
 cat "$vm_log"
 rm -f "$vm_log"
 [ "$other_rc" = 0 ] || { echo "test.sh: the build, fuzzing or a sanitizer-build test failed (above)" >&2; exit 1; }
-[ "$vm_rc" = 0 ] || { echo "test.sh: the kernel VM suite failed (above)" >&2; exit 1; }
+[ "$vm_rc" = 0 ] || { echo "test.sh: the Debian package test or the kernel VM suite failed (above)" >&2; exit 1; }
 echo "=== all suites passed"

@@ -103,7 +103,15 @@ vm_modules $VM_MODS_DM dm-delay:drivers/md/dm-delay dm-zero:drivers/md/dm-zero
 # dm-crypt and the cipher templates of the LUKS images (qcow_luks; AES, CBC
 # and SHA-256 are built into Debian's kernel).
 vm_modules dm-crypt:drivers/md/dm-crypt ecb:crypto/ecb xts:crypto/xts authenc:crypto/authenc essiv:crypto/essiv
-vm_module_file dm-cow "$OUT/kmod/dm-cow.ko"
+# The module the tests load: the one built above, or DMCOW_KO (CI: the one
+# DKMS built from the dm-cow-dkms package, tests/debian_package_test.sh).
+KO=$OUT/kmod/dm-cow.ko
+if [ -n "${DMCOW_KO:-}" ]; then
+	[ "$(modinfo -F vermagic "$DMCOW_KO" | cut -d' ' -f1)" = "$KVER" ] || die "$DMCOW_KO is not built for $KVER"
+	KO=$DMCOW_KO
+fi
+echo "run.sh: dm-cow module: $KO"
+vm_module_file dm-cow "$KO"
 vm_modules $VM_MODS_VIRTIO_BLK $VM_MODS_EXT4 nbd:drivers/block/nbd
 
 vm_pack "$OUT/initramfs.gz"

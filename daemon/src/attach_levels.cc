@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #include "dm.h"
@@ -68,8 +70,9 @@ bool StartDaemon(const std::vector<std::string>& args, const std::vector<int>& f
     char buf[4096];
     if (p[0].revents) {
       const ssize_t n = ::read(ready[0], buf, sizeof(buf));
-      if (n > 0) out.append(buf, static_cast<size_t>(n));
-      if (out.find("ready") != std::string::npos) {
+      if (n > 0) out.append(buf, std::min<size_t>(static_cast<size_t>(n), 256 - std::min<size_t>(out.size(), 256)));
+      // "ready\n", or "ready udev-cookie=N\n" where udev runs.
+      if (out.rfind("ready", 0) == 0 && out.find('\n') != std::string::npos) {
         ok = true;
         break;
       }
@@ -92,6 +95,12 @@ bool StartDaemon(const std::vector<std::string>& args, const std::vector<int>& f
     return false;
   }
   *pid = child;
+  // The daemon serves now: udev's rules can read the device.
+  unsigned long cookie = 0;
+  if (std::sscanf(out.c_str(), "ready udev-cookie=%lu", &cookie) == 1 && cookie <= UINT32_MAX) {
+    dm::InitSyncedWithUdev();
+    dm::WaitForUdev(static_cast<uint32_t>(cookie));
+  }
   return true;
 }
 

@@ -13,8 +13,9 @@
 namespace dmcowd {
 
 // Starts dmcowd (`args`, argv[0] first) and waits until it reports the
-// device usable. On failure, *error holds what the daemon said. The daemon
-// inherits `fds` as 4, 5...
+// device usable, and where udev runs, until udev's rules for it ran. On
+// failure, *error holds what the daemon said. The daemon inherits `fds` as
+// 4, 5...
 bool StartDaemon(const std::vector<std::string>& args, const std::vector<int>& fds, pid_t* pid, std::string* error);
 
 // Stops the levels' daemons in the given order (top first); each flushes

@@ -177,7 +177,7 @@ Status Daemon::Start() {
     }
   }
   s = SendAll(&chan_, push, "initial mapping");
-  if (s.ok()) s = dm::Resume(name, /*wait_for_udev=*/true);
+  if (s.ok()) s = dm::Resume(name, &udev_cookie_);
   if (!s.ok()) return fail(s);
   linear_ = linear;
   // The table holds the devices now; the loops go away with it.

@@ -52,6 +52,11 @@ class Daemon {
   // far is taken down again.
   Status Start();
 
+  // Where udev runs, the cookie of the device's first activation: whoever
+  // started the daemon waits on it (dm::WaitForUdev) once the daemon
+  // serves; 0 elsewhere.
+  uint32_t udev_cookie() const { return udev_cookie_; }
+
   // Waits for SIGTERM/SIGINT, reloading periodically; then shuts down.
   // Returns the process exit code.
   int Run();
@@ -88,6 +93,7 @@ class Daemon {
   int reclaim_fd_ = -1;      // eventfd: the plugin wants a reclaim
   bool created_ = false;
   bool plugin_open_ = false;
+  uint32_t udev_cookie_ = 0;
   std::vector<Extent> linear_;  // chunks in linear segments now
   uint64_t folded_generation_ = ~uint64_t{0};
   ReloadStats reload_stats_;

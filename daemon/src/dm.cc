@@ -148,14 +148,26 @@ Status Suspend(const std::string& name) {
   return RunTask(t, "suspend", name);
 }
 
-Status Resume(const std::string& name, bool wait_for_udev) {
+Status Resume(const std::string& name, uint32_t* udev_cookie) {
   Task t = NewTask(DM_DEVICE_RESUME, name);
   if (t) dm_task_set_add_node(t.get(), DM_ADD_NODE_ON_RESUME);
-  if (!wait_for_udev) return RunTask(t, "resume", name);
-  dm_udev_set_sync_support(1);  // for this one task: reloads never wait on udev
-  Status s = RunTaskWaitingForUdev(t, "resume", name);
+  if (!udev_cookie) return RunTask(t, "resume", name);
+  *udev_cookie = 0;
+  dm_udev_set_sync_support(1);  // for this one task: reloads never involve udev
+  if (t && !dm_task_set_cookie(t.get(), udev_cookie, 0)) t.reset();
+  Status s = RunTask(t, "resume", name);
   dm_udev_set_sync_support(0);
+  if (!s.ok() && *udev_cookie != 0) {  // nothing to wait for: release the cookie
+    dm_udev_set_sync_support(1);
+    dm_udev_wait(*udev_cookie);
+    dm_udev_set_sync_support(0);
+    *udev_cookie = 0;
+  }
   return s;
+}
+
+void WaitForUdev(uint32_t cookie) {
+  if (cookie != 0) dm_udev_wait(cookie);
 }
 
 Status Remove(const std::string& name, bool* busy) {

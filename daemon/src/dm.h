@@ -1,9 +1,9 @@
 // Device-mapper operations through libdevmapper. The daemon creates
 // /dev/mapper nodes itself, as `dmsetup --noudevsync` does, so that its
-// table reloads never wait on udev; only a device's first activation
-// (Resume with wait_for_udev) and dmcow-qcow's partition mappings wait, where
-// udev runs, for udev's rules to finish (libdevmapper's udev cookie), so that
-// /dev/disk/by-* links exist when attach returns.
+// table reloads never wait on udev; only a device's first activation (its
+// cookie handed to dmcow-qcow) and dmcow-qcow's partition mappings are
+// waited for, where udev runs, until udev's rules finish (libdevmapper's
+// udev cookie), so that /dev/disk/by-* links exist when attach returns.
 // Errors carry libdevmapper's last message.
 //
 // Thread safety: call from one thread (libdevmapper keeps global state).
@@ -50,8 +50,14 @@ struct Info {
 Status GetInfo(const std::string& name, Info* info);
 // noflush + skip lockfs: does not wait for I/O held for the daemon.
 Status Suspend(const std::string& name);
-// wait_for_udev: where udev runs, returns once its rules for the device ran.
-Status Resume(const std::string& name, bool wait_for_udev = false);
+// udev_cookie: where udev runs, the resume carries a udev cookie, returned
+// in *udev_cookie (0 elsewhere) for WaitForUdev, in this process or another
+// (the daemon cannot wait itself: udev's rules read the device, which it
+// serves only once it has started).
+Status Resume(const std::string& name, uint32_t* udev_cookie = nullptr);
+// Returns once udev's rules for the cookie's event ran (at once for 0).
+// Needs InitSyncedWithUdev.
+void WaitForUdev(uint32_t cookie);
 // *busy tells whether it failed because the device is open.
 Status Remove(const std::string& name, bool* busy);
 

@@ -210,9 +210,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (ready_fd >= 0) {
-    // The device is live: whoever started us may hand it out now.
-    const char ready[] = "ready\n";
-    ssize_t ignored = ::write(ready_fd, ready, sizeof(ready) - 1);
+    // The device is live: whoever started us may hand it out now, once
+    // udev (where it runs) has seen it: it waits on the cookie, since we
+    // cannot (udev reads the device, and we serve it only from here on).
+    char ready[64];
+    const int len = daemon.udev_cookie() != 0
+                        ? std::snprintf(ready, sizeof(ready), "ready udev-cookie=%u\n", daemon.udev_cookie())
+                        : std::snprintf(ready, sizeof(ready), "ready\n");
+    ssize_t ignored = ::write(ready_fd, ready, static_cast<size_t>(len));
     (void)ignored;
     ::close(ready_fd);
     // Started by a launcher that reads our stderr only until we are ready

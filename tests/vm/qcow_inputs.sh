@@ -76,9 +76,12 @@ q -f qcow2 -c 'write -P 0xb1 5G 64k' -c 'write -z 6G 64k' -c "write -P 0xb2 $((1
 
 # Partitioned disks (qcow_partitions), as a user's tools make them: sfdisk's
 # tables, ext4 made by mke2fs with a file in each ("hello": "<image>
-# partition <N>"). GPT with two partitions; MBR with a primary, an extended
+# partition <N>"; label <image>-p<N>). GPT with two partitions; MBR with a primary, an extended
 # and two logical partitions; and an MBR whose second entry runs past the end
 # of the disk (mapped without it).
+part_uuid() {	# image, N: a fixed UUID for its N-th file system
+	printf '%08x-0000-4000-8000-%012d\n' "$(cksum <<<"$1" | cut -d' ' -f1)" "$2"
+}
 parted_disk() {	# image, sfdisk script (@: the disk), ext4 partitions...
 	local image=$1 script=$2 raw=/tmp/qcow-inputs-$$.disk n start size
 	shift 2
@@ -90,7 +93,9 @@ parted_disk() {	# image, sfdisk script (@: the disk), ext4 partitions...
 		rm -rf /tmp/qcow-inputs-$$.d
 		mkdir /tmp/qcow-inputs-$$.d
 		printf '%s partition %s\n' "$image" "$n" >/tmp/qcow-inputs-$$.d/hello
-		mke2fs -q -F -t ext4 -d /tmp/qcow-inputs-$$.d -E offset=$((start * 512)) "$raw" $((size / 2))k
+		# label IMAGE-pN, UUID from the image's name and N (qcow_udev finds them by-label, by-uuid)
+		mke2fs -q -F -t ext4 -d /tmp/qcow-inputs-$$.d -L "$image-p$n" -U "$(part_uuid "$image" "$n")" \
+			-E offset=$((start * 512)) "$raw" $((size / 2))k
 	done
 	qemu-img convert -f raw -O qcow2 "$raw" "$image"
 	rm -rf "$raw" /tmp/qcow-inputs-$$.d

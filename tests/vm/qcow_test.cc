@@ -1486,6 +1486,72 @@ void TestDmcowtab() {
   AddCheck("parts gpt-tab.qcow2 1");
 }
 
+// Where udev runs, attach returns once udev's rules for the device and its
+// partitions ran (libdevmapper's udev cookie): the /dev/disk links are
+// there at once, with no waiting here, and detach returns once they are
+// gone. udevd runs with device-mapper's rules (55-dm, 60-persistent-storage-dm,
+// 95-dm-notify, as dmsetup installs them) for this test only.
+std::string Ext4Uuid(const std::string& dev) {
+  const int fd = open(dev.c_str(), O_RDONLY | O_CLOEXEC);
+  uint8_t u[16] = {};
+  CHECK(fd >= 0 && pread(fd, u, 16, 1024 + 0x68) == 16, "superblock of %s", dev.c_str());
+  close(fd);
+  return Fmt("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1], u[2], u[3], u[4], u[5],
+             u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+}
+
+std::string Join(const std::vector<std::string>& words) {
+  std::string all;
+  for (const std::string& w : words) all += (all.empty() ? "" : " ") + w;
+  return all;
+}
+
+bool SameDevice(const std::string& link, const std::string& dev) {
+  struct stat a, b;
+  return stat(link.c_str(), &a) == 0 && stat(dev.c_str(), &b) == 0 && S_ISBLK(a.st_mode) && a.st_rdev == b.st_rdev;
+}
+
+void TestUdev() {
+  FreshWork();
+  Must({"/lib/systemd/systemd-udevd", "--daemon"});
+  for (int i = 0; i < 200 && access("/run/udev/control", F_OK) != 0; i++) usleep(50000);
+  CHECK(access("/run/udev/control", F_OK) == 0, "udevd did not start");
+  std::string out;
+  const std::string gpt = std::string(kWork) + "/gpt.qcow2";
+  // The device alone (the daemon's activation), then with its partitions (attach's own).
+  Attach("ue", gpt, false, {"--no-partitions"});
+  const bool whole = SameDevice("/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ue", "/dev/mapper/ue");
+  Detach("ue");
+  const bool whole_gone = access("/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ue", F_OK) != 0;
+  Attach("ud", gpt);
+  // Checked at once: attach must have waited for udev.
+  std::vector<std::pair<std::string, std::string>> links = {
+      {"/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ud", "/dev/mapper/ud"},
+      {"/dev/disk/by-id/dm-name-ud", "/dev/mapper/ud"},
+      {"/dev/disk/by-id/dm-uuid-part1-DMCOW-QCOW-ud", "/dev/mapper/ud1"},
+      {"/dev/disk/by-id/dm-uuid-part2-DMCOW-QCOW-ud", "/dev/mapper/ud2"},
+      {"/dev/disk/by-label/gpt.qcow2-p2", "/dev/mapper/ud2"},
+  };
+  links.push_back({"/dev/disk/by-uuid/" + Ext4Uuid("/dev/mapper/ud1"), "/dev/mapper/ud1"});
+  std::vector<std::string> missing;
+  for (const auto& [link, dev] : links) {
+    if (!SameDevice(link, dev)) missing.push_back(link);
+  }
+  Run({"/bin/sh", "-c", "ls -l /dev/disk/by-id /dev/disk/by-uuid /dev/disk/by-label 2>&1"}, &out);
+  Detach("ud");
+  std::vector<std::string> left;
+  for (const auto& [link, dev] : links) {
+    if (access(link.c_str(), F_OK) == 0) left.push_back(link);
+  }
+  Run({"/bin/udevadm", "control", "--exit"});
+  for (int i = 0; i < 200 && access("/run/udev/control", F_OK) == 0; i++) usleep(50000);
+  CHECK(whole, "/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ue missing when attach --no-partitions returned");
+  CHECK(whole_gone, "/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ue left when detach returned");
+  CHECK(missing.empty(), "links missing when attach returned: %s (have: %s)", Tail(Join(missing), 300).c_str(),
+        Tail(out, 1200).c_str());
+  CHECK(left.empty(), "links left when detach returned: %s", Join(left).c_str());
+}
+
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
@@ -1506,6 +1572,7 @@ const TestCase kTests[] = {
     {"qcow_partitions", TestPartitions},
     {"qcow_mount", TestMount},
     {"qcow_dmcowtab", TestDmcowtab},
+    {"qcow_udev", TestUdev},
 };
 
 }  // namespace

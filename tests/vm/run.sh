@@ -18,9 +18,11 @@
 #                          of the build holding DMCOWD)
 #   DMCOWD=<path>          the dmcowd binary for the daemon tests (default:
 #                          build/daemon/dmcowd, built by scripts/build.sh)
+#   DMCOW_KO=<path>        the dm-cow.ko to load (default: built here from kmod/;
+#                          CI: the one DKMS built from the Debian package)
 #
 # Needs: linux-image-amd64 linux-headers-amd64 qemu-system-x86 busybox-static
-# dmsetup kmod cpio g++ make e2fsprogs fdisk; when run as root on Debian/Ubuntu, missing
+# dmsetup kmod cpio g++ make e2fsprogs fdisk udev; when run as root on Debian/Ubuntu, missing
 # packages are installed with apt-get.
 set -euo pipefail
 
@@ -93,8 +95,18 @@ NBD_CLIENT=$(command -v nbd-client || true)
 cp "$NBDKIT" "$R/bin/nbdkit"
 cp "$NBD_CLIENT" "$R/sbin/nbd-client"
 cp "$NBDKIT_PLUGIN" "$R/lib/nbdkit-dmcow-plugin.so"
+# udevd with device-mapper's rules (from dmsetup) for qcow_udev: attach
+# returns once udev's rules ran (libdevmapper's udev cookie).
+UDEVADM=$(command -v udevadm || true)
+[ -n "$UDEVADM" ] || die "udevadm not found (Debian package udev)"
+cp "$UDEVADM" "$R/bin/udevadm"
+mkdir -p "$R/lib/systemd" "$R/lib/udev/rules.d"
+ln -sf /bin/udevadm "$R/lib/systemd/systemd-udevd"
+for rules in 55-dm.rules 60-persistent-storage-dm.rules 95-dm-notify.rules; do
+	cp "/lib/udev/rules.d/$rules" "$R/lib/udev/rules.d/" || die "no /lib/udev/rules.d/$rules (Debian package dmsetup)"
+done
 # Shared libraries (and the loader) of these and dmcowd, at their own paths.
-vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}" \
+vm_copy_libs "$(command -v dmsetup)" "$DMCOWD" "$DMCOW_QCOW" "$BONNIE" "$QEMU_IO" "${E2FS[@]}" "$UDEVADM" \
 	"$NBDKIT" "$NBD_CLIENT" "$NBDKIT_PLUGIN"
 
 # A virtio disk carries the images qcowtest wrote back to the host (a tar);

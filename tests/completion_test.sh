@@ -26,7 +26,9 @@ offers() {
 	dmcow-qcow) _dmcow_qcow ;;
 	esac
 	for want in "$@"; do
-		if ! printf '%s\n' "${COMPREPLY[@]}" | grep -qxF -- "$want"; then
+		# grep reads it all (no -q): an early exit would make printf fail on a
+		# closed pipe, and pipefail report the match as a miss.
+		if ! printf '%s\n' "${COMPREPLY[@]}" | grep -xF -- "$want" >/dev/null; then
 			echo "FAIL '${words[*]}' does not offer '$want' (offers: ${COMPREPLY[*]})"
 			fail=1
 		fi

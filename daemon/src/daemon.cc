@@ -76,12 +76,12 @@ Status SendAll(Channel* chan, const std::vector<dmcow_reply>& msgs, const char* 
 }
 
 // A suspended device holds its I/O: keep trying to resume it for 5 s.
-Status ResumeRetrying(const std::string& name) {
-  Status r = dm::Resume(name);
+Status ResumeRetrying(const std::string& name, dm::UdevRules rules) {
+  Status r = dm::Resume(name, rules);
   for (int i = 0; !r.ok() && i < 50; i++) {
     LOG_ERROR("%s; retrying", r.ToString().c_str());
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    r = dm::Resume(name);
+    r = dm::Resume(name, rules);
   }
   return r;
 }
@@ -177,7 +177,7 @@ Status Daemon::Start() {
     }
   }
   s = SendAll(&chan_, push, "initial mapping");
-  if (s.ok()) s = dm::Resume(name, &udev_cookie_);
+  if (s.ok()) s = dm::Resume(name, udev_rules(), &udev_cookie_);
   if (!s.ok()) return fail(s);
   linear_ = linear;
   // The table holds the devices now; the loops go away with it.
@@ -277,7 +277,7 @@ Status Daemon::Reload() {
   // I/O is quiesced: the kernel may forget what linear segments now serve.
   s = SendAll(&chan_, msgs, "invalidate");
   if (!s.ok()) LOG_WARN("%s (the kernel keeps those mappings; harmless)", s.ToString().c_str());
-  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name));
+  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name, udev_rules()));
   reload_stats_.last_suspended_ms = MsSince(ts);
   linear_ = std::move(linear);
   folded_generation_ = generation;
@@ -323,7 +323,7 @@ Status Daemon::Reclaim() {
     plugin_->Reclaimed(errors);
     extents = forget.size();
   }
-  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name));
+  DMCOW_RETURN_IF_ERROR(ResumeRetrying(options_.name, udev_rules()));
   if (!s.ok()) return s;
   LOG_INFO("reclaim: %zu extents forgotten, %zu refused (kept for the next); %.1f ms", extents - refused, refused,
            MsSince(t0));

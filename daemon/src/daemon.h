@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "channel.h"
+#include "dm.h"
 #include "dmcowd/plugin.h"
 #include "loopdev.h"
 #include "server.h"
@@ -28,6 +29,7 @@ struct DaemonOptions {
   std::string name;              // /dev/mapper/NAME
   std::string ident;             // channel ident; empty = name
   std::string uuid;              // the device's DM UUID; empty: none
+  bool udev_private = false;     // no /dev/disk links or scanners (dm::UdevRules::kNoDisk)
   int reload_interval_s = 10;    // 0: no periodic reloads
   uint64_t max_targets = 65536;  // table size bound (<= kDmMaxTargets)
   bool lock_memory = true;       // PR_SET_IO_FLUSHER + mlockall
@@ -56,6 +58,7 @@ class Daemon {
   // started the daemon waits on it (dm::WaitForUdev) once the daemon
   // serves; 0 elsewhere.
   uint32_t udev_cookie() const { return udev_cookie_; }
+  dm::UdevRules udev_rules() const { return options_.udev_private ? dm::UdevRules::kNoDisk : dm::UdevRules::kAll; }
 
   // Waits for SIGTERM/SIGINT, reloading periodically; then shuts down.
   // Returns the process exit code.

@@ -148,20 +148,25 @@ Status Suspend(const std::string& name) {
   return RunTask(t, "suspend", name);
 }
 
-Status Resume(const std::string& name, uint32_t* udev_cookie) {
+Status Resume(const std::string& name, UdevRules rules, uint32_t* udev_cookie) {
   Task t = NewTask(DM_DEVICE_RESUME, name);
   if (t) dm_task_set_add_node(t.get(), DM_ADD_NODE_ON_RESUME);
-  if (!udev_cookie) return RunTask(t, "resume", name);
-  *udev_cookie = 0;
-  dm_udev_set_sync_support(1);  // for this one task: reloads never involve udev
-  if (t && !dm_task_set_cookie(t.get(), udev_cookie, 0)) t.reset();
+  const uint16_t flags =
+      rules == UdevRules::kNoDisk
+          ? DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+          : 0;
+  uint32_t no_wait = 0;  // flags alone: without udev sync there is no cookie to wait on
+  uint32_t* cookie = udev_cookie ? udev_cookie : &no_wait;
+  *cookie = 0;
+  if (udev_cookie) dm_udev_set_sync_support(1);  // for this one task: reloads never wait on udev
+  if (t && (flags || udev_cookie) && !dm_task_set_cookie(t.get(), cookie, flags)) t.reset();
   Status s = RunTask(t, "resume", name);
-  dm_udev_set_sync_support(0);
-  if (!s.ok() && *udev_cookie != 0) {  // nothing to wait for: release the cookie
+  if (udev_cookie) dm_udev_set_sync_support(0);
+  if (!s.ok() && *cookie != 0) {  // nothing to wait for: release the cookie
     dm_udev_set_sync_support(1);
-    dm_udev_wait(*udev_cookie);
+    dm_udev_wait(*cookie);
     dm_udev_set_sync_support(0);
-    *udev_cookie = 0;
+    *cookie = 0;
   }
   return s;
 }

@@ -50,11 +50,17 @@ struct Info {
 Status GetInfo(const std::string& name, Info* info);
 // noflush + skip lockfs: does not wait for I/O held for the daemon.
 Status Suspend(const std::string& name);
+// What udev's rules do with a device's events (carried as udev flags, with
+// or without udev sync). kNoDisk: a device for our own use (backing levels,
+// helper devices): no /dev/disk links, no blkid and no other scanner, as
+// LVM marks its private devices, so that a file system's by-uuid or
+// by-label link never points at a backing image's copy of it.
+enum class UdevRules { kAll, kNoDisk };
 // udev_cookie: where udev runs, the resume carries a udev cookie, returned
 // in *udev_cookie (0 elsewhere) for WaitForUdev, in this process or another
 // (the daemon cannot wait itself: udev's rules read the device, which it
 // serves only once it has started).
-Status Resume(const std::string& name, uint32_t* udev_cookie = nullptr);
+Status Resume(const std::string& name, UdevRules rules, uint32_t* udev_cookie = nullptr);
 // Returns once udev's rules for the cookie's event ran (at once for 0).
 // Needs InitSyncedWithUdev.
 void WaitForUdev(uint32_t cookie);

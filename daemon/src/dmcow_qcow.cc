@@ -258,7 +258,9 @@ int AttachImage(AttachRequest& req, json* recorded) {
     std::vector<std::string> args = {daemon,  "--plugin",           "qcow2",      "--name", level_name,
                                      "--opt", "name=" + level_name, "--ready-fd", "3"};
     if (std::getenv("DMCOW_QCOW_VERBOSE")) args.push_back("-v");
+    // The top device is the one people use; udev leaves the levels below alone.
     if (i == 0) args.insert(args.end(), {"--uuid", kUuidPrefix + name});
+    if (i > 0) args.push_back("--udev-private");
     if (i > 0 || read_only) args.insert(args.end(), {"--opt", "read_only=1"});
     if (!policy.follow_backing) args.insert(args.end(), {"--opt", "no_backing=1"});
     if (!below.empty()) args.insert(args.end(), {"--opt", "backing=" + below});

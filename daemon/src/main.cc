@@ -58,6 +58,9 @@ void PrintHelp() {
       "  --ident IDENT          channel ident (/dev/dm-cow/IDENT); default NAME\n"
       "  --uuid UUID            the device's device-mapper UUID (udev's\n"
       "                         /dev/disk/by-id/dm-uuid-UUID); default none\n"
+      "  --udev-private         udev makes no /dev/disk links for the device and runs\n"
+      "                         no scanner on it (a backing level: its file systems'\n"
+      "                         by-uuid links must not point at it)\n"
       "  --chunk-size SIZE      chunk size, 4K..32M, power of two (suffix K, M; default:\n"
       "                         the COW's, 64K for a new one)\n"
       "  --format               initialise the COW, destroying what it holds\n"
@@ -110,6 +113,7 @@ int main(int argc, char** argv) {
     kPlugin,
     kIdent,
     kUuid,
+    kUdevPrivate,
     kChunk,
     kFormat,
     kOpt,
@@ -124,6 +128,7 @@ int main(int argc, char** argv) {
       {"plugin", required_argument, nullptr, kPlugin},
       {"ident", required_argument, nullptr, kIdent},
       {"uuid", required_argument, nullptr, kUuid},
+      {"udev-private", no_argument, nullptr, kUdevPrivate},
       {"chunk-size", required_argument, nullptr, kChunk},
       {"format", no_argument, nullptr, kFormat},
       {"opt", required_argument, nullptr, kOpt},
@@ -158,6 +163,7 @@ int main(int argc, char** argv) {
         if (!dmcowd::ValidUuid(optarg)) return Usage(std::string("--uuid '") + optarg + "': " + dmcowd::kUuidRule);
         d.uuid = optarg;
         break;
+      case kUdevPrivate: d.udev_private = true; break;
       case kChunk:
         if (!ParseSizeArg(optarg, &v) || v > (uint64_t{1} << 40) || v % 512 || v / 512 > UINT32_MAX)
           return Usage(std::string("bad --chunk-size ") + optarg);

@@ -128,6 +128,7 @@ TEST_CASE("dmcowd's qcow2 plugin refuses bad settings with exit 2") {
   }
   CHECK(Daemon("--plugin qcow2 --name t --uuid " + std::string(128, 'u') + " --bogus " + img, &out) == 2);
   CHECK(out.find("--uuid") == std::string::npos);  // 128 characters pass
+  CHECK(Daemon("--plugin qcow2 --name t --udev-private=1 " + img, &out) == 2);
   CHECK(Daemon("--plugin qcow2 --name t --ready-fd 1 " + img, &out) == 2);
   CHECK(out.find("bad --ready-fd") != std::string::npos);
 }

@@ -108,6 +108,8 @@ rm -rf /tmp/qcow-inputs-$$.d && mkdir /tmp/qcow-inputs-$$.d
 printf 'wholefs.qcow2 whole disk\n' >/tmp/qcow-inputs-$$.d/hello
 mke2fs -q -F -t ext4 -d /tmp/qcow-inputs-$$.d /tmp/qcow-inputs-$$.disk 16M
 qemu-img convert -f raw -O qcow2 /tmp/qcow-inputs-$$.disk wholefs.qcow2
+# ... under an empty overlay (qcow_udev: its by-uuid link names the top device, not the backing level)
+qemu-img create -q -f qcow2 -b wholefs.qcow2 -F qcow2 wholefs-top.qcow2 16M
 rm -rf /tmp/qcow-inputs-$$.d /tmp/qcow-inputs-$$.disk
 # entry 2's start (bytes 0x1d6-0x1d9) gets 0x40 as its top byte: 512 GiB into a 64 MiB disk
 qemu-io -f qcow2 -c 'write -P 0x40 0x1d9 1' mbr-bad.qcow2 >/dev/null

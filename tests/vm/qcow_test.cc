@@ -1537,12 +1537,28 @@ void TestUdev() {
   for (const auto& [link, dev] : links) {
     if (!SameDevice(link, dev)) missing.push_back(link);
   }
+  std::vector<std::string> private_links;  // helper devices: none
+  for (const char* dev : {"ud-store", "ud-base"}) {
+    if (access(Fmt("/dev/disk/by-id/dm-name-%s", dev).c_str(), F_OK) == 0) private_links.push_back(dev);
+  }
   Run({"/bin/sh", "-c", "ls -l /dev/disk/by-id /dev/disk/by-uuid /dev/disk/by-label 2>&1"}, &out);
   Detach("ud");
   std::vector<std::string> left;
   for (const auto& [link, dev] : links) {
     if (access(link.c_str(), F_OK) == 0) left.push_back(link);
   }
+  // A file system in a backing image: its link names the top device; the
+  // backing level and the helper devices get no /dev/disk links at all.
+  Attach("uc", std::string(kWork) + "/wholefs-top.qcow2");
+  const std::string by_uuid = "/dev/disk/by-uuid/" + Ext4Uuid("/dev/mapper/uc");
+  const bool top_named = SameDevice(by_uuid, "/dev/mapper/uc");
+  for (const char* dev : {"uc-store", "uc-base", "uc-b1", "uc-b1-store", "uc-b1-base"}) {
+    if (access(Fmt("/dev/disk/by-id/dm-name-%s", dev).c_str(), F_OK) == 0) private_links.push_back(dev);
+  }
+  const bool b1_there = access("/dev/mapper/uc-b1", F_OK) == 0;
+  std::string listing;
+  Run({"/bin/sh", "-c", "ls -l /dev/disk/by-id /dev/disk/by-uuid 2>&1"}, &listing);
+  Detach("uc");
   Run({"/bin/udevadm", "control", "--exit"});
   for (int i = 0; i < 200 && access("/run/udev/control", F_OK) == 0; i++) usleep(50000);
   CHECK(whole, "/dev/disk/by-id/dm-uuid-DMCOW-QCOW-ue missing when attach --no-partitions returned");
@@ -1550,6 +1566,9 @@ void TestUdev() {
   CHECK(missing.empty(), "links missing when attach returned: %s (have: %s)", Tail(Join(missing), 300).c_str(),
         Tail(out, 1200).c_str());
   CHECK(left.empty(), "links left when detach returned: %s", Join(left).c_str());
+  CHECK(b1_there, "no /dev/mapper/uc-b1: the backing level was not attached");
+  CHECK(top_named, "%s does not name /dev/mapper/uc: %s", by_uuid.c_str(), Tail(listing, 1200).c_str());
+  CHECK(private_links.empty(), "by-id links of private devices: %s", Join(private_links).c_str());
 }
 
 const TestCase kTests[] = {

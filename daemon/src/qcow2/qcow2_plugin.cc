@@ -338,7 +338,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     DMCOW_RETURN_IF_ERROR(dm::Create(crypt_name()));
     crypt_created_ = true;  // Close removes it
     DMCOW_RETURN_IF_ERROR(LoadCryptTable());
-    DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name()));
+    DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name(), dm::UdevRules::kNoDisk));
     struct stat st;
     const std::string node = "/dev/mapper/" + crypt_name();
     if (::stat(node.c_str(), &st) != 0) return Errno(node, errno);
@@ -392,7 +392,7 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     if (dm::Exists(name)) return Status::InvalidArgument("device " + name + " exists already");
     DMCOW_RETURN_IF_ERROR(dm::Create(name));
     Status s = dm::LoadTargets(name, table);
-    if (s.ok()) s = dm::Resume(name);
+    if (s.ok()) s = dm::Resume(name, dm::UdevRules::kNoDisk);
     if (!s.ok()) {
       bool busy;
       (void)dm::Remove(name, &busy);
@@ -458,13 +458,13 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
     if (encrypted_) {  // the crypt device first: the store's new table reaches its new end
       DMCOW_RETURN_IF_ERROR(LoadCryptTable());
       DMCOW_RETURN_IF_ERROR(dm::Suspend(crypt_name()));
-      DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name()));
+      DMCOW_RETURN_IF_ERROR(dm::Resume(crypt_name(), dm::UdevRules::kNoDisk));
     }
     // The store only grows at its end: a noflush suspend holds its I/O, none
     // of which waits for us.
     DMCOW_RETURN_IF_ERROR(dm::LoadTargets(store_name(), StoreTable()));
     DMCOW_RETURN_IF_ERROR(dm::Suspend(store_name()));
-    return dm::Resume(store_name());
+    return dm::Resume(store_name(), dm::UdevRules::kNoDisk);
   }
 
   PluginOptions options_;

@@ -1,5 +1,6 @@
 #include "attach_state.h"
 
+#include <dirent.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -192,6 +193,18 @@ bool ParsePartitions(const std::string& name, const json& state, std::vector<std
     names->push_back(want);
   }
   return true;
+}
+
+std::vector<std::string> RecordedNames() {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(kStateDir);
+  if (!d) return names;
+  while (dirent* e = ::readdir(d)) {
+    const std::string f = e->d_name;
+    if (f.size() > 5 && f.compare(f.size() - 5, 5, ".json") == 0) names.push_back(f.substr(0, f.size() - 5));
+  }
+  ::closedir(d);
+  return names;
 }
 
 bool WriteState(const std::string& name, const json& state) {

@@ -49,6 +49,8 @@ struct Level {
 };
 
 std::string StatePath(const std::string& name);
+// The names that have a record (NAME.json in kStateDir), in no order.
+std::vector<std::string> RecordedNames();
 // The record attach writes for a level it started.
 json LevelRecord(const std::string& name, pid_t pid, const std::string& image);
 // NAME.json: false with *error when it cannot be read or parsed; *missing

@@ -161,13 +161,11 @@ Status Resume(const std::string& name, UdevRules rules, uint32_t* udev_cookie) {
   if (udev_cookie) dm_udev_set_sync_support(1);  // for this one task: reloads never wait on udev
   if (t && (flags || udev_cookie) && !dm_task_set_cookie(t.get(), cookie, flags)) t.reset();
   Status s = RunTask(t, "resume", name);
-  if (udev_cookie) dm_udev_set_sync_support(0);
   if (!s.ok() && *cookie != 0) {  // nothing to wait for: release the cookie
-    dm_udev_set_sync_support(1);
     dm_udev_wait(*cookie);
-    dm_udev_set_sync_support(0);
     *cookie = 0;
   }
+  if (udev_cookie) dm_udev_set_sync_support(0);
   return s;
 }
 

@@ -30,7 +30,6 @@
 // The top device has the DM UUID DMCOW-QCOW-NAME; the partitions of its
 // table are mapped as kpartx maps them (partition_maps.h) once it is up,
 // and removed first by detach.
-#include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <linux/fs.h>
@@ -404,34 +403,28 @@ int List(int argc, char** argv) {
     return Fail("usage: dmcow-qcow list [--output human|json]", 2);
   }
   json all = json::array();
-  if (DIR* d = ::opendir(kStateDir)) {
-    while (dirent* e = ::readdir(d)) {
-      std::string f = e->d_name;
-      if (f.size() < 6 || f.substr(f.size() - 5) != ".json") continue;
-      const std::string name = f.substr(0, f.size() - 5);
-      json st;
-      std::string error;
-      std::vector<Level> levels;
-      if (!ReadState(name, &st, &error) || !ParseLevels(name, st, &levels, &error)) {
-        all.push_back(json{{"name", name}, {"pid", 0}, {"state", "damaged state file: " + error}});
-        continue;
-      }
-      // What detach would find: the daemon attach started, or not.
-      struct stat sb;
-      const bool dev = st.contains("device") && st["device"].is_string() &&
-                       ::stat(st["device"].get<std::string>().c_str(), &sb) == 0;
-      st["name"] = name;
-      st["pid"] = levels[0].daemon.pid;
-      switch (State(levels[0].daemon)) {
-        case DaemonState::kRunning: st["state"] = dev ? "attached" : "stale (device gone)"; break;
-        case DaemonState::kGone: st["state"] = "stale (daemon gone)"; break;
-        case DaemonState::kUnconfirmed:
-          st["state"] = "unknown (older state file: pid not confirmed as its daemon)";
-          break;
-      }
-      all.push_back(st);
+  for (const std::string& name : dmcowd::RecordedNames()) {
+    json st;
+    std::string error;
+    std::vector<Level> levels;
+    if (!ReadState(name, &st, &error) || !ParseLevels(name, st, &levels, &error)) {
+      all.push_back(json{{"name", name}, {"pid", 0}, {"state", "damaged state file: " + error}});
+      continue;
     }
-    ::closedir(d);
+    // What detach would find: the daemon attach started, or not.
+    struct stat sb;
+    const bool dev =
+        st.contains("device") && st["device"].is_string() && ::stat(st["device"].get<std::string>().c_str(), &sb) == 0;
+    st["name"] = name;
+    st["pid"] = levels[0].daemon.pid;
+    switch (State(levels[0].daemon)) {
+      case DaemonState::kRunning: st["state"] = dev ? "attached" : "stale (device gone)"; break;
+      case DaemonState::kGone: st["state"] = "stale (daemon gone)"; break;
+      case DaemonState::kUnconfirmed:
+        st["state"] = "unknown (older state file: pid not confirmed as its daemon)";
+        break;
+    }
+    all.push_back(st);
   }
   std::sort(all.begin(), all.end(), [](const json& a, const json& b) { return a["name"] < b["name"]; });
   if (as_json) {

@@ -17,26 +17,6 @@ constexpr int kMaxLines = 100000;
 const char* const kFlags[] = {"read-only", "no-backing", "allow-device-backing", "no-partitions"};
 const char* const kValued[] = {"scratch-max", "key-file"};
 
-// fstab's escapes: \ooo (octal), so that a path may hold blanks.
-bool Unescape(const std::string& field, std::string* out) {
-  out->clear();
-  for (size_t i = 0; i < field.size(); i++) {
-    if (field[i] != '\\') {
-      *out += field[i];
-      continue;
-    }
-    int value = 0;
-    for (size_t k = 1; k <= 3; k++) {
-      if (i + k >= field.size() || field[i + k] < '0' || field[i + k] > '7') return false;
-      value = value * 8 + (field[i + k] - '0');
-    }
-    if (value == 0 || value > 255) return false;
-    *out += static_cast<char>(value);
-    i += 3;
-  }
-  return true;
-}
-
 Status OptionArgs(const std::string& options, const std::string& where, std::vector<std::string>* args) {
   if (options == "-" || options == "defaults") return Status::OK();
   std::istringstream in(options);
@@ -71,6 +51,25 @@ Status OptionArgs(const std::string& options, const std::string& where, std::vec
 
 }  // namespace
 
+bool UnescapeOctal(const std::string& field, std::string* out) {
+  out->clear();
+  for (size_t i = 0; i < field.size(); i++) {
+    if (field[i] != '\\') {
+      *out += field[i];
+      continue;
+    }
+    int value = 0;
+    for (size_t k = 1; k <= 3; k++) {
+      if (i + k >= field.size() || field[i + k] < '0' || field[i + k] > '7') return false;
+      value = value * 8 + (field[i + k] - '0');
+    }
+    if (value == 0 || value > 255) return false;
+    *out += static_cast<char>(value);
+    i += 3;
+  }
+  return true;
+}
+
 Status FindTabEntry(const std::string& path, const std::string& name, TabEntry* out) {
   std::ifstream in(path);
   if (!in) return Status::NotFound(path + ": cannot be read");
@@ -97,7 +96,7 @@ Status FindTabEntry(const std::string& path, const std::string& name, TabEntry* 
     if (!options.empty() && options[0] == '#') options.clear();
     TabEntry entry;
     entry.line = number;
-    if (!Unescape(image, &entry.image)) return Status::InvalidArgument(where + "bad escape in '" + image + "'");
+    if (!UnescapeOctal(image, &entry.image)) return Status::InvalidArgument(where + "bad escape in '" + image + "'");
     if (entry.image.empty() || entry.image[0] != '/') {
       return Status::InvalidArgument(where + "image '" + entry.image + "' is not an absolute path");
     }

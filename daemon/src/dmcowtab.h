@@ -34,6 +34,10 @@ struct TabEntry {
 // lines are not judged: one bad line does not keep the rest from attaching.
 dmcow::Status FindTabEntry(const std::string& path, const std::string& name, TabEntry* out);
 
+// fstab's escapes, which /proc/self/mountinfo uses too: \ooo (three octal
+// digits, not 0) stands for that byte. False on a malformed escape.
+bool UnescapeOctal(const std::string& field, std::string* out);
+
 }  // namespace dmcowd
 
 #endif  // DMCOWD_DMCOWTAB_H_

@@ -8,14 +8,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <dirent.h>
-#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
+#include "dmcowtab.h"
 #include "qcow_commands.h"
 
 namespace dmcow_qcow {
@@ -42,37 +41,16 @@ bool RealDir(const std::string& dir, std::string* real) {
 
 // The attachment whose record says it is mounted on `dir`, or "".
 std::string MountedOn(const std::string& dir, std::string* device) {
-  DIR* d = ::opendir(dmcowd::kStateDir);
-  if (!d) return "";
-  std::string found;
-  while (dirent* e = ::readdir(d)) {
-    const std::string f = e->d_name;
-    if (f.size() < 6 || f.compare(f.size() - 5, 5, ".json") != 0) continue;
+  for (const std::string& name : dmcowd::RecordedNames()) {
     json st;
-    if (!dmcowd::ReadState(f.substr(0, f.size() - 5), &st)) continue;
+    if (!dmcowd::ReadState(name, &st)) continue;
     const json* m = st.contains("mount") ? &st["mount"] : nullptr;
     if (m && m->is_object() && m->value("dir", json()) == dir && m->value("device", json()).is_string()) {
-      found = f.substr(0, f.size() - 5);
       *device = (*m)["device"].get<std::string>();
-      break;
+      return name;
     }
   }
-  ::closedir(d);
-  return found;
-}
-
-// mountinfo escapes blanks and backslashes as \ooo.
-std::string Unescape(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); i++) {
-    if (s[i] == '\\' && i + 3 < s.size() && std::isdigit(static_cast<unsigned char>(s[i + 1]))) {
-      out += static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8));
-      i += 3;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
+  return "";
 }
 
 // The device number of the file system mounted last on `dir`; false if
@@ -83,8 +61,11 @@ bool MountedDevice(const std::string& dir, dev_t* dev) {
   bool found = false;
   while (std::getline(in, line)) {
     std::istringstream f(line);
-    std::string id, parent, majmin, root, point;
-    if (!(f >> id >> parent >> majmin >> root >> point) || Unescape(point) != dir) continue;
+    std::string id, parent, majmin, root, point, unescaped;
+    if (!(f >> id >> parent >> majmin >> root >> point) || !dmcowd::UnescapeOctal(point, &unescaped) ||
+        unescaped != dir) {
+      continue;
+    }
     unsigned ma = 0, mi = 0;
     if (std::sscanf(majmin.c_str(), "%u:%u", &ma, &mi) != 2) continue;
     *dev = makedev(ma, mi);

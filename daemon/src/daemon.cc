@@ -57,7 +57,9 @@ void KeepOneCowChunk(std::vector<Extent>* linear, uint64_t dev_sectors, uint32_t
   if (--linear->back().nr_chunks == 0) linear->pop_back();
 }
 
-constexpr uint64_t kFirstTableTargets = 4096;
+// The first table is kept small so that the device is usable soon: a
+// table costs the kernel time per target (0.27 ms each in the test VM).
+constexpr uint64_t kFirstTableTargets = 64;
 
 bool HasCow(MapKind k) { return k == MapKind::kRW || k == MapKind::kRO || k == MapKind::kFilledRW; }
 
@@ -147,18 +149,23 @@ Status Daemon::Start() {
   std::vector<Mapping> initial;
   {
     std::lock_guard<std::mutex> l(plugin_mu_);
-    s = plugin_->StableExtents(&stable);
+    s = plugin_->ScanStable(&scan_pending_);
+    // Without periodic reloads nothing would fold what later slices find:
+    // the whole walk now, for one full table.
+    while (s.ok() && scan_pending_ && options_.reload_interval_s <= 0) s = plugin_->ScanStable(&scan_pending_);
+    if (s.ok()) s = plugin_->StableExtents(&stable);
     if (s.ok()) s = plugin_->InitialMappings(&initial);
     folded_generation_ = plugin_->StableGeneration();
   }
   if (!s.ok()) return fail(s);
-  // The first table is kept small so that the device is usable soon: a
-  // table costs the kernel time per target (0.27 ms each in the test VM), so
-  // a scattered image's 60,000 runs would hold up the attach for seconds.
-  // Chunks left out are pushed to the kernel's store; the first periodic
-  // reload folds them in the background.
+  // A scattered image's 60,000 runs would hold up the attach for seconds:
+  // chunks left out are pushed to the kernel's store (or asked about at
+  // first access), and the first periodic reload folds them in the
+  // background, as it folds what the rest of the plugin's scan finds.
   const std::vector<Extent> runs = Coalesce(stable, spec_.chunk_sectors);
-  const uint64_t first_targets = std::min<uint64_t>(options_.max_targets, kFirstTableTargets);
+  const uint64_t first_targets = options_.reload_interval_s > 0
+                                     ? std::min<uint64_t>(options_.max_targets, kFirstTableTargets)
+                                     : options_.max_targets;
   std::vector<Extent> linear = ChooseLinear(runs, first_targets);
   if (linear.size() < runs.size() && first_targets < options_.max_targets) folded_generation_ = ~uint64_t{0};
   KeepOneCowChunk(&linear, spec_.sectors, spec_.chunk_sectors);
@@ -239,6 +246,24 @@ Status Daemon::FlushDevice() {
   if (code == 0) return Status::OK();
   if (code >= 100) return Status::IOError(node + ": open: " + std::strerror(code - 100));
   return Status::IOError(node + ": flush: " + std::strerror(code - 1));
+}
+
+bool Daemon::ScanSlice() {
+  const auto t0 = Clock::now();
+  Status s;
+  {
+    std::lock_guard<std::mutex> l(plugin_mu_);
+    s = plugin_->ScanStable(&scan_pending_);
+  }
+  if (!s.ok()) {
+    // Folding is an optimisation: the device serves every chunk without it.
+    LOG_ERROR("scan for stable extents: %s (chunks not found stay in the kernel's store)", s.ToString().c_str());
+    scan_pending_ = false;
+    return false;
+  }
+  if (scan_pending_) return false;
+  LOG_INFO("scan for stable extents done (last slice %.1f ms)", MsSince(t0));
+  return true;
 }
 
 Status Daemon::Reload() {
@@ -414,10 +439,14 @@ int Daemon::Run() {
     if (reloads) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next_reload - Clock::now()).count();
       timeout = static_cast<int>(std::clamp<int64_t>(left, 0, INT32_MAX));
+      // The plugin's scan goes on in slices, with a pause between them in
+      // which requests take the plugin first; its end is folded at once.
+      if (scan_pending_) timeout = std::min(timeout, 10);
     }
     pollfd p[3] = {{sfd, POLLIN, 0}, {server_done_fd_, POLLIN, 0}, {reclaim_fd_, POLLIN, 0}};
     int r = ::poll(p, 3, timeout);
     if (r < 0 && errno == EINTR) continue;
+    if (reloads && scan_pending_ && !p[1].revents && ScanSlice()) next_reload = Clock::now();
     if (reloads && Clock::now() >= next_reload && !p[1].revents) {
       Status s = Reload();
       if (!s.ok()) LOG_ERROR("reload: %s", s.ToString().c_str());

@@ -66,6 +66,8 @@ class Daemon {
 
   // Folds stable extents into linear segments now.
   Status Reload();
+  // One slice of the plugin's scan; true when the scan just ended.
+  bool ScanSlice();
 
   // Lets the kernel forget the RO mappings the plugin wants back (under a
   // suspend, with every request read so far answered), if it wants any.
@@ -99,6 +101,7 @@ class Daemon {
   uint32_t udev_cookie_ = 0;
   std::vector<Extent> linear_;  // chunks in linear segments now
   uint64_t folded_generation_ = ~uint64_t{0};
+  bool scan_pending_ = false;  // Plugin::ScanStable has more to look at
   ReloadStats reload_stats_;
 };
 

@@ -33,11 +33,14 @@ class KernelModel : public dmcowd::CowSpace {
   KernelModel(dmcow::File* image_file, dmcow::Image* backing, uint64_t dev_bytes)
       : file_(image_file), backing_(backing), dev_bytes_(dev_bytes) {}
 
-  void Attach(Qcow2Mapper* mapper) {
+  // `scan`: the mapper's whole scan first, in slices of 3 chunks (so every
+  // session resumes it); else the caller scans.
+  void Attach(Qcow2Mapper* mapper, bool scan = true) {
     mapper_ = mapper;
     geo_ = mapper->geometry();
     chunk_bytes_ = uint64_t{geo_.chunk_sectors} * 512;
     maps_.clear();
+    for (bool more = scan; more;) REQUIRE(mapper->ScanStable(3, &more).ok());
     std::vector<Extent> stable;
     REQUIRE(mapper->StableExtents(&stable).ok());
     // As a table with too many runs for its target budget: every other run

@@ -255,6 +255,88 @@ std::unique_ptr<dmcow::Image> CompressedImage(const TempDir& dir, const std::vec
 
 }  // namespace
 
+TEST_CASE("the scan for stable chunks, in slices between writes and flushes, finds each writable chunk once") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  // Data, zero clusters, a discard, an internal snapshot (shared clusters),
+  // compressed clusters and 64 scattered single clusters: writable chunks
+  // and the kinds that are not.
+  std::string scattered;
+  for (int i = 0; i < 64; i++)
+    scattered += " -c 'write -P " + std::to_string(i + 1) + " " + std::to_string(i * 3 * 64 + 512) + "k 64k'";
+  MustRun("cd " + dir.path() +
+          " && qemu-img create -q -f raw src.raw 32M && qemu-io -f raw -c 'write -P 0x33 30M 1M' src.raw >/dev/null"
+          " && qemu-img convert -c -O qcow2 src.raw img.qcow2"
+          " && qemu-io -f qcow2 -c 'write -P 0x5a 0 3M' -c 'write -z 1M 512k' -c 'discard 2M 256k' img.qcow2 >/dev/null"
+          " && qemu-img snapshot -c snap img.qcow2 && qemu-io -f qcow2 -c 'write -P 2 1M 64k'" +
+          scattered + " img.qcow2 >/dev/null");
+  for (uint64_t seed = 1; seed <= 4; seed++) {
+    MustRun("cd " + dir.path() + " && cp img.qcow2 run.qcow2");
+    dmcow::OpenOptions o;
+    o.writable = true;
+    std::unique_ptr<dmcow::Image> image;
+    REQUIRE(dmcow::OpenImage(dir / "run.qcow2", o, &image).ok());
+    struct stat st;
+    REQUIRE(::stat((dir / "run.qcow2").c_str(), &st) == 0);
+    std::unique_ptr<dmcow::File> file;
+    REQUIRE(dmcow::Env::Default()->OpenFile(dir / "run.qcow2", dmcow::OpenMode::kReadWrite, &file).ok());
+    KernelModel kernel(file.get(), nullptr, image->virtual_size());
+    REQUIRE(kernel.EnsureImageBytes(static_cast<uint64_t>(st.st_size) & ~uint64_t{511}).ok());
+    Qcow2Mapper mapper(image.get(), &kernel, true, false);
+    REQUIRE(mapper.Init().ok());
+    kernel.Attach(&mapper, false);
+    const dmcowd::Qcow2Geometry geo = mapper.geometry();
+    const uint64_t chunk_bytes = uint64_t{geo.chunk_sectors} * 512;
+    std::mt19937_64 rng(seed);
+    // Writes ahead of and behind the scan, flushed at random: chunks linked
+    // and made durable before the scan reaches them are found twice.
+    bool more = true;
+    uint64_t slices = 0;
+    const uint64_t generation0 = mapper.stable_generation();
+    for (int op = 0; more || op < 40; op++) {
+      const uint64_t chunk = rng() % geo.chunks;
+      std::vector<uint8_t> data(4096, static_cast<uint8_t>(op));
+      REQUIRE(kernel.Write(chunk * chunk_bytes + (rng() % 16) * 4096, data.data(), data.size()).ok());
+      if (rng() % 3 == 0) REQUIRE(kernel.Flush().ok());
+      if (more) {
+        REQUIRE(mapper.ScanStable(1 + rng() % 4, &more).ok());
+        slices++;
+      }
+    }
+    REQUIRE(kernel.Flush().ok());
+    INFO("seed " << seed << ", " << slices << " slices");
+    CHECK(slices > 20);  // the scan was resumed many times
+    CHECK(mapper.stable_generation() != generation0);
+    std::vector<dmcowd::Extent> stable;
+    REQUIRE(mapper.StableExtents(&stable).ok());
+    // Sorted, apart, and exactly the chunks the image holds writable in
+    // place (whole, exclusive, contiguous, 4 KiB-aligned data), each at its
+    // place in the image.
+    std::map<uint64_t, uint64_t> listed;  // chunk -> cow sector
+    for (size_t i = 0; i < stable.size(); i++) {
+      if (i > 0) REQUIRE(stable[i - 1].chunk + stable[i - 1].nr_chunks <= stable[i].chunk);
+      for (uint64_t k = 0; k < stable[i].nr_chunks; k++)
+        listed[stable[i].chunk + k] = stable[i].cow_sector + k * geo.chunk_sectors;
+    }
+    dmcow::DeviceImage* device = image->AsDeviceImage();
+    uint64_t writable = 0;
+    for (uint64_t chunk = 0; chunk < geo.chunks; chunk++) {
+      dmcow::DeviceImage::ClusterPlace p;
+      REQUIRE(device->DescribeCluster(chunk, &p).ok());  // 64 KiB clusters: one per chunk
+      const bool in_place =
+          !p.partial && p.state == dmcow::ClusterState::kData && p.exclusive && p.host_offset % 4096 == 0;
+      INFO("chunk " << chunk);
+      REQUIRE(listed.count(chunk) == (in_place ? 1u : 0u));
+      if (in_place) {
+        writable++;
+        REQUIRE(listed[chunk] == geo.scratch_sectors + p.host_offset / 512);
+      }
+    }
+    CHECK(writable > 64);
+    image.reset();
+  }
+}
+
 TEST_CASE("assembled chunks fill scratch in the order they are read, each once") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;

@@ -107,6 +107,17 @@ class Plugin {
   // that will never move or become shared: safe to route through dm-linear.
   virtual Status StableExtents(std::vector<Extent>* out) = 0;
 
+  // Looks for stable extents that were there before the device (a plugin
+  // that must walk its metadata to find them), one short, bounded slice of
+  // the walk per call, so that the device appears before the walk is done;
+  // *more while there is more to look at. The daemon calls it once before
+  // the first table, then between requests until *more is false, and folds
+  // what it found. StableExtents returns what is found so far.
+  virtual Status ScanStable(bool* more) {
+    *more = false;
+    return Status::OK();
+  }
+
   // A number that changes whenever StableExtents would return more.
   virtual uint64_t StableGeneration() const = 0;
 

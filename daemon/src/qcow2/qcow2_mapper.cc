@@ -77,33 +77,59 @@ Status Qcow2Mapper::Init() {
     return Status::NotSupported(image_->filename() + ": is " + image_->info().format +
                                 "; only qcow2 and qcow images can be served as a block device");
   }
+  stable_.clear();
+  stable_sorted_ = true;
+  scan_pos_ = scan_chunk_ = 0;
+  return Status::OK();
+}
+
+Status Qcow2Mapper::ScanStable(uint64_t max_chunks, bool* more) {
+  const uint64_t vsize = image_->virtual_size();
+  *more = scan_pos_ < vsize;
+  if (!*more || !linked_.empty()) return Status::OK();
   // Walk the layer's runs so that a sparse image costs little; describe
   // only chunks that hold data.
   const uint64_t chunk_bytes = uint64_t{geo_.chunk_sectors} * 512;
-  const uint64_t vsize = image_->virtual_size();
-  stable_.clear();
-  uint64_t pos = 0;
-  while (pos < vsize) {
+  uint64_t classified = 0, runs = 0;
+  bool found = false;
+  while (scan_pos_ < vsize && classified < max_chunks && runs < max_chunks) {
     dmcow::LayerExtent e;
-    DMCOW_RETURN_IF_ERROR(image_->GetLayerStatus(pos, vsize - pos, &e));
-    const uint64_t end = pos + e.length;
+    DMCOW_RETURN_IF_ERROR(image_->GetLayerStatus(scan_pos_, vsize - scan_pos_, &e));
+    runs++;
+    if (e.length == 0)
+      return Status::Corrupt(image_->filename() + ": empty block status at " + std::to_string(scan_pos_));
+    const uint64_t end = std::min(vsize, scan_pos_ + e.length);
     if (e.state == ClusterState::kData) {
-      for (uint64_t c = pos / chunk_bytes; c * chunk_bytes < end; c++) {
+      uint64_t c = std::max(scan_chunk_, scan_pos_ / chunk_bytes);
+      for (; c * chunk_bytes < end && classified < max_chunks; c++, classified++) {
         ChunkState st;
         DMCOW_RETURN_IF_ERROR(Classify(c, &st));
         if (st.kind != ChunkKind::kWritable) continue;
+        // Runs as they are found (a dense image must not cost an Extent
+        // per chunk until StableExtents merges).
         const uint64_t sector = ImageSector(st.host_offset);
-        if (!stable_.empty() && stable_.back().chunk + stable_.back().nr_chunks == c &&
-            stable_.back().cow_sector + stable_.back().nr_chunks * geo_.chunk_sectors == sector) {
-          stable_.back().nr_chunks++;
-        } else if (stable_.empty() || stable_.back().chunk + stable_.back().nr_chunks <= c) {
+        Extent* last = stable_.empty() ? nullptr : &stable_.back();
+        if (last != nullptr && last->chunk + last->nr_chunks == c &&
+            last->cow_sector + last->nr_chunks * geo_.chunk_sectors == sector) {
+          last->nr_chunks++;
+        } else {
           stable_.push_back(Extent{c, 1, sector});
         }
+        found = true;
+      }
+      scan_chunk_ = c;
+      if (c * chunk_bytes < end) {  // out of budget inside the run
+        scan_pos_ = c * chunk_bytes;
+        break;
       }
     }
-    pos = end;
+    scan_pos_ = end;
   }
-  stable_sorted_ = true;
+  if (found) {
+    stable_sorted_ = false;
+    generation_++;
+  }
+  *more = scan_pos_ < vsize;
   return Status::OK();
 }
 
@@ -384,14 +410,20 @@ Status Qcow2Mapper::Flush(uint64_t durable_batch) {
 Status Qcow2Mapper::StableExtents(std::vector<Extent>* out) {
   if (!stable_sorted_) {
     std::sort(stable_.begin(), stable_.end(), [](const Extent& a, const Extent& b) { return a.chunk < b.chunk; });
+    // A chunk linked and flushed before the scan reached it is found twice,
+    // in the same place (a writable chunk never moves): overlaps merge.
     std::vector<Extent> merged;
     for (const Extent& e : stable_) {
-      if (!merged.empty() && merged.back().chunk + merged.back().nr_chunks == e.chunk &&
-          merged.back().cow_sector + merged.back().nr_chunks * geo_.chunk_sectors == e.cow_sector) {
-        merged.back().nr_chunks += e.nr_chunks;
-      } else {
-        merged.push_back(e);
+      if (!merged.empty()) {
+        Extent& last = merged.back();
+        const uint64_t last_end = last.chunk + last.nr_chunks;
+        if (e.chunk <= last_end && last.cow_sector + (e.chunk - last.chunk) * geo_.chunk_sectors == e.cow_sector) {
+          last.nr_chunks = std::max(last_end, e.chunk + e.nr_chunks) - last.chunk;
+          continue;
+        }
+        if (e.chunk < last_end) continue;  // cannot happen (see above); the first answer stays
       }
+      merged.push_back(e);
     }
     stable_ = std::move(merged);
     stable_sorted_ = true;

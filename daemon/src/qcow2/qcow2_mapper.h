@@ -94,8 +94,18 @@ class Qcow2Mapper {
   static Qcow2Geometry GeometryFor(const dmcow::Image& image);
   const Qcow2Geometry& geometry() const { return geo_; }
 
-  // Scans the image: every chunk already writable in place is stable.
+  // Checks the image can be served. Finds nothing yet: ScanStable does.
   Status Init();
+
+  // Looks for chunks the image holds writable in place from before the
+  // attach, continuing where the last call stopped: at most
+  // `max_chunks` data chunks classified (and as many block-status runs),
+  // so each call is short. *more while part of the image is not looked at
+  // yet. What it finds joins StableExtents (and bumps the generation). It
+  // waits (finds nothing, *more) while linked clusters are not durable, so
+  // it never reports a chunk whose metadata could still be lost. Attach
+  // costs in proportion to what one call scans, not to the image.
+  Status ScanStable(uint64_t max_chunks, bool* more);
 
   Status Map(const MapRequest& req, Answer* answer);
   void Retract(const MapRequest& req, const Mapping& mapping);
@@ -160,6 +170,8 @@ class Qcow2Mapper {
   std::vector<Extent> linked_;                       // linked since the last successful image flush
   std::vector<Extent> stable_;                       // chunks writable in place, linked and durable
   bool stable_sorted_ = true;
+  uint64_t scan_pos_ = 0;    // ScanStable: the next byte to ask block status about
+  uint64_t scan_chunk_ = 0;  // and the first chunk not classified yet
   uint64_t generation_ = 1;
   // Assembled runs by first chunk, and where each sits in scratch: their
   // content cannot change while they stay assembled (a write moves a chunk

@@ -241,6 +241,9 @@ class Qcow2Plugin final : public Plugin, public CowSpace {
   void Retract(const MapRequest& req, const Mapping& mapping) override { mapper_->Retract(req, mapping); }
   Status Flush(uint64_t durable_batch) override { return mapper_->Flush(durable_batch); }
   Status StableExtents(std::vector<Extent>* out) override { return mapper_->StableExtents(out); }
+  // 1,024 data chunks a call: about a millisecond natively, so a scattered image's
+  // attach and the requests waiting behind a call are not held up.
+  Status ScanStable(bool* more) override { return mapper_->ScanStable(1024, more); }
   uint64_t StableGeneration() const override { return mapper_ ? mapper_->stable_generation() : 0; }
   bool WantsReclaim() const override { return mapper_ && mapper_->WantsReclaim(); }
   Status Reclaim(std::vector<Extent>* forget) override {

@@ -333,6 +333,37 @@ void TestLuks() {
   WriteSeeded("luks-top.qcow2", 103, {"key-b", "1=key-a"});
 }
 
+int TableLines(const std::string& name) {
+  std::string table;
+  CHECK(Run({"/sbin/dmsetup", "table", name}, &table) == 0, "dmsetup table %s", name.c_str());
+  return static_cast<int>(std::count(table.begin(), table.end(), '\n'));
+}
+
+// An image with about 2,900 scattered runs: attach scans 1,024 chunks and
+// loads at most 64 linear targets, the rest is scanned while the device
+// serves and folded by the reload that follows the scan; the content is
+// qemu-img's throughout. Then seeded writes, checked on the host.
+void TestBackgroundScan() {
+  FreshWork();
+  const std::string path = std::string(kWork) + "/scattered.qcow2";
+  const std::string dev = Attach("qs", path, true);
+  const int first = TableLines("qs");
+  CHECK(first > 2 && first <= 2 * 64 + 3, "first table of %d lines (at most 64 linear targets expected)", first);
+  const std::string sum = Manifest().at("scattered.qcow2");
+  CHECK(Sha256(dev) == sum, "scattered.qcow2 read during the scan differs from qemu-img's conversion");
+  int lines = first;
+  for (int i = 0; i < 600 && lines < 2000; i++) {
+    usleep(100000);
+    lines = TableLines("qs");
+  }
+  CHECK(lines >= 2000, "not folded 60 s after attach: %d table lines", lines);
+  CHECK(CheckLinearOntoImage("qs", path) >= 1000, "folded runs not linear onto the image");
+  CHECK(Sha256(dev) == sum, "scattered.qcow2 read after the fold differs from qemu-img's conversion");
+  std::fprintf(stderr, "background_scan: first table %d lines, after the scan %d\n", first, lines);
+  Detach("qs");
+  WriteSeeded("scattered.qcow2", 99);
+}
+
 void TestWriteImages() {
   FreshWork();
   uint64_t seed = 1;
@@ -1574,6 +1605,7 @@ void TestUdev() {
 const TestCase kTests[] = {
     {"qcow_read_images", TestReadImages},
     {"qcow_write_images", TestWriteImages},
+    {"qcow_background_scan", TestBackgroundScan},
     {"qcow_filesystem", TestFilesystem},
     {"qcow_killed", TestKilled},
     {"qcow_lock", TestLock},

@@ -526,6 +526,36 @@ if want qattach; then
 		done
 		r=$((r + 1))
 	done
+	# The rest of the image is scanned in the background and folded by a
+	# reload when the scan ends: time until the table holds the folded runs.
+	/bin/dmcow-qcow attach --read-only --name qs /dev/vda >/dev/null || fail "attach qs"
+	t=0
+	while [ "$(dmsetup table qs | wc -l)" -lt 1000 ]; do
+		[ $t -lt 1200 ] || fail "qs not folded after 120 s: $(qtable qs)"
+		usleep 100000
+		t=$((t + 1))
+	done
+	info "qs folded after the background scan: $(qtable qs), about $((t / 10)).$((t % 10)) s after attach returned"
+	qdetach qs
+	# A 16 TiB image with 3 MiB of data, from a file.
+	S16=/qcow/sparse16t.qcow2
+	r=1
+	while [ $r -le "$RUNS" ]; do
+		for t in cow nbd; do
+			case $t in
+			cow) cmd="/bin/dmcow-qcow attach --read-only --name q16 $S16"; dev=/dev/mapper/q16 ;;
+			nbd) rm -f "$NBD_PIDF"; cmd=$(nbd_cmd $S16 -r); dev=/dev/nbd0 ;;
+			esac
+			bench_time qattach attach-16t $t $r /bin/sh -c "$cmd"
+			bench_time qattach first-read-16t $t $r /bin/blkio "$dev" read seq --bs 4K --size 4K
+			[ "$(blockdev --getsize64 "$dev")" = $((16 << 40)) ] || fail "$dev is not 16 TiB"
+			case $t in
+			cow) qdetach q16 ;;
+			nbd) nbd_disconnect ;;
+			esac
+		done
+		r=$((r + 1))
+	done
 fi
 
 info "free memory at the end: $(grep MemAvailable /proc/meminfo | tr -s ' ')"

@@ -45,6 +45,17 @@ struct ZlibStream {
   }
 };
 
+// Compressors write into one buffer per thread, sized once, and the payload
+// gets only the compressed bytes. A payload sized to the cluster for each
+// call cost a 64 KiB zero fill per cluster and, with several threads, fresh
+// pages from the allocator every time: convert -c -m 2 took 34,201 page
+// faults against 1,966 with -m 1, and 33% more CPU.
+uint8_t* OutputScratch(size_t n) {
+  thread_local std::vector<uint8_t> scratch;
+  if (scratch.size() < n) scratch.resize(n);
+  return scratch.data();
+}
+
 bool CompressZlib(int level, const uint8_t* data, size_t n, std::vector<uint8_t>* out) {
   thread_local ZlibStream z;
   if (z.level != level) {
@@ -62,13 +73,13 @@ bool CompressZlib(int level, const uint8_t* data, size_t n, std::vector<uint8_t>
       deflateTune(&z.strm, kTunedGoodLength, kTunedMaxLazy, kTunedNiceLength, kTunedMaxChain) != Z_OK) {
     return false;
   }
-  out->resize(n - 1);  // must come out strictly smaller than the cluster
+  uint8_t* const buf = OutputScratch(n - 1);  // must come out strictly smaller than the cluster
   z.strm.next_in = const_cast<Bytef*>(data);
   z.strm.avail_in = static_cast<uInt>(n);
-  z.strm.next_out = out->data();
-  z.strm.avail_out = static_cast<uInt>(out->size());
+  z.strm.next_out = buf;
+  z.strm.avail_out = static_cast<uInt>(n - 1);
   if (deflate(&z.strm, Z_FINISH) != Z_STREAM_END) return false;
-  out->resize(out->size() - z.strm.avail_out);
+  out->assign(buf, buf + (n - 1 - z.strm.avail_out));
   return true;
 }
 
@@ -84,13 +95,13 @@ bool CompressIsal(const uint8_t* data, size_t n, std::vector<uint8_t>* out) {
   s->gzip_flag = IGZIP_DEFLATE;
   s->flush = NO_FLUSH;
   s->end_of_stream = 1;
-  out->resize(n - 1);
+  uint8_t* const buf = OutputScratch(n - 1);
   s->next_in = const_cast<uint8_t*>(data);
   s->avail_in = static_cast<uint32_t>(n);
-  s->next_out = out->data();
-  s->avail_out = static_cast<uint32_t>(out->size());
+  s->next_out = buf;
+  s->avail_out = static_cast<uint32_t>(n - 1);
   if (isal_deflate(s) != COMP_OK || s->internal_state.state != ZSTATE_END) return false;
-  out->resize(out->size() - s->avail_out);
+  out->assign(buf, buf + (n - 1 - s->avail_out));
   return true;
 }
 
@@ -102,10 +113,10 @@ bool CompressZstd(int level, const uint8_t* data, size_t n, std::vector<uint8_t>
   if (!cctx) return false;
   ZSTD_CCtx_reset(cctx.get(), ZSTD_reset_session_and_parameters);
   if (ZSTD_isError(ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, level))) return false;
-  out->resize(n - 1);
-  const size_t r = ZSTD_compress2(cctx.get(), out->data(), out->size(), data, n);
+  uint8_t* const buf = OutputScratch(n - 1);
+  const size_t r = ZSTD_compress2(cctx.get(), buf, n - 1, data, n);
   if (ZSTD_isError(r)) return false;
-  out->resize(r);
+  out->assign(buf, buf + r);
   return true;
 }
 

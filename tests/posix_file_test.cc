@@ -7,10 +7,12 @@
 #include <sys/statfs.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dmcow/env.h"
@@ -119,6 +121,39 @@ TEST_CASE("GetAllocation answers as lseek does, also inside a remembered data ru
     file.reset();
     ::unlink(path.c_str());
   }
+}
+
+TEST_CASE("a lookup beside a deallocation does not keep the data it saw", "[posix_file]") {
+  const std::string place = GENERATE(from_range(Places()));
+  const std::string path = place + "/dmcow-posix-file-race-" + std::to_string(::getpid());
+  std::unique_ptr<File> file;
+  REQUIRE(Env::Default()->OpenFile(path, OpenMode::kCreateTruncate, &file).ok());
+  // data [0, 8 MiB) and [16, 17 MiB): a lookup at 0 remembers [0, 8 MiB)
+  // (SEEK_HOLE walks 2,048 pages on tmpfs: a wide window), one at 16 MiB
+  // replaces it, so every lookup at 0 does its lseeks again.
+  WriteData(file.get(), 0, 8 * kMiB);
+  WriteData(file.get(), 16 * kMiB, kMiB);
+  std::atomic<bool> stop{false};
+  std::thread looker([&] {
+    bool data;
+    uint64_t len;
+    for (uint64_t i = 0; !stop; i++) (void)file->GetAllocation(i % 2 ? 16 * kMiB : 0, 8 * kMiB, &data, &len);
+  });
+  int stale = 0;
+  for (int i = 0; i < 3000 && stale == 0; i++) {
+    const uint64_t at = (1 + i % 6) * kMiB;
+    REQUIRE(file->Deallocate(at, 64 << 10).ok());
+    bool data = true;
+    uint64_t len = 0;
+    REQUIRE(file->GetAllocation(at, 64 << 10, &data, &len).ok());
+    if (data) stale++;  // the hole just punched, reported as data
+    WriteData(file.get(), at, 64 << 10);
+  }
+  stop = true;
+  looker.join();
+  CHECK(stale == 0);
+  file.reset();
+  ::unlink(path.c_str());
 }
 
 }  // namespace

@@ -61,7 +61,7 @@ class PosixFile final : public File {
 
   Status WriteZeroes(uint64_t offset, uint64_t len) override {
     if (len == 0) return Status::OK();
-    ForgetDataRun();  // the range may become a hole
+    const HoleMaking may_punch(this);
     // ZERO_RANGE keeps the blocks allocated, so a later write into the range
     // cannot fail for space (QEMU's write-zeroes does the same); a punched
     // hole where that is all the file system has (tmpfs); else written zeros.
@@ -83,7 +83,7 @@ class PosixFile final : public File {
 
   Status Deallocate(uint64_t offset, uint64_t len) override {
     if (len == 0) return Status::OK();
-    ForgetDataRun();
+    const HoleMaking punch(this);
     const int err = Fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
     if (Unsupported(err)) return File::Deallocate(offset, len);
     if (err != 0) return ErrnoStatus(name_, "deallocating", err);
@@ -116,7 +116,7 @@ class PosixFile final : public File {
   }
 
   Status Truncate(uint64_t size) override {
-    ForgetDataRun();
+    const HoleMaking may_shrink(this);
     if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return ErrnoStatus(name_, "truncate", errno);
     return Status::OK();
   }
@@ -127,11 +127,14 @@ class PosixFile final : public File {
   // compare in mapping_seek_hole_data. So the last data run found is kept
   // and answers queries inside it. Only data is kept: our own writes never
   // make data a hole, and the calls that can (zeroing, deallocating,
-  // truncating) forget it; a hole punched by someone else is then read as
+  // truncating) forget it, before and after, and a lookup that ran beside
+  // one of them does not keep what it saw; a hole punched by someone else is then read as
   // data, which reads its zeros, never wrong content.
   Status GetAllocation(uint64_t offset, uint64_t max_len, bool* is_data, uint64_t* len) override {
+    uint64_t generation;
     {
       MutexLock lock(&data_run_mu_);
+      generation = data_run_generation_;
       if (offset >= data_run_start_ && offset < data_run_end_) {
         *is_data = true;
         *len = std::min(max_len, data_run_end_ - offset);
@@ -158,8 +161,10 @@ class PosixFile final : public File {
     if (*len == 0) *len = max_len;
     if (hole > data) {
       MutexLock lock(&data_run_mu_);
-      data_run_start_ = offset;
-      data_run_end_ = static_cast<uint64_t>(hole);
+      if (data_run_generation_ == generation) {
+        data_run_start_ = offset;
+        data_run_end_ = static_cast<uint64_t>(hole);
+      }
     }
     return Status::OK();
   }
@@ -190,13 +195,26 @@ class PosixFile final : public File {
   void ForgetDataRun() {
     MutexLock lock(&data_run_mu_);
     data_run_start_ = data_run_end_ = 0;
+    data_run_generation_++;
   }
+  // Around a call that may turn data into a hole.
+  class HoleMaking {
+   public:
+    explicit HoleMaking(PosixFile* file) : file_(file) { file_->ForgetDataRun(); }
+    ~HoleMaking() { file_->ForgetDataRun(); }
+    HoleMaking(const HoleMaking&) = delete;
+    HoleMaking& operator=(const HoleMaking&) = delete;
+
+   private:
+    PosixFile* const file_;
+  };
 
   const std::string name_;
   const int fd_;
   Mutex data_run_mu_;
   uint64_t data_run_start_ GUARDED_BY(data_run_mu_) = 0;  // [start, end): data, found by SEEK_HOLE
   uint64_t data_run_end_ GUARDED_BY(data_run_mu_) = 0;
+  uint64_t data_run_generation_ GUARDED_BY(data_run_mu_) = 0;  // moves with every ForgetDataRun
 };
 
 // What a file that is neither a regular file nor a block device is, for the

@@ -54,10 +54,11 @@ q -f qcow2 -c 'write -P 0xa1 0 64k' odd.qcow2
 rm odd-base
 # for mkfs
 qemu-img create -q -f qcow2 fs.qcow2 64M
-# 3,000 single 4 KiB clusters at seeded random places, allocated in that
-# order: about 2,900 runs, more than the first table takes (qcow_background_scan)
-qemu-img create -q -f qcow2 -o cluster_size=4096 scattered.qcow2 64M
-awk 'BEGIN { srand(7); for (i = 0; i < 3000; i++) printf "write -q -P %d %d 4k\n", i % 250 + 1, int(rand() * 16384) * 4096 }' |
+# 3,000 single 4 KiB clusters at seeded random places of 16 MiB (about
+# 2,100 distinct), allocated in that order: about 2,100 runs, more than the
+# first table takes (qcow_background_scan)
+qemu-img create -q -f qcow2 -o cluster_size=4096 scattered.qcow2 16M
+awk 'BEGIN { srand(7); for (i = 0; i < 3000; i++) printf "write -q -P %d %d 4k\n", i % 250 + 1, int(rand() * 4096) * 4096 }' |
 	qemu-io -t unsafe -f qcow2 scattered.qcow2 >/dev/null
 # 32 MiB compressed, every 64 KiB cluster its own pair of bytes: i % 251 + 1
 # in its first 32 KiB, i / 251 + 1 in the second (the scratch budget test)

@@ -143,6 +143,10 @@ Status Daemon::Start() {
   s = dm::Create(name, options_.uuid);
   if (!s.ok()) return fail(s);
   created_ = true;
+  // Before the first suspend: a dmcowd killed while its device is
+  // suspended must not leave the device's I/O held for good.
+  s = guard_.Start(name, dm::UdevFlags(udev_rules()));
+  if (!s.ok()) return fail(s);
 
   // The first table: persisted runs go linear, the kernel gets the rest.
   std::vector<Extent> stable;
@@ -407,6 +411,7 @@ void Daemon::TearDown() {
     if (!s.ok()) LOG_ERROR("%s", s.ToString().c_str());
     created_ = false;
   }
+  guard_.Stop();
   base_.Release();
   cow_.Release();
   direct_.Release();

@@ -16,6 +16,7 @@
 #include "dmcowd/plugin.h"
 #include "loopdev.h"
 #include "server.h"
+#include "suspend_guard.h"
 #include "table.h"
 
 namespace dmcowd {
@@ -97,6 +98,7 @@ class Daemon {
   int server_done_fd_ = -1;  // eventfd: the serving thread ended
   int reclaim_fd_ = -1;      // eventfd: the plugin wants a reclaim
   bool created_ = false;
+  SuspendGuard guard_;  // resumes the device if we die while it is suspended
   bool plugin_open_ = false;
   uint32_t udev_cookie_ = 0;
   std::vector<Extent> linear_;  // chunks in linear segments now

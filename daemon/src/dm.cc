@@ -148,13 +148,16 @@ Status Suspend(const std::string& name) {
   return RunTask(t, "suspend", name);
 }
 
+uint16_t UdevFlags(UdevRules rules) {
+  return rules == UdevRules::kNoDisk
+             ? DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+             : 0;
+}
+
 Status Resume(const std::string& name, UdevRules rules, uint32_t* udev_cookie) {
   Task t = NewTask(DM_DEVICE_RESUME, name);
   if (t) dm_task_set_add_node(t.get(), DM_ADD_NODE_ON_RESUME);
-  const uint16_t flags =
-      rules == UdevRules::kNoDisk
-          ? DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG | DM_UDEV_DISABLE_DISK_RULES_FLAG | DM_UDEV_DISABLE_OTHER_RULES_FLAG
-          : 0;
+  const uint16_t flags = UdevFlags(rules);
   uint32_t no_wait = 0;  // flags alone: without udev sync there is no cookie to wait on
   uint32_t* cookie = udev_cookie ? udev_cookie : &no_wait;
   *cookie = 0;

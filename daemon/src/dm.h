@@ -56,6 +56,8 @@ Status Suspend(const std::string& name);
 // LVM marks its private devices, so that a file system's by-uuid or
 // by-label link never points at a backing image's copy of it.
 enum class UdevRules { kAll, kNoDisk };
+// The DM_UDEV_* flags a resume carries for `rules`.
+uint16_t UdevFlags(UdevRules rules);
 // udev_cookie: where udev runs, the resume carries a udev cookie, returned
 // in *udev_cookie (0 elsewhere) for WaitForUdev, in this process or another
 // (the daemon cannot wait itself: udev's rules read the device, which it

@@ -493,6 +493,113 @@ void TestKilledMidWrite() {
   unlink(base.c_str());
 }
 
+std::vector<std::string> ListDir(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = opendir(path.c_str());
+  CHECK(dir, "opendir %s: %s", path.c_str(), strerror(errno));
+  while (dirent* e = readdir(dir))
+    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) names.push_back(e->d_name);
+  closedir(dir);
+  return names;
+}
+
+// Joins a thread doing I/O on /dev/mapper/`name` once it set `done`; if it
+// has not within 10 s of dmcowd's death, its I/O is held (a device left
+// suspended): the device is resumed so that the thread and the test end,
+// and the test fails saying so.
+void JoinWithin(std::thread* t, const std::atomic<bool>& done, const std::string& name, const std::string& who) {
+  const auto t0 = Clock::now();
+  while (!done && MsSince(t0) < 10000) SleepMs(20);
+  if (done) {
+    t->join();
+    return;
+  }
+  std::string info;
+  Run({kDmsetup, "info", name}, &info);
+  Run({kDmsetup, "resume", name});
+  Run({kDmsetup, "remove", "-f", name, "--noudevsync"});
+  t->join();
+  CHECK(false, "%s: I/O still held 10 s after dmcowd died: %s", who.c_str(), info.c_str());
+}
+
+// The live processes named `comm` whose parent is `parent` (0: any).
+std::vector<pid_t> ChildrenNamed(pid_t parent, const std::string& comm) {
+  std::vector<pid_t> found;
+  for (const std::string& entry : ListDir("/proc")) {
+    if (entry.empty() || !isdigit(static_cast<unsigned char>(entry[0]))) continue;
+    const std::string stat = ReadText("/proc/" + entry + "/stat");
+    const size_t open = stat.find('('), close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos || close + 4 >= stat.size()) continue;
+    int ppid = 0;
+    char state = 0;
+    if (std::sscanf(stat.c_str() + close + 2, "%c %d", &state, &ppid) != 2 || state == 'Z') continue;
+    if ((parent <= 0 || ppid == parent) && stat.substr(open + 1, close - open - 1) == comm)
+      found.push_back(static_cast<pid_t>(std::stoi(entry)));
+  }
+  return found;
+}
+
+// Found by daemon_killed_repeatedly in CI: dmcowd killed while its device
+// was suspended (a reload's few milliseconds) left it suspended, and the
+// writer waited in the kernel for good. Here that window is held open:
+// the device is suspended as a reload suspends it, a write waits on it,
+// dmcowd is killed. Its guard resumes the device: the write fails (it
+// needs the daemon), the kernel log says why, the flushed data reads back,
+// through this device and through a new dmcowd on the same COW. A dmcowd
+// that stops cleanly leaves no guard behind.
+void TestKilledSuspended() {
+  const std::string name = "dc-ksusp", base = "/tmp/ks-base.img", cow = "/tmp/ks-cow.img";
+  const uint32_t cs = 128;  // 64 KiB chunks
+  const uint64_t sectors = 8 * 2048;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  Daemon d(name, {"--chunk-size", "64K", "--reload-interval", "0", base, cow});
+  d.Start();
+  CHECK(ChildrenNamed(d.pid(), "dmcowd-guard").size() == 1, "dmcowd has no guard (or several)");
+  int fd = OpenDev(name);
+  CHECK(WriteTag(fd, &m, 0, cs, 5) == 0, "write chunk 0");
+  CHECK(fdatasync(fd) == 0, "flush: %s", strerror(errno));
+  Must({kDmsetup, "suspend", "--noflush", "--nolockfs", name});
+
+  std::atomic<bool> done{false};
+  std::atomic<int> result{0};
+  std::thread writer([&] {
+    Model scratch(sectors);
+    result = WriteTag(fd, &scratch, 4 * cs, cs, 6);  // a new chunk: a MAP_WRITE for the daemon
+    done = true;
+  });
+  SleepMs(300);
+  const bool passed_suspended = done;
+  const pid_t pid = d.pid();
+  d.Kill();
+  JoinWithin(&writer, done, name, "a write to the suspended device");
+  CHECK(!passed_suspended, "the write passed a suspended device");
+  CHECK(result == -EIO, "the held write ended with %d, not -EIO", result.load());
+  std::string info;
+  CHECK(Run({kDmsetup, "info", name}, &info) == 0 && info.find("ACTIVE") != std::string::npos, "device not active: %s",
+        info.c_str());
+  const std::string said = Fmt("dmcowd (pid %d) ended with /dev/mapper/%s suspended: resumed it", pid, name.c_str());
+  CHECK(KernelLog().find(said) != std::string::npos, "the kernel log lacks \"%s\"", said.c_str());
+  Verify(name, m);
+  close(fd);
+  Must({kDmsetup, "remove", name, "--noudevsync"});
+  for (int i = 0; i < 50 && (LoopsOn(base) || LoopsOn(cow)); i++) SleepMs(100);
+
+  Daemon d2(name, {base, cow});
+  d2.Start();
+  Verify(name, m);
+  const pid_t pid2 = d2.pid();
+  CHECK(d2.Stop() == 0, "dmcowd exit");
+  CHECK(ChildrenNamed(pid2, "dmcowd-guard").empty(), "dmcowd exited before its guard");
+  for (int i = 0; i < 50 && !ChildrenNamed(0, "dmcowd-guard").empty(); i++) SleepMs(100);
+  CHECK(ChildrenNamed(0, "dmcowd-guard").empty(), "a guard outlived its dmcowd by 5 s");
+  CHECK(!DeviceExists(name), "device left after a clean stop");
+  CheckBaseFile(base, sectors);
+  unlink(cow.c_str());
+  unlink(base.c_str());
+}
+
 // Issue 14's report, run many times: a flushed 64 KiB write at 2 MiB, a
 // writer of 64 KiB blocks from 19 MiB, SIGKILL at a different moment each
 // round while table reloads (every second, each with a suspend) may be in
@@ -526,13 +633,15 @@ void TestKilledRepeatedly() {
     // Sequential 64 KiB blocks, each a new chunk (a MAP_WRITE to the
     // daemon), until one fails or the end.
     std::atomic<int> written{0};
+    std::atomic<bool> stopped{false};
     std::thread writer([&] {
       Buf buf(cs * kSector);
       for (uint64_t s = writer_from; s + cs <= sectors; s += cs) {
         for (uint64_t k = 0; k < cs * kWords; k++) buf.words()[k] = TagWord(900, s + k / kWords, k % kWords);
-        if (pwrite(fd, buf.data(), cs * kSector, s * kSector) != static_cast<ssize_t>(cs * kSector)) return;
+        if (pwrite(fd, buf.data(), cs * kSector, s * kSector) != static_cast<ssize_t>(cs * kSector)) break;
         written++;
       }
+      stopped = true;
     });
     SleepMs(100 + 80 * round);  // mid-write, at a different moment each round
     std::fprintf(stderr, "killed_repeatedly: round %d: kill after %d writer blocks\n", round, written.load());
@@ -542,7 +651,7 @@ void TestKilledRepeatedly() {
       std::fprintf(stderr, "killed_repeatedly: round %d: %s\n", round, e.what());
       throw;
     }
-    writer.join();
+    JoinWithin(&writer, stopped, name, Fmt("round %d: the writer", round));
     std::fprintf(stderr, "killed_repeatedly: round %d: writer stopped\n", round);
     close(fd);
     for (int i = 0; i < 50 && DeviceExists(name); i++) {
@@ -706,16 +815,6 @@ void TestFilesystem() {
   unlink(base.c_str());
 }
 
-std::vector<std::string> ListDir(const std::string& path) {
-  std::vector<std::string> names;
-  DIR* dir = opendir(path.c_str());
-  CHECK(dir, "opendir %s: %s", path.c_str(), strerror(errno));
-  while (dirent* e = readdir(dir))
-    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) names.push_back(e->d_name);
-  closedir(dir);
-  return names;
-}
-
 // ext4 mounted on a cow device (the kernel's file system, not e2fsprogs):
 // files written through the mount, a SIGTERM while mounted leaves the
 // device serving, unmount, detach, reattach, fsck clean, mount again and
@@ -790,6 +889,7 @@ const TestCase kTests[] = {
     {"daemon_mount", TestMount},
     {"daemon_killed_mid_write", TestKilledMidWrite},
     {"daemon_killed_repeatedly", TestKilledRepeatedly},
+    {"daemon_killed_suspended", TestKilledSuspended},
     {"daemon_reload_scattered", TestReloadScattered},
 };
 

@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/klog.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -88,6 +89,13 @@ inline std::string ReadText(const std::string& path) {
   return text;
 }
 
+// The kernel log (dmesg) as text.
+inline std::string KernelLog() {
+  std::vector<char> buf(1 << 20);
+  int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buf.data(), static_cast<int>(buf.size()));
+  return n > 0 ? std::string(buf.data(), n) : std::string();
+}
+
 inline std::string Tail(const std::string& s, size_t n = 600) { return s.size() > n ? s.substr(s.size() - n) : s; }
 
 inline void WriteText(const std::string& path, const std::string& text) {
@@ -129,13 +137,16 @@ inline int RunOne(const TestCase& t, int timeout_s) {
   }
   close(fds[1]);
   std::string result;
-  bool timed_out = false;
+  bool timed_out = false, unkillable = false;
   for (;;) {
     int st;
     if (waitpid(pid, &st, WNOHANG) == pid) break;
     if (MsSince(t0) > timeout_s * 1000L) {
       kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
+      // A thread waiting on held I/O cannot die: say so and go on with
+      // the next test rather than wait with it.
+      const auto killed = Clock::now();
+      while (waitpid(pid, nullptr, WNOHANG) != pid && !(unkillable = MsSince(killed) > 10000)) SleepMs(20);
       timed_out = true;
       break;
     }
@@ -148,7 +159,8 @@ inline int RunOne(const TestCase& t, int timeout_s) {
   }
   close(fds[0]);
   if (timed_out)
-    result = Fmt("FAIL timed out after %d s", timeout_s);
+    result = Fmt("FAIL timed out after %d s%s", timeout_s,
+                 unkillable ? "; its process cannot die (I/O held in the kernel)" : "");
   else if (result.empty())
     result = "FAIL test process died";
   for (char& c : result)

@@ -15,7 +15,6 @@
 #include <linux/loop.h>
 #include <signal.h>
 #include <sys/ioctl.h>
-#include <sys/klog.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -67,13 +66,6 @@ void Dmsetup(const std::vector<std::string>& args) {
   std::string cmd;
   for (auto& a : args) cmd += a + " ";
   CHECK(st == 0, "dmsetup %s failed (%d): %s", cmd.c_str(), st, out.c_str());
-}
-
-// The kernel log (dmesg) as text.
-std::string KernelLog() {
-  std::vector<char> buf(1 << 20);
-  int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, buf.data(), buf.size());
-  return n > 0 ? std::string(buf.data(), n) : std::string();
 }
 
 // ---- loop devices -----------------------------------------------------------

@@ -110,11 +110,15 @@ Status Daemon::Start() {
   if (!ValidUuid(options_.uuid)) {
     return Status::InvalidArgument("uuid '" + options_.uuid + "': " + kUuidRule);
   }
+  // A dmcowd killed while its device is suspended must not leave the
+  // device's I/O held for good. Forked first: the guard keeps a copy of
+  // what our memory holds now.
+  Status s = guard_.Start(name, options_.uuid, dm::UdevFlags(udev_rules()));
+  if (!s.ok()) return s;
   dm::Init();
   if (options_.lock_memory && prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0) {
     LOG_WARN("PR_SET_IO_FLUSHER: %s (memory pressure may deadlock the device)", std::strerror(errno));
   }
-  Status s;
   {
     std::lock_guard<std::mutex> l(plugin_mu_);
     s = plugin_->Open(&spec_);
@@ -143,9 +147,7 @@ Status Daemon::Start() {
   s = dm::Create(name, options_.uuid);
   if (!s.ok()) return fail(s);
   created_ = true;
-  // Before the first suspend: a dmcowd killed while its device is
-  // suspended must not leave the device's I/O held for good.
-  s = guard_.Start(name, dm::UdevFlags(udev_rules()));
+  s = guard_.Watch();
   if (!s.ok()) return fail(s);
 
   // The first table: persisted runs go linear, the kernel gets the rest.

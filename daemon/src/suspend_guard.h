@@ -8,8 +8,10 @@
 // suite stuck for 7 minutes). docs/abi.md promises that no I/O waits for a
 // dead daemon; a suspended device would break that promise.
 //
-// So, once the device exists, a small process is forked that holds nothing
-// but the read end of a pipe whose write end only dmcowd holds. When the
+// So a small process is forked, early (before images are opened and caches
+// filled: it keeps a copy of our memory as it was), that holds nothing but
+// the read end of a pipe whose write end only dmcowd holds; once the device
+// exists, its number is sent down the pipe. When the
 // pipe closes, dmcowd has gone (every thread of it: the kernel closes the
 // descriptors last, after any ioctl in progress returned). If the device is
 // still the one dmcowd made (same device number) and is suspended, the
@@ -20,7 +22,7 @@
 // The guard says what it did in the kernel log (/dev/kmsg), since dmcowd's
 // own log may be gone.
 //
-// Thread safety: Start and Stop from one thread. The child uses only
+// Thread safety: Start, Watch and Stop from one thread. The child uses only
 // async-signal-safe calls (the parent may have threads).
 #ifndef DMCOWD_SUSPEND_GUARD_H_
 #define DMCOWD_SUSPEND_GUARD_H_
@@ -42,9 +44,12 @@ class SuspendGuard {
   SuspendGuard& operator=(const SuspendGuard&) = delete;
   ~SuspendGuard() { Stop(); }
 
-  // Guards /dev/mapper/`name`, which must exist. `udev_flags`: the
-  // DM_UDEV_* flags dmcowd's own resumes carry.
-  Status Start(const std::string& name, uint16_t udev_flags);
+  // Forks the guard of /dev/mapper/`name` (by `uuid` where not empty), to
+  // be made later. `udev_flags`: the DM_UDEV_* flags dmcowd's own resumes
+  // carry. Call before opening images or loading caches.
+  Status Start(const std::string& name, const std::string& uuid, uint16_t udev_flags);
+  // The device exists now: the guard watches it from here on.
+  Status Watch();
   // Our exit is no death: the guard checks once (the device is removed or
   // running by then), exits, and is waited for.
   void Stop();
@@ -52,6 +57,7 @@ class SuspendGuard {
   pid_t pid() const { return pid_; }
 
  private:
+  std::string name_, uuid_;
   pid_t pid_ = -1;
   int alive_fd_ = -1;  // the write end; closing it wakes the guard
 };

@@ -522,6 +522,15 @@ void JoinWithin(std::thread* t, const std::atomic<bool>& done, const std::string
   CHECK(false, "%s: I/O still held 10 s after dmcowd died: %s", who.c_str(), info.c_str());
 }
 
+// Whether thread `tid` of this process sleeps uninterruptibly (state D),
+// as a thread waiting for its I/O does.
+bool InKernelSleep(pid_t tid) {
+  if (tid <= 0) return false;
+  const std::string stat = ReadText(Fmt("/proc/self/task/%d/stat", static_cast<int>(tid)));
+  const size_t close = stat.rfind(')');
+  return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] == 'D';
+}
+
 // The live processes named `comm` whose parent is `parent` (0: any).
 std::vector<pid_t> ChildrenNamed(pid_t parent, const std::string& comm) {
   std::vector<pid_t> found;
@@ -547,14 +556,15 @@ std::vector<pid_t> ChildrenNamed(pid_t parent, const std::string& comm) {
 // needs the daemon), the kernel log says why, the flushed data reads back,
 // through this device and through a new dmcowd on the same COW. A dmcowd
 // that stops cleanly leaves no guard behind.
-void TestKilledSuspended() {
-  const std::string name = "dc-ksusp", base = "/tmp/ks-base.img", cow = "/tmp/ks-cow.img";
+void KillSuspended(const std::string& name, const std::string& uuid, const std::string& base, const std::string& cow,
+                   Model* model) {
   const uint32_t cs = 128;  // 64 KiB chunks
-  const uint64_t sectors = 8 * 2048;
-  WriteBaseFile(base, sectors);
-  unlink(cow.c_str());
-  Model m(sectors);
-  Daemon d(name, {"--chunk-size", "64K", "--reload-interval", "0", base, cow});
+  Model& m = *model;
+  const uint64_t sectors = m.sectors;
+  std::vector<std::string> args = {"--reload-interval", "0", base, cow};
+  if (access(cow.c_str(), F_OK) != 0) args.insert(args.begin(), {"--chunk-size", "64K"});  // a new COW
+  if (!uuid.empty()) args.insert(args.begin(), {"--uuid", uuid});
+  Daemon d(name, args);
   d.Start();
   CHECK(ChildrenNamed(d.pid(), "dmcowd-guard").size() == 1, "dmcowd has no guard (or several)");
   int fd = OpenDev(name);
@@ -564,36 +574,50 @@ void TestKilledSuspended() {
 
   std::atomic<bool> done{false};
   std::atomic<int> result{0};
+  std::atomic<pid_t> writer_tid{0};
   std::thread writer([&] {
     Model scratch(sectors);
+    writer_tid = gettid();
     result = WriteTag(fd, &scratch, 4 * cs, cs, 6);  // a new chunk: a MAP_WRITE for the daemon
     done = true;
   });
-  SleepMs(300);
-  const bool passed_suspended = done;
+  // The write must be waiting in the kernel when dmcowd dies.
+  for (int i = 0; i < 250 && !done && !InKernelSleep(writer_tid); i++) SleepMs(20);
+  const bool passed_suspended = done, waiting = InKernelSleep(writer_tid);
   const pid_t pid = d.pid();
   d.Kill();
   JoinWithin(&writer, done, name, "a write to the suspended device");
   CHECK(!passed_suspended, "the write passed a suspended device");
+  CHECK(waiting, "the write was not waiting in the kernel when dmcowd was killed");
   CHECK(result == -EIO, "the held write ended with %d, not -EIO", result.load());
   std::string info;
   CHECK(Run({kDmsetup, "info", name}, &info) == 0 && info.find("ACTIVE") != std::string::npos, "device not active: %s",
         info.c_str());
   const std::string said = Fmt("dmcowd (pid %d) ended with /dev/mapper/%s suspended: resumed it", pid, name.c_str());
+  for (int i = 0; i < 100 && KernelLog().find(said) == std::string::npos; i++) SleepMs(20);
   CHECK(KernelLog().find(said) != std::string::npos, "the kernel log lacks \"%s\"", said.c_str());
   Verify(name, m);
   close(fd);
   Must({kDmsetup, "remove", name, "--noudevsync"});
   for (int i = 0; i < 50 && (LoopsOn(base) || LoopsOn(cow)); i++) SleepMs(100);
+}
 
+// The guard finds the device by uuid where it has one, else by name: the
+// kill is done once each way, on the same COW.
+void TestKilledSuspended() {
+  const std::string name = "dc-ksusp", base = "/tmp/ks-base.img", cow = "/tmp/ks-cow.img";
+  const uint64_t sectors = 8 * 2048;
+  WriteBaseFile(base, sectors);
+  unlink(cow.c_str());
+  Model m(sectors);
+  for (const char* uuid : {"", "DMCOW-TEST-ksusp"}) KillSuspended(name, uuid, base, cow, &m);
   Daemon d2(name, {base, cow});
   d2.Start();
   Verify(name, m);
-  const pid_t pid2 = d2.pid();
   CHECK(d2.Stop() == 0, "dmcowd exit");
-  CHECK(ChildrenNamed(pid2, "dmcowd-guard").empty(), "dmcowd exited before its guard");
-  for (int i = 0; i < 50 && !ChildrenNamed(0, "dmcowd-guard").empty(); i++) SleepMs(100);
-  CHECK(ChildrenNamed(0, "dmcowd-guard").empty(), "a guard outlived its dmcowd by 5 s");
+  // Stopped cleanly, dmcowd waited for its guard (a guard left running
+  // would have been handed to init by now).
+  CHECK(ChildrenNamed(0, "dmcowd-guard").empty(), "a guard outlived its dmcowd");
   CHECK(!DeviceExists(name), "device left after a clean stop");
   CheckBaseFile(base, sectors);
   unlink(cow.c_str());

@@ -7,6 +7,7 @@
 #   bench/sparse_bench.sh BUILD_DIR [WORK_DIR]
 #   RUNS=N (default 3): runs per tool and case, median reported.
 #   SIZES="64G 1T 16T" (default): virtual sizes.
+#   ONLY=REGEX: only the cases whose name matches (grep -E).
 #
 # Prints one markdown table: case, qemu-img s, dmcow-img s, ratio (ours /
 # theirs; below 1 is faster). Raw files stop short of 16 TiB on ext4, so raw
@@ -22,11 +23,13 @@ runs=${RUNS:-3}
 sizes=${SIZES:-64G 1T 16T}
 export LC_ALL=C
 
-# median_seconds CMD...: median wall time of $runs runs (outputs removed first).
+# median_seconds CMD...: median wall time of $runs runs (outputs removed
+# first, then $PREP run untimed: commit and rebase change their images).
 median_seconds() {
 	local times=() t0 t1 i
 	for ((i = 0; i < runs; i++)); do
 		rm -f out.* 2>/dev/null || true
+		[ -z "${PREP:-}" ] || sh -c "$PREP" >/dev/null 2>&1 || { echo "bench: failed: $PREP" >&2; exit 1; }
 		t0=$(date +%s.%N)
 		"$@" >/dev/null 2>&1 || { echo "bench: failed: $*" >&2; exit 1; }
 		t1=$(date +%s.%N)
@@ -37,6 +40,7 @@ median_seconds() {
 
 row() {  # name, qemu-img args ("" for none), dmcow-img args
 	local name=$1 theirs=$2 mine=$3 q="" o
+	[ -z "${ONLY:-}" ] || echo "$name" | grep -Eq -- "$ONLY" || return 0
 	[ -n "$theirs" ] && q=$(median_seconds sh -c "qemu-img $theirs")
 	o=$(median_seconds sh -c "'$ours' $mine")
 	if [ -n "$q" ]; then
@@ -83,6 +87,16 @@ for size in $sizes; do
 	row "$s check sparse" "check sparse.qcow2" "check sparse.qcow2"
 	row "$s checksum chain" "" "checksum top.qcow2"
 	row "$s measure chain -> qcow2" "measure -O qcow2 top.qcow2" "measure -O qcow2 top.qcow2"
+	# commit and rebase change their images: fresh copies before each run,
+	# untimed (a top over its own copy of the base, as made above).
+	copies="cp sparse.qcow2 out-base.qcow2 && cp top.qcow2 out-top.qcow2 &&
+		qemu-img rebase -u -b out-base.qcow2 -F qcow2 out-top.qcow2"
+	PREP=$copies row "$s commit chain" "commit out-top.qcow2" "commit out-top.qcow2"
+	PREP=$copies row "$s rebase -u chain" "rebase -u -b sparse.qcow2 -F qcow2 out-top.qcow2" \
+		"rebase -u -b sparse.qcow2 -F qcow2 out-top.qcow2"
+	# A safe rebase onto the empty image copies what the old base held.
+	PREP=$copies row "$s rebase chain onto empty" "rebase -b empty.qcow2 -F qcow2 out-top.qcow2" \
+		"rebase -b empty.qcow2 -F qcow2 out-top.qcow2"
 	# qemu-img dd writes every byte: the first 256 MiB only.
 	row "$s dd chain, 256 MiB -> raw" "dd bs=1M count=256 if=top.qcow2 of=out.raw" \
 		"dd bs=1M count=256 if=top.qcow2 of=out.raw"

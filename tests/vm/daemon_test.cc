@@ -553,9 +553,9 @@ std::vector<pid_t> ChildrenNamed(pid_t parent, const std::string& comm) {
 // writer waited in the kernel for good. Here that window is held open:
 // the device is suspended as a reload suspends it, a write waits on it,
 // dmcowd is killed. Its guard resumes the device: the write fails (it
-// needs the daemon), the kernel log says why, the flushed data reads back,
-// through this device and through a new dmcowd on the same COW. A dmcowd
-// that stops cleanly leaves no guard behind.
+// needs the daemon), the kernel log says why, the flushed data reads back
+// through the device. (A new dmcowd on the same COW, and the clean stop
+// that leaves no guard behind: TestKilledSuspended.)
 void KillSuspended(const std::string& name, const std::string& uuid, const std::string& base, const std::string& cow,
                    Model* model) {
   const uint32_t cs = 128;  // 64 KiB chunks

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # README's second command, and what CI runs (.ci/run): the whole suite.
 #  0. the formatting check (clang-format, .clang-format);
-#  1. the release build of what the kernel VM suite runs (tests/vm, label
-#     "vm"); the Debian packages built, installed in a clean root, checked
-#     and removed (tests/debian_package_test.sh), and the VM suite with the
-#     module DKMS built there: Debian's kernel under TCG, one core, ~5 minutes;
+#  1. the static programs the kernel VM suite runs inside the VM (tests/vm,
+#     label "vm"); the Debian packages built, installed in a clean root,
+#     checked and removed (tests/debian_package_test.sh), and the VM suite
+#     with the packaged dmcowd, dmcow-qcow, dmcow-img and nbdkit plugin and
+#     the module DKMS built there: Debian's kernel under TCG, one core, ~5
+#     minutes. (The package's build is the suite's release build: building
+#     the same programs a second time took 5 of CI's minutes.);
 #  2. beside the VM suite, at lower priority (so the VM's timeouts see a whole
 #     core): the libFuzzer target over "open an image and read all of it",
 #     bounded, then the ASan + UBSan build and every other test in it.
@@ -39,17 +42,17 @@ scripts/install-deps.sh
 echo "=== formatting"
 scripts/check-format.sh
 
-echo "=== release build"
-# The programs the VM suite boots with first, so that it starts early.
-scripts/build.sh release dmcowd dmcow-qcow dmcow-img nbdkit-dmcow-plugin responder vmtest daemontest qcowtest blkio
+echo "=== release build of the in-VM test programs"
+scripts/build.sh release responder vmtest daemontest qcowtest blkio
 
 echo "=== Debian packages, then the kernel VM suite (release build), in the background; their output follows"
-# The VM suite loads the dm-cow.ko that DKMS built from the dm-cow-dkms
-# package in a clean root (tests/debian_package_test.sh).
+# The VM suite runs the dmcow package's programs and loads the dm-cow.ko
+# that DKMS built from the dm-cow-dkms package in a clean root
+# (tests/debian_package_test.sh).
 vm_log=$(mktemp)
 pkg_out=$(mktemp -d)
 (tests/debian_package_test.sh "$pkg_out" >"$vm_log" 2>&1 &&
-  DMCOW_KO=$pkg_out/dm-cow.ko run_ctest --test-dir build --output-on-failure -L vm >>"$vm_log" 2>&1) &
+  DMCOW_INSTALLED=$pkg_out/root DMCOW_KO=$pkg_out/dm-cow.ko run_ctest --test-dir build --output-on-failure -L vm >>"$vm_log" 2>&1) &
 vm_pid=$!
 trap 'kill "$vm_pid" 2>/dev/null || true' EXIT
 

@@ -16,9 +16,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 vm_packages vm-demo
 vm_kernel
-DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
-DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
-[ -x "$DMCOWD" ] && [ -x "$DMCOW_QCOW" ] || die "build first (scripts/build.sh)"
+vm_dmcow_binaries  # the build's, or DMCOW_INSTALLED's (tests/vm/lib.sh)
 echo "vm-demo: building dm-cow.ko for $KVER"
 vm_build_kmod "$OUT"
 

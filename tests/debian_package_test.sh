@@ -14,8 +14,10 @@
 #     (`dkms status`: installed);
 #  4. removed (apt-get remove): every file of both packages and the module
 #     DKMS installed are gone.
-# OUTDIR gets the packages and the dm-cow.ko DKMS built, which the VM suite
-# then loads (scripts/test.sh: DMCOW_KO). Needs root (mount, chroot; sudo
+# OUTDIR gets the packages, the dmcow package's files unpacked under
+# OUTDIR/root and the dm-cow.ko DKMS built: the VM suite then runs those
+# binaries and loads that module (scripts/test.sh: DMCOW_INSTALLED,
+# DMCOW_KO), so it tests what users install. Needs root (mount, chroot; sudo
 # is used otherwise) and install-deps.sh's packages.
 set -euo pipefail
 die() { echo "debian_package_test: $*" >&2; exit 1; }
@@ -46,6 +48,8 @@ rm -f "$OUT"/*.deb
 cp "$TMP"/*.deb "$OUT/"
 DEBS=("dmcow_${VERSION}_$(dpkg --print-architecture).deb" "dm-cow-dkms_${VERSION}_all.deb")
 for d in "${DEBS[@]}"; do [ -f "$OUT/$d" ] || die "no $d built"; done
+rm -rf "$OUT/root"
+dpkg-deb -x "$OUT/${DEBS[0]}" "$OUT/root"
 
 echo "== a clean root: this system below, an empty tmpfs above"
 mkdir -p "$TMP/layers"

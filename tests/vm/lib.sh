@@ -54,6 +54,37 @@ vm_build_kmod() {
 	fi
 }
 
+# vm_dmcow_binaries: the dmcow programs a VM runs, either the build's
+# (DMCOWD, default build/daemon/dmcowd, and what that build made beside it)
+# or, with DMCOW_INSTALLED=ROOT, the files of the dmcow Debian package
+# unpacked under ROOT (CI: the package tests/debian_package_test.sh built),
+# which are what users install. Sets DMCOWD DMCOW_QCOW DMCOW_IMG DMCOW_UNIT
+# NBDKIT_PLUGIN.
+vm_dmcow_binaries() {
+	if [ -n "${DMCOW_INSTALLED:-}" ]; then
+		DMCOWD=$DMCOW_INSTALLED/usr/sbin/dmcowd
+		DMCOW_QCOW=$DMCOW_INSTALLED/usr/sbin/dmcow-qcow
+		DMCOW_IMG=$DMCOW_INSTALLED/usr/bin/dmcow-img
+		DMCOW_UNIT=$DMCOW_INSTALLED/usr/lib/systemd/system/dmcow-qcow@.service
+		NBDKIT_PLUGIN=$(echo "$DMCOW_INSTALLED"/usr/lib/*/nbdkit/plugins/nbdkit-dmcow-plugin.so)
+	else
+		DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
+		local build
+		build=$(dirname "$DMCOWD")/..
+		DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
+		DMCOW_IMG=${DMCOW_IMG:-$SRC/build/cli/dmcow-img}
+		DMCOW_UNIT=$build/systemd/dmcow-qcow@.service
+		NBDKIT_PLUGIN=${NBDKIT_PLUGIN:-$build/nbdkit/nbdkit-dmcow-plugin.so}
+	fi
+	local f
+	for f in "$DMCOWD" "$DMCOW_QCOW" "$DMCOW_IMG"; do
+		[ -x "$f" ] || die "no $f (run scripts/build.sh, or set DMCOWD or DMCOW_INSTALLED)"
+	done
+	for f in "$DMCOW_UNIT" "$NBDKIT_PLUGIN"; do
+		[ -f "$f" ] || die "no $f (run scripts/build.sh, or set DMCOWD or DMCOW_INSTALLED)"
+	done
+}
+
 # ---- initramfs ----------------------------------------------------------------
 # vm_initramfs_begin DIR INIT: a fresh tree with busybox, dmsetup, the
 # shared first steps of every /init (prologue.sh) and INIT as /init; sets R.

@@ -15,9 +15,13 @@
 #   DMCOW_TEST_TIMEOUT=60  seconds per test inside the VM
 #   KVER=<version>         kernel to use (default: newest *-amd64 installed)
 #   DMCOW_VM_BIN=<dir>     the static in-guest programs (default: tests/vm
-#                          of the build holding DMCOWD)
+#                          of the build holding DMCOWD, or build/tests/vm)
 #   DMCOWD=<path>          the dmcowd binary for the daemon tests (default:
-#                          build/daemon/dmcowd, built by scripts/build.sh)
+#                          build/daemon/dmcowd, built by scripts/build.sh);
+#                          dmcow-qcow, the unit and the nbdkit plugin are
+#                          taken from the same build
+#   DMCOW_INSTALLED=<root> run the dmcow Debian package's files unpacked
+#                          under ROOT instead (CI; lib.sh vm_dmcow_binaries)
 #   DMCOW_KO=<path>        the dm-cow.ko to load (default: built here from kmod/;
 #                          CI: the one DKMS built from the Debian package)
 #
@@ -44,16 +48,16 @@ vm_kernel
 vm_build_kmod "$OUT"
 
 # ---- test programs (static, built by CMake with the rest: tests/vm/CMakeLists.txt)
-DMCOWD=${DMCOWD:-$SRC/build/daemon/dmcowd}
-[ -x "$DMCOWD" ] || die "no dmcowd at $DMCOWD (run scripts/build.sh, or set DMCOWD)"
-VM_BIN=${DMCOW_VM_BIN:-$(dirname "$DMCOWD")/../tests/vm}
+vm_dmcow_binaries
+if [ -n "${DMCOW_INSTALLED:-}" ]; then
+	VM_BIN=${DMCOW_VM_BIN:-$SRC/build/tests/vm}
+else
+	VM_BIN=${DMCOW_VM_BIN:-$(dirname "$DMCOWD")/../tests/vm}
+fi
 for p in responder vmtest daemontest qcowtest; do
 	[ -x "$VM_BIN/$p" ] || die "no $VM_BIN/$p (run scripts/build.sh, or set DMCOW_VM_BIN)"
 	cp "$VM_BIN/$p" "$OUT/$p"
 done
-DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
-DMCOW_IMG=${DMCOW_IMG:-$SRC/build/cli/dmcow-img}
-[ -x "$DMCOW_QCOW" ] || die "no dmcow-qcow next to $DMCOWD"
 command -v qemu-img >/dev/null || die "qemu-img not found (Debian package qemu-utils)"
 
 # ---- initramfs ----------------------------------------------------------------
@@ -61,11 +65,9 @@ vm_initramfs_begin "$OUT/initramfs" "$SRC/tests/vm/init.sh"
 cp "$OUT/vmtest" "$OUT/responder" "$OUT/daemontest" "$OUT/qcowtest" "$DMCOWD" "$DMCOW_QCOW" "$R/bin/"
 # The boot-time unit as built (qcow_dmcowtab runs its ExecStart/ExecStop),
 # its commands' path leading to our dmcow-qcow.
-UNIT=$(dirname "$DMCOWD")/../systemd/dmcow-qcow@.service
-[ -f "$UNIT" ] || die "no $UNIT (run scripts/build.sh)"
 mkdir -p "$R/lib/systemd/system"
-cp "$UNIT" "$R/lib/systemd/system/"
-UNIT_SBIN=$(sed -n 's|^ExecStart=\(.*\)/dmcow-qcow .*|\1|p' "$UNIT")
+cp "$DMCOW_UNIT" "$R/lib/systemd/system/"
+UNIT_SBIN=$(sed -n 's|^ExecStart=\(.*\)/dmcow-qcow .*|\1|p' "$DMCOW_UNIT")
 mkdir -p "$R$UNIT_SBIN"
 ln -sf /bin/dmcow-qcow "$R$UNIT_SBIN/dmcow-qcow"
 # Images for qcowtest, made by the real qemu-img here.
@@ -87,8 +89,6 @@ cp "$BONNIE" "$R/sbin/bonnie++"
 QEMU_IO=$(command -v qemu-io)
 cp "$QEMU_IO" "$R/bin/qemu-io"
 # nbdkit with our plugin, and the kernel's NBD client (qcow_nbd).
-NBDKIT_PLUGIN=${NBDKIT_PLUGIN:-$(dirname "$DMCOWD")/../nbdkit/nbdkit-dmcow-plugin.so}
-[ -f "$NBDKIT_PLUGIN" ] || die "no nbdkit plugin at $NBDKIT_PLUGIN (run scripts/build.sh)"
 NBDKIT=$(command -v nbdkit || true)
 NBD_CLIENT=$(command -v nbd-client || true)
 [ -n "$NBDKIT" ] && [ -n "$NBD_CLIENT" ] || die "nbdkit or nbd-client not found (Debian packages nbdkit, nbd-client)"

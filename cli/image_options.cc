@@ -283,7 +283,10 @@ std::string Escaped(const std::string& v) {
 
 std::string ParseOptionList(const OptList& list, const std::vector<OptDesc>& extra, const std::string& options,
                             OptionSet* set) {
-  for (const auto& [name, value] : SplitOptions(options)) {
+  for (const auto& option : SplitOptions(options)) {
+    // Not a structured binding: clang 14 cannot capture one in a lambda.
+    const std::string& name = option.first;
+    const std::string& value = option.second;
     const OptDesc* d = std::find_if(list.begin, list.end, [&](const OptDesc& o) { return name == o.name; });
     if (d == list.end) {
       auto it = std::find_if(extra.begin(), extra.end(), [&](const OptDesc& o) { return name == o.name; });

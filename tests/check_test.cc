@@ -101,8 +101,8 @@ class Images {
     const char* script[] = {
         // 16 MiB, 64 KiB clusters: data, compressed, zero clusters.
         "qemu-img create -f qcow2 plain.qcow2 16M",
-        "qemu-io -c 'write -P 1 0 1M' -c 'write -c -P 3 4M 128k' -c 'write -P 2 8M 128k' -c 'write -z 12M 64k' "
-        "plain.qcow2",
+        ("qemu-io -c 'write -P 1 0 1M' -c 'write -c -P 3 4M 128k' -c 'write -P 2 8M 128k' -c 'write -z 12M 64k' "
+         "plain.qcow2"),  // one line (parentheses: a wrapped string, not a missing comma)
         // With an internal snapshot, and a cluster rewritten after it.
         "cp plain.qcow2 snap.qcow2 && qemu-img snapshot -c s1 snap.qcow2",
         "qemu-io -c 'write -P 9 0 64k' snap.qcow2",

@@ -54,8 +54,8 @@ class Images {
         "qemu-io -f raw -c 'write -P 0xab 1M 64k' -c 'write -P 0 8M 64k' -c 'write -P 0xcd 67104768 4k' raw.raw",
         "qemu-img create -f raw empty.raw 0",
         "qemu-img create -f qcow2 base.qcow2 64M",
-        "qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 4M 64k' -c 'write -c -P 3 8M 128k' -c 'write -z 12M 64k'"
-        " base.qcow2",
+        ("qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 4M 64k' -c 'write -c -P 3 8M 128k' -c 'write -z 12M 64k'"
+         " base.qcow2"),  // one line (parentheses: a wrapped string, not a missing comma)
         "qemu-img create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
         "qemu-io -c 'write -P 4 512k 1M' -c 'write -z 4M 64k' -c 'write -P 0 10M 64k' top.qcow2",
         "qemu-img snapshot -c snap1 top.qcow2",

@@ -21,7 +21,7 @@ constexpr int kSharedBase = 200;  // RAW_LOCK_SHARED_BASE
 constexpr int kNumPerms = 4;
 constexpr uint32_t kConsistentRead = 0x1;
 constexpr uint32_t kWrite = 0x2;
-constexpr uint32_t kWriteUnchanged = 0x4;
+[[maybe_unused]] constexpr uint32_t kWriteUnchanged = 0x4;  // never taken or checked by us
 constexpr uint32_t kResize = 0x8;
 constexpr uint32_t kAllPerms = 0xf;
 // bdrv_perm_names(): the words QEMU's messages use.

@@ -10,14 +10,14 @@
 #     the same programs a second time took 5 of CI's minutes.);
 #  2. beside the VM suite, at lower priority (so the VM's timeouts see a whole
 #     core): the libFuzzer target over "open an image and read all of it",
-#     bounded, then the ASan + UBSan build and every other test in it.
+#     bounded, then the ASan + UBSan build (clang) and every other test in it.
 # Every test but the VM suite runs once, in the sanitizer build: the same
 # sources and tests as release, at -O1 with ASan and UBSan, which catch what a
 # release run would and memory errors besides. Running them in both builds
 # took 12 of CI's minutes for no finding the sanitizer run missed, and
-# building them twice 3 more (the build has no -Werror: the sanitizer build
-# compiles the same code). A release run of them all is
-# `scripts/build.sh release && ctest --test-dir build`.
+# building them twice 3 more. gcc builds the packaged programs the VM suite
+# and its host checks run; clang the sanitizer build. A release run of them
+# all is `scripts/build.sh release && ctest --test-dir build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
@@ -45,7 +45,7 @@ scripts/check-format.sh
 echo "=== release build of the in-VM test programs"
 scripts/build.sh release responder vmtest daemontest qcowtest blkio
 
-echo "=== Debian packages, then the kernel VM suite (release build), in the background; their output follows"
+echo "=== Debian packages, then the kernel VM suite on them, in the background; their output follows"
 # The VM suite runs the dmcow package's programs and loads the dm-cow.ko
 # that DKMS built from the dm-cow-dkms package in a clean root
 # (tests/debian_package_test.sh).
@@ -82,7 +82,7 @@ wait "$vm_pid"
 vm_rc=$?
 set -e
 trap - EXIT
-echo "=== Debian packages and the kernel VM suite (release build)"
+echo "=== Debian packages and the kernel VM suite on them"
 cat "$vm_log"
 rm -f "$vm_log"
 [ "$other_rc" = 0 ] || { echo "test.sh: the build, fuzzing or a sanitizer-build test failed (above)" >&2; exit 1; }

@@ -1,6 +1,6 @@
 # Shared pieces of the scripts that boot Debian's kernel under qemu with the
-# dm-cow module: tests/vm/run.sh (the VM test suite) and bench/vm_bench.sh
-# (benchmarks). Sourced, not run; the caller sets `set -euo pipefail`, SRC
+# dm-cow module: tests/vm/run.sh (the VM test suite), scripts/vm-demo.sh and
+# bench/vm_bench.sh (benchmarks). Sourced, not run; the caller sets `set -euo pipefail`, SRC
 # (the source tree) and defines die().
 #
 # After vm_kernel: KVER, KDIR, VMLINUZ. vm_initramfs_begin sets R, the
@@ -59,7 +59,8 @@ vm_build_kmod() {
 # or, with DMCOW_INSTALLED=ROOT, the files of the dmcow Debian package
 # unpacked under ROOT (CI: the package tests/debian_package_test.sh built),
 # which are what users install. Sets DMCOWD DMCOW_QCOW DMCOW_IMG DMCOW_UNIT
-# NBDKIT_PLUGIN.
+# NBDKIT_PLUGIN; requires dmcowd and dmcow-qcow (callers check what else they
+# use).
 vm_dmcow_binaries() {
 	if [ -n "${DMCOW_INSTALLED:-}" ]; then
 		DMCOWD=$DMCOW_INSTALLED/usr/sbin/dmcowd
@@ -72,16 +73,13 @@ vm_dmcow_binaries() {
 		local build
 		build=$(dirname "$DMCOWD")/..
 		DMCOW_QCOW=$(dirname "$DMCOWD")/dmcow-qcow
-		DMCOW_IMG=${DMCOW_IMG:-$SRC/build/cli/dmcow-img}
+		DMCOW_IMG=${DMCOW_IMG:-$build/cli/dmcow-img}
 		DMCOW_UNIT=$build/systemd/dmcow-qcow@.service
 		NBDKIT_PLUGIN=${NBDKIT_PLUGIN:-$build/nbdkit/nbdkit-dmcow-plugin.so}
 	fi
 	local f
-	for f in "$DMCOWD" "$DMCOW_QCOW" "$DMCOW_IMG"; do
+	for f in "$DMCOWD" "$DMCOW_QCOW"; do
 		[ -x "$f" ] || die "no $f (run scripts/build.sh, or set DMCOWD or DMCOW_INSTALLED)"
-	done
-	for f in "$DMCOW_UNIT" "$NBDKIT_PLUGIN"; do
-		[ -f "$f" ] || die "no $f (run scripts/build.sh, or set DMCOWD or DMCOW_INSTALLED)"
 	done
 }
 

@@ -70,7 +70,11 @@ std::string Attach(const std::string& name, const std::string& image, bool read_
   args.push_back(image);
   if (!daemon_log.empty()) {
     std::string cmd = "DMCOW_QCOW_DAEMON_STDERR=1 exec";
-    for (const std::string& a : args) cmd += " '" + a + "'";
+    for (const std::string& a : args) {
+      cmd += " '";
+      for (char c : a) cmd += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      cmd += "'";
+    }
     args = {"/bin/sh", "-c", cmd + " 2>'" + daemon_log + "'"};
   }
   std::string out;

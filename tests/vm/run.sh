@@ -49,6 +49,9 @@ vm_build_kmod "$OUT"
 
 # ---- test programs (static, built by CMake with the rest: tests/vm/CMakeLists.txt)
 vm_dmcow_binaries
+[ -x "$DMCOW_IMG" ] || die "no dmcow-img at $DMCOW_IMG (run scripts/build.sh, or set DMCOW_IMG)"
+[ -f "$DMCOW_UNIT" ] || die "no $DMCOW_UNIT (run scripts/build.sh)"
+[ -f "$NBDKIT_PLUGIN" ] || die "no nbdkit plugin at $NBDKIT_PLUGIN (run scripts/build.sh)"
 if [ -n "${DMCOW_INSTALLED:-}" ]; then
 	VM_BIN=${DMCOW_VM_BIN:-$SRC/build/tests/vm}
 else

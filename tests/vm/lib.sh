@@ -1,7 +1,7 @@
 # Shared pieces of the scripts that boot Debian's kernel under qemu with the
 # dm-cow module: tests/vm/run.sh (the VM test suite), scripts/vm-demo.sh and
-# bench/vm_bench.sh (benchmarks). Sourced, not run; the caller sets `set -euo pipefail`, SRC
-# (the source tree) and defines die().
+# bench/vm_bench.sh (benchmarks). Sourced, not run; the caller sets
+# `set -euo pipefail`, SRC (the source tree) and defines die().
 #
 # After vm_kernel: KVER, KDIR, VMLINUZ. vm_initramfs_begin sets R, the
 # initramfs directory that copy_module and vm_copy_libs fill.

@@ -12,6 +12,8 @@
 #   RUNS=N (default 3) alternating runs per tool and case, median reported;
 #   CRUNS=N (default 1) for the compressed-output cases (minutes each; 0
 #   leaves them out).
+#   ONLY=REGEX: only the cases whose label matches (grep -E), e.g.
+#   ONLY=compare.
 #   IMAGE_CACHE=DIR (default /var/tmp/dmcow-realistic): where the images are
 #   made and kept between runs. WORK_DIR (default IMAGE_CACHE) is where the
 #   cases read and write: the images are copied there (holes kept) when it
@@ -68,6 +70,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 bench_case() {
 	local label=$1 n=$2 out=$3 qargs=$4 dargs=$5 i q d qm dm same=""
 	[ "$n" -gt 0 ] || return 0
+	[ -z "${ONLY:-}" ] || grep -qE -- "$ONLY" <<<"$label" || return 0
 	: >q.txt
 	: >d.txt
 	# Each run starts with no dirty pages: neither tool's run pays for the

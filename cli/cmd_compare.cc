@@ -3,22 +3,23 @@
 // 4 read error; command line errors exit with 1 as in qemu-img.
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
-#include <future>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "cli_common.h"
 #include "locking_env.h"
+#include "range_compare.h"
 
 namespace dmcow::cli {
 namespace {
 
-constexpr uint64_t kBufSize = 2 << 20;  // qemu-img's IO_BUF_SIZE
-constexpr uint64_t kSector = 512;
+// Data runs are compared up to this much at a time: a handful of thread
+// starts per GiB.
+constexpr uint64_t kBatch = 64 << 20;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)
 
@@ -41,20 +42,10 @@ struct BlockStatus {
   bool operator==(const BlockStatus&) const = default;
 };
 
-// First 512-byte block of `a` that differs from `b` (b null: from zeros), or -1.
-int64_t FirstDifference(const char* a, const char* b, uint64_t len) {
-  for (uint64_t i = 0; i < len; i += kSector) {
-    uint64_t n = std::min(kSector, len - i);
-    if (b == nullptr ? !IsZero(a + i, n) : std::memcmp(a + i, b + i, n) != 0) return static_cast<int64_t>(i);
-  }
-  return -1;
-}
-
 struct Side {
   std::string name;
   std::unique_ptr<Image> image;
   uint64_t size = 0;
-  std::vector<char> buf;
 
   int Status(uint64_t offset, uint64_t end, MapExtent* e, BlockStatus* bs) {
     dmcow::Status s = GetMapExtent(image.get(), offset, end - offset, e);
@@ -66,28 +57,27 @@ struct Side {
     *bs = {e->present, e->zero, e->data, e->has_offset, offset + e->length >= size};
     return 0;
   }
-
-  dmcow::Status Read(uint64_t offset, uint64_t len) { return image->Read(offset, buf.data(), len); }
 };
 
-int ReadError(const Side& side, uint64_t offset, const dmcow::Status& s) {
-  PrintError("Error while reading offset " + std::to_string(offset) + " of " + side.name + ": " + s.ToString());
+// Compares [offset, offset + len) of `first` with `second` (null: with
+// zeros); returns 0, or the exit code with its message printed.
+int CompareRange(RangeComparer& comparer, const Side& first, const Side* second, uint64_t offset, uint64_t len) {
+  RangeOutcome r = comparer.Compare(first.image.get(), second ? second->image.get() : nullptr, offset, len);
+  switch (r.kind) {
+    case RangeOutcome::Kind::kSame: return 0;
+    case RangeOutcome::Kind::kMismatch:
+      Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(r.offset));
+      return 1;
+    case RangeOutcome::Kind::kReadErrorFirst:
+    case RangeOutcome::Kind::kReadErrorSecond: break;
+  }
+  const Side& side = r.kind == RangeOutcome::Kind::kReadErrorFirst ? first : *second;
+  PrintError("Error while reading offset " + std::to_string(r.offset) + " of " + side.name + ": " + r.error.ToString());
   return 4;
 }
 
-// Returns 1 with the mismatch message if `side` has non-zero bytes in range.
-int CheckEmpty(Side& side, uint64_t offset, uint64_t len) {
-  dmcow::Status s = side.Read(offset, len);
-  if (!s.ok()) return ReadError(side, offset, s);
-  int64_t idx = FirstDifference(side.buf.data(), nullptr, len);
-  if (idx >= 0) {
-    Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(offset + idx));
-    return 1;
-  }
-  return 0;
-}
-
 int Compare(Side& a, Side& b, bool strict, Progress& progress) {
+  RangeComparer comparer(std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
   const uint64_t total = std::min(a.size, b.size);
   const float base = static_cast<float>(std::max(a.size, b.size));
   progress.Set(0);
@@ -107,21 +97,11 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
       return 1;
     }
     if (!(ea.zero && eb.zero)) {
-      chunk = std::min(chunk, kBufSize);
+      chunk = std::min(chunk, kBatch);
       if (ea.zero || eb.zero) {
-        if (int rc = CheckEmpty(ea.zero ? b : a, offset, chunk)) return rc;
-      } else {
-        // Read both images at once: one per core.
-        auto read_b = std::async(std::launch::async, [&] { return b.Read(offset, chunk); });
-        dmcow::Status sa_read = a.Read(offset, chunk);
-        dmcow::Status sb_read = read_b.get();
-        if (!sa_read.ok()) return ReadError(a, offset, sa_read);
-        if (!sb_read.ok()) return ReadError(b, offset, sb_read);
-        int64_t idx = FirstDifference(a.buf.data(), b.buf.data(), chunk);
-        if (idx >= 0) {
-          Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(offset + idx));
-          return 1;
-        }
+        if (int rc = CompareRange(comparer, ea.zero ? b : a, nullptr, offset, chunk)) return rc;
+      } else if (int rc = CompareRange(comparer, a, &b, offset, chunk)) {
+        return rc;
       }
     }
     offset += chunk;
@@ -137,8 +117,8 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
       if (int rc = over.Status(offset, over.size, &e, &st)) return rc;
       uint64_t chunk = e.length;
       if (!e.zero) {
-        chunk = std::min(chunk, kBufSize);
-        if (int rc = CheckEmpty(over, offset, chunk)) return rc;
+        chunk = std::min(chunk, kBatch);
+        if (int rc = CompareRange(comparer, over, nullptr, offset, chunk)) return rc;
       }
       offset += chunk;
       progress.Advance(static_cast<float>(chunk) / base * 100);
@@ -206,8 +186,6 @@ int RunCompare(const CompareArgs& args) {
   if (OpenImageOrReport(a.name, path1, o1, &a.image).ok() && OpenImageOrReport(b.name, path2, o2, &b.image).ok()) {
     a.size = a.image->virtual_size();
     b.size = b.image->virtual_size();
-    a.buf.resize(kBufSize);
-    b.buf.resize(kBufSize);
     rc = Compare(a, b, args.strict, progress);
   }
   progress.End();

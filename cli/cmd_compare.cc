@@ -17,8 +17,8 @@
 namespace dmcow::cli {
 namespace {
 
-// Data runs are compared up to this much at a time: a handful of thread
-// starts per GiB.
+// Runs are compared up to this much at a time (a multiple of qemu-img's
+// 2 MiB chunk): a handful of thread starts per GiB.
 constexpr uint64_t kBatch = 64 << 20;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)
@@ -47,37 +47,74 @@ struct Side {
   std::unique_ptr<Image> image;
   uint64_t size = 0;
 
-  int Status(uint64_t offset, uint64_t end, MapExtent* e, BlockStatus* bs) {
+  dmcow::Status Status(uint64_t offset, uint64_t end, MapExtent* e, BlockStatus* bs) {
     dmcow::Status s = GetMapExtent(image.get(), offset, end - offset, e);
     if (s.ok() && e->length == 0) s = dmcow::Status::Corrupt("empty map extent");
-    if (!s.ok()) {
-      PrintError("Sector allocation test failed for " + name + ": " + s.ToString());
-      return 3;
-    }
-    *bs = {e->present, e->zero, e->data, e->has_offset, offset + e->length >= size};
-    return 0;
+    if (s.ok()) *bs = {e->present, e->zero, e->data, e->has_offset, offset + e->length >= size};
+    return s;
   }
 };
 
-// Compares [offset, offset + len) of `first` with `second` (null: with
-// zeros); returns 0, or the exit code with its message printed.
-int CompareRange(RangeComparer& comparer, const Side& first, const Side* second, uint64_t offset, uint64_t len) {
-  RangeOutcome r = comparer.Compare(first.image.get(), second ? second->image.get() : nullptr, offset, len);
-  switch (r.kind) {
-    case RangeOutcome::Kind::kSame: return 0;
-    case RangeOutcome::Kind::kMismatch:
-      Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(r.offset));
-      return 1;
-    case RangeOutcome::Kind::kReadErrorFirst:
-    case RangeOutcome::Kind::kReadErrorSecond: break;
+// The data check of compare's walk: runs are queued and compared kBatch at
+// a time, on every core (range_compare.h). Whatever ends the walk early (a
+// block status error, a strict-mode difference) is reported only after
+// what is queued before it compared equal: qemu-img meets it later.
+class Checker {
+ public:
+  // `second` null: `first` against zeros (the longer image's tail).
+  Checker(const Side& first, const Side* second, Progress& progress, float base)
+      : first_(first),
+        second_(second),
+        comparer_(first.image.get(), second ? second->image.get() : nullptr,
+                  std::clamp(std::thread::hardware_concurrency(), 1u, 8u)),
+        progress_(progress),
+        base_(base) {}
+
+  // [offset, offset + len), where the images read as zeros as flagged;
+  // returns 0 or the exit code, its message printed.
+  int Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero) {
+    if (!first_zero || !second_zero) comparer_.Add(offset, len, first_zero, second_zero);
+    walked_ += len;
+    return comparer_.queued() >= kBatch ? Flush() : 0;
   }
-  const Side& side = r.kind == RangeOutcome::Kind::kReadErrorFirst ? first : *second;
-  PrintError("Error while reading offset " + std::to_string(r.offset) + " of " + side.name + ": " + r.error.ToString());
-  return 4;
-}
+
+  // Compares what is queued; returns 0 or the exit code, its message printed.
+  int Flush() {
+    RangeOutcome r = comparer_.Flush();
+    switch (r.kind) {
+      case RangeOutcome::Kind::kSame:
+        progress_.Advance(static_cast<float>(walked_) / base_ * 100);
+        walked_ = 0;
+        return 0;
+      case RangeOutcome::Kind::kMismatch:
+        Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(r.offset));
+        return 1;
+      case RangeOutcome::Kind::kReadErrorFirst:
+      case RangeOutcome::Kind::kReadErrorSecond: break;
+    }
+    const Side& side = r.kind == RangeOutcome::Kind::kReadErrorFirst ? first_ : *second_;
+    PrintError("Error while reading offset " + std::to_string(r.offset) + " of " + side.name + ": " +
+               r.error.ToString());
+    return 4;
+  }
+
+  // A block status error of `side`: reported after what is queued.
+  int StatusError(const Side& side, const dmcow::Status& s) {
+    if (int rc = Flush()) return rc;
+    PrintError("Sector allocation test failed for " + side.name + ": " + s.ToString());
+    return 3;
+  }
+
+ private:
+  const Side& first_;
+  const Side* second_;
+  RangeComparer comparer_;
+  Progress& progress_;
+  const float base_;
+  uint64_t walked_ = 0;  // bytes walked since the last flush
+};
 
 int Compare(Side& a, Side& b, bool strict, Progress& progress) {
-  RangeComparer comparer(std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
   const uint64_t total = std::min(a.size, b.size);
   const float base = static_cast<float>(std::max(a.size, b.size));
   progress.Set(0);
@@ -85,44 +122,39 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
     Say("Strict mode: Image size mismatch!\n");
     return 1;
   }
+  Checker both(a, &b, progress, base);
   uint64_t offset = 0;
   while (offset < total) {
     MapExtent ea, eb;
     BlockStatus sa, sb;
-    if (int rc = a.Status(offset, a.size, &ea, &sa)) return rc;
-    if (int rc = b.Status(offset, b.size, &eb, &sb)) return rc;
-    uint64_t chunk = std::min(ea.length, eb.length);
+    if (dmcow::Status s = a.Status(offset, a.size, &ea, &sa); !s.ok()) return both.StatusError(a, s);
+    if (dmcow::Status s = b.Status(offset, b.size, &eb, &sb); !s.ok()) return both.StatusError(b, s);
     if (strict && !(sa == sb)) {
+      if (int rc = both.Flush()) return rc;
       Say("Strict mode: Offset %llu block status mismatch!\n", static_cast<unsigned long long>(offset));
       return 1;
     }
-    if (!(ea.zero && eb.zero)) {
-      chunk = std::min(chunk, kBatch);
-      if (ea.zero || eb.zero) {
-        if (int rc = CompareRange(comparer, ea.zero ? b : a, nullptr, offset, chunk)) return rc;
-      } else if (int rc = CompareRange(comparer, a, &b, offset, chunk)) {
-        return rc;
-      }
-    }
-    offset += chunk;
-    progress.Advance(static_cast<float>(chunk) / base * 100);
+    // Chunks count from each run's start (qemu-img asks for block status
+    // again after each): a long run with data is cut at a multiple of them.
+    const uint64_t run = std::min({ea.length, eb.length, ea.zero && eb.zero ? UINT64_MAX : kBatch});
+    if (int rc = both.Add(offset, run, ea.zero, eb.zero)) return rc;
+    offset += run;
   }
+  if (int rc = both.Flush()) return rc;
 
   if (a.size != b.size) {
     Say("Warning: Image size mismatch!\n");
     Side& over = a.size > b.size ? a : b;
+    Checker tail(over, nullptr, progress, base);
     while (offset < over.size) {
       MapExtent e;
       BlockStatus st;
-      if (int rc = over.Status(offset, over.size, &e, &st)) return rc;
-      uint64_t chunk = e.length;
-      if (!e.zero) {
-        chunk = std::min(chunk, kBatch);
-        if (int rc = CompareRange(comparer, over, nullptr, offset, chunk)) return rc;
-      }
-      offset += chunk;
-      progress.Advance(static_cast<float>(chunk) / base * 100);
+      if (dmcow::Status s = over.Status(offset, over.size, &e, &st); !s.ok()) return tail.StatusError(over, s);
+      const uint64_t run = e.zero ? e.length : std::min(e.length, kBatch);
+      if (int rc = tail.Add(offset, run, e.zero, true)) return rc;
+      offset += run;
     }
+    if (int rc = tail.Flush()) return rc;
   }
   Say("Images are identical.\n");
   return 0;

@@ -26,8 +26,7 @@ int64_t FirstDifference(const char* a, const char* b, uint64_t len) {
   return -1;
 }
 
-// Where an event stands in qemu-img's order: its chunk, then read errors
-// of the first image, of the second, then the mismatch's offset.
+// Where an event stands within its chunk, in qemu-img's order.
 int Rank(RangeOutcome::Kind kind) {
   switch (kind) {
     case RangeOutcome::Kind::kReadErrorFirst: return 0;
@@ -47,16 +46,29 @@ struct Found {
 
 }  // namespace
 
-RangeComparer::RangeComparer(unsigned threads) : buffers_(std::max(1u, threads)) {
+RangeComparer::RangeComparer(Image* first, Image* second, unsigned threads)
+    : first_(first), second_(second), buffers_(std::max(1u, threads)) {
   for (Buffers& b : buffers_) {
     b.first.resize(kPiece);
     b.second.resize(kPiece);
   }
 }
 
-RangeOutcome RangeComparer::Compare(Image* first, Image* second, uint64_t offset, uint64_t len) {
-  const uint64_t pieces = (len + kPiece - 1) / kPiece;
-  const size_t threads = static_cast<size_t>(std::min<uint64_t>(buffers_.size(), pieces));
+void RangeComparer::Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero) {
+  const bool read_first = !first_zero, read_second = second_ != nullptr && !second_zero;
+  for (uint64_t chunk_start = offset; chunk_start < offset + len; chunk_start += kChunk) {
+    const uint64_t chunk_end = std::min(offset + len, chunk_start + kChunk);
+    for (uint64_t at = chunk_start; at < chunk_end; at += kPiece) {
+      pieces_.push_back({at, std::min(kPiece, chunk_end - at), chunks_, chunk_start, read_first, read_second});
+    }
+    chunks_++;
+  }
+  queued_ += len;
+}
+
+RangeOutcome RangeComparer::Flush() {
+  const size_t threads = std::min(buffers_.size(), pieces_.size());
+  if (threads == 0) return {};
   // The earliest chunk an event was found in: pieces of later chunks cannot
   // change the outcome and are not read.
   std::atomic<uint64_t> decided{UINT64_MAX};
@@ -65,39 +77,42 @@ RangeOutcome RangeComparer::Compare(Image* first, Image* second, uint64_t offset
   auto work = [&](size_t t) {
     Buffers& buf = buffers_[t];
     Found& mine = found[t];
-    auto record = [&](uint64_t chunk, RangeOutcome::Kind kind, uint64_t at, Status error) {
-      Found f{chunk, {kind, at, std::move(error)}};
+    auto record = [&](const Piece& p, RangeOutcome::Kind kind, uint64_t at, Status error) {
+      Found f{p.chunk, {kind, at, std::move(error)}};
       if (f.Key() < mine.Key()) mine = std::move(f);
       uint64_t seen = decided.load();
-      while (chunk < seen && !decided.compare_exchange_weak(seen, chunk)) {
+      while (p.chunk < seen && !decided.compare_exchange_weak(seen, p.chunk)) {
       }
     };
-    for (uint64_t piece = t; piece < pieces; piece += threads) {
-      const uint64_t at = offset + piece * kPiece;
-      const uint64_t n = std::min(kPiece, offset + len - at);
-      const uint64_t chunk = (at - offset) / kChunk;
-      if (chunk > decided.load(std::memory_order_relaxed)) break;
+    for (size_t i = t; i < pieces_.size(); i += threads) {
+      const Piece& p = pieces_[i];
+      if (p.chunk > decided.load(std::memory_order_relaxed) || mine.chunk < p.chunk) break;
       // After an event in this chunk only what qemu-img meets before it
       // can change the outcome: read errors before a mismatch, a read
       // error of the first image before one of the second.
-      const int rank_to_beat = mine.chunk == chunk ? Rank(mine.outcome.kind) : 3;
-      if (mine.chunk < chunk || rank_to_beat == 0) break;
-      const uint64_t chunk_start = offset + chunk * kChunk;
-      Status st = first->Read(at, buf.first.data(), static_cast<size_t>(n));
-      if (!st.ok()) {
-        record(chunk, RangeOutcome::Kind::kReadErrorFirst, chunk_start, std::move(st));
-        continue;
-      }
-      if (second != nullptr && rank_to_beat > 1) {
-        st = second->Read(at, buf.second.data(), static_cast<size_t>(n));
+      const int rank_to_beat = mine.chunk == p.chunk ? Rank(mine.outcome.kind) : 3;
+      if (rank_to_beat == 0) break;
+      const char* data = nullptr;     // what is checked
+      const char* against = nullptr;  // null: zeros
+      if (p.read_first) {
+        Status st = first_->Read(p.offset, buf.first.data(), static_cast<size_t>(p.len));
         if (!st.ok()) {
-          record(chunk, RangeOutcome::Kind::kReadErrorSecond, chunk_start, std::move(st));
+          record(p, RangeOutcome::Kind::kReadErrorFirst, p.chunk_start, std::move(st));
           continue;
         }
+        data = buf.first.data();
       }
-      if (rank_to_beat < 3) continue;
-      const int64_t diff = FirstDifference(buf.first.data(), second ? buf.second.data() : nullptr, n);
-      if (diff >= 0) record(chunk, RangeOutcome::Kind::kMismatch, at + static_cast<uint64_t>(diff), Status::OK());
+      if (p.read_second && rank_to_beat > 1) {
+        Status st = second_->Read(p.offset, buf.second.data(), static_cast<size_t>(p.len));
+        if (!st.ok()) {
+          record(p, RangeOutcome::Kind::kReadErrorSecond, p.chunk_start, std::move(st));
+          continue;
+        }
+        (data == nullptr ? data : against) = buf.second.data();
+      }
+      if (rank_to_beat < 3 || data == nullptr) continue;
+      const int64_t diff = FirstDifference(data, against, p.len);
+      if (diff >= 0) record(p, RangeOutcome::Kind::kMismatch, p.offset + static_cast<uint64_t>(diff), Status::OK());
     }
   };
 
@@ -113,6 +128,9 @@ RangeOutcome RangeComparer::Compare(Image* first, Image* second, uint64_t offset
   work(0);
   for (size_t t : inline_work) work(t);
   for (std::thread& h : helpers) h.join();
+  pieces_.clear();
+  chunks_ = 0;
+  queued_ = 0;
 
   Found* best = &found[0];
   for (Found& f : found) {

@@ -296,8 +296,10 @@ TEST_CASE("compare on several threads reports what qemu-img meets first", "[cli]
   // Mismatches in two threads' pieces: the lower one is reported. A
   // compressed image's extents are one cluster each, for qemu-img too: a
   // mismatch in an earlier cluster is met before a read error in a later one.
-  for (const char* p : {"flip12.raw base.raw", "base.raw flip12.raw", "flip2.raw base.qcow2", "flip1.raw base.qcow2",
-                        "bad0.qcow2 flip1.raw", "flip1.raw bad0.qcow2", "bad2.qcow2 flip1.raw"}) {
+  for (const char* p :
+       {"flip12.raw base.raw", "base.raw flip12.raw", "flip2.raw base.qcow2", "flip1.raw base.qcow2",
+        "bad0.qcow2 flip1.raw", "flip1.raw bad0.qcow2", "bad2.qcow2 flip1.raw", "-s flip1.raw base.qcow2",
+        "-s base.qcow2 flip1.raw", "-s bad0.qcow2 base.qcow2", "-s bad2.qcow2 base.raw"}) {
     CheckSame(std::string("compare ") + p);
   }
   CHECK(Exec(img.dir(), Ours() + " compare flip12.raw base.raw").out == "Content mismatch at offset 299520!\n");

@@ -94,20 +94,42 @@ struct Disk {
   }
 };
 
-// The outcome on every thread count, which must not depend on it.
-RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, uint64_t offset, uint64_t len) {
-  RangeOutcome once = RangeComparer(1).Compare(first.image.get(), second ? second->image.get() : nullptr, offset, len);
+// A run queued, with which image reads as zeros there.
+struct Run {
+  uint64_t offset, len;
+  bool first_zero = false, second_zero = false;
+};
+
+// The outcome of comparing `runs` on every thread count, which must not
+// depend on it.
+RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, const std::vector<Run>& runs) {
+  auto compare = [&](unsigned threads) {
+    RangeComparer comparer(first.image.get(), second ? second->image.get() : nullptr, threads);
+    uint64_t queued = 0;
+    for (const Run& r : runs) {
+      comparer.Add(r.offset, r.len, r.first_zero, r.second_zero);
+      queued += r.len;
+    }
+    CHECK(comparer.queued() == queued);
+    RangeOutcome out = comparer.Flush();
+    CHECK(comparer.queued() == 0);
+    return out;
+  };
+  RangeOutcome once = compare(1);
   for (unsigned threads : {2u, 3u, 8u, 64u}) {
     INFO("threads: " << threads);
     for (int repeat = 0; repeat < 5; repeat++) {
-      RangeOutcome r =
-          RangeComparer(threads).Compare(first.image.get(), second ? second->image.get() : nullptr, offset, len);
+      RangeOutcome r = compare(threads);
       CHECK(r.kind == once.kind);
       CHECK(r.offset == once.offset);
       CHECK(r.error.ToString() == once.error.ToString());
     }
   }
   return once;
+}
+
+RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, uint64_t offset, uint64_t len) {
+  return CompareOnAnyThreads(first, second, {{offset, len}});
 }
 
 }  // namespace
@@ -164,6 +186,37 @@ TEST_CASE("range compare: a read error in the chunk of a mismatch wins, one in a
     Disk a({}, 3 * kMiB + kMiB / 2), b({});
     RangeOutcome r = CompareOnAnyThreads(a, &b, kMiB, 8 * kMiB);
     CHECK(r.kind == Kind::kReadErrorFirst);
+    CHECK(r.offset == 3 * kMiB);
+  }
+}
+
+// Short runs queued together (a compressed image's are one cluster each):
+// each is its own chunk, so an event in an earlier run comes first.
+TEST_CASE("range compare: queued short runs are chunks of their own", "[compare]") {
+  std::vector<Run> clusters;
+  for (uint64_t at = 0; at < 4 * kMiB; at += 64 << 10) clusters.push_back({at, 64 << 10});
+  SECTION("a mismatch in a cluster before the one that cannot be read") {
+    Disk a({300000}, 600000), b({});
+    RangeOutcome r = CompareOnAnyThreads(a, &b, clusters);
+    CHECK(r.kind == Kind::kMismatch);
+    CHECK(r.offset == 299520);
+  }
+  SECTION("a read error in the cluster of the mismatch") {
+    Disk a({300000}, 310000), b({});
+    RangeOutcome r = CompareOnAnyThreads(a, &b, clusters);
+    CHECK(r.kind == Kind::kReadErrorFirst);
+    CHECK(r.offset == 262144);
+  }
+  SECTION("runs where one image reads as zeros: only the other is read") {
+    std::unique_ptr<Disk> zeros = Disk::Zeros({});
+    Disk failing({}, 3 * kMiB);  // never read: it reads as zeros there
+    CHECK(CompareOnAnyThreads(failing, zeros.get(), {{0, 2 * kMiB, false, true}}).kind == Kind::kMismatch);
+    CHECK(CompareOnAnyThreads(failing, zeros.get(), {{2 * kMiB, 2 * kMiB, true, false}}).kind == Kind::kSame);
+    CHECK(CompareOnAnyThreads(*zeros, &failing, {{0, 4 * kMiB, false, true}}).kind == Kind::kSame);
+    // A read error of the image that is read, in the chunk of a mismatch.
+    Disk a({});
+    RangeOutcome r = CompareOnAnyThreads(a, &failing, {{0, kMiB, false, false}, {3 * kMiB, kMiB, true, false}});
+    CHECK(r.kind == Kind::kReadErrorSecond);
     CHECK(r.offset == 3 * kMiB);
   }
 }

@@ -2,6 +2,7 @@
 // Exit codes: 0 identical, 1 different, 2 open error, 3 block status error,
 // 4 read error; command line errors exit with 1 as in qemu-img.
 #include <algorithm>
+#include <cassert>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -17,9 +18,13 @@
 namespace dmcow::cli {
 namespace {
 
-// Runs are compared up to this much at a time (a multiple of qemu-img's
-// 2 MiB chunk): a handful of thread starts per GiB.
+// Runs with data are queued until this much is (a run is cut to it, a
+// multiple of qemu-img's 2 MiB chunk), then compared: one start of the
+// threads per 64-128 MiB read.
 constexpr uint64_t kBatch = 64 << 20;
+
+// Threads that read at once, at most: each holds 512 KiB of buffers.
+constexpr unsigned kMaxThreads = 8;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)
 
@@ -47,7 +52,7 @@ struct Side {
   std::unique_ptr<Image> image;
   uint64_t size = 0;
 
-  dmcow::Status Status(uint64_t offset, uint64_t end, MapExtent* e, BlockStatus* bs) {
+  dmcow::Status BlockStatusAt(uint64_t offset, uint64_t end, MapExtent* e, BlockStatus* bs) {
     dmcow::Status s = GetMapExtent(image.get(), offset, end - offset, e);
     if (s.ok() && e->length == 0) s = dmcow::Status::Corrupt("empty map extent");
     if (s.ok()) *bs = {e->present, e->zero, e->data, e->has_offset, offset + e->length >= size};
@@ -66,15 +71,20 @@ class Checker {
       : first_(first),
         second_(second),
         comparer_(first.image.get(), second ? second->image.get() : nullptr,
-                  std::clamp(std::thread::hardware_concurrency(), 1u, 8u)),
+                  std::clamp(std::thread::hardware_concurrency(), 1u, kMaxThreads)),
         progress_(progress),
         base_(base) {}
 
   // [offset, offset + len), where the images read as zeros as flagged;
-  // returns 0 or the exit code, its message printed.
-  int Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero) {
-    if (!first_zero || !second_zero) comparer_.Add(offset, len, first_zero, second_zero);
+  // `compressed`: one of them stores it compressed. Returns 0 or the exit
+  // code, its message printed.
+  int Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero, bool compressed) {
     walked_ += len;
+    if (first_zero && second_zero && comparer_.queued() == 0) {
+      ShowProgress();  // nothing to wait for
+      return 0;
+    }
+    comparer_.Add(offset, len, first_zero, second_zero, compressed);
     return comparer_.queued() >= kBatch ? Flush() : 0;
   }
 
@@ -82,16 +92,14 @@ class Checker {
   int Flush() {
     RangeOutcome r = comparer_.Flush();
     switch (r.kind) {
-      case RangeOutcome::Kind::kSame:
-        progress_.Advance(static_cast<float>(walked_) / base_ * 100);
-        walked_ = 0;
-        return 0;
+      case RangeOutcome::Kind::kSame: ShowProgress(); return 0;
       case RangeOutcome::Kind::kMismatch:
         Say("Content mismatch at offset %llu!\n", static_cast<unsigned long long>(r.offset));
         return 1;
       case RangeOutcome::Kind::kReadErrorFirst:
       case RangeOutcome::Kind::kReadErrorSecond: break;
     }
+    assert(r.kind == RangeOutcome::Kind::kReadErrorFirst || second_ != nullptr);
     const Side& side = r.kind == RangeOutcome::Kind::kReadErrorFirst ? first_ : *second_;
     PrintError("Error while reading offset " + std::to_string(r.offset) + " of " + side.name + ": " +
                r.error.ToString());
@@ -106,6 +114,11 @@ class Checker {
   }
 
  private:
+  void ShowProgress() {
+    if (walked_ > 0) progress_.Advance(static_cast<float>(walked_) / base_ * 100);
+    walked_ = 0;
+  }
+
   const Side& first_;
   const Side* second_;
   RangeComparer comparer_;
@@ -127,8 +140,8 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
   while (offset < total) {
     MapExtent ea, eb;
     BlockStatus sa, sb;
-    if (dmcow::Status s = a.Status(offset, a.size, &ea, &sa); !s.ok()) return both.StatusError(a, s);
-    if (dmcow::Status s = b.Status(offset, b.size, &eb, &sb); !s.ok()) return both.StatusError(b, s);
+    if (dmcow::Status s = a.BlockStatusAt(offset, a.size, &ea, &sa); !s.ok()) return both.StatusError(a, s);
+    if (dmcow::Status s = b.BlockStatusAt(offset, b.size, &eb, &sb); !s.ok()) return both.StatusError(b, s);
     if (strict && !(sa == sb)) {
       if (int rc = both.Flush()) return rc;
       Say("Strict mode: Offset %llu block status mismatch!\n", static_cast<unsigned long long>(offset));
@@ -137,7 +150,7 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
     // Chunks count from each run's start (qemu-img asks for block status
     // again after each): a long run with data is cut at a multiple of them.
     const uint64_t run = std::min({ea.length, eb.length, ea.zero && eb.zero ? UINT64_MAX : kBatch});
-    if (int rc = both.Add(offset, run, ea.zero, eb.zero)) return rc;
+    if (int rc = both.Add(offset, run, ea.zero, eb.zero, ea.compressed || eb.compressed)) return rc;
     offset += run;
   }
   if (int rc = both.Flush()) return rc;
@@ -149,9 +162,9 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
     while (offset < over.size) {
       MapExtent e;
       BlockStatus st;
-      if (dmcow::Status s = over.Status(offset, over.size, &e, &st); !s.ok()) return tail.StatusError(over, s);
+      if (dmcow::Status s = over.BlockStatusAt(offset, over.size, &e, &st); !s.ok()) return tail.StatusError(over, s);
       const uint64_t run = e.zero ? e.length : std::min(e.length, kBatch);
-      if (int rc = tail.Add(offset, run, e.zero, true)) return rc;
+      if (int rc = tail.Add(offset, run, e.zero, true, e.compressed)) return rc;
       offset += run;
     }
     if (int rc = tail.Flush()) return rc;

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <system_error>
+#include <exception>
 #include <thread>
 #include <tuple>
 
@@ -37,11 +37,14 @@ int Rank(RangeOutcome::Kind kind) {
   return 3;
 }
 
-// One thread's first event, with the chunk it lies in.
+// One thread's first event: its chunk, and where in it (a read error: the
+// piece that failed, so that the error's own text does not depend on how
+// pieces were dealt; a mismatch: its block).
 struct Found {
   uint64_t chunk = UINT64_MAX;
+  uint64_t where = 0;
   RangeOutcome outcome;
-  auto Key() const { return std::make_tuple(chunk, Rank(outcome.kind), outcome.offset); }
+  auto Key() const { return std::make_tuple(chunk, Rank(outcome.kind), where); }
 };
 
 }  // namespace
@@ -54,31 +57,37 @@ RangeComparer::RangeComparer(Image* first, Image* second, unsigned threads)
   }
 }
 
-void RangeComparer::Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero) {
+void RangeComparer::Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero, bool whole_chunks) {
   const bool read_first = !first_zero, read_second = second_ != nullptr && !second_zero;
+  queued_ += len;
+  if (!read_first && !read_second) return;  // zeros against zeros
+  const uint64_t piece = whole_chunks ? kChunk : kPiece;
   for (uint64_t chunk_start = offset; chunk_start < offset + len; chunk_start += kChunk) {
     const uint64_t chunk_end = std::min(offset + len, chunk_start + kChunk);
-    for (uint64_t at = chunk_start; at < chunk_end; at += kPiece) {
-      pieces_.push_back({at, std::min(kPiece, chunk_end - at), chunks_, chunk_start, read_first, read_second});
+    for (uint64_t at = chunk_start; at < chunk_end; at += piece) {
+      pieces_.push_back({at, std::min(piece, chunk_end - at), chunks_, chunk_start, read_first, read_second});
     }
     chunks_++;
   }
-  queued_ += len;
 }
 
 RangeOutcome RangeComparer::Flush() {
   const size_t threads = std::min(buffers_.size(), pieces_.size());
+  queued_ = 0;
   if (threads == 0) return {};
   // The earliest chunk an event was found in: pieces of later chunks cannot
   // change the outcome and are not read.
   std::atomic<uint64_t> decided{UINT64_MAX};
   std::vector<Found> found(threads);
 
+  // Nothing may leave a thread: a failure to read (memory included) is
+  // that piece's read error.
   auto work = [&](size_t t) {
     Buffers& buf = buffers_[t];
     Found& mine = found[t];
-    auto record = [&](const Piece& p, RangeOutcome::Kind kind, uint64_t at, Status error) {
-      Found f{p.chunk, {kind, at, std::move(error)}};
+    auto record = [&](const Piece& p, RangeOutcome::Kind kind, uint64_t where, Status error) {
+      const uint64_t at = kind == RangeOutcome::Kind::kMismatch ? where : p.chunk_start;
+      Found f{p.chunk, where, {kind, at, std::move(error)}};
       if (f.Key() < mine.Key()) mine = std::move(f);
       uint64_t seen = decided.load();
       while (p.chunk < seen && !decided.compare_exchange_weak(seen, p.chunk)) {
@@ -86,42 +95,56 @@ RangeOutcome RangeComparer::Flush() {
     };
     for (size_t i = t; i < pieces_.size(); i += threads) {
       const Piece& p = pieces_[i];
-      if (p.chunk > decided.load(std::memory_order_relaxed) || mine.chunk < p.chunk) break;
+      if (p.chunk > decided.load(std::memory_order_relaxed)) break;
       // After an event in this chunk only what qemu-img meets before it
       // can change the outcome: read errors before a mismatch, a read
       // error of the first image before one of the second.
       const int rank_to_beat = mine.chunk == p.chunk ? Rank(mine.outcome.kind) : 3;
       if (rank_to_beat == 0) break;
-      const char* data = nullptr;     // what is checked
-      const char* against = nullptr;  // null: zeros
-      if (p.read_first) {
-        Status st = first_->Read(p.offset, buf.first.data(), static_cast<size_t>(p.len));
-        if (!st.ok()) {
-          record(p, RangeOutcome::Kind::kReadErrorFirst, p.chunk_start, std::move(st));
-          continue;
+      auto kind = RangeOutcome::Kind::kReadErrorFirst;
+      try {
+        const char* data = nullptr;     // what is checked
+        const char* against = nullptr;  // null: zeros
+        if (p.read_first) {
+          if (buf.first.size() < p.len) buf.first.resize(p.len);
+          Status st = first_->Read(p.offset, buf.first.data(), static_cast<size_t>(p.len));
+          if (!st.ok()) {
+            record(p, kind, p.offset, std::move(st));
+            continue;
+          }
+          data = buf.first.data();
         }
-        data = buf.first.data();
-      }
-      if (p.read_second && rank_to_beat > 1) {
-        Status st = second_->Read(p.offset, buf.second.data(), static_cast<size_t>(p.len));
-        if (!st.ok()) {
-          record(p, RangeOutcome::Kind::kReadErrorSecond, p.chunk_start, std::move(st));
-          continue;
+        if (p.read_second && rank_to_beat > 1) {
+          kind = RangeOutcome::Kind::kReadErrorSecond;
+          if (buf.second.size() < p.len) buf.second.resize(p.len);
+          Status st = second_->Read(p.offset, buf.second.data(), static_cast<size_t>(p.len));
+          if (!st.ok()) {
+            record(p, kind, p.offset, std::move(st));
+            continue;
+          }
+          if (data == nullptr) {
+            data = buf.second.data();
+          } else {
+            against = buf.second.data();
+          }
         }
-        (data == nullptr ? data : against) = buf.second.data();
+        if (rank_to_beat < 3 || data == nullptr) continue;
+        const int64_t diff = FirstDifference(data, against, p.len);
+        if (diff >= 0) record(p, RangeOutcome::Kind::kMismatch, p.offset + static_cast<uint64_t>(diff), Status::OK());
+      } catch (const std::exception& e) {
+        record(p, kind, p.offset, Status::IOError(std::string("cannot read: ") + e.what()));
       }
-      if (rank_to_beat < 3 || data == nullptr) continue;
-      const int64_t diff = FirstDifference(data, against, p.len);
-      if (diff >= 0) record(p, RangeOutcome::Kind::kMismatch, p.offset + static_cast<uint64_t>(diff), Status::OK());
     }
   };
 
   std::vector<std::thread> helpers;
   std::vector<size_t> inline_work;  // where no thread could be started
+  helpers.reserve(threads);
+  inline_work.reserve(threads);
   for (size_t t = 1; t < threads; t++) {
     try {
       helpers.emplace_back(work, t);
-    } catch (const std::system_error&) {
+    } catch (const std::exception&) {
       inline_work.push_back(t);
     }
   }
@@ -130,7 +153,6 @@ RangeOutcome RangeComparer::Flush() {
   for (std::thread& h : helpers) h.join();
   pieces_.clear();
   chunks_ = 0;
-  queued_ = 0;
 
   Found* best = &found[0];
   for (Found& f : found) {

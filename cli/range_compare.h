@@ -37,15 +37,18 @@ class RangeComparer {
   static constexpr uint64_t kChunk = 2 << 20;  // qemu-img's IO_BUF_SIZE
   static constexpr uint64_t kPiece = 256 << 10;
 
-  // `threads` (at least 1) read at once; each holds two pieces' buffers.
+  // `threads` (at least 1) read at once; each holds two pieces' buffers
+  // (two chunks' once it reads whole chunks).
   // `second` may be null: every run is then first against zeros.
   RangeComparer(Image* first, Image* second, unsigned threads);
 
   // Queues the run [offset, offset + len) of the guest, after those queued
   // before it. `first_zero` / `second_zero`: that image reads as zeros
   // there (its block status says so); it is not read and the other image
-  // is checked for zeros. Not both.
-  void Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero);
+  // is checked for zeros (both: nothing is read). `whole_chunks`: read a
+  // chunk at once, not in pieces (a compressed cluster is decompressed
+  // whole for any part of it read, and may be up to 2 MiB).
+  void Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero, bool whole_chunks = false);
 
   // Bytes queued and not yet compared.
   uint64_t queued() const { return queued_; }

@@ -269,7 +269,8 @@ TEST_CASE("compare agrees with qemu-img", "[cli]") {
 // compare reads on several threads, in 256 KiB pieces dealt in turn
 // (cli/range_compare.h); what it reports must still be what qemu-img's
 // chunk-by-chunk reading meets first. Pieces 1 and 2 of the first 2 MiB
-// chunk go to different threads.
+// chunk go to different threads where there are two cores or more (CI has
+// two); tests/range_compare_test.cc holds the rule on 1 to 64 threads.
 TEST_CASE("compare on several threads reports what qemu-img meets first", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();
@@ -303,7 +304,6 @@ TEST_CASE("compare on several threads reports what qemu-img meets first", "[cli]
     CheckSame(std::string("compare ") + p);
   }
   CHECK(Exec(img.dir(), Ours() + " compare flip12.raw base.raw").out == "Content mismatch at offset 299520!\n");
-  CHECK(Exec(img.dir(), Ours() + " compare bad0.qcow2 flip1.raw").rc == 1);
   // Read errors: the same exit code and offset; the text after the file
   // name is the engine's own.
   for (const char* p : {"bad0.qcow2 base.raw", "base.raw bad0.qcow2", "bad0.qcow2 bad2.qcow2", "bad2.qcow2 base.raw"}) {

@@ -3,6 +3,7 @@
 // 2 MiB chunk with an event, within it a read error of the first image,
 // then of the second, then the first differing 512-byte block. Raw images
 // in memory; reads fail where a test says.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <memory>
 #include <string>
@@ -26,13 +27,17 @@ using Kind = RangeOutcome::Kind;
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kSize = 16 * kMiB;
 
-// A file whose reads fail (EIO) where they touch the byte `bad`.
+// A file whose reads fail (EIO) where they touch a byte from `bad` on (to
+// `bad_end`), with the read's offset in the message.
 class FailingFile final : public File {
  public:
-  FailingFile(std::unique_ptr<File> base, uint64_t bad) : base_(std::move(base)), bad_(bad) {}
+  FailingFile(std::unique_ptr<File> base, uint64_t bad, uint64_t bad_end)
+      : base_(std::move(base)), bad_(bad), bad_end_(bad_end) {}
   const std::string& name() const override { return base_->name(); }
   Status Read(uint64_t offset, size_t len, void* buf, size_t* bytes_read) override {
-    if (offset <= bad_ && bad_ < offset + len) return Status::IOError(name() + ": injected read error");
+    if (offset < bad_end_ && bad_ < offset + len) {
+      return Status::IOError(name() + ": injected read error at " + std::to_string(offset));
+    }
     return base_->Read(offset, len, buf, bytes_read);
   }
   Status Write(uint64_t offset, const void* buf, size_t len) override { return base_->Write(offset, buf, len); }
@@ -42,23 +47,23 @@ class FailingFile final : public File {
 
  private:
   std::unique_ptr<File> base_;
-  uint64_t bad_;
+  uint64_t bad_, bad_end_;
 };
 
 class FailingEnv final : public Env {
  public:
-  explicit FailingEnv(MemEnv* base, uint64_t bad) : base_(base), bad_(bad) {}
+  FailingEnv(MemEnv* base, uint64_t bad, uint64_t bad_end) : base_(base), bad_(bad), bad_end_(bad_end) {}
   Status OpenFile(const std::string& path, OpenMode mode, std::unique_ptr<File>* file) override {
     std::unique_ptr<File> inner;
     Status st = base_->OpenFile(path, mode, &inner);
-    if (st.ok()) *file = std::make_unique<FailingFile>(std::move(inner), bad_);
+    if (st.ok()) *file = std::make_unique<FailingFile>(std::move(inner), bad_, bad_end_);
     return st;
   }
   bool FileExists(const std::string& path) override { return base_->FileExists(path); }
 
  private:
   MemEnv* base_;
-  uint64_t bad_;
+  uint64_t bad_, bad_end_;
 };
 
 struct Disk {
@@ -66,9 +71,10 @@ struct Disk {
   FailingEnv env;
   std::unique_ptr<dmcow::Image> image;
 
-  // kSize bytes of a pattern, with 'X' at each of `flips`; reads of byte
-  // `bad` fail.
-  Disk(const std::vector<uint64_t>& flips, uint64_t bad = UINT64_MAX) : env(&mem, bad) {
+  // kSize bytes of a pattern, with 'X' at each of `flips`; reads of bytes
+  // [bad, bad_end) fail.
+  Disk(const std::vector<uint64_t>& flips, uint64_t bad = UINT64_MAX, uint64_t bad_end = 0)
+      : env(&mem, bad, std::max(bad_end, bad + 1)) {
     std::vector<uint8_t> bytes(kSize);
     for (uint64_t i = 0; i < kSize; i++) bytes[i] = static_cast<uint8_t>(i * 7 + i / 4096);
     for (uint64_t at : flips) bytes[at] = 'X';
@@ -101,13 +107,13 @@ struct Run {
 };
 
 // The outcome of comparing `runs` on every thread count, which must not
-// depend on it.
-RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, const std::vector<Run>& runs) {
+// depend on it; `whole`: runs read a chunk at once.
+RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, const std::vector<Run>& runs, bool whole = false) {
   auto compare = [&](unsigned threads) {
     RangeComparer comparer(first.image.get(), second ? second->image.get() : nullptr, threads);
     uint64_t queued = 0;
     for (const Run& r : runs) {
-      comparer.Add(r.offset, r.len, r.first_zero, r.second_zero);
+      comparer.Add(r.offset, r.len, r.first_zero, r.second_zero, whole);
       queued += r.len;
     }
     CHECK(comparer.queued() == queued);
@@ -170,6 +176,13 @@ TEST_CASE("range compare: a read error in the chunk of a mismatch wins, one in a
     CHECK(r.kind == Kind::kReadErrorSecond);
     CHECK(r.offset == 0);
   }
+  SECTION("several failing pieces in one chunk: the first one's error, on any thread count") {
+    Disk a({}, kMiB / 4, 2 * kMiB), b({});  // pieces 1-7 fail
+    RangeOutcome r = CompareOnAnyThreads(a, &b, 0, kSize);
+    CHECK(r.kind == Kind::kReadErrorFirst);
+    CHECK(r.offset == 0);
+    CHECK(r.error.ToString().find("injected read error at 262144") != std::string::npos);
+  }
   SECTION("both images in one chunk: the first image's error") {
     Disk a({}, 3 * kMiB + 5), b({}, 2 * kMiB + 10);
     RangeOutcome r = CompareOnAnyThreads(a, &b, 0, kSize);
@@ -219,6 +232,37 @@ TEST_CASE("range compare: queued short runs are chunks of their own", "[compare]
     CHECK(r.kind == Kind::kReadErrorSecond);
     CHECK(r.offset == 3 * kMiB);
   }
+}
+
+// Runs of compressed clusters are read a chunk at once; the outcome is the
+// same, and a chunk's read error is the whole chunk's read.
+TEST_CASE("range compare: whole chunks", "[compare]") {
+  Disk a({300000, 3 * kMiB}), b({});
+  RangeOutcome r = CompareOnAnyThreads(a, &b, {{0, 5 * kMiB}}, true);
+  CHECK(r.kind == Kind::kMismatch);
+  CHECK(r.offset == 299520);
+  Disk failing({}, 3 * kMiB);
+  r = CompareOnAnyThreads(failing, &b, {{0, 5 * kMiB}}, true);
+  CHECK(r.kind == Kind::kReadErrorFirst);
+  CHECK(r.offset == 2 * kMiB);
+  CHECK(r.error.ToString().find("injected read error at 2097152") != std::string::npos);
+}
+
+// One comparer, flushed again and again: chunks count afresh each time.
+TEST_CASE("range compare: one comparer, several flushes", "[compare]") {
+  Disk a({5 * kMiB + 7}, 9 * kMiB), b({});
+  RangeComparer comparer(a.image.get(), b.image.get(), 2);
+  comparer.Add(0, 4 * kMiB, false, false);
+  CHECK(comparer.Flush().kind == Kind::kSame);
+  comparer.Add(4 * kMiB, 4 * kMiB, false, false);
+  RangeOutcome r = comparer.Flush();
+  CHECK(r.kind == Kind::kMismatch);
+  CHECK(r.offset == 5 * kMiB);
+  comparer.Add(8 * kMiB, 3 * kMiB, false, false);
+  r = comparer.Flush();
+  CHECK(r.kind == Kind::kReadErrorFirst);
+  CHECK(r.offset == 8 * kMiB);
+  CHECK(comparer.Flush().kind == Kind::kSame);  // nothing queued
 }
 
 TEST_CASE("range compare: against zeros", "[compare]") {

@@ -18,12 +18,14 @@
 namespace dmcow::cli {
 namespace {
 
-// Runs with data are queued until this much is (a run is cut to it, a
-// multiple of qemu-img's 2 MiB chunk), then compared: one start of the
-// threads per 64-128 MiB read.
+// Runs are queued until this much is (zero runs count), then compared: one
+// start of the threads per 64-128 MiB walked, sooner where a long zero run
+// follows data. A run with data is cut to it (a multiple of qemu-img's
+// 2 MiB chunk).
 constexpr uint64_t kBatch = 64 << 20;
 
-// Threads that read at once, at most: each holds 512 KiB of buffers.
+// Threads that read at once, at most: each holds 512 KiB of buffers, 4 MiB
+// once it has read a compressed run (a whole chunk of each image).
 constexpr unsigned kMaxThreads = 8;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)
@@ -124,7 +126,7 @@ class Checker {
   RangeComparer comparer_;
   Progress& progress_;
   const float base_;
-  uint64_t walked_ = 0;  // bytes walked since the last flush
+  uint64_t walked_ = 0;  // bytes walked and not yet shown in the progress
 };
 
 int Compare(Side& a, Side& b, bool strict, Progress& progress) {
@@ -135,25 +137,27 @@ int Compare(Side& a, Side& b, bool strict, Progress& progress) {
     Say("Strict mode: Image size mismatch!\n");
     return 1;
   }
-  Checker both(a, &b, progress, base);
   uint64_t offset = 0;
-  while (offset < total) {
-    MapExtent ea, eb;
-    BlockStatus sa, sb;
-    if (dmcow::Status s = a.BlockStatusAt(offset, a.size, &ea, &sa); !s.ok()) return both.StatusError(a, s);
-    if (dmcow::Status s = b.BlockStatusAt(offset, b.size, &eb, &sb); !s.ok()) return both.StatusError(b, s);
-    if (strict && !(sa == sb)) {
-      if (int rc = both.Flush()) return rc;
-      Say("Strict mode: Offset %llu block status mismatch!\n", static_cast<unsigned long long>(offset));
-      return 1;
+  {  // its buffers are freed before the tail's are made
+    Checker both(a, &b, progress, base);
+    while (offset < total) {
+      MapExtent ea, eb;
+      BlockStatus sa, sb;
+      if (dmcow::Status s = a.BlockStatusAt(offset, a.size, &ea, &sa); !s.ok()) return both.StatusError(a, s);
+      if (dmcow::Status s = b.BlockStatusAt(offset, b.size, &eb, &sb); !s.ok()) return both.StatusError(b, s);
+      if (strict && !(sa == sb)) {
+        if (int rc = both.Flush()) return rc;
+        Say("Strict mode: Offset %llu block status mismatch!\n", static_cast<unsigned long long>(offset));
+        return 1;
+      }
+      // Chunks count from each run's start (qemu-img asks for block status
+      // again after each): a long run with data is cut at a multiple of them.
+      const uint64_t run = std::min({ea.length, eb.length, ea.zero && eb.zero ? UINT64_MAX : kBatch});
+      if (int rc = both.Add(offset, run, ea.zero, eb.zero, ea.compressed || eb.compressed)) return rc;
+      offset += run;
     }
-    // Chunks count from each run's start (qemu-img asks for block status
-    // again after each): a long run with data is cut at a multiple of them.
-    const uint64_t run = std::min({ea.length, eb.length, ea.zero && eb.zero ? UINT64_MAX : kBatch});
-    if (int rc = both.Add(offset, run, ea.zero, eb.zero, ea.compressed || eb.compressed)) return rc;
-    offset += run;
+    if (int rc = both.Flush()) return rc;
   }
-  if (int rc = both.Flush()) return rc;
 
   if (a.size != b.size) {
     Say("Warning: Image size mismatch!\n");

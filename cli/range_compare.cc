@@ -44,8 +44,20 @@ struct Found {
   uint64_t chunk = UINT64_MAX;
   uint64_t where = 0;
   RangeOutcome outcome;
+  std::exception_ptr thrown;  // the read threw: worded after the threads end
   auto Key() const { return std::make_tuple(chunk, Rank(outcome.kind), where); }
 };
+
+// A thrown read's error text (out of memory, most likely).
+Status ThrownReadError(const std::exception_ptr& thrown) {
+  try {
+    std::rethrow_exception(thrown);
+  } catch (const std::exception& e) {
+    return Status::IOError(std::string("cannot read: ") + e.what());
+  } catch (...) {
+  }
+  return Status::IOError("cannot read: unknown failure");
+}
 
 }  // namespace
 
@@ -80,14 +92,16 @@ RangeOutcome RangeComparer::Flush() {
   std::atomic<uint64_t> decided{UINT64_MAX};
   std::vector<Found> found(threads);
 
-  // Nothing may leave a thread: a failure to read (memory included) is
-  // that piece's read error.
+  // Nothing may leave a thread: a read that throws (out of memory) is that
+  // piece's read error, recorded without allocating and worded after the
+  // threads end.
   auto work = [&](size_t t) {
     Buffers& buf = buffers_[t];
     Found& mine = found[t];
-    auto record = [&](const Piece& p, RangeOutcome::Kind kind, uint64_t where, Status error) {
+    auto record = [&](const Piece& p, RangeOutcome::Kind kind, uint64_t where, Status error,
+                      std::exception_ptr thrown = nullptr) {
       const uint64_t at = kind == RangeOutcome::Kind::kMismatch ? where : p.chunk_start;
-      Found f{p.chunk, where, {kind, at, std::move(error)}};
+      Found f{p.chunk, where, {kind, at, std::move(error)}, std::move(thrown)};
       if (f.Key() < mine.Key()) mine = std::move(f);
       uint64_t seen = decided.load();
       while (p.chunk < seen && !decided.compare_exchange_weak(seen, p.chunk)) {
@@ -131,8 +145,8 @@ RangeOutcome RangeComparer::Flush() {
         if (rank_to_beat < 3 || data == nullptr) continue;
         const int64_t diff = FirstDifference(data, against, p.len);
         if (diff >= 0) record(p, RangeOutcome::Kind::kMismatch, p.offset + static_cast<uint64_t>(diff), Status::OK());
-      } catch (const std::exception& e) {
-        record(p, kind, p.offset, Status::IOError(std::string("cannot read: ") + e.what()));
+      } catch (...) {
+        record(p, kind, p.offset, Status::OK(), std::current_exception());
       }
     }
   };
@@ -144,8 +158,8 @@ RangeOutcome RangeComparer::Flush() {
   for (size_t t = 1; t < threads; t++) {
     try {
       helpers.emplace_back(work, t);
-    } catch (const std::exception&) {
-      inline_work.push_back(t);
+    } catch (...) {
+      inline_work.push_back(t);  // reserved: cannot throw
     }
   }
   work(0);
@@ -158,7 +172,8 @@ RangeOutcome RangeComparer::Flush() {
   for (Found& f : found) {
     if (f.Key() < best->Key()) best = &f;
   }
-  return best->outcome;
+  if (best->thrown) best->outcome.error = ThrownReadError(best->thrown);
+  return std::move(best->outcome);
 }
 
 }  // namespace dmcow::cli

@@ -47,10 +47,12 @@ class RangeComparer {
   // there (its block status says so); it is not read and the other image
   // is checked for zeros (both: nothing is read). `whole_chunks`: read a
   // chunk at once, not in pieces (a compressed cluster is decompressed
-  // whole for any part of it read, and may be up to 2 MiB).
+  // whole for any part of it read, and may be up to 2 MiB). The queue
+  // holds a record per piece: callers bound what they queue between
+  // flushes (compare: about 128 MiB).
   void Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero, bool whole_chunks = false);
 
-  // Bytes queued and not yet compared.
+  // Bytes queued and not yet compared, runs of zeros against zeros included.
   uint64_t queued() const { return queued_; }
 
   // Compares every queued run and empties the queue.

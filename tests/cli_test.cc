@@ -270,7 +270,7 @@ TEST_CASE("compare agrees with qemu-img", "[cli]") {
 // (cli/range_compare.h); what it reports must still be what qemu-img's
 // chunk-by-chunk reading meets first. Pieces 1 and 2 of the first 2 MiB
 // chunk go to different threads where there are two cores or more (CI has
-// two); tests/range_compare_test.cc holds the rule on 1 to 64 threads.
+// two); tests/range_compare_test.cc holds the rule on 1 to 16 threads.
 TEST_CASE("compare on several threads reports what qemu-img meets first", "[cli]") {
   SKIP_WITHOUT_QEMU();
   Images& img = Images::Get();

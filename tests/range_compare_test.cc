@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -28,14 +29,16 @@ constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kSize = 16 * kMiB;
 
 // A file whose reads fail (EIO) where they touch a byte from `bad` on (to
-// `bad_end`), with the read's offset in the message.
+// `bad_end`), with the read's offset in the message; or, `throws`, whose
+// reads there throw std::bad_alloc (memory running out mid-read).
 class FailingFile final : public File {
  public:
-  FailingFile(std::unique_ptr<File> base, uint64_t bad, uint64_t bad_end)
-      : base_(std::move(base)), bad_(bad), bad_end_(bad_end) {}
+  FailingFile(std::unique_ptr<File> base, uint64_t bad, uint64_t bad_end, bool throws)
+      : base_(std::move(base)), bad_(bad), bad_end_(bad_end), throws_(throws) {}
   const std::string& name() const override { return base_->name(); }
   Status Read(uint64_t offset, size_t len, void* buf, size_t* bytes_read) override {
     if (offset < bad_end_ && bad_ < offset + len) {
+      if (throws_) throw std::bad_alloc();
       return Status::IOError(name() + ": injected read error at " + std::to_string(offset));
     }
     return base_->Read(offset, len, buf, bytes_read);
@@ -48,15 +51,17 @@ class FailingFile final : public File {
  private:
   std::unique_ptr<File> base_;
   uint64_t bad_, bad_end_;
+  bool throws_;
 };
 
 class FailingEnv final : public Env {
  public:
-  FailingEnv(MemEnv* base, uint64_t bad, uint64_t bad_end) : base_(base), bad_(bad), bad_end_(bad_end) {}
+  FailingEnv(MemEnv* base, uint64_t bad, uint64_t bad_end, bool throws)
+      : base_(base), bad_(bad), bad_end_(bad_end), throws_(throws) {}
   Status OpenFile(const std::string& path, OpenMode mode, std::unique_ptr<File>* file) override {
     std::unique_ptr<File> inner;
     Status st = base_->OpenFile(path, mode, &inner);
-    if (st.ok()) *file = std::make_unique<FailingFile>(std::move(inner), bad_, bad_end_);
+    if (st.ok()) *file = std::make_unique<FailingFile>(std::move(inner), bad_, bad_end_, throws_);
     return st;
   }
   bool FileExists(const std::string& path) override { return base_->FileExists(path); }
@@ -64,6 +69,7 @@ class FailingEnv final : public Env {
  private:
   MemEnv* base_;
   uint64_t bad_, bad_end_;
+  bool throws_;
 };
 
 struct Disk {
@@ -72,9 +78,9 @@ struct Disk {
   std::unique_ptr<dmcow::Image> image;
 
   // kSize bytes of a pattern, with 'X' at each of `flips`; reads of bytes
-  // [bad, bad_end) fail.
-  Disk(const std::vector<uint64_t>& flips, uint64_t bad = UINT64_MAX, uint64_t bad_end = 0)
-      : env(&mem, bad, std::max(bad_end, bad + 1)) {
+  // [bad, bad_end) fail (throw, with `throws`).
+  Disk(const std::vector<uint64_t>& flips, uint64_t bad = UINT64_MAX, uint64_t bad_end = 0, bool throws = false)
+      : env(&mem, bad, std::max(bad_end, bad + 1), throws) {
     std::vector<uint8_t> bytes(kSize);
     for (uint64_t i = 0; i < kSize; i++) bytes[i] = static_cast<uint8_t>(i * 7 + i / 4096);
     for (uint64_t at : flips) bytes[at] = 'X';
@@ -122,9 +128,9 @@ RangeOutcome CompareOnAnyThreads(Disk& first, Disk* second, const std::vector<Ru
     return out;
   };
   RangeOutcome once = compare(1);
-  for (unsigned threads : {2u, 3u, 8u, 64u}) {
+  for (unsigned threads : {2u, 3u, 8u, 16u}) {
     INFO("threads: " << threads);
-    for (int repeat = 0; repeat < 5; repeat++) {
+    for (int repeat = 0; repeat < 2; repeat++) {
       RangeOutcome r = compare(threads);
       CHECK(r.kind == once.kind);
       CHECK(r.offset == once.offset);
@@ -182,6 +188,22 @@ TEST_CASE("range compare: a read error in the chunk of a mismatch wins, one in a
     CHECK(r.kind == Kind::kReadErrorFirst);
     CHECK(r.offset == 0);
     CHECK(r.error.ToString().find("injected read error at 262144") != std::string::npos);
+  }
+  SECTION("second image, same chunk, mismatch before the error") {
+    Disk a({300000}), b({}, 1500000);
+    RangeOutcome r = CompareOnAnyThreads(a, &b, 0, kSize);
+    CHECK(r.kind == Kind::kReadErrorSecond);
+    CHECK(r.offset == 0);
+  }
+  SECTION("a read that throws is that piece's read error, in the same order") {
+    Disk a({300000}, 600000, 600001, true), b({});
+    RangeOutcome r = CompareOnAnyThreads(a, &b, 0, kSize);
+    CHECK(r.kind == Kind::kReadErrorFirst);
+    CHECK(r.offset == 0);
+    CHECK(r.error.ToString().find("cannot read: std::bad_alloc") != std::string::npos);
+    Disk later({300000}, 3 * kMiB, 3 * kMiB + 1, true);
+    CHECK(CompareOnAnyThreads(later, &b, 0, kSize).kind == Kind::kMismatch);
+    CHECK(CompareOnAnyThreads(b, &later, {{0, 8 * kMiB, false, false}}, true).kind == Kind::kMismatch);
   }
   SECTION("both images in one chunk: the first image's error") {
     Disk a({}, 3 * kMiB + 5), b({}, 2 * kMiB + 10);

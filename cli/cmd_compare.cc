@@ -24,8 +24,8 @@ namespace {
 // 2 MiB chunk).
 constexpr uint64_t kBatch = 64 << 20;
 
-// Threads that read at once, at most: each holds 512 KiB of buffers, 4 MiB
-// once it has read a compressed run (a whole chunk of each image).
+// Threads that read at once, at most: each holds up to 512 KiB of buffers,
+// 4 MiB once it has read a compressed run (a whole chunk of each image).
 constexpr unsigned kMaxThreads = 8;
 
 bool g_quiet = false;  // -q: no messages on stdout (qemu's qprintf)

@@ -62,12 +62,7 @@ Status ThrownReadError(const std::exception_ptr& thrown) {
 }  // namespace
 
 RangeComparer::RangeComparer(Image* first, Image* second, unsigned threads)
-    : first_(first), second_(second), buffers_(std::max(1u, threads)) {
-  for (Buffers& b : buffers_) {
-    b.first.resize(kPiece);
-    b.second.resize(kPiece);
-  }
-}
+    : first_(first), second_(second), buffers_(std::max(1u, threads)) {}
 
 void RangeComparer::Add(uint64_t offset, uint64_t len, bool first_zero, bool second_zero, bool whole_chunks) {
   const bool read_first = !first_zero, read_second = second_ != nullptr && !second_zero;
@@ -120,7 +115,7 @@ RangeOutcome RangeComparer::Flush() {
         const char* data = nullptr;     // what is checked
         const char* against = nullptr;  // null: zeros
         if (p.read_first) {
-          if (buf.first.size() < p.len) buf.first.resize(p.len);
+          if (buf.first.size() < p.len) buf.first.resize(std::max(p.len, kPiece));
           Status st = first_->Read(p.offset, buf.first.data(), static_cast<size_t>(p.len));
           if (!st.ok()) {
             record(p, kind, p.offset, std::move(st));
@@ -130,7 +125,7 @@ RangeOutcome RangeComparer::Flush() {
         }
         if (p.read_second && rank_to_beat > 1) {
           kind = RangeOutcome::Kind::kReadErrorSecond;
-          if (buf.second.size() < p.len) buf.second.resize(p.len);
+          if (buf.second.size() < p.len) buf.second.resize(std::max(p.len, kPiece));
           Status st = second_->Read(p.offset, buf.second.data(), static_cast<size_t>(p.len));
           if (!st.ok()) {
             record(p, kind, p.offset, std::move(st));

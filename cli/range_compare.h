@@ -37,8 +37,8 @@ class RangeComparer {
   static constexpr uint64_t kChunk = 2 << 20;  // qemu-img's IO_BUF_SIZE
   static constexpr uint64_t kPiece = 256 << 10;
 
-  // `threads` (at least 1) read at once; each holds two pieces' buffers
-  // (two chunks' once it reads whole chunks).
+  // `threads` (at least 1) read at once; each makes its buffers (a piece or
+  // a chunk of each image it reads) when it first needs them.
   // `second` may be null: every run is then first against zeros.
   RangeComparer(Image* first, Image* second, unsigned threads);
 
@@ -71,7 +71,7 @@ class RangeComparer {
 
   Image* first_;
   Image* second_;
-  std::vector<Buffers> buffers_;  // one per thread
+  std::vector<Buffers> buffers_;  // one per thread, grown on first use
   std::vector<Piece> pieces_;     // the queue
   uint64_t chunks_ = 0;
   uint64_t queued_ = 0;

@@ -80,29 +80,28 @@ struct Disk {
   // kSize bytes of a pattern, with 'X' at each of `flips`; reads of bytes
   // [bad, bad_end) fail (throw, with `throws`).
   Disk(const std::vector<uint64_t>& flips, uint64_t bad = UINT64_MAX, uint64_t bad_end = 0, bool throws = false)
-      : env(&mem, bad, std::max(bad_end, bad + 1), throws) {
-    std::vector<uint8_t> bytes(kSize);
-    for (uint64_t i = 0; i < kSize; i++) bytes[i] = static_cast<uint8_t>(i * 7 + i / 4096);
-    for (uint64_t at : flips) bytes[at] = 'X';
-    mem.PutFile("disk", std::move(bytes));
-    Open();
-  }
+      : Disk(Pattern(), flips, bad, bad_end, throws) {}
   // kSize zero bytes, with 'X' at each of `flips`.
   static std::unique_ptr<Disk> Zeros(const std::vector<uint64_t>& flips) {
-    auto d = std::make_unique<Disk>(std::vector<uint64_t>{});
-    std::vector<uint8_t> bytes(kSize, 0);
-    for (uint64_t at : flips) bytes[at] = 'X';
-    d->mem.PutFile("disk", std::move(bytes));
-    d->Open();
-    return d;
+    return std::unique_ptr<Disk>(new Disk(std::vector<uint8_t>(kSize, 0), flips, UINT64_MAX, 0, false));
   }
-  void Open() {
+
+ private:
+  Disk(std::vector<uint8_t> bytes, const std::vector<uint64_t>& flips, uint64_t bad, uint64_t bad_end, bool throws)
+      : env(&mem, bad, std::max(bad_end, bad + 1), throws) {
+    for (uint64_t at : flips) bytes[at] = 'X';
+    mem.PutFile("disk", std::move(bytes));
     dmcow::OpenOptions o;
     o.format = "raw";
     o.env = &env;
     Status st = dmcow::OpenImage("disk", o, &image);
     INFO(st.ToString());
     REQUIRE(st.ok());
+  }
+  static std::vector<uint8_t> Pattern() {
+    std::vector<uint8_t> bytes(kSize);
+    for (uint64_t i = 0; i < kSize; i++) bytes[i] = static_cast<uint8_t>(i * 7 + i / 4096);
+    return bytes;
   }
 };
 

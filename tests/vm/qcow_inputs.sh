@@ -133,10 +133,11 @@ printf 'wrong horse battery' >key-bad
 sec() { echo "--object secret,id=s$1,file=$2"; }
 lopts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s0${2:+,backing.encrypt.key-secret=s1}"; }
 # qemu-img times its key derivation and sometimes gives up ("Unable to get
-# accurate CPU usage"): tried up to five times.
+# accurate CPU usage"): tried up to 20 times (a loaded 2-core machine has
+# failed five in a row; a failed try costs milliseconds).
 luks() {	# file, size, key, extra -o options, [backing, backing key]
-	local o="encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10${4:+,$4}" try
-	for try in 1 2 3 4 5; do
+	local o="encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10${4:+,$4}"
+	for _ in $(seq 20); do
 		if [ -n "${5:-}" ]; then
 			qemu-img create -q $(sec 0 "$3") $(sec 1 "$6") -f qcow2 -b "$5" -F qcow2 -o "$o" "$1" "$2" && return
 		else

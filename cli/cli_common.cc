@@ -241,14 +241,7 @@ std::string OpenFailure(const std::string& path, const Status& s) {
   if (why.rfind(open_failed, 0) == 0) why = "Could not open '" + path + "': " + why.substr(open_failed.size());
   // A missing or wrong key: QEMU's words, which name no file (a layer
   // below the top is "Could not open backing file: " once per level).
-  for (const char* key_error :
-       {"Parameter 'encrypt.key-secret' is required for cipher", "Invalid password, cannot unlock any keyslot"}) {
-    const size_t at = why.find(std::string(": ") + key_error);
-    if (at == std::string::npos || at + 2 + std::strlen(key_error) != why.size()) continue;
-    const size_t name = why.rfind("Could not open backing file: ", at);
-    const size_t keep = name == std::string::npos ? 0 : name + std::strlen("Could not open backing file: ");
-    why = why.substr(0, keep) + key_error;
-  }
+  if (s.key_refusal() != Status::KeyRefusal::kNone) why = s.WithoutRefusedLayer();
   // -f naming a format QEMU does not have either: its words.
   const std::string unknown = path + ": unknown image format '";
   if (why.rfind(unknown, 0) == 0 && why.back() == '\'') {

@@ -309,6 +309,63 @@ TEST_CASE("chains of encrypted and plain layers read as qemu-img reads them", "[
   CheckSameAsQemu(Exec(dir, "qemu-img", partial), Ours(dir, partial));
 }
 
+// What the daemon and the CLI learn from a key refusal comes from the
+// status, not from its wording: which layer, missing or wrong, and QEMU's
+// words with one prefix per layer above, whatever the files are called.
+TEST_CASE("a key refusal names its layer, missing or wrong, through the chain", "[encryption][qemu]") {
+  SKIP_WITHOUT_QEMU();
+  TempDir dir;
+  // The base's name looks like the end of a refusal itself.
+  const std::string base = "b: Invalid password, cannot unlock any keyslot";
+  QemuImage(dir, "qcow2", kSettings[0].options, "base.qcow2");
+  // Named by its absolute path: QEMU would take "b:" for a protocol.
+  MustRun("cd '" + dir.path() + "' && mv base.qcow2 '" + base + "' && qemu-img create -q -f qcow2 -b '" + dir / base +
+          "' -F qcow2 mid.qcow2 && qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2");
+  const std::string pw = "pw", wrong = "nope";
+  auto open = [&](const std::string* base_key) {
+    dmcow::OpenOptions o;
+    o.layer_secrets = {nullptr, nullptr, base_key};
+    std::unique_ptr<dmcow::Image> image;
+    return dmcow::OpenImage(dir / "top.qcow2", o, &image);
+  };
+  const std::string prefix = "Could not open backing file: Could not open backing file: ";
+  const dmcow::Status missing = open(nullptr);
+  CHECK(missing.key_refusal() == dmcow::Status::KeyRefusal::kMissing);
+  CHECK(missing.code() == dmcow::Status::Code::kInvalidArgument);
+  CHECK(missing.message() == prefix + dir / base + ": Parameter 'encrypt.key-secret' is required for cipher");
+  CHECK(dmcow::LayerMissingKey(missing) == dir / base);
+  CHECK(missing.WithoutRefusedLayer() == prefix + "Parameter 'encrypt.key-secret' is required for cipher");
+  const dmcow::Status refused = open(&wrong);
+  CHECK(refused.key_refusal() == dmcow::Status::KeyRefusal::kWrong);
+  CHECK(refused.message() == prefix + dir / base + ": Invalid password, cannot unlock any keyslot");
+  CHECK(dmcow::LayerMissingKey(refused).empty());
+  CHECK(refused.WithoutRefusedLayer() == prefix + "Invalid password, cannot unlock any keyslot");
+  CHECK(open(&pw).ok());
+  // The CLI words both as qemu-img does, the file's odd name left out.
+  for (const char* key : {"", ",backing.backing.encrypt.key-secret=w"}) {
+    const std::string c = "convert --object secret,id=w,data=nope --image-opts driver=qcow2,file.filename=top.qcow2" +
+                          std::string(key) + " -O raw x.raw";
+    CheckSameAsQemu(Exec(dir, "qemu-img", c), Ours(dir, c));
+  }
+  // The refused image itself: no prefix. Context added after the words
+  // makes it no key refusal.
+  {
+    dmcow::OpenOptions o;
+    std::unique_ptr<dmcow::Image> image;
+    const dmcow::Status top = dmcow::OpenImage(dir / base, o, &image);
+    CHECK(top.key_refusal() == dmcow::Status::KeyRefusal::kMissing);
+    CHECK(top.WithoutRefusedLayer() == "Parameter 'encrypt.key-secret' is required for cipher");
+    CHECK(top.WithMessage("Could not open backing file: " + top.message()).key_refusal() ==
+          dmcow::Status::KeyRefusal::kMissing);
+    CHECK(top.WithMessage(top.message() + " (and more)").key_refusal() == dmcow::Status::KeyRefusal::kNone);
+  }
+  // Anything else is no key refusal, whatever its words.
+  const dmcow::Status lookalike = dmcow::Status::InvalidArgument(dir / base);
+  CHECK(lookalike.key_refusal() == dmcow::Status::KeyRefusal::kNone);
+  CHECK(dmcow::LayerMissingKey(lookalike).empty());
+  CHECK(lookalike.WithoutRefusedLayer() == lookalike.message());
+}
+
 TEST_CASE("wrong and missing keys are refused as qemu-img refuses them, nothing written", "[encryption][qemu]") {
   SKIP_WITHOUT_QEMU();
   TempDir dir;

@@ -10,6 +10,7 @@
 #ifndef DMCOW_STATUS_H_
 #define DMCOW_STATUS_H_
 
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -28,6 +29,12 @@ class Status {
     kNoSpace,          // a fixed-size area (the header cluster) has no room for what was asked
   };
 
+  // Why an encrypted layer was refused, when it was for its key: none was
+  // given (kMissing), or none given unlocks it (kWrong). Callers test this,
+  // never the wording: the CLI prints QEMU's words, the daemon names the
+  // layer that needs a passphrase.
+  enum class KeyRefusal : unsigned char { kNone, kMissing, kWrong };
+
   Status() = default;  // OK
 
   static Status OK() { return Status(); }
@@ -38,6 +45,13 @@ class Status {
   static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
   static Status Busy(std::string msg) { return Status(Code::kBusy, std::move(msg)); }
   static Status NoSpace(std::string msg) { return Status(Code::kNoSpace, std::move(msg)); }
+  // "<layer>: <words>" (an invalid argument); `words` are QEMU's and name
+  // no file.
+  static Status KeyRefused(KeyRefusal why, const std::string& layer, const std::string& words) {
+    Status s(Code::kInvalidArgument, layer + ": " + words);
+    s.key_ = std::make_shared<KeyDetail>(KeyDetail{why, OneLine(layer), OneLine(words)});
+    return s;
+  }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
@@ -47,8 +61,25 @@ class Status {
   bool IsBusy() const { return code_ == Code::kBusy; }
   bool IsNoSpace() const { return code_ == Code::kNoSpace; }
   const std::string& message() const { return message_; }
-  // The same kind of failure with another message (context added).
-  Status WithMessage(std::string msg) const { return Status(code_, std::move(msg)); }
+  // The same kind of failure with another message (context added); a key
+  // refusal stays one while the new message still ends with the refusal.
+  Status WithMessage(std::string msg) const {
+    Status s(code_, std::move(msg));
+    if (key_ && s.EndsWithRefusal(*key_)) s.key_ = key_;
+    return s;
+  }
+
+  KeyRefusal key_refusal() const { return key_ ? key_->why : KeyRefusal::kNone; }
+  // The layer a key refusal names (its file name as the message shows it);
+  // "" for any other status.
+  std::string refused_layer() const { return key_ ? key_->layer : std::string(); }
+  // A key refusal as QEMU words it, naming no file: the message without the
+  // layer's name, so context added in front of it (one "Could not open
+  // backing file: " per layer above) stays. Any other status: its message.
+  std::string WithoutRefusedLayer() const {
+    if (!key_) return message_;
+    return message_.substr(0, message_.size() - key_->layer.size() - 2 - key_->words.size()) + key_->words;
+  }
 
   // "OK" or the message; messages are written to be shown to a user as they are.
   std::string ToString() const { return ok() ? std::string("OK") : message_; }
@@ -78,8 +109,22 @@ class Status {
     return out;
   }
 
+  struct KeyDetail {
+    KeyRefusal why;
+    std::string layer;
+    std::string words;
+  };
+
+  // Whether the message ends with "<layer>: <words>" (then a key refusal's
+  // detail still describes it).
+  bool EndsWithRefusal(const KeyDetail& key) const {
+    const std::string tail = key.layer + ": " + key.words;
+    return message_.size() >= tail.size() && message_.compare(message_.size() - tail.size(), tail.size(), tail) == 0;
+  }
+
   Code code_ = Code::kOk;
   std::string message_;
+  std::shared_ptr<const KeyDetail> key_;  // set only for key refusals: an OK status stays cheap
 };
 
 // Propagates a non-OK status to the caller.

@@ -403,7 +403,7 @@ Status UnlockLuks(File* file, uint64_t offset, const LuksHeader& h, const std::s
     DMCOW_RETURN_IF_ERROR(LoadKey(file, offset, h, i, passphrase, who, &key, &opens));
     if (opens) return SectorCipher::Create(h.spec, key.data(), key.size(), who, data_cipher);
   }
-  return Status::InvalidArgument(who + ": " + kWrongKeyMessage);
+  return Status::KeyRefused(Status::KeyRefusal::kWrong, who, kWrongKeyMessage);
 }
 
 Status LuksSlotOpens(File* file, uint64_t offset, const LuksHeader& h, int slot, const std::string& passphrase,

@@ -19,15 +19,6 @@ std::string WithoutPrefix(const std::string& msg, const std::string& prefix) {
   return msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg;
 }
 
-// A layer's key missing or wrong (QEMU's words end the message).
-bool IsKeyRefusal(const Status& s) {
-  const std::string& why = s.message();
-  auto ends_with = [&](const std::string& tail) {
-    return why.size() >= tail.size() && why.compare(why.size() - tail.size(), tail.size(), tail) == 0;
-  };
-  return s.code() == Status::Code::kInvalidArgument && (ends_with(kNoKeyMessage) || ends_with(kWrongKeyMessage));
-}
-
 // An image of the chain being opened, above the one being opened now.
 struct ChainLink {
   std::string path;
@@ -132,10 +123,11 @@ Status OpenLayer(const std::string& path, const std::string& format_hint, const 
         return Status::NotFound(path + ": could not open backing file '" + info.full_backing_filename +
                                 "': " + s.message());
       }
-      // A lock conflict and a missing key keep QEMU's words, one prefix
+      // A lock conflict and a missing or wrong key keep QEMU's words, one prefix
       // per level they pass.
       if (s.IsBusy()) return Status::Busy("Could not open backing file: " + s.message());
-      if (IsKeyRefusal(s)) return Status::InvalidArgument("Could not open backing file: " + s.message());
+      if (s.key_refusal() != Status::KeyRefusal::kNone)
+        return s.WithMessage("Could not open backing file: " + s.message());
       return s;
     }
     base->SetBacking(std::move(backing));
@@ -159,16 +151,7 @@ std::string ResolveNameBesideImage(const std::string& image_path, const std::str
 }
 
 std::string LayerMissingKey(const Status& s) {
-  std::string why = s.message();
-  const std::string suffix = std::string(": ") + kNoKeyMessage;
-  if (s.code() != Status::Code::kInvalidArgument || why.size() <= suffix.size() ||
-      why.compare(why.size() - suffix.size(), suffix.size(), suffix) != 0) {
-    return "";
-  }
-  why.resize(why.size() - suffix.size());
-  const std::string level = "Could not open backing file: ";  // one per layer above it
-  while (why.rfind(level, 0) == 0) why.erase(0, level.size());
-  return why;
+  return s.key_refusal() == Status::KeyRefusal::kMissing ? s.refused_layer() : "";
 }
 
 Status OpenImage(const std::string& path, const OpenOptions& options, std::unique_ptr<Image>* image) {

@@ -64,7 +64,7 @@ Status TableImage::ReadLocked(uint64_t offset, void* buf, size_t len) {
   return Status::OK();
 }
 
-Status TableImage::NoKey() const { return Status::InvalidArgument(filename() + ": " + kNoKeyMessage); }
+Status TableImage::NoKey() const { return Status::KeyRefused(Status::KeyRefusal::kMissing, filename(), kNoKeyMessage); }
 
 Status TableImage::SetUpEncryption(const std::string* key, bool allow_missing, const LuksHeader* luks,
                                    uint64_t luks_offset) {
